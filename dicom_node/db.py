@@ -1,0 +1,286 @@
+"""The study index: SQLAlchemy 2 models and the engine/session factory.
+
+Tables: studies, series, instances (what the SCP stored), jobs (the report-drafting queue),
+drafts (each SR we wrote for a study: the draft and, once signed, the verified SR), outbound
+(C-STORE transfers to destinations, with retries) and audit_events.
+
+The schema is created and upgraded only by Alembic (``dicom_node/migrations``); call
+:func:`migrate` at start. SQLite runs in WAL mode with a busy timeout so the SCP, workers and
+the reviewer can share one file; PostgreSQL is supported for multi-host sites.
+
+Patient names and IDs are stored (the reviewer shows them) but never logged.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+
+UID = String(64)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class StudyState:
+    """Values of ``Study.state``."""
+
+    RECEIVING = "receiving"  # instances arriving; not quiet yet
+    QUEUED = "queued"  # quiet; a job is pending or running
+    DRAFTED = "drafted"  # a draft SR exists for the current set of instances
+    SKIPPED = "skipped"  # nothing to read (no chest radiograph), see the job's reason
+    FAILED = "failed"  # the job failed for good, see its last_error
+    SIGNED = "signed"  # the radiologist signed; verified SR exists
+
+
+class JobState:
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"  # the study gained images; a newer job replaces this one
+
+
+class DraftState:
+    NEW = "new"
+    IN_REVIEW = "in_review"
+    SIGNED = "signed"
+    REJECTED = "rejected"
+    SUPERSEDED = "superseded"  # a newer draft for the same study replaces this unsigned one
+
+
+class TransferState:
+    PENDING = "pending"
+    SENDING = "sending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    patient_name: Mapped[str] = mapped_column(String(324), default="")
+    patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
+    patient_sex: Mapped[str] = mapped_column(String(16), default="")
+    accession_number: Mapped[str] = mapped_column(String(16), default="")
+    study_date: Mapped[str] = mapped_column(String(8), default="")
+    study_time: Mapped[str] = mapped_column(String(16), default="")
+    study_description: Mapped[str] = mapped_column(String(64), default="")
+    referring_physician_name: Mapped[str] = mapped_column(String(324), default="")
+    study_id_attr: Mapped[str] = mapped_column("study_id", String(16), default="")
+    state: Mapped[str] = mapped_column(String(16), default=StudyState.RECEIVING, index=True)
+    # bumped on every new instance; a job records the generation it processed
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all, delete-orphan")
+    instances: Mapped[list[Instance]] = relationship(back_populates="study", viewonly=True)
+    jobs: Mapped[list[Job]] = relationship(back_populates="study", cascade="all, delete-orphan", order_by="Job.id")
+    drafts: Mapped[list[Draft]] = relationship(back_populates="study", cascade="all, delete-orphan", order_by="Draft.id")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    body_part_examined: Mapped[str] = mapped_column(String(16), default="")
+    series_number: Mapped[str] = mapped_column(String(12), default="")
+    series_description: Mapped[str] = mapped_column(String(64), default="")
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series", cascade="all, delete-orphan")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    instance_number: Mapped[str] = mapped_column(String(12), default="")
+    view_position: Mapped[str] = mapped_column(String(16), default="")  # the tag as sent; not trusted
+    path: Mapped[str] = mapped_column(String(512))  # relative to storage_dir
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    generated: Mapped[int] = mapped_column(Integer, default=0)  # 1 for SRs this node wrote
+
+    study: Mapped[Study] = relationship(back_populates="instances")
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_claim", "state", "not_before"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16), default="draft")
+    state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING)
+    study_generation: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    log: Mapped[str] = mapped_column(Text, default="")  # human-readable job log, one line per event
+    model_name: Mapped[str] = mapped_column(String(64), default="")
+    model_version: Mapped[str] = mapped_column(String(32), default="")
+    duration_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="jobs")
+
+
+class Draft(Base):
+    """One drafted report: the draft SR and, after sign-off, its verified successor."""
+
+    __tablename__ = "drafts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True)
+    state: Mapped[str] = mapped_column(String(16), default=DraftState.NEW, index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    path: Mapped[str] = mapped_column(String(512))  # relative to storage_dir
+    indication: Mapped[str] = mapped_column(Text, default="")
+    findings: Mapped[str] = mapped_column(Text, default="")
+    impression: Mapped[str] = mapped_column(Text, default="")
+    token_info: Mapped[str] = mapped_column(Text, default="")  # JSON: words with probabilities
+    views: Mapped[str] = mapped_column(Text, default="")  # JSON: [{sop_instance_uid, view, source}]
+    model_name: Mapped[str] = mapped_column(String(64), default="")
+    model_version: Mapped[str] = mapped_column(String(32), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    claimed_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    claimed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    # filled when signed
+    signed_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    signed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    signed_sop_instance_uid: Mapped[str | None] = mapped_column(UID, nullable=True, unique=True)
+    signed_path: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    signed_findings: Mapped[str | None] = mapped_column(Text, nullable=True)
+    signed_impression: Mapped[str | None] = mapped_column(Text, nullable=True)
+    reject_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    study: Mapped[Study] = relationship(back_populates="drafts")
+
+
+class Transfer(Base):
+    """One outbound C-STORE of one file to one destination."""
+
+    __tablename__ = "outbound"
+    __table_args__ = (Index("ix_outbound_due", "state", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(String(512))  # relative to storage_dir
+    state: Mapped[str] = mapped_column(String(16), default=TransferState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class AuditEvent(Base):
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(128))  # AE title, worker id or user name
+    action: Mapped[str] = mapped_column(String(32))  # received, drafted, claimed, signed, rejected, sent...
+    study_instance_uid: Mapped[str] = mapped_column(UID, default="")
+    object_uid: Mapped[str] = mapped_column(UID, default="")
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, a busy timeout and foreign keys."""
+    if url.startswith("sqlite"):
+        kwargs.setdefault("connect_args", {"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, **kwargs)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_engine(url, **kwargs)
+
+
+def migrate(url: str, revision: str = "head") -> None:
+    """Upgrade the database at ``url`` to ``revision`` with Alembic (creates it if new)."""
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    cfg.attributes["configure_logger"] = False
+    command.upgrade(cfg, revision)
+
+
+def current_revision(url: str) -> tuple[str | None, str]:
+    """(revision the database is at, head revision of this code)."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+    from alembic.config import Config as AlembicConfig
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    head = ScriptDirectory.from_config(cfg).get_current_head() or ""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision(), head
+    finally:
+        engine.dispose()
+
+
+def session_factory(engine: Engine) -> sessionmaker:
+    return sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,75 @@
+"""The ``cxrnode`` command: one entry point, subcommands contributed by each package.
+
+Each package's ``cli`` module has ``add_subcommands(subparsers)``; every subcommand sets
+``func(args) -> int``. Only ``review`` needs a screen; its module imports PyQt6 lazily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dicom_node.config import ConfigError
+
+EPILOG = """\
+Typical use:
+  cxrnode demo                       run the node on a sample study and print the draft
+  cxrnode serve --config cxrnode.toml  run the node (Storage SCP + report drafting)
+  cxrnode status --config cxrnode.toml --json
+  cxrnode doctor --config cxrnode.toml
+  cxrnode review --config cxrnode.toml  open the reviewer (needs a screen)
+
+Configuration: --config PATH or CXRNODE_CONFIG; CXRNODE_<SECTION>_<KEY> environment
+variables and --set section.key=value override the file. See README.md.
+Research use only: drafts are unverified until a radiologist signs them.
+"""
+
+
+def _contributors() -> list:
+    mods = []
+    for name in ("dicom_node.cli", "onnx_models.cli", "plugin.cli", "gui.cli", "installer.admin_cli"):
+        try:
+            mods.append(__import__(name, fromlist=["add_subcommands"]))
+        except ModuleNotFoundError as exc:  # a package not built yet; never hide real import errors
+            if exc.name != name:
+                raise
+    return mods
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cxrnode",
+        description="cxrnode: a DICOM node that drafts chest X-ray reports as DICOM SR for radiologist review.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("cxrnode")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        ver = "unknown"
+    parser.add_argument("--version", action="version", version=f"cxrnode {ver}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in _contributors():
+        mod.add_subcommands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"cxrnode: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
