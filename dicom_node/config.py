@@ -371,7 +371,7 @@ def reference_markdown() -> str:
         hints = typing.get_type_hints(cls)
         prefix = f"[[{section}]]" if section in TABLE_ARRAYS else f"[{section}]"
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
             shown = list(default) if isinstance(default, tuple) else default
             shown_text = str(shown).replace("'", '"') if not isinstance(shown, str) else f'"{shown}"'
             rows.append(f"| `{prefix} {f.name}` | {_type_name(hints[f.name])} | `{shown_text}` | {f.metadata.get('doc', '')} |")

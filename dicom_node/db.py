@@ -267,9 +267,9 @@ def migrate(url: str, revision: str = "head") -> None:
 
 def current_revision(url: str) -> tuple[str | None, str]:
     """(revision the database is at, head revision of this code)."""
+    from alembic.config import Config as AlembicConfig
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
-    from alembic.config import Config as AlembicConfig
 
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
