@@ -1,0 +1,268 @@
+"""``cxrnode serve`` and ``cxrnode status``.
+
+``cxrnode status --json`` prints one JSON object; scripts and monitoring rely on this schema
+(``"schema": "cxrnode.status/1"``; new keys may be added, existing ones keep their meaning)::
+
+    {
+      "schema": "cxrnode.status/1",
+      "generated_at": "2026-11-25T13:00:00Z",          # UTC, ISO 8601
+      "node": {"ae_title": str, "port": int, "storage_dir": str, "database": str},  # URL without password
+      "counts": {"studies": {state: n}, "jobs": {state: n}, "outbound": {state: n}},
+      "studies": [                                      # most recently received first (--limit)
+        {"study_instance_uid": str, "state": str,       # receiving|queued|drafted|skipped|failed|signed
+         "generation": int, "instances": int,           # received instances (not our SRs)
+         "first_received_at": str, "last_received_at": str,
+         "jobs": [{"id": int, "state": str,             # pending|running|done|skipped|failed|superseded
+                   "attempts": int, "last_error": str|null, "study_generation": int,
+                   "not_before": str, "updated_at": str, "model_name": str, "model_version": str}],
+         "drafts": [{"id": int, "state": str, "sop_instance_uid": str,
+                     "path": str,                       # absolute path of the draft SR file
+                     "signed_sop_instance_uid": str|null,
+                     "signed_path": str|null,           # absolute path of the verified SR file
+                     "signed_by": str|null, "signed_at": str|null}]}
+      ],
+      "outbound": [{"id": int, "destination": str, "sop_instance_uid": str, "path": str,
+                    "state": str,                       # pending|sending|done|failed
+                    "attempts": int, "next_attempt_at": str, "last_error": str|null,
+                    "sent_at": str|null}]             # not done first, then the latest done
+    }
+
+No patient names or IDs appear in ``status`` (UIDs only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import signal
+import sys
+import threading
+from collections import Counter
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
+
+from dicom_node.config import Config, load_config
+
+CONFIG_HELP = "TOML configuration file (default: $CXRNODE_CONFIG, else built-in defaults)"
+SET_HELP = "override one setting, e.g. --set node.port=11113 (value in TOML syntax; repeatable)"
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+    p.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[], dest="overrides", help=SET_HELP)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def configure_logging(level: str) -> None:
+    """Log to stderr. pynetdicom's own chatter is kept at WARNING unless DEBUG is asked for."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    quiet = "DEBUG" if level.upper() == "DEBUG" else "WARNING"
+    for name in ("pynetdicom", "alembic", "sqlalchemy"):
+        logging.getLogger(name).setLevel(quiet if name == "pynetdicom" else "WARNING")
+
+
+# -- serve -----------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    configure_logging(config.node.log_level)
+    from dicom_node.node import Node
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        logging.getLogger(__name__).info("received %s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    node = Node(config)
+    node.start()
+    print(f"cxrnode: {config.node.ae_title} listening on {config.node.host}:{node.port}", file=sys.stderr, flush=True)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        node.stop()
+    return 0
+
+
+# -- status ----------------------------------------------------------------------------------
+
+
+def _ts(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.replace(microsecond=0).isoformat() + "Z"
+
+
+def collect_status(config: Config, limit: int = 100) -> dict[str, Any]:
+    """The ``status`` report as a JSON-ready dict (schema in the module docstring)."""
+    from dicom_node.db import Draft, Instance, Job, Study, Transfer, make_engine, session_factory
+
+    url = config.node.resolved_database_url()
+    engine = make_engine(url)
+    root = config.storage_path.resolve()
+    try:
+        with session_factory(engine)() as s:
+            counts = {
+                "studies": dict(Counter(s.scalars(select(Study.state)).all())),
+                "jobs": dict(Counter(s.scalars(select(Job.state)).all())),
+                "outbound": dict(Counter(s.scalars(select(Transfer.state)).all())),
+            }
+            studies = s.scalars(select(Study).order_by(Study.last_received_at.desc(), Study.id.desc()).limit(limit)).all()
+            ids = [st.id for st in studies]
+            n_inst = dict(s.execute(
+                select(Instance.study_id, func.count()).where(Instance.study_id.in_(ids), Instance.generated == 0)
+                .group_by(Instance.study_id)).all()) if ids else {}
+            jobs: dict[int, list[Job]] = {}
+            for j in s.scalars(select(Job).where(Job.study_id.in_(ids)).order_by(Job.id)).all() if ids else []:
+                jobs.setdefault(j.study_id, []).append(j)
+            drafts: dict[int, list[Draft]] = {}
+            for d in s.scalars(select(Draft).where(Draft.study_id.in_(ids)).order_by(Draft.id)).all() if ids else []:
+                drafts.setdefault(d.study_id, []).append(d)
+            pending = s.scalars(select(Transfer).where(Transfer.state != "done").order_by(Transfer.id)).all()
+            done = s.scalars(select(Transfer).where(Transfer.state == "done").order_by(Transfer.id.desc()).limit(limit)).all()
+            out = {
+                "schema": "cxrnode.status/1",
+                "generated_at": _ts(dt.datetime.now(dt.UTC).replace(tzinfo=None)),
+                "node": {
+                    "ae_title": config.node.ae_title,
+                    "port": config.node.port,
+                    "storage_dir": str(root),
+                    "database": make_url(url).render_as_string(hide_password=True),
+                },
+                "counts": counts,
+                "studies": [
+                    {
+                        "study_instance_uid": st.study_instance_uid,
+                        "state": st.state,
+                        "generation": st.generation,
+                        "instances": int(n_inst.get(st.id, 0)),
+                        "first_received_at": _ts(st.first_received_at),
+                        "last_received_at": _ts(st.last_received_at),
+                        "jobs": [
+                            {"id": j.id, "state": j.state, "attempts": j.attempts, "last_error": j.last_error,
+                             "study_generation": j.study_generation, "not_before": _ts(j.not_before),
+                             "updated_at": _ts(j.updated_at), "model_name": j.model_name,
+                             "model_version": j.model_version}
+                            for j in jobs.get(st.id, [])
+                        ],
+                        "drafts": [
+                            {"id": d.id, "state": d.state, "sop_instance_uid": d.sop_instance_uid,
+                             "path": str(root / d.path) if d.path else None,
+                             "signed_sop_instance_uid": d.signed_sop_instance_uid,
+                             "signed_path": str(root / d.signed_path) if d.signed_path else None,
+                             "signed_by": d.signed_by, "signed_at": _ts(d.signed_at)}
+                            for d in drafts.get(st.id, [])
+                        ],
+                    }
+                    for st in studies
+                ],
+                "outbound": [
+                    {"id": t.id, "destination": t.destination, "sop_instance_uid": t.sop_instance_uid,
+                     "path": str(root / t.path), "state": t.state, "attempts": t.attempts,
+                     "next_attempt_at": _ts(t.next_attempt_at), "last_error": t.last_error,
+                     "sent_at": _ts(t.sent_at)}
+                    for t in [*pending, *done]
+                ],
+            }
+    finally:
+        engine.dispose()
+    return out
+
+
+def format_status(report: dict[str, Any]) -> str:
+    lines = [f"{report['node']['ae_title']} on port {report['node']['port']}, store {report['node']['storage_dir']}"]
+    c = report["counts"]
+    lines.append("studies: " + (", ".join(f"{k} {v}" for k, v in sorted(c["studies"].items())) or "none")
+                 + " | jobs: " + (", ".join(f"{k} {v}" for k, v in sorted(c["jobs"].items())) or "none")
+                 + " | outbound: " + (", ".join(f"{k} {v}" for k, v in sorted(c["outbound"].items())) or "none"))
+    for st in report["studies"]:
+        lines.append(f"\nstudy {st['study_instance_uid']}  {st['state']}  {st['instances']} instance(s)"
+                     f"  last received {st['last_received_at']}")
+        for j in st["jobs"]:
+            err = f"  error: {j['last_error']}" if j["last_error"] else ""
+            lines.append(f"  job {j['id']}: {j['state']}, {j['attempts']} attempt(s){err}")
+        for d in st["drafts"]:
+            lines.append(f"  draft {d['id']} ({d['state']}): {d['path']}")
+            if d["signed_path"]:
+                lines.append(f"    signed: {d['signed_path']}")
+    if report["outbound"]:
+        lines.append("\noutbound:")
+        for t in report["outbound"]:
+            err = f"  error: {t['last_error']}" if t["last_error"] else ""
+            lines.append(f"  {t['id']}: {t['sop_instance_uid']} -> {t['destination']}  {t['state']}, "
+                         f"{t['attempts']} attempt(s){err}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    from dicom_node.db import current_revision
+
+    try:
+        rev, head = current_revision(config.node.resolved_database_url())
+    except Exception as exc:
+        print(f"cxrnode status: cannot open the index database: {exc}", file=sys.stderr)
+        return 1
+    if rev is None:
+        print("cxrnode status: the index database is empty; has `cxrnode serve` run yet?", file=sys.stderr)
+        return 1
+    report = collect_status(config, limit=args.limit)
+    if rev != head:
+        report["warning"] = f"database at revision {rev}, this code expects {head}"
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_status(report))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxrnode", description="cxrnode DICOM node commands")
+    add_subcommands(parser.add_subparsers(dest="command", metavar="COMMAND"))
+    return parser
+
+
+def add_subcommands(subparsers: Any) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="run the node in the foreground (Storage SCP, job workers, outbound sender)",
+        description="Run the Storage SCP, the quiet-study promoter, the report-drafting workers and the "
+                    "outbound sender in the foreground. Logs go to stderr. SIGTERM or SIGINT stop it "
+                    "cleanly: no new associations, in-flight ones finish.",
+    )
+    add_config_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    status = subparsers.add_parser(
+        "status", help="list studies, their jobs and SR files, and the outbound queue",
+        description="Show studies (Study Instance UID, instance count, state), their jobs (state, attempts, "
+                    "last error), the paths of their draft and signed SR files, and the outbound queue. "
+                    "--json prints a stable schema (cxrnode.status/1, see `pydoc dicom_node.cli`).",
+    )
+    add_config_arguments(status)
+    status.add_argument("--json", action="store_true", help="print JSON (schema cxrnode.status/1)")
+    status.add_argument("--limit", type=int, default=100, metavar="N", help="show the N most recent studies (default 100)")
+    status.set_defaults(func=cmd_status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not getattr(args, "func", None):
+        build_parser().print_help()
+        return 2
+    return int(args.func(args) or 0)

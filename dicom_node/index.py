@@ -1,0 +1,158 @@
+"""The study index: what is stored, by Study / Series / Instance (PS3.3 C.7 Patient-Study-Series).
+
+:func:`register_instance` records one stored object and keeps ``Study.generation`` current:
+every *new* received instance bumps it (so a study that gains images after its job ran is
+processed again); re-sending an instance that is already indexed with the same content is a
+no-op, and objects the node wrote itself (``generated=True``, e.g. our SRs) never bump it.
+
+The caller owns the transaction: call ``session.commit()`` after these functions. Concurrent
+first instances of one study may race on the unique Study/Series UIDs; :func:`register_with_retry`
+retries such an :class:`~sqlalchemy.exc.IntegrityError`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from pydicom import Dataset
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.db import AuditEvent, Instance, Series, Study, StudyState, utcnow
+
+log = logging.getLogger(__name__)
+
+
+def _text(ds: Dataset, keyword: str, limit: int) -> str:
+    try:
+        value = ds.get(keyword, "")
+    except Exception:  # a malformed element must not stop indexing
+        return ""
+    if value is None:
+        return ""
+    return str(value).strip()[:limit]
+
+
+def register_instance(
+    session: Session,
+    ds: Dataset,
+    relpath: str,
+    size: int,
+    sha256: str,
+    calling_ae: str,
+    generated: bool = False,
+) -> Instance:
+    """Create or update the Study, Series and Instance rows for a stored dataset.
+
+    ``ds`` needs the identifying attributes only (it may be read with ``stop_before_pixels``):
+    StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, SOPClassUID, and the descriptive
+    attributes that exist. The transfer syntax is taken from ``ds.file_meta`` when present.
+    """
+    study_uid = str(ds.StudyInstanceUID)
+    series_uid = str(ds.SeriesInstanceUID)
+    sop_uid = str(ds.SOPInstanceUID)
+    now = utcnow()
+
+    study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)).one_or_none()
+    if study is None:
+        study = Study(
+            study_instance_uid=study_uid,
+            patient_id=_text(ds, "PatientID", 64),
+            patient_name=_text(ds, "PatientName", 324),
+            patient_birth_date=_text(ds, "PatientBirthDate", 8),
+            patient_sex=_text(ds, "PatientSex", 16),
+            accession_number=_text(ds, "AccessionNumber", 16),
+            study_date=_text(ds, "StudyDate", 8),
+            study_time=_text(ds, "StudyTime", 16),
+            study_description=_text(ds, "StudyDescription", 64),
+            referring_physician_name=_text(ds, "ReferringPhysicianName", 324),
+            study_id_attr=_text(ds, "StudyID", 16),
+            state=StudyState.RECEIVING,
+            generation=0,
+            first_received_at=now,
+            last_received_at=now,
+        )
+        session.add(study)
+        session.flush()
+
+    series = session.scalars(select(Series).where(Series.series_instance_uid == series_uid)).one_or_none()
+    if series is None:
+        series = Series(
+            study_id=study.id,
+            series_instance_uid=series_uid,
+            modality=_text(ds, "Modality", 16),
+            body_part_examined=_text(ds, "BodyPartExamined", 16),
+            series_number=_text(ds, "SeriesNumber", 12),
+            series_description=_text(ds, "SeriesDescription", 64),
+        )
+        session.add(series)
+        session.flush()
+
+    meta = getattr(ds, "file_meta", None)
+    ts = str(getattr(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
+    inst = session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_uid)).one_or_none()
+    changed = True
+    if inst is None:
+        inst = Instance(sop_instance_uid=sop_uid)
+        session.add(inst)
+    else:
+        changed = inst.sha256 != sha256 or inst.path != relpath
+    inst.study_id = study.id
+    inst.series_id = series.id
+    inst.sop_class_uid = str(ds.SOPClassUID)
+    inst.transfer_syntax_uid = ts
+    inst.instance_number = _text(ds, "InstanceNumber", 12)
+    inst.view_position = _text(ds, "ViewPosition", 16)
+    inst.path = relpath
+    inst.size = size
+    inst.sha256 = sha256
+    inst.calling_ae_title = calling_ae[:16]
+    inst.generated = 1 if generated else 0
+    if changed:
+        inst.received_at = now
+    if not generated and changed:
+        study.generation = (study.generation or 0) + 1
+        study.last_received_at = now
+        study.state = StudyState.RECEIVING
+    session.flush()
+    return inst
+
+
+def register_with_retry(
+    sessions: sessionmaker,
+    fn: Callable[[Session], Any],
+    attempts: int = 5,
+) -> Any:
+    """Run ``fn(session)`` and commit, retrying a lost race on a unique key or a busy database."""
+    last: Exception | None = None
+    for _ in range(attempts):
+        with sessions() as session:
+            try:
+                result = fn(session)
+                session.commit()
+                return result
+            except (IntegrityError, OperationalError) as exc:
+                session.rollback()
+                last = exc
+                log.debug("index write retried after %s", type(exc).__name__)
+    assert last is not None
+    raise last
+
+
+def audit(
+    session: Session,
+    actor: str,
+    action: str,
+    study_uid: str = "",
+    object_uid: str = "",
+    detail: str = "",
+) -> AuditEvent:
+    """Append an audit event (who did what to which study/object). Never put PHI in ``detail``."""
+    ev = AuditEvent(
+        actor=actor[:128], action=action[:32], study_instance_uid=study_uid, object_uid=object_uid, detail=detail
+    )
+    session.add(ev)
+    return ev

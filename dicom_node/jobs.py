@@ -1,0 +1,394 @@
+"""The report-drafting job queue, kept in the index database.
+
+Life of a job::
+
+    study quiet for study.quiet_period_s  --promote-->  pending
+    pending (not_before <= now)           --claim---->  running (leased to one worker)
+    running                               --renew---->  running (lease extended while the handler works)
+    running                               --done----->  done | skipped
+    running, handler raised               --retry---->  pending, not_before = now + backoff_s * 2**(attempts-1)
+    running, attempts == max_attempts     --fail----->  failed (last_error says why)
+    running, lease expired (worker died)  --claim---->  running again (counts as an attempt)
+
+Claiming is one conditional ``UPDATE ... WHERE id = (SELECT ... LIMIT 1) AND <claimable>``
+that stamps a unique lease token, so two workers (threads, processes or hosts) never hold the
+same job: on SQLite the database serialises writers; on PostgreSQL the inner select uses
+``FOR UPDATE SKIP LOCKED`` so concurrent workers skip each other's candidates instead of
+waiting. Promotion flips the study to ``queued`` with a conditional update on the study row
+in the same transaction that inserts the job, so two promoters cannot both enqueue a study.
+
+A study that gains instances after its job ran has a higher ``Study.generation`` than the job
+recorded, goes back to ``receiving`` (see :mod:`dicom_node.index`) and is promoted again once
+quiet; the handler (the ``draft`` entry point of group ``cxrnode.job_handlers``) is expected to
+supersede the older unsigned draft.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+
+from sqlalchemy import and_, exists, func, insert, or_, select, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import sessionmaker
+
+from dicom_node.config import Config
+from dicom_node.db import Job, JobState, Study, StudyState, utcnow
+from dicom_node.store import Store
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "cxrnode.job_handlers"
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a handler reports: ``state`` is ``"done"`` or ``"skipped"`` (with a ``reason``)."""
+
+    state: str
+    reason: str = ""
+    model_name: str = ""
+    model_version: str = ""
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """Everything a handler needs; ``log(message)`` appends a line to ``Job.log``."""
+
+    config: Config
+    sessions: sessionmaker
+    store: Store
+    job_id: int
+    study_instance_uid: str
+    study_generation: int
+    log: Callable[[str], None]
+
+
+JobHandler = Callable[[JobContext], JobResult]
+
+
+class HandlerUnavailable(RuntimeError):
+    """The job handler entry point is missing or cannot be imported."""
+
+
+def load_handler(name: str = "draft") -> JobHandler:
+    """The handler registered as ``name`` in entry-point group ``cxrnode.job_handlers``."""
+    eps = list(entry_points(group=ENTRY_POINT_GROUP, name=name))
+    if not eps:
+        raise HandlerUnavailable(f"no entry point {name!r} in group {ENTRY_POINT_GROUP!r}; is the plugin installed?")
+    try:
+        handler = eps[0].load()
+    except Exception as exc:
+        raise HandlerUnavailable(
+            f"entry point {name!r} ({eps[0].value}) of group {ENTRY_POINT_GROUP!r} cannot be loaded: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    if not callable(handler):
+        raise HandlerUnavailable(f"entry point {name!r} ({eps[0].value}) is not callable")
+    return handler  # type: ignore[no-any-return]
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def backoff_delay(base_s: float, attempts: int, cap_s: float | None = None) -> float:
+    """``base_s * 2**(attempts-1)``, capped at ``cap_s``."""
+    delay = base_s * (2 ** max(attempts - 1, 0))
+    return min(delay, cap_s) if cap_s is not None else delay
+
+
+def _is_postgres(sessions: sessionmaker) -> bool:
+    bind = sessions.kw.get("bind")
+    return bind is not None and bind.dialect.name == "postgresql"
+
+
+# -- promotion -------------------------------------------------------------------------------
+
+
+def promote_quiet_studies(sessions: sessionmaker, config: Config, now: dt.datetime | None = None) -> list[str]:
+    """Turn studies quiet for ``study.quiet_period_s`` into pending jobs; return their UIDs."""
+    now = now or utcnow()
+    cutoff = now - dt.timedelta(seconds=config.study.quiet_period_s)
+    active = exists().where(Job.study_id == Study.id, Job.state.in_([JobState.PENDING, JobState.RUNNING]))
+    last_gen = select(func.max(Job.study_generation)).where(Job.study_id == Study.id).scalar_subquery()
+    promoted: list[str] = []
+    with sessions() as s:
+        rows = s.execute(
+            select(Study.id, Study.study_instance_uid, Study.generation)
+            .where(
+                Study.last_received_at <= cutoff,
+                Study.state != StudyState.QUEUED,
+                or_(Study.state == StudyState.RECEIVING, func.coalesce(last_gen, -1) < Study.generation),
+                ~active,
+            )
+            .order_by(Study.last_received_at)
+            .limit(100)
+        ).all()
+    for study_id, study_uid, generation in rows:
+        try:
+            with sessions() as s:
+                res = s.execute(
+                    update(Study)
+                    .where(Study.id == study_id, Study.generation == generation, Study.state != StudyState.QUEUED,
+                           Study.last_received_at <= cutoff)
+                    .values(state=StudyState.QUEUED)
+                )
+                if res.rowcount != 1:  # type: ignore[attr-defined]
+                    s.rollback()
+                    continue
+                s.execute(insert(Job).values(
+                    study_id=study_id, kind="draft", state=JobState.PENDING, study_generation=generation,
+                    attempts=0, not_before=now, log=f"{now:%Y-%m-%d %H:%M:%S} queued (generation {generation})\n",
+                    model_name="", model_version="", created_at=now, updated_at=now,
+                ))
+                s.commit()
+                promoted.append(study_uid)
+                log.info("study %s is quiet: queued a draft job (generation %d)", study_uid, generation)
+        except OperationalError as exc:  # busy database: try again next round
+            log.debug("promotion of %s deferred: %s", study_uid, exc)
+    return promoted
+
+
+# -- claiming and finishing ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    job_id: int
+    token: str
+    study_id: int
+    study_instance_uid: str
+    study_generation: int
+    attempts: int
+
+
+def _claimable(now: dt.datetime):  # type: ignore[no-untyped-def]
+    return or_(
+        and_(Job.state == JobState.PENDING, Job.not_before <= now),
+        and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now),
+    )
+
+
+def claim_job(sessions: sessionmaker, config: Config, worker_id: str, now: dt.datetime | None = None) -> ClaimedJob | None:
+    """Claim one job atomically (or ``None``); a job whose lease ran out too often fails here."""
+    while True:
+        now = now or utcnow()
+        token = f"{worker_id}/{uuid.uuid4().hex[:12]}"
+        candidate = select(Job.id).where(_claimable(now)).order_by(Job.not_before, Job.id).limit(1)
+        if _is_postgres(sessions):
+            candidate = candidate.with_for_update(skip_locked=True)
+        generation = select(Study.generation).where(Study.id == Job.study_id).scalar_subquery()
+        try:
+            with sessions() as s:
+                res = s.execute(
+                    update(Job)
+                    .where(Job.id == candidate.scalar_subquery(), _claimable(now))
+                    .values(state=JobState.RUNNING, lease_owner=token,
+                            lease_expires_at=now + dt.timedelta(seconds=config.jobs.lease_s),
+                            attempts=Job.attempts + 1, study_generation=generation, updated_at=now)
+                    .execution_options(synchronize_session=False)
+                )
+                if res.rowcount != 1:  # type: ignore[attr-defined]
+                    s.rollback()
+                    return None
+                row = s.execute(
+                    select(Job.id, Job.study_id, Study.study_instance_uid, Job.study_generation, Job.attempts)
+                    .join(Study, Study.id == Job.study_id)
+                    .where(Job.lease_owner == token)
+                ).one()
+                s.commit()
+        except OperationalError as exc:
+            log.debug("claim deferred: %s", exc)
+            return None
+        job = ClaimedJob(row[0], token, row[1], row[2], row[3], row[4])
+        if job.attempts > config.jobs.max_attempts:
+            _finish(sessions, job, JobState.FAILED, error=f"gave up after {job.attempts - 1} attempts "
+                    "(the last worker stopped renewing its lease)")
+            now = None
+            continue
+        return job
+
+
+def renew_lease(sessions: sessionmaker, job: ClaimedJob, lease_s: float) -> bool:
+    """Extend the lease; ``False`` if it was lost (another worker reclaimed the job)."""
+    with sessions() as s:
+        res = s.execute(update(Job).where(Job.id == job.job_id, Job.lease_owner == job.token,
+                                          Job.state == JobState.RUNNING)
+                        .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_s)))
+        s.commit()
+        return res.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
+
+def append_log(sessions: sessionmaker, job_id: int, message: str) -> None:
+    line = f"{utcnow():%Y-%m-%d %H:%M:%S} {message.rstrip()}\n"
+    for _ in range(5):
+        try:
+            with sessions() as s:
+                s.execute(update(Job).where(Job.id == job_id).values(log=func.coalesce(Job.log, "") + line))
+                s.commit()
+                return
+        except OperationalError:
+            time.sleep(0.1)
+
+
+_STUDY_STATE = {
+    JobState.DONE: StudyState.DRAFTED,
+    JobState.SKIPPED: StudyState.SKIPPED,
+    JobState.FAILED: StudyState.FAILED,
+}
+
+
+def _finish(sessions: sessionmaker, job: ClaimedJob, state: str, *, error: str | None = None,
+            result: JobResult | None = None, duration_ms: float | None = None,
+            not_before: dt.datetime | None = None) -> bool:
+    """Record the outcome if we still hold the lease; move the study along if it is unchanged."""
+    values: dict[str, object] = {"state": state, "lease_owner": None, "lease_expires_at": None, "updated_at": utcnow()}
+    if error is not None:
+        values["last_error"] = error
+    if result is not None:
+        values["model_name"] = result.model_name[:64]
+        values["model_version"] = result.model_version[:32]
+        values["last_error"] = result.reason or None  # skipped: why; done: clears an earlier error
+    if duration_ms is not None:
+        values["duration_ms"] = duration_ms
+    if not_before is not None:
+        values["not_before"] = not_before
+    with sessions() as s:
+        res = s.execute(update(Job).where(Job.id == job.job_id, Job.lease_owner == job.token).values(**values))
+        if res.rowcount != 1:  # type: ignore[attr-defined]
+            s.rollback()
+            log.warning("job %d: lease lost before it finished; outcome %s discarded", job.job_id, state)
+            return False
+        if state in _STUDY_STATE:
+            s.execute(update(Study).where(Study.id == job.study_id, Study.generation == job.study_generation,
+                                          Study.state == StudyState.QUEUED).values(state=_STUDY_STATE[state]))
+        s.commit()
+    return True
+
+
+def run_job(job: ClaimedJob, handler: JobHandler, config: Config, sessions: sessionmaker, store: Store) -> str:
+    """Run ``handler`` on a claimed job, renewing its lease; return the job's new state."""
+    ctx = JobContext(config=config, sessions=sessions, store=store, job_id=job.job_id,
+                     study_instance_uid=job.study_instance_uid, study_generation=job.study_generation,
+                     log=lambda message: append_log(sessions, job.job_id, message))
+    append_log(sessions, job.job_id, f"attempt {job.attempts} started (generation {job.study_generation})")
+    stop = threading.Event()
+    lost = threading.Event()
+
+    def heartbeat() -> None:
+        interval = max(config.jobs.lease_s / 3, 0.05)
+        while not stop.wait(interval):
+            try:
+                if not renew_lease(sessions, job, config.jobs.lease_s):
+                    lost.set()
+                    return
+            except Exception:  # a busy database: try again at the next beat
+                log.debug("lease renewal of job %d failed", job.job_id, exc_info=True)
+
+    beat = threading.Thread(target=heartbeat, name=f"lease-{job.job_id}", daemon=True)
+    beat.start()
+    started = time.monotonic()
+    error: str | None = None
+    result: JobResult | None = None
+    try:
+        result = handler(ctx)
+        if not isinstance(result, JobResult) or result.state not in (JobState.DONE, JobState.SKIPPED):
+            error = f"handler returned {result!r}; expected JobResult with state 'done' or 'skipped'"
+            result = None
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("job %d (study %s) attempt %d failed: %s", job.job_id, job.study_instance_uid, job.attempts, error)
+        log.debug("job %d traceback:\n%s", job.job_id, traceback.format_exc())
+    finally:
+        stop.set()
+        beat.join()
+    duration_ms = (time.monotonic() - started) * 1000
+    if lost.is_set():
+        log.warning("job %d: lease lost while running", job.job_id)
+    if result is not None:
+        note = f"{result.state}" + (f": {result.reason}" if result.reason else "")
+        append_log(sessions, job.job_id, note)
+        if _finish(sessions, job, result.state, result=result, duration_ms=duration_ms):
+            log.info("job %d (study %s) %s in %.0f ms", job.job_id, job.study_instance_uid, result.state, duration_ms)
+        return result.state
+    assert error is not None
+    append_log(sessions, job.job_id, f"attempt {job.attempts} failed: {error}")
+    if job.attempts >= config.jobs.max_attempts:
+        _finish(sessions, job, JobState.FAILED, error=error, duration_ms=duration_ms)
+        log.error("job %d (study %s) failed for good after %d attempts", job.job_id, job.study_instance_uid, job.attempts)
+        return JobState.FAILED
+    delay = backoff_delay(config.jobs.backoff_s, job.attempts)
+    _finish(sessions, job, JobState.PENDING, error=error, duration_ms=duration_ms,
+            not_before=utcnow() + dt.timedelta(seconds=delay))
+    log.info("job %d will be retried in %.0f s", job.job_id, delay)
+    return JobState.PENDING
+
+
+# -- threads ---------------------------------------------------------------------------------
+
+
+class Promoter(threading.Thread):
+    """Promotes quiet studies every ``jobs.poll_interval_s``."""
+
+    def __init__(self, config: Config, sessions: sessionmaker, stop: threading.Event) -> None:
+        super().__init__(name="cxrnode-promoter", daemon=True)
+        self.config, self.sessions, self.stop_event = config, sessions, stop
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                promote_quiet_studies(self.sessions, self.config)
+            except Exception:
+                log.exception("promoting quiet studies failed")
+            self.stop_event.wait(self.config.jobs.poll_interval_s)
+
+
+class Worker(threading.Thread):
+    """Claims and runs jobs until stopped. Without a handler, jobs stay pending (logged)."""
+
+    HANDLER_RETRY_S = 30.0
+
+    def __init__(self, config: Config, sessions: sessionmaker, store: Store, stop: threading.Event,
+                 handler: JobHandler | None = None, worker_id: str | None = None, index: int = 0) -> None:
+        super().__init__(name=f"cxrnode-worker-{index}", daemon=True)
+        self.config, self.sessions, self.store, self.stop_event = config, sessions, store, stop
+        self.handler = handler
+        self.worker_id = worker_id or f"{default_worker_id()}:{index}"
+        self._next_load = 0.0
+
+    def _resolve(self) -> JobHandler | None:
+        if self.handler is None and time.monotonic() >= self._next_load:
+            try:
+                self.handler = load_handler("draft")
+            except HandlerUnavailable as exc:
+                self._next_load = time.monotonic() + self.HANDLER_RETRY_S
+                log.error("%s: jobs stay pending; retrying in %.0f s", exc, self.HANDLER_RETRY_S)
+        return self.handler
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            handler = self._resolve()
+            job = None
+            if handler is not None:
+                try:
+                    job = claim_job(self.sessions, self.config, self.worker_id)
+                except Exception:
+                    log.exception("claiming a job failed")
+            if job is None:
+                self.stop_event.wait(self.config.jobs.poll_interval_s)
+                continue
+            assert handler is not None
+            try:
+                run_job(job, handler, self.config, self.sessions, self.store)
+            except Exception:
+                log.exception("job %d: recording its outcome failed", job.job_id)

@@ -1,0 +1,263 @@
+"""The durable file store: every object the node acknowledges or writes lives here.
+
+Layout under ``storage_dir``::
+
+    instances/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm   DICOM files (PS3.10)
+    tmp/                                                                      spool files being received
+
+Durability protocol (what "stored" means before the SCP answers 0x0000, PS3.4 B.2.3):
+the object is first written to a spool file in ``tmp/`` (same filesystem as its final
+place), the file is fsynced, atomically renamed into place, and the directory that now holds
+it is fsynced. A crash at any point leaves either no file or the complete file at its final
+path; leftovers in ``tmp/`` are removed at start (:meth:`Store.clean_spool`).
+
+Received instances are kept *as sent*: the dataset bytes are those of the C-STORE request, in
+the negotiated transfer syntax, behind a File Meta Information header (PS3.10 7.1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import io
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+
+from pydicom import Dataset
+from pydicom.filewriter import dcmwrite
+
+_UID_SAFE = re.compile(r"^[0-9.]{1,64}$")
+_CHUNK = 1 << 20
+FILE_MODE = 0o640  # owner writes, the service group (e.g. the reviewer) reads
+
+
+class StoreError(OSError):
+    """A file could not be stored durably."""
+
+
+class OutOfSpace(StoreError):
+    """Free space is below the configured floor, or the filesystem is full (ENOSPC)."""
+
+
+def _safe_component(uid: str) -> str:
+    """A UID as a path component; anything that is not a plain UID is rejected."""
+    uid = uid.strip().rstrip("\x00")
+    if not _UID_SAFE.match(uid) or uid in {".", ".."}:
+        raise ValueError(f"not a valid UID for a file name: {uid!r}")
+    return uid
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename or a new entry in it survives a crash."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_enospc(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class SpoolFile:
+    """A write-only spool file in the store's ``tmp/`` folder that hashes what it is given.
+
+    A write error (e.g. ENOSPC) does not raise: it is remembered in :attr:`error`, the file
+    is truncated and later writes are dropped, so the receiver of a C-STORE can finish reading
+    the request and then answer with a specific failure status instead of aborting.
+    """
+
+    def __init__(self, directory: Path, suffix: str = ".dcm") -> None:
+        fd, name = tempfile.mkstemp(dir=directory, suffix=suffix, prefix="rx-")
+        self.name = name
+        self.path = Path(name)
+        os.fchmod(fd, FILE_MODE)
+        self.file: IO[bytes] = os.fdopen(fd, "wb", buffering=_CHUNK)
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        self.error: OSError | None = None
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self.error is not None:
+            return len(data)
+        try:
+            self.file.write(data)
+        except OSError as exc:
+            self._fail(exc)
+            return len(data)
+        self.sha256.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def _fail(self, exc: OSError) -> None:
+        self.error = exc
+        with contextlib.suppress(OSError):
+            self.file.close()
+        # free the space right away; the name is kept so close() and unlink() stay harmless
+        with contextlib.suppress(OSError):
+            os.truncate(self.name, 0)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self.file.flush()
+            except OSError as exc:
+                self._fail(exc)
+
+    def finish(self, fsync: bool) -> None:
+        """Flush, fsync (if asked) and close; raises the remembered write error if any."""
+        if self.error is None and not self.closed:
+            try:
+                self.file.flush()
+                if fsync:
+                    os.fsync(self.file.fileno())
+            except OSError as exc:
+                self._fail(exc)
+        self.close()
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(OSError):
+                self.file.close()
+
+    def discard(self) -> None:
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.name)
+
+    # pynetdicom calls ``file.flush()`` on what it believes is a NamedTemporaryFile
+    def __getattr__(self, name: str) -> Any:  # pragma: no cover - defensive
+        raise AttributeError(name)
+
+
+class Store:
+    """Durable files under ``storage_dir`` (see the module docstring for the layout)."""
+
+    def __init__(self, storage_dir: str | os.PathLike[str], fsync: bool = True, min_free_space_mb: int = 0) -> None:
+        self.root = Path(storage_dir).resolve()
+        self.fsync = fsync
+        self.min_free_space_mb = min_free_space_mb
+        self.tmp_dir = self.root / "tmp"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(exist_ok=True)
+        self._dev = os.stat(self.root).st_dev
+
+    # -- paths ------------------------------------------------------------------------------
+    @staticmethod
+    def instance_relpath(study_uid: str, series_uid: str, sop_uid: str) -> str:
+        return "/".join(
+            ("instances", _safe_component(study_uid), _safe_component(series_uid), _safe_component(sop_uid) + ".dcm")
+        )
+
+    def abspath(self, relpath: str) -> Path:
+        p = (self.root / relpath).resolve()
+        if self.root not in p.parents:
+            raise ValueError(f"path outside the store: {relpath!r}")
+        return p
+
+    # -- space ------------------------------------------------------------------------------
+    def free_mb(self) -> float:
+        return shutil.disk_usage(self.root).free / (1024 * 1024)
+
+    def check_space(self, incoming_bytes: int = 0) -> None:
+        """Raise :class:`OutOfSpace` if storing ``incoming_bytes`` more would cross the floor."""
+        free = self.free_mb() - incoming_bytes / (1024 * 1024)
+        if free < self.min_free_space_mb:
+            raise OutOfSpace(errno.ENOSPC, f"free space {free:.0f} MB below the floor of {self.min_free_space_mb} MB")
+
+    # -- writing ----------------------------------------------------------------------------
+    def new_spool(self) -> SpoolFile:
+        return SpoolFile(self.tmp_dir)
+
+    def commit_spool(self, spool: SpoolFile, relpath: str) -> tuple[int, str]:
+        """Make a finished spool file durable at ``relpath``; return ``(size, sha256)``."""
+        try:
+            spool.finish(self.fsync)
+            self._place(Path(spool.name), relpath)
+        except BaseException:
+            spool.discard()
+            raise
+        return spool.size, spool.sha256.hexdigest()
+
+    def commit_file(self, src: str | os.PathLike[str], relpath: str) -> tuple[int, str]:
+        """Move (same filesystem) or copy ``src`` durably to ``relpath``; ``src`` is consumed."""
+        src = Path(src)
+        if os.stat(src).st_dev == self._dev:
+            h, size = _hash_file(src)
+            if self.fsync:
+                fd = os.open(src, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            self._place(src, relpath)
+            return size, h
+        spool = self.new_spool()
+        try:
+            with open(src, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    spool.write(chunk)
+        except BaseException:
+            spool.discard()
+            raise
+        size_sha = self.commit_spool(spool, relpath)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(src)
+        return size_sha
+
+    def write_dataset(self, ds: Dataset, relpath: str) -> tuple[int, str]:
+        """Write ``ds`` (with its file meta) durably at ``relpath``; return ``(size, sha256)``."""
+        self.check_space()
+        buf = io.BytesIO()
+        dcmwrite(buf, ds, enforce_file_format=True)
+        spool = self.new_spool()
+        spool.write(buf.getbuffer())
+        return self.commit_spool(spool, relpath)
+
+    def _place(self, src: Path, relpath: str) -> None:
+        dest = self.abspath(relpath)
+        created: list[Path] = []
+        parent = dest.parent
+        while not parent.exists():
+            created.append(parent)
+            parent = parent.parent
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dest)
+        if self.fsync:
+            fsync_dir(dest.parent)
+            # new folders must be durable in their parents too
+            for d in created:
+                fsync_dir(d.parent)
+
+    def remove(self, relpath: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.abspath(relpath))
+
+    def clean_spool(self) -> int:
+        """Delete leftover spool files (from a crash); return how many were removed."""
+        n = 0
+        for p in self.tmp_dir.iterdir():
+            with contextlib.suppress(OSError):
+                p.unlink()
+                n += 1
+        return n
+
+
+def _hash_file(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
