@@ -1,0 +1,519 @@
+"""``cxrnode doctor``: one table of checks that tells site IT whether the node is healthy.
+
+Each check ends OK, WARN or FAIL with a one-line detail and, unless OK, a hint saying what to
+do. The exit status is 1 when any check FAILs, else 0. Checks, in order:
+
+config, storage writable, storage free space, database (reachable, at the migration head),
+model bundle (sha256 of every file), ONNX Runtime providers (GPU used or not, and why),
+inference (one run on the shipped sample study, with its latency), listening port (bindable,
+or the running node answers C-ECHO), C-ECHO to each destination, TLS certificate/key (readable,
+matching, days to expiry), queue health (failed jobs, waiting transfers, oldest age).
+
+DICOM traffic goes through :mod:`dicom_node.scu` (only dicom_node speaks DIMSE); the model
+through :mod:`onnx_models`; the sample study through :mod:`plugin`. A piece that is missing
+or broken shows as FAIL with a hint rather than a crash. No Qt here.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import datetime as dt
+import importlib
+import json
+import os
+import shutil
+import socket
+import ssl
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+OK, WARN, FAIL = "OK", "WARN", "FAIL"
+TLS_WARN_DAYS = 30
+TRANSFER_WAIT_WARN_S = 3600.0
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    detail: str
+    hint: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    config_path: str
+    overrides: list[str]
+    echo_timeout_s: float
+    inference: bool
+    config: Any = None
+    db_ok: bool = False
+    generator: Any = None
+    generator_load_s: float = 0.0
+
+
+def _missing(module: str, exc: BaseException) -> str:
+    return f"{module} is not available in this installation ({type(exc).__name__}: {exc})"
+
+
+# --- individual checks -------------------------------------------------------------------------
+
+def check_config(ctx: Context) -> list[Check]:
+    from dicom_node.config import ConfigError, load_config
+
+    try:
+        ctx.config = load_config(ctx.config_path or None, overrides=ctx.overrides)
+    except ConfigError as exc:
+        return [Check("config", FAIL, str(exc), "fix the key named above; every key is documented in cxrnode.example.toml")]
+    src = ctx.config.source or "(defaults only: no --config file and no CXRNODE_CONFIG)"
+    c = ctx.config
+    return [Check("config", OK, f"{src}: valid; AE {c.node.ae_title} port {c.node.port}, "
+                  f"{len(c.destinations)} destination(s), {len(c.reviewers)} reviewer(s)",
+                  data={"source": c.source})]
+
+
+def check_storage(ctx: Context) -> list[Check]:
+    node = ctx.config.node
+    path = Path(node.storage_dir)
+    out: list[Check] = []
+    if not path.is_dir():
+        return [Check("storage writable", FAIL, f"{path} does not exist",
+                      f"create it and give it to the service user: mkdir -p {path} && chown cxrnode: {path}"),
+                Check("storage free space", FAIL, f"{path} does not exist", "create the storage folder first")]
+    try:
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".doctor-", delete=True) as f:
+            f.write(b"cxrnode doctor\n")
+            f.flush()
+            os.fsync(f.fileno())
+        st = path.stat()
+        owner = _owner(st.st_uid)
+        out.append(Check("storage writable", OK, f"{path} (owner {owner}, mode {st.st_mode & 0o7777:o})"))
+    except OSError as exc:
+        out.append(Check("storage writable", FAIL, f"{path}: cannot write ({exc.strerror or exc})",
+                         f"give the folder to the service user (chown) or fix the mount (read-only?) at {path}"))
+    usage = shutil.disk_usage(path)
+    free_mb = usage.free // (1024 * 1024)
+    floor = node.min_free_space_mb
+    data = {"free_mb": free_mb, "floor_mb": floor, "total_mb": usage.total // (1024 * 1024)}
+    detail = f"{free_mb} MB free of {data['total_mb']} MB; floor node.min_free_space_mb = {floor} MB"
+    if free_mb < floor:
+        out.append(Check("storage free space", FAIL, detail + ": new instances are refused (0xA700)",
+                         "free space on the storage volume (or move storage_dir to a larger one)", data))
+    elif free_mb < 2 * floor:
+        out.append(Check("storage free space", WARN, detail + ": less than twice the floor",
+                         "plan more space before the node starts refusing studies", data))
+    else:
+        out.append(Check("storage free space", OK, detail, data=data))
+    return out
+
+
+def _owner(uid: int) -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, ImportError):
+        return str(uid)
+
+
+def _safe_url(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def check_database(ctx: Context) -> list[Check]:
+    url = ctx.config.node.resolved_database_url()
+    shown = _safe_url(url)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        return [Check("database", FAIL, f"{shown}: no database file",
+                      "initialise it: re-run the installer, `cxrnode upgrade`, or start the node once (it migrates at start)")]
+    try:
+        from dicom_node.db import current_revision
+
+        rev, head = current_revision(url)
+    except Exception as exc:  # driver errors vary: OperationalError, ImportError of the driver...
+        return [Check("database", FAIL, f"{shown}: not reachable ({type(exc).__name__}: {str(exc).splitlines()[0]})",
+                      "check node.database_url, that the server runs and the credentials")]
+    ctx.db_ok = True
+    data = {"revision": rev, "head": head}
+    if rev is None:
+        return [Check("database", FAIL, f"{shown}: reachable but empty (no migration applied)",
+                      "migrate it: re-run the installer or `cxrnode upgrade`", data)]
+    if rev != head:
+        return [Check("database", FAIL, f"{shown}: at revision {rev}, this cxrnode expects {head}",
+                      "run `cxrnode upgrade` (or roll back the program to match the database)", data)]
+    return [Check("database", OK, f"{shown}: reachable, at the migration head {head}", data=data)]
+
+
+def check_model(ctx: Context) -> list[Check]:
+    name = ctx.config.model.bundle
+    try:
+        from onnx_models.bundle import BundleError, load_bundle
+    except ImportError as exc:
+        return [Check("model bundle", FAIL, _missing("onnx_models.bundle", exc), "install a complete cxrnode bundle")]
+    t0 = time.perf_counter()
+    try:
+        b = load_bundle(name)
+    except BundleError as exc:
+        return [Check("model bundle", FAIL, str(exc),
+                      "reinstall the model bundle from the offline bundle (a file changed or is corrupt), "
+                      "or point model.bundle at an intact bundle")]
+    files = len(b.manifest.get("files", {}))
+    return [Check("model bundle", OK, f"{b.name} {b.version} at {b.path}: {files} files match their sha256 "
+                  f"({time.perf_counter() - t0:.1f} s)", data={"name": b.name, "version": b.version, "path": str(b.path)})]
+
+
+def _ort_distribution() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("onnxruntime-gpu", "onnxruntime"):
+        try:
+            return f"{dist} {version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def _why_no_gpu(dist: str) -> str:
+    if not dist.startswith("onnxruntime-gpu"):
+        return f"this is the CPU build ({dist}); install the GPU bundle (cxrnode bundle --gpu) to use CUDA"
+    if not ctypes.util.find_library("cuda") and not Path("/dev/nvidia0").exists():
+        return "onnxruntime-gpu is installed but this machine has no NVIDIA GPU/driver (no libcuda, no /dev/nvidia0)"
+    return "a GPU is present but ONNX Runtime cannot use it (CUDA/cuDNN libraries of the right version missing?)"
+
+
+def _generator(ctx: Context) -> Any:
+    """The ReportGenerator for the configured bundle (created once, shared by the checks)."""
+    if ctx.generator is None:
+        from onnx_models.runtime import ReportGenerator
+
+        m = ctx.config.model
+        t0 = time.perf_counter()
+        ctx.generator = ReportGenerator(bundle=m.bundle, providers=tuple(m.providers), threads=m.threads,
+                                        beam_size=m.beam_size)
+        ctx.generator_load_s = time.perf_counter() - t0
+    return ctx.generator
+
+
+def check_providers(ctx: Context) -> list[Check]:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        return [Check("onnx runtime", FAIL, _missing("onnxruntime", exc), "install a complete cxrnode bundle")]
+    avail = list(ort.get_available_providers())
+    dist = _ort_distribution()
+    wanted = list(ctx.config.model.providers)
+    data: dict[str, Any] = {"available": avail, "configured": wanted, "distribution": dist}
+    if wanted and not any(p in avail for p in wanted):
+        return [Check("onnx runtime", FAIL, f"{dist}: none of model.providers {wanted} is available (have {avail})",
+                      "fix model.providers or install the matching ONNX Runtime build", data)]
+    # get_available_providers() lists what the build contains; only a session shows what runs
+    try:
+        in_use = list(getattr(_generator(ctx), "providers", []))
+    except Exception as exc:
+        return [Check("onnx runtime", FAIL, f"{dist}: cannot open the model's sessions: {type(exc).__name__}: {exc}",
+                      "see the model bundle row; reinstall the bundle", data)]
+    data["in_use"] = in_use
+    if "CUDAExecutionProvider" in in_use or "TensorrtExecutionProvider" in in_use:
+        return [Check("onnx runtime", OK, f"{dist}: GPU used ({', '.join(in_use)})", data=data)]
+    if wanted and "CUDAExecutionProvider" not in wanted:
+        why = "model.providers does not ask for CUDAExecutionProvider"
+    else:
+        why = _why_no_gpu(dist)
+    missing = [p for p in wanted if p not in in_use]
+    status = WARN if missing else OK
+    hint = f"model.providers asks for {missing}, which cannot run here" if missing else ""
+    return [Check("onnx runtime", status, f"{dist}: GPU not used: {why}; running on {', '.join(in_use) or 'CPU'}",
+                  hint, data)]
+
+
+def sample_study_files() -> list[Path]:
+    """The sample study shipped with the plugin (``plugin/samples``)."""
+    plugin = importlib.import_module("plugin")
+    root = Path(plugin.__file__ or ".").parent / "samples"
+    return sorted(p for p in root.rglob("*.dcm") if p.is_file())
+
+
+def check_inference(ctx: Context) -> list[Check]:
+    if not ctx.inference:
+        return [Check("inference", WARN, "skipped (--no-inference)", "run without --no-inference to test the model")]
+    try:
+        import pydicom
+
+        from onnx_models.runtime import StudyInput
+        from plugin.pixels import PixelOptions, prepare
+    except ImportError as exc:
+        return [Check("inference", FAIL, _missing(getattr(exc, "name", None) or "the runtime", exc),
+                      "install a complete cxrnode bundle (onnx_models.runtime and plugin are needed)")]
+    files = sample_study_files()
+    if not files:
+        return [Check("inference", FAIL, "no sample study (plugin/samples/*.dcm) in this installation",
+                      "install a complete cxrnode bundle")]
+    m = ctx.config.model
+    try:
+        gen = _generator(ctx)
+        load_s = ctx.generator_load_s
+        views = []
+        indication = ""
+        for f in files:
+            ds = pydicom.dcmread(f)
+            img = prepare(ds, PixelOptions(voi_window_index=ctx.config.pipeline.voi_window_index))
+            view = str(ds.get("ViewPosition", "") or "UNKNOWN").upper()
+            views.append((img.array, view if view in ("PA", "AP", "LATERAL", "LL") else "UNKNOWN"))
+            indication = indication or str(ds.get("ReasonForTheRequestedProcedure", "") or "")
+        t0 = time.perf_counter()
+        reports = gen.generate([StudyInput(views=views, indication=indication)],
+                               max_tokens=m.max_report_tokens or None)
+        latency_ms = (time.perf_counter() - t0) * 1000
+    except Exception as exc:
+        return [Check("inference", FAIL, f"the sample study did not run: {type(exc).__name__}: {exc}",
+                      "check the model bundle and ONNX Runtime rows above; reinstall the bundle if they are OK")]
+    text = (reports[0].impression or reports[0].findings).strip().replace("\n", " ")
+    providers = list(getattr(gen, "providers", []))
+    data = {"latency_ms": round(latency_ms, 1), "load_s": round(load_s, 2), "views": len(views),
+            "providers": providers, "model": f"{gen.name} {gen.version}"}
+    return [Check("inference", OK, f"sample study ({len(views)} view(s)) drafted in {latency_ms:.0f} ms on "
+                  f"{', '.join(providers) or '?'} (model load {load_s:.1f} s): \"{text[:60]}\"", data=data)]
+
+
+def _echo_function() -> Callable[..., Any]:
+    scu = importlib.import_module("dicom_node.scu")
+    for name in ("echo", "c_echo", "send_echo", "verify"):
+        fn = getattr(scu, name, None)
+        if callable(fn):
+            return fn  # type: ignore[no-any-return]
+    raise ImportError("dicom_node.scu has no echo function")
+
+
+def _echo(ctx: Context, ae_title: str, host: str, port: int, tls: bool) -> tuple[bool, str]:
+    """C-ECHO through dicom_node.scu: (success, message)."""
+    echo = _echo_function()
+    try:
+        result = echo(ctx.config, ae_title=ae_title, host=host, port=port, tls=tls, timeout_s=ctx.echo_timeout_s)
+    except Exception as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+    if isinstance(result, tuple):
+        return bool(result[0]), str(result[1])
+    if isinstance(result, bool):
+        return result, "C-ECHO succeeded" if result else "C-ECHO failed"
+    status = getattr(result, "status", result)
+    ok = getattr(result, "ok", status in (0, 0x0000))
+    return bool(ok), str(getattr(result, "message", f"status 0x{int(status):04X}" if isinstance(status, int) else status))
+
+
+def _probe_host(host: str) -> str:
+    return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def check_port(ctx: Context) -> list[Check]:
+    node = ctx.config.node
+    if node.port == 0:
+        return [Check("listening port", WARN, "node.port = 0: an ephemeral port is chosen at each start",
+                      "set a fixed node.port so the PACS can reach the node")]
+    host = _probe_host(node.host)
+    listening = False
+    try:
+        with socket.create_connection((host, node.port), timeout=2):
+            listening = True
+    except OSError:
+        pass
+    if listening:
+        try:
+            ok, msg = _echo(ctx, node.ae_title, host, node.port, bool(ctx.config.security.tls_certificate))
+        except ImportError as exc:
+            return [Check("listening port", FAIL, f"port {node.port} is in use; cannot C-ECHO it: {_missing('dicom_node.scu', exc)}",
+                          "install a complete cxrnode bundle")]
+        if ok:
+            return [Check("listening port", OK, f"the running node answers C-ECHO on {host}:{node.port} as {node.ae_title}",
+                          data={"running": True})]
+        return [Check("listening port", FAIL,
+                      f"port {node.port} is in use by something that does not answer C-ECHO as {node.ae_title} ({msg})",
+                      f"stop the other program (ss -ltnp 'sport = :{node.port}') or choose another node.port",
+                      {"running": False})]
+    family = socket.AF_INET6 if ":" in node.host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((node.host or "0.0.0.0", node.port))
+    except OSError as exc:
+        hint = ("ports below 1024 need root or CAP_NET_BIND_SERVICE (the unit grants it)" if node.port < 1024
+                else f"another program holds {node.host}:{node.port}, or the address is not on this machine")
+        return [Check("listening port", FAIL, f"cannot bind {node.host}:{node.port}: {exc.strerror or exc}", hint)]
+    finally:
+        s.close()
+    return [Check("listening port", OK, f"{node.host}:{node.port} is free to bind (the node is not running)",
+                  data={"running": False})]
+
+
+def check_destinations(ctx: Context) -> list[Check]:
+    dests = ctx.config.destinations
+    if not dests:
+        return [Check("destinations", WARN, "none configured: signed reports stay on this node",
+                      "add a [[destinations]] table for the PACS")]
+    out = []
+    for d in dests:
+        name = f"destination {d.name}"
+        try:
+            t0 = time.perf_counter()
+            ok, msg = _echo(ctx, d.ae_title, d.host, d.port, d.tls)
+            ms = (time.perf_counter() - t0) * 1000
+        except ImportError as exc:
+            out.append(Check(name, FAIL, _missing("dicom_node.scu", exc), "install a complete cxrnode bundle"))
+            continue
+        where = f"{d.ae_title}@{d.host}:{d.port}{' (TLS)' if d.tls else ''}"
+        if ok:
+            out.append(Check(name, OK, f"{where} answers C-ECHO ({ms:.0f} ms)", data={"ms": round(ms, 1)}))
+        else:
+            out.append(Check(name, FAIL, f"{where}: C-ECHO failed: {msg}",
+                             f"check host, port and AE title; the PACS must know us as {ctx.config.node.ae_title}"))
+    return out
+
+
+def _cert_not_after(path: str) -> dt.datetime:
+    info = ssl._ssl._test_decode_cert(path)  # type: ignore[attr-defined]
+    return dt.datetime.fromtimestamp(ssl.cert_time_to_seconds(info["notAfter"]), dt.UTC)
+
+
+def check_tls(ctx: Context) -> list[Check]:
+    sec = ctx.config.security
+    if not sec.tls_certificate:
+        uses = [d.name for d in ctx.config.destinations if d.tls]
+        return [Check("tls", OK, "not configured: DICOM without TLS" + (f" (but {uses} want TLS)" if uses else ""))]
+    for key in ("tls_certificate", "tls_private_key", "tls_ca"):
+        p = getattr(sec, key)
+        if p:
+            try:
+                Path(p).read_bytes()
+            except OSError as exc:
+                return [Check("tls", FAIL, f"security.{key} {p}: not readable ({exc.strerror or exc})",
+                              "the service user must be able to read it (chmod 0640, group cxrnode)")]
+    try:
+        ctx_ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx_ssl.load_cert_chain(sec.tls_certificate, sec.tls_private_key)
+        if sec.tls_ca:
+            ctx_ssl.load_verify_locations(sec.tls_ca)
+        not_after = _cert_not_after(sec.tls_certificate)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        return [Check("tls", FAIL, f"certificate/key unusable: {exc}",
+                      "check that the key matches the certificate and both are PEM")]
+    days = (not_after - dt.datetime.now(dt.UTC)).days
+    data = {"not_after": not_after.isoformat(), "days_left": days}
+    if days < 0:
+        return [Check("tls", FAIL, f"certificate expired on {not_after:%Y-%m-%d}", "renew the certificate", data)]
+    if days < TLS_WARN_DAYS:
+        return [Check("tls", WARN, f"certificate expires in {days} days ({not_after:%Y-%m-%d})",
+                      "renew the certificate soon", data)]
+    return [Check("tls", OK, f"certificate and key readable and matching; {days} days to expiry "
+                  f"({not_after:%Y-%m-%d})" + ("; mutual TLS with tls_ca" if sec.tls_ca else ""), data=data)]
+
+
+def check_queue(ctx: Context) -> list[Check]:
+    if not ctx.db_ok:
+        return [Check("queue", FAIL, "database not reachable or not migrated (see the database row)",
+                      "fix the database first")]
+    from sqlalchemy import func, select
+
+    from dicom_node.db import Job, JobState, Transfer, TransferState, make_engine, utcnow
+
+    engine = make_engine(ctx.config.node.resolved_database_url())
+    try:
+        with engine.connect() as conn:
+            def count(model: Any, state: str) -> int:
+                return int(conn.execute(select(func.count()).select_from(model).where(model.state == state)).scalar_one())
+
+            failed_jobs = count(Job, JobState.FAILED)
+            waiting_jobs = count(Job, JobState.PENDING) + count(Job, JobState.RUNNING)
+            failed_tx = count(Transfer, TransferState.FAILED)
+            waiting_tx = count(Transfer, TransferState.PENDING) + count(Transfer, TransferState.SENDING)
+            oldest_tx = conn.execute(select(func.min(Transfer.created_at)).where(
+                Transfer.state.in_([TransferState.PENDING, TransferState.SENDING]))).scalar()
+            oldest_job = conn.execute(select(func.min(Job.created_at)).where(
+                Job.state.in_([JobState.PENDING, JobState.RUNNING]))).scalar()
+    finally:
+        engine.dispose()
+    now = utcnow()
+    tx_age = (now - oldest_tx).total_seconds() if oldest_tx else 0.0
+    job_age = (now - oldest_job).total_seconds() if oldest_job else 0.0
+    data = {"jobs_failed": failed_jobs, "jobs_waiting": waiting_jobs, "oldest_job_s": round(job_age),
+            "transfers_failed": failed_tx, "transfers_waiting": waiting_tx, "oldest_transfer_s": round(tx_age)}
+    detail = (f"jobs: {failed_jobs} failed, {waiting_jobs} waiting (oldest {_age(job_age)}); "
+              f"transfers: {failed_tx} failed, {waiting_tx} waiting (oldest {_age(tx_age)})")
+    problems = []
+    if failed_jobs:
+        problems.append("see `cxrnode status` for the failed jobs' errors")
+    if failed_tx:
+        problems.append("failed transfers: check the destination rows")
+    if tx_age > TRANSFER_WAIT_WARN_S:
+        problems.append("transfers waiting over an hour: is the PACS reachable?")
+    if problems:
+        return [Check("queue", WARN, detail, "; ".join(problems), data)]
+    return [Check("queue", OK, detail, data=data)]
+
+
+def _age(seconds: float) -> str:
+    if not seconds:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+CHECKS: tuple[Callable[[Context], list[Check]], ...] = (
+    check_storage, check_database, check_model, check_providers, check_inference,
+    check_port, check_destinations, check_tls, check_queue,
+)
+
+
+def run_checks(config_path: str | None, overrides: Sequence[str] = (), echo_timeout_s: float = 5.0,
+               inference: bool = True) -> list[Check]:
+    """Run every check; a check that crashes is a FAIL naming the exception."""
+    ctx = Context(config_path or "", list(overrides), echo_timeout_s, inference)
+    results = check_config(ctx)
+    if ctx.config is None:
+        return results
+    for fn in CHECKS:
+        try:
+            results += fn(ctx)
+        except Exception as exc:
+            name = fn.__name__.removeprefix("check_").replace("_", " ")
+            results.append(Check(name, FAIL, f"the check itself failed: {type(exc).__name__}: {exc}",
+                                 "report this with the output of `cxrnode doctor --json`"))
+    return results
+
+
+def format_table(results: Sequence[Check]) -> str:
+    width = max(len(c.name) for c in results) + 2
+    lines = [f"{'CHECK'.ljust(width)}{'STATUS':<8}DETAIL"]
+    for c in results:
+        lines.append(f"{c.name.ljust(width)}{c.status:<8}{c.detail}")
+        if c.hint and c.status != OK:
+            lines.append(f"{'':{width}}{'':8}hint: {c.hint}")
+    counts = {s: sum(1 for c in results if c.status == s) for s in (OK, WARN, FAIL)}
+    lines.append(f"\n{counts[OK]} OK, {counts[WARN]} WARN, {counts[FAIL]} FAIL")
+    return "\n".join(lines)
+
+
+def as_json(results: Sequence[Check]) -> str:
+    counts = {s: sum(1 for c in results if c.status == s) for s in (OK, WARN, FAIL)}
+    return json.dumps({"ok": counts[FAIL] == 0, "summary": counts, "checks": [asdict(c) for c in results]}, indent=2)
+
+
+def main_doctor(config: str | None, overrides: Sequence[str] = (), as_json_output: bool = False,
+                echo_timeout_s: float = 5.0, inference: bool = True) -> int:
+    results = run_checks(config, overrides, echo_timeout_s, inference)
+    print(as_json(results) if as_json_output else format_table(results), flush=True)
+    return 1 if any(c.status == FAIL for c in results) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main_doctor(sys.argv[1] if len(sys.argv) > 1 else None))
