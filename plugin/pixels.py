@@ -169,11 +169,10 @@ def voi(values: np.ndarray, ds: Any, index: int = 0) -> tuple[np.ndarray, str]:
         i = min(index, len(centers) - 1, len(widths) - 1)
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
         try:
-            out = window(values, centers[i], widths[i], function)
+            windowed = window(values, centers[i], widths[i], function)
+            return windowed, f"window {i} center {centers[i]:g} width {widths[i]:g} {function.upper()}"
         except PixelError:
-            out = None
-        if out is not None:
-            return out, f"window {i} center {centers[i]:g} width {widths[i]:g} {function.upper()}"
+            pass  # an unusable window (width 0, unknown function): fall back to the data range
     bits = int(ds.get("BitsStored", 0) or 0)
     rescaled = "ModalityLUTSequence" in ds or float(ds.get("RescaleSlope", 1) or 1) != 1 or float(
         ds.get("RescaleIntercept", 0) or 0) != 0

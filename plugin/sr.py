@@ -1,0 +1,519 @@
+"""The report as a DICOM Structured Report, built with highdicom content items and templates.
+
+Both documents are Comprehensive SR (PS3.3 A.35.3) following TID 2000 "Basic Diagnostic
+Imaging Report" (PS3.16):
+
+- root CONTAINER (18748-4, LN, "Diagnostic Imaging Report"), template 2000;
+- HAS CONCEPT MOD Language of Content Item and Descendants (TID 1204): English;
+- HAS OBS CONTEXT Observation Context (TID 1001): the device (TID 1004: UID, name,
+  manufacturer, model name = the report model and its version) and, once signed, the person
+  (TID 1003: the verifying radiologist and organisation);
+- HAS CONCEPT MOD Procedure reported: (399208008, SCT, "Plain chest X-ray");
+- CONTAINS sections (TID 2001 headings, CID 7001), each a TID 2002 report narrative:
+  Indications for Procedure (121109), Findings (121070: the text as TEXT "Finding" 121071,
+  the CheXpert-style observations as SNOMED CT coded items whose value is Present / Absent /
+  Indeterminate, and the source images as IMAGE references), Impressions (121072: TEXT
+  "Impression" 121073).
+
+The source images are also listed in the Current Requested Procedure Evidence Sequence
+(PS3.3 C.17.2), same patient and study as the images, in a new series.
+
+The draft is CompletionFlag PARTIAL, VerificationFlag UNVERIFIED, PreliminaryFlag PRELIMINARY,
+and says in its text that it is an unverified AI draft. The signed report is COMPLETE,
+VERIFIED, FINAL, with the Verifying Observer Sequence and a Predecessor Documents Sequence
+(C.17.2.3) pointing at the draft. UIDs are ``2.25.`` + the integer of a uuid5 of the inputs,
+so building the same document twice gives the same UIDs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import highdicom as hd
+from highdicom.sr import (
+    CodeContentItem,
+    CodedConcept,
+    ContainerContentItem,
+    DeviceObserverIdentifyingAttributes,
+    ImageContentItem,
+    LanguageOfContentItemAndDescendants,
+    ObservationContext,
+    ObserverContext,
+    PersonObserverIdentifyingAttributes,
+    RelationshipTypeValues,
+    TextContentItem,
+)
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.sr.codedict import codes
+from pydicom.valuerep import DT
+
+CONTAINS = RelationshipTypeValues.CONTAINS
+HAS_CONCEPT_MOD = RelationshipTypeValues.HAS_CONCEPT_MOD
+
+UID_NAMESPACE = uuid.UUID("4f6d1a52-8c1e-5b8e-9a43-6e0c2d7f1b11")  # cxrnode's uuid5 namespace
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+
+DOCUMENT_TITLE = CodedConcept("18748-4", "LN", "Diagnostic Imaging Report")
+LANGUAGE = CodedConcept("en-US", "RFC5646", "English (United States)")
+PROCEDURE_REPORTED = CodedConcept("121058", "DCM", "Procedure reported")
+PLAIN_CHEST_XRAY = CodedConcept("399208008", "SCT", "Plain chest X-ray")
+INDICATIONS = CodedConcept("121109", "DCM", "Indications for Procedure")
+FINDINGS = CodedConcept("121070", "DCM", "Findings")
+FINDING = CodedConcept("121071", "DCM", "Finding")
+IMPRESSIONS = CodedConcept("121072", "DCM", "Impressions")
+IMPRESSION = CodedConcept("121073", "DCM", "Impression")
+COMMENT = CodedConcept("121106", "DCM", "Comment")
+SOURCE_IMAGE = CodedConcept("121324", "DCM", "Source image")
+PRESENCE_CODES = {
+    "present": CodedConcept("121053", "DCM", "Present"),
+    "absent": CodedConcept("121054", "DCM", "Absent"),
+    "uncertain": CodedConcept("82334004", "SCT", "Indeterminate"),
+}
+
+MANUFACTURER = "cxrnode"
+DRAFT_SERIES_NUMBER = 9901
+SIGNED_SERIES_NUMBER = 9902
+DRAFT_SERIES_DESCRIPTION = "AI DRAFT report - UNVERIFIED"
+SIGNED_SERIES_DESCRIPTION = "Verified report"
+
+
+class SRError(ValueError):
+    """The inputs cannot make a valid report; the message says which and why."""
+
+
+def deterministic_uid(*parts: str) -> str:
+    """``2.25.`` + the integer value of uuid5(cxrnode namespace, parts joined) (PS3.5 B.2)."""
+    name = "\x1f".join(parts)
+    return f"2.25.{uuid.uuid5(UID_NAMESPACE, name).int}"
+
+
+def _software_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cxrnode")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0"
+
+
+@dataclass(frozen=True)
+class CodedObservation:
+    """One CheXpert-style observation found in the report text, SNOMED CT coded."""
+
+    name: str  # e.g. "Pleural Effusion"
+    code: str  # SNOMED CT concept id
+    meaning: str
+    presence: str  # "present", "absent" or "uncertain"
+
+    def __post_init__(self) -> None:
+        if self.presence not in PRESENCE_CODES:
+            raise SRError(f"observation {self.name!r}: presence must be present, absent or uncertain, got {self.presence!r}")
+
+
+def coded_observations(text: str) -> tuple[CodedObservation, ...]:
+    """The observations ``plugin.findings.label`` finds in ``text``, in CheXpert order."""
+    from plugin import findings as labeller
+
+    labels = labeller.label(text)
+    out = []
+    for name in labeller.OBSERVATIONS:
+        if name in labels:
+            code, meaning = labeller.SNOMED[name]
+            out.append(CodedObservation(name, code, meaning, labels[name].value))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class DraftContent:
+    """What the draft says and who (which model) said it."""
+
+    findings: str
+    impression: str
+    indication: str = ""
+    model_name: str = ""
+    model_version: str = ""
+    observations: tuple[CodedObservation, ...] = ()
+    institution_name: str = ""
+    created_at: dt.datetime | None = None  # ContentDate/Time; None = now
+
+
+@dataclass(frozen=True)
+class ReportText:
+    """A report read back from an SR: the text, the coded observations and the flags."""
+
+    sop_instance_uid: str
+    indication: str
+    findings: str
+    impression: str
+    comments: tuple[str, ...]
+    observations: tuple[CodedObservation, ...]
+    completion_flag: str
+    verification_flag: str
+    preliminary_flag: str
+    verifying_observer: str
+    predecessors: tuple[str, ...]
+    source_images: tuple[str, ...]
+    device_model: str
+
+
+def draft_notice(model_name: str, model_version: str) -> str:
+    who = f"{model_name} {model_version}".strip() or "an AI model"
+    return (f"AI-GENERATED DRAFT by {who}: UNVERIFIED, PRELIMINARY. Not reviewed by a radiologist; "
+            "not for clinical use until verified. Research use only.")
+
+
+def _device_context(model_name: str, model_version: str) -> ObserverContext:
+    """TID 1002 with TID 1004: the report-generation software as the observing device."""
+    model = f"{model_name} {model_version}".strip() or "unknown model"
+    return ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=deterministic_uid("device", MANUFACTURER, model_name, model_version),
+            name=f"{MANUFACTURER} report drafting",
+            manufacturer_name=MANUFACTURER,
+            model_name=model[:64],
+        ),
+    )
+
+
+def _person_context(name: str, organisation: str) -> ObserverContext:
+    return ObserverContext(
+        observer_type=codes.cid270.Person,
+        observer_identifying_attributes=PersonObserverIdentifyingAttributes(
+            name=name, organization_name=organisation or None
+        ),
+    )
+
+
+def _text(name: CodedConcept, value: str) -> TextContentItem:
+    return TextContentItem(name=name, value=value, relationship_type=CONTAINS)
+
+
+def _content_tree(
+    *,
+    indication: str,
+    findings: str,
+    impression: str,
+    comments: Sequence[str],
+    observations: Sequence[CodedObservation],
+    images: Sequence[tuple[str, str]],
+    model_name: str,
+    model_version: str,
+    verifier: tuple[str, str] | None,
+) -> ContainerContentItem:
+    root = ContainerContentItem(name=DOCUMENT_TITLE, template_id="2000")
+    items: list[Any] = []
+    items.extend(LanguageOfContentItemAndDescendants(LANGUAGE))
+    person = _person_context(*verifier) if verifier else None
+    items.extend(ObservationContext(observer_person_context=person,
+                                    observer_device_context=_device_context(model_name, model_version)))
+    items.append(CodeContentItem(name=PROCEDURE_REPORTED, value=PLAIN_CHEST_XRAY, relationship_type=HAS_CONCEPT_MOD))
+
+    if indication:
+        section = ContainerContentItem(name=INDICATIONS, relationship_type=CONTAINS)
+        section.ContentSequence = DicomSequence([_text(INDICATIONS, indication)])
+        items.append(section)
+
+    section = ContainerContentItem(name=FINDINGS, relationship_type=CONTAINS)
+    children: list[Any] = [_text(COMMENT, c) for c in comments if c]
+    if findings:
+        children.append(_text(FINDING, findings))
+    for obs in observations:
+        children.append(CodeContentItem(
+            name=CodedConcept(obs.code, "SCT", obs.meaning),
+            value=PRESENCE_CODES[obs.presence],
+            relationship_type=CONTAINS,
+        ))
+    for sop_class, sop_uid in images:
+        children.append(ImageContentItem(
+            name=SOURCE_IMAGE,
+            referenced_sop_class_uid=sop_class,
+            referenced_sop_instance_uid=sop_uid,
+            relationship_type=CONTAINS,
+        ))
+    if children:
+        section.ContentSequence = DicomSequence(children)
+        items.append(section)
+
+    if impression:
+        section = ContainerContentItem(name=IMPRESSIONS, relationship_type=CONTAINS)
+        section.ContentSequence = DicomSequence([_text(IMPRESSION, impression)])
+        items.append(section)
+    root.ContentSequence = DicomSequence(items)
+    return root
+
+
+_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
+                  "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyInstanceUID")
+
+
+def _evidence_stub(src: Any, first: bool) -> Dataset:
+    """The attributes highdicom reads from an evidence dataset (Type 2 ones default to empty)."""
+    ev = Dataset()
+    for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        value = src.get(kw, None)
+        if not value:
+            raise SRError(f"source image lacks {kw}")
+        setattr(ev, kw, value)
+    if first:
+        for kw in _PATIENT_STUDY:
+            setattr(ev, kw, src.get(kw, "") or "")
+        for kw in ("PatientAge", "PatientSize", "PatientWeight", "IssuerOfPatientID", "OtherPatientIDs",
+                   "StudyDescription", "PatientComments", "EthnicGroup"):
+            if kw in src and src.get(kw) not in (None, ""):
+                setattr(ev, kw, src.get(kw))
+    return ev
+
+
+def _check_text(what: str, text: str) -> str:
+    text = (text or "").replace("\r\n", "\n").strip()
+    if len(text) > 65535:  # UT: 2^32-2, but a report beyond this is a bug upstream
+        raise SRError(f"{what}: {len(text)} characters is too long for a report")
+    return text
+
+
+def build_draft_sr(sources: Sequence[Any], content: DraftContent) -> Dataset:
+    """The draft SR (UNVERIFIED, PARTIAL, PRELIMINARY) for the images the model read.
+
+    ``sources``: the source image datasets (headers suffice), all of one study. The SOP
+    Instance UID is uuid5(study, model name, model version, sorted source SOP Instance UIDs):
+    re-running the same job yields the same UID.
+    """
+    if not sources:
+        raise SRError("a draft needs at least one source image")
+    studies = {str(s.StudyInstanceUID) for s in sources}
+    if len(studies) != 1:
+        raise SRError(f"source images belong to {len(studies)} studies; a report covers one study")
+    findings = _check_text("findings", content.findings)
+    impression = _check_text("impression", content.impression)
+    indication = _check_text("indication", content.indication)
+    if not findings and not impression:
+        raise SRError("the generated report is empty (no findings, no impression)")
+    study_uid = studies.pop()
+    source_uids = sorted(str(s.SOPInstanceUID) for s in sources)
+    sop_uid = deterministic_uid("draft", study_uid, content.model_name, content.model_version, *source_uids)
+    series_uid = deterministic_uid("draft-series", study_uid)
+    evidence = [_evidence_stub(s, i == 0) for i, s in enumerate(sources)]
+    images = [(str(s.SOPClassUID), str(s.SOPInstanceUID)) for s in sources]
+    tree = _content_tree(
+        indication=indication, findings=findings, impression=impression,
+        comments=[draft_notice(content.model_name, content.model_version)],
+        observations=content.observations, images=images,
+        model_name=content.model_name, model_version=content.model_version, verifier=None,
+    )
+    created = content.created_at or dt.datetime.now(dt.UTC).astimezone()
+    sr = hd.sr.ComprehensiveSR(
+        evidence=evidence,
+        content=tree,
+        series_instance_uid=series_uid,
+        series_number=DRAFT_SERIES_NUMBER,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=False,
+        is_final=False,
+        is_verified=False,
+        institution_name=content.institution_name or None,
+        series_description=DRAFT_SERIES_DESCRIPTION,
+        manufacturer_model_name=(content.model_name or "report model")[:64],
+        software_versions=_versions(content.model_name, content.model_version),
+        content_date=created.date(),
+        content_time=created.time().replace(tzinfo=None),
+        specific_character_set="ISO_IR 192",
+    )
+    return _finish(sr)
+
+
+def _versions(model_name: str, model_version: str) -> Any:
+    return [f"cxrnode {_software_version()}"[:64], f"{model_name} {model_version}".strip()[:64] or "unknown"]
+
+
+def _finish(sr: Any) -> Dataset:
+    """A plain pydicom Dataset with file meta, ready for Store.write_dataset / C-STORE."""
+    ds = Dataset()
+    ds.update(sr)
+    ds.file_meta = sr.file_meta
+    ds.preamble = b"\x00" * 128
+    return ds
+
+
+def _references(draft: Any) -> list[Dataset]:
+    """Evidence stubs for the images the draft references (its CRPE sequence)."""
+    refs: list[Dataset] = []
+    for study_item in draft.get("CurrentRequestedProcedureEvidenceSequence", None) or ():
+        for series_item in study_item.ReferencedSeriesSequence:
+            for inst in series_item.ReferencedSOPSequence:
+                ev = Dataset()
+                ev.SOPClassUID = inst.ReferencedSOPClassUID
+                ev.SOPInstanceUID = inst.ReferencedSOPInstanceUID
+                ev.StudyInstanceUID = study_item.StudyInstanceUID
+                ev.SeriesInstanceUID = series_item.SeriesInstanceUID
+                refs.append(ev)
+    return refs
+
+
+def build_signed_sr(
+    draft: Dataset,
+    findings: str,
+    impression: str,
+    verifier_name: str,
+    verifier_org: str,
+    signed_at: dt.datetime,
+) -> Dataset:
+    """The verified SR (VERIFIED, COMPLETE, FINAL) that replaces ``draft`` with the edited text.
+
+    Verifying Observer Sequence (PS3.3 C.17.2): ``verifier_name`` (PN), ``verifier_org``,
+    VerificationDateTime = ``signed_at``; Predecessor Documents Sequence -> the draft. The
+    coded observations are re-derived from the edited text. The SOP Instance UID is uuid5 of
+    the draft's UID, the text, the verifier and the time.
+    """
+    if str(draft.get("SOPClassUID", "")) != COMPREHENSIVE_SR or "ContentSequence" not in draft:
+        raise SRError("the draft is not a Comprehensive SR document")
+    if not verifier_name or not verifier_name.strip():
+        raise SRError("the verifying observer's name is required")
+    if not verifier_org or not verifier_org.strip():
+        raise SRError("the verifying organisation is required")
+    findings = _check_text("findings", findings)
+    impression = _check_text("impression", impression)
+    if not findings and not impression:
+        raise SRError("the report is empty (no findings, no impression)")
+    if signed_at.tzinfo is None:
+        signed_at = signed_at.astimezone()
+    before = read_report(draft)
+    refs = _references(draft)
+    if not refs:
+        raise SRError("the draft references no source images")
+    # evidence[0] carries patient and study: take them from the draft itself
+    first = _evidence_stub(draft, True)
+    for kw in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID"):
+        setattr(first, kw, getattr(refs[0], kw))
+    evidence = [first, *refs[1:]]
+    model_name, _, model_version = before.device_model.rpartition(" ")
+    draft_uid = str(draft.SOPInstanceUID)
+    sop_uid = deterministic_uid("signed", draft_uid, findings, impression, verifier_name, verifier_org,
+                                signed_at.isoformat())
+    series_uid = deterministic_uid("signed-series", str(draft.StudyInstanceUID))
+    comment = (f"Drafted by {before.device_model or 'an AI model'} (draft SR {draft_uid}); "
+               f"reviewed and verified by {str(verifier_name).replace('^', ' ').strip()}.")
+    tree = _content_tree(
+        indication=before.indication, findings=findings, impression=impression,
+        comments=[comment], observations=coded_observations(f"{findings}\n{impression}"),
+        images=[(str(r.SOPClassUID), str(r.SOPInstanceUID)) for r in refs],
+        model_name=model_name, model_version=model_version,
+        verifier=(verifier_name, verifier_org),
+    )
+    sr = hd.sr.ComprehensiveSR(
+        evidence=evidence,
+        content=tree,
+        series_instance_uid=series_uid,
+        series_number=SIGNED_SERIES_NUMBER,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=True,
+        is_verified=True,
+        verifying_observer_name=verifier_name,
+        verifying_organization=verifier_org,
+        institution_name=str(draft.get("InstitutionName", "") or "") or None,
+        previous_versions=[draft],
+        series_description=SIGNED_SERIES_DESCRIPTION,
+        manufacturer_model_name=str(draft.get("ManufacturerModelName", "") or "report model"),
+        software_versions=_versions(model_name, model_version),
+        content_date=signed_at.date(),
+        content_time=signed_at.time().replace(tzinfo=None),
+        specific_character_set="ISO_IR 192",
+    )
+    sr.VerifyingObserverSequence[0].VerificationDateTime = DT(signed_at)
+    return _finish(sr)
+
+
+# -- reading back ---------------------------------------------------------------------------
+
+
+def _code_of(item: Any) -> tuple[str, str]:
+    name = item.ConceptNameCodeSequence[0]
+    return str(name.CodeValue), str(name.CodingSchemeDesignator)
+
+
+def _walk(items: Iterable[Any]) -> Iterable[Any]:
+    for item in items:
+        yield item
+        yield from _walk(item.get("ContentSequence", None) or ())
+
+
+def read_report(ds: Dataset) -> ReportText:
+    """Parse an SR this module wrote (or any TID 2000-like SR) with highdicom."""
+    sr = hd.sr.ComprehensiveSR.from_dataset(ds)
+    indication, findings, impression = [], [], []
+    comments: list[str] = []
+    observations: list[CodedObservation] = []
+    images: list[str] = []
+    device_model = ""
+    presence_by_code = {(c.value, c.scheme_designator): k for k, c in PRESENCE_CODES.items()}
+    root = sr.ContentSequence
+    for section in root:
+        code = _code_of(section)
+        if code == ("121015", "DCM"):
+            device_model = str(section.TextValue)
+        if section.ValueType != "CONTAINER":
+            continue
+        for item in _walk(section.get("ContentSequence", None) or ()):
+            icode = _code_of(item)
+            if item.ValueType == "TEXT":
+                if icode == ("121106", "DCM"):
+                    comments.append(str(item.TextValue))
+                elif code == ("121109", "DCM"):
+                    indication.append(str(item.TextValue))
+                elif code == ("121070", "DCM"):
+                    findings.append(str(item.TextValue))
+                elif code == ("121072", "DCM"):
+                    impression.append(str(item.TextValue))
+            elif item.ValueType == "CODE" and icode[1] == "SCT":
+                value = item.ConceptCodeSequence[0]
+                presence = presence_by_code.get((str(value.CodeValue), str(value.CodingSchemeDesignator)))
+                if presence:
+                    name = item.ConceptNameCodeSequence[0]
+                    observations.append(CodedObservation(str(name.CodeMeaning), icode[0],
+                                                         str(name.CodeMeaning), presence))
+            elif item.ValueType == "IMAGE":
+                images.append(str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
+    verifier = ""
+    if "VerifyingObserverSequence" in ds and ds.VerifyingObserverSequence:
+        verifier = str(ds.VerifyingObserverSequence[0].VerifyingObserverName)
+    predecessors = tuple(
+        str(inst.ReferencedSOPInstanceUID)
+        for study in ds.get("PredecessorDocumentsSequence", None) or ()
+        for series in study.ReferencedSeriesSequence
+        for inst in series.ReferencedSOPSequence
+    )
+    return ReportText(
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        indication="\n".join(indication),
+        findings="\n".join(findings),
+        impression="\n".join(impression),
+        comments=tuple(comments),
+        observations=tuple(observations),
+        completion_flag=str(ds.get("CompletionFlag", "")),
+        verification_flag=str(ds.get("VerificationFlag", "")),
+        preliminary_flag=str(ds.get("PreliminaryFlag", "")),
+        verifying_observer=verifier,
+        predecessors=predecessors,
+        source_images=tuple(images),
+        device_model=device_model,
+    )
+
+
+def report_text(report: ReportText) -> str:
+    """The report as plain text (for the demo, logs and renderings)."""
+    parts = []
+    if report.indication:
+        parts.append(f"INDICATION: {report.indication}")
+    parts.append(f"FINDINGS: {report.findings or '(none)'}")
+    parts.append(f"IMPRESSION: {report.impression or '(none)'}")
+    return "\n".join(parts)
