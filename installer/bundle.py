@@ -62,6 +62,13 @@ class BundleError(RuntimeError):
     """The bundle cannot be built or is not a valid, intact cxrnode bundle."""
 
 
+def template_text(name: str) -> str:
+    """A file of installer/templates, also when running from the wheel (zipimport)."""
+    from importlib.resources import files
+
+    return (files("installer") / "templates" / name).read_text(encoding="utf-8")
+
+
 def say(message: str) -> None:
     print(message, flush=True)
 

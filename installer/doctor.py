@@ -284,29 +284,54 @@ def check_inference(ctx: Context) -> list[Check]:
                   f"{', '.join(providers) or '?'} (model load {load_s:.1f} s): \"{text[:60]}\"", data=data)]
 
 
-def _echo_function() -> Callable[..., Any]:
-    scu = importlib.import_module("dicom_node.scu")
-    for name in ("echo", "c_echo", "send_echo", "verify"):
-        fn = getattr(scu, name, None)
-        if callable(fn):
-            return fn  # type: ignore[no-any-return]
-    raise ImportError("dicom_node.scu has no echo function")
-
-
 def _echo(ctx: Context, ae_title: str, host: str, port: int, tls: bool) -> tuple[bool, str]:
-    """C-ECHO through dicom_node.scu: (success, message)."""
-    echo = _echo_function()
+    """C-ECHO (PS3.7 9.1.5) with the node's AE title, timeouts and TLS settings: (success, message).
+
+    Uses ``dicom_node.scu.echo(config, destination)`` when dicom_node provides it; until then a
+    Verification SCU built the same way as ``dicom_node.scu.send_file`` (its TLS context included).
+    """
+    from dicom_node import scu
+    from dicom_node.config import Destination
+
+    dest = Destination(name=f"{ae_title}@{host}:{port}", ae_title=ae_title, host=host, port=port, tls=tls)
+    echo = getattr(scu, "echo", None)
+    if callable(echo):
+        try:
+            result = echo(ctx.config, dest)
+        except TypeError:
+            result = None  # another signature: use our own below
+        except Exception as exc:
+            return False, f"{type(exc).__name__}: {exc}"
+        if result is not None:
+            code = int(getattr(result, "Status", result)) if not isinstance(result, bool) else (0 if result else -1)
+            return code == 0, "C-ECHO succeeded" if code == 0 else f"C-ECHO status {code:#06x}"
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    node = ctx.config.node
+    ae = AE(ae_title=node.ae_title)
+    ae.acse_timeout = min(node.acse_timeout_s, ctx.echo_timeout_s)
+    ae.dimse_timeout = min(node.dimse_timeout_s, ctx.echo_timeout_s)
+    ae.network_timeout = min(node.network_timeout_s, ctx.echo_timeout_s)
+    ae.connection_timeout = ctx.echo_timeout_s
+    ae.add_requested_context(Verification)
     try:
-        result = echo(ctx.config, ae_title=ae_title, host=host, port=port, tls=tls, timeout_s=ctx.echo_timeout_s)
-    except Exception as exc:
-        return False, f"{type(exc).__name__}: {exc}"
-    if isinstance(result, tuple):
-        return bool(result[0]), str(result[1])
-    if isinstance(result, bool):
-        return result, "C-ECHO succeeded" if result else "C-ECHO failed"
-    status = getattr(result, "status", result)
-    ok = getattr(result, "ok", status in (0, 0x0000))
-    return bool(ok), str(getattr(result, "message", f"status 0x{int(status):04X}" if isinstance(status, int) else status))
+        tls_args = (scu.client_ssl_context(ctx.config), host) if tls else None
+        assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
+    except (OSError, ssl.SSLError) as exc:
+        return False, f"cannot connect: {exc}"
+    if not assoc.is_established:
+        what = "rejected the association" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no association"
+        return False, f"{what} (connection refused, not DICOM, or our AE title {node.ae_title} unknown to the peer)"
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if not status or "Status" not in status:
+        return False, "no C-ECHO response (timeout or abort)"
+    code = int(status.Status)
+    return code == 0, "C-ECHO succeeded" if code == 0 else f"C-ECHO status 0x{code:04X}"
 
 
 def _probe_host(host: str) -> str:

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.config import AE_TITLE_RE, ConfigError, load_config
-from installer.bundle import TEMPLATES, BundleError, open_bundle, say
+from installer.bundle import BundleError, open_bundle, say, template_text
 
 SYSTEM_ROOT = Path("/opt/cxrnode")
 DEFAULT_USER = "cxrnode"
@@ -406,7 +406,7 @@ def switch_link(link: Path, target: Path) -> None:
 
 
 def render_template(name: str, **values: str) -> str:
-    return string.Template((TEMPLATES / name).read_text(encoding="utf-8")).substitute(values)
+    return string.Template(template_text(name)).substitute(values)
 
 
 def render_unit(bin_path: Path, config: Path, storage: Path, user: str, port: int) -> str:
@@ -419,7 +419,11 @@ def systemctl(*args: str) -> None:
     subprocess.run(["systemctl", *args], check=True)
 
 
-def read_manifest(layout: Layout) -> dict[str, Any]:
+def read_manifest(layout: Layout, allow_removed: bool = False) -> dict[str, Any]:
+    """install.json; with ``allow_removed`` also the copy a plain uninstall leaves beside the config."""
+    kept = layout.config_dir / "install.json"
+    if allow_removed and not layout.manifest.is_file() and kept.is_file():
+        return {**json.loads(kept.read_text(encoding="utf-8")), "removed": True}
     if not layout.manifest.is_file():
         where = f"--prefix {layout.prefix}" if layout.prefix else f"{SYSTEM_ROOT}"
         raise InstallError(f"cxrnode is not installed at {where} (no {layout.manifest}); install it first")
@@ -435,7 +439,10 @@ def write_manifest(layout: Layout, manifest: dict[str, Any]) -> None:
 def detect_layout(prefix: str | None) -> Layout:
     """The layout for ``--prefix``, or the one this program runs from, or the system one."""
     if prefix:
-        return Layout(Path(prefix).resolve())
+        p = Path(prefix).resolve()
+        if not p.is_dir():
+            raise InstallError(f"--prefix {p}: no such folder")
+        return Layout(p)
     here = Path(sys.prefix).resolve()  # .../versions/<v>/venv
     root = here.parent.parent.parent
     if (root / "install.json").is_file():
@@ -475,7 +482,7 @@ def install(args: argparse.Namespace) -> int:
     else:
         if args.prompt or (sys.stdin.isatty() and not args.yes):
             prompt_answers(values)
-        example = (TEMPLATES / "cxrnode.example.toml").read_text(encoding="utf-8")
+        example = template_text("cxrnode.example.toml")
         config_text = render_config(example, values, tables)
         config_obj = validate_config_text(config_text)
     storage = Path(config_obj.node.storage_dir)
@@ -588,6 +595,7 @@ def upgrade(args: argparse.Namespace) -> int:
             say(f"  backup {backup}")
         rev = migrate_with(py, config)
         say(f"  at revision {rev['revision']} (head {rev['head']})")
+        _chown_database(manifest)
         say("[3/4] switching over")
         switch_link(layout.previous, layout.versions / old)
         switch_link(layout.current, vdir)
@@ -601,6 +609,13 @@ def upgrade(args: argparse.Namespace) -> int:
         _restart(manifest)
     say(f"upgraded to cxrnode {info['version']}; undo with `{layout.bin} upgrade --rollback`")
     return 0
+
+
+def _chown_database(manifest: dict[str, Any]) -> None:
+    """Files a root-run migration created in storage belong to the service user."""
+    if is_root() and manifest.get("created_user"):
+        for p in Path(manifest["storage_dir"]).glob("cxrnode.db*"):
+            shutil.chown(p, user=manifest["user"], group=manifest["user"])
 
 
 def _restart(manifest: dict[str, Any]) -> None:
@@ -620,6 +635,7 @@ def rollback(layout: Layout, manifest: dict[str, Any]) -> int:
     if want != have:
         say(f"downgrading the database {have} -> {want} with {cur}'s migrations")
         run_in(layout.versions / cur / "venv" / "bin" / "python", DOWNGRADE, manifest["config"], want)
+        _chown_database(manifest)
     switch_link(layout.current, layout.versions / prev)
     switch_link(layout.previous, layout.versions / cur)
     manifest["current"], manifest["previous"] = prev, cur
@@ -631,19 +647,20 @@ def rollback(layout: Layout, manifest: dict[str, Any]) -> int:
 
 def uninstall(args: argparse.Namespace) -> int:
     layout = detect_layout(args.prefix)
-    manifest = read_manifest(layout)
-    if manifest.get("systemd") and systemd_running():
-        subprocess.run(["systemctl", "disable", "--now", "cxrnode.service"], check=False)
-    for key in ("unit", "desktop", "bin"):
-        p = Path(manifest[key])
-        if p.is_symlink() or p.exists():
-            p.unlink()
-            say(f"removed {p}")
-    if manifest.get("systemd") and systemd_running():
-        subprocess.run(["systemctl", "daemon-reload"], check=False)
-    shutil.rmtree(layout.root)
-    say(f"removed {layout.root}")
+    manifest = read_manifest(layout, allow_removed=args.purge)
     config, storage = Path(manifest["config"]), Path(manifest["storage_dir"])
+    if not manifest.get("removed"):
+        if manifest.get("systemd") and systemd_running():
+            subprocess.run(["systemctl", "disable", "--now", "cxrnode.service"], check=False)
+        for key in ("unit", "desktop", "bin"):
+            p = Path(manifest[key])
+            if p.is_symlink() or p.exists():
+                p.unlink()
+                say(f"removed {p}")
+        if manifest.get("systemd") and systemd_running():
+            subprocess.run(["systemctl", "daemon-reload"], check=False)
+        shutil.rmtree(layout.root)
+        say(f"removed {layout.root}")
     if args.purge:
         for p in (storage, config.parent):
             if p.exists():
@@ -655,7 +672,10 @@ def uninstall(args: argparse.Namespace) -> int:
             subprocess.run([shutil.which("userdel") or "/usr/sbin/userdel", manifest["user"]], check=False)
             say(f"removed system user {manifest['user']!r}")
     else:
-        say(f"kept the configuration {config} and the data in {storage} (remove them with --purge)")
+        if config.parent.is_dir():  # remember what to purge later (`cxrnode uninstall --purge`)
+            (config.parent / "install.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        say(f"kept the configuration {config} and the data in {storage}; "
+            f"remove them with `cxrnode uninstall --purge{' --prefix ' + str(layout.prefix) if layout.prefix else ''}`")
     return 0
 
 
