@@ -1,0 +1,294 @@
+"""The ``draft`` job handler: from a complete study in the node's store to a draft SR.
+
+``handle_job(ctx)`` (entry point ``cxrnode.job_handlers: draft``, see dicom_node.jobs):
+
+1. load the study's instances from the index and read their headers from the store;
+2. select the chest radiographs (:mod:`plugin.views`), each skip explained in the job log;
+3. prepare their pixels (:mod:`plugin.pixels`) and extract the indication
+   (:mod:`plugin.indication`);
+4. let the bundle's view classifier check the tagged views (it decides when they are missing
+   or disagree, and the job log says so);
+5. generate the report with ``onnx_models.runtime.ReportGenerator`` (loaded once per process
+   and cached per bundle/providers/threads/beam);
+6. build the draft SR (:mod:`plugin.sr`), store it durably through the node's Store, then in
+   one transaction: index it (``generated=True``), supersede the study's older unsigned
+   drafts, add the Draft row (state ``new``), audit, and enqueue it to the destinations that
+   want drafts (``outbound.enqueue(kind="draft")``);
+7. optionally (``[pipeline] render_report``) also store and enqueue a rendering of the text.
+
+A study with nothing to read ends ``skipped`` with the reason; any other error raises, which
+the job queue counts as a failed attempt (retried with backoff). Nothing is deleted: on error
+the SR file written in step 6 is removed only if this job created it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pydicom
+from sqlalchemy import select, update
+
+from dicom_node import index, outbound
+from dicom_node.config import Config
+from dicom_node.db import Draft, DraftState, Instance, Study
+from dicom_node.jobs import JobContext, JobResult
+from plugin import indication as indication_mod
+from plugin import sr as sr_mod
+from plugin.pixels import PixelError, PixelOptions, prepare
+from plugin.views import InstanceHeader, ResolvedView, resolve_view, select_images, view_from_tags
+
+log = logging.getLogger(__name__)
+
+ACTOR = "cxrnode-pipeline"
+VIEW_ORDER = {"PA": 0, "AP": 1, "LATERAL": 2, "LL": 3, "UNKNOWN": 4}
+
+_GENERATORS: dict[tuple[Any, ...], Any] = {}
+_GEN_LOCK = threading.Lock()
+
+
+def generator_for(config: Config) -> Any:
+    """The process-wide ReportGenerator for the configured bundle (loaded on first use)."""
+    m = config.model
+    key = (m.bundle, tuple(m.providers), m.threads, m.beam_size)
+    with _GEN_LOCK:
+        gen = _GENERATORS.get(key)
+        if gen is None:
+            from onnx_models.runtime import ReportGenerator
+
+            t0 = time.perf_counter()
+            gen = ReportGenerator(m.bundle, providers=m.providers, threads=m.threads, beam_size=m.beam_size)
+            log.info("loaded model %s %s in %.0f ms (providers %s)", gen.name, gen.version,
+                     (time.perf_counter() - t0) * 1000, gen.providers)
+            _GENERATORS[key] = gen
+        return gen
+
+
+@dataclass(frozen=True)
+class LoadedInstance:
+    header: InstanceHeader
+    relpath: str
+    dataset: Any  # pydicom Dataset read without pixels
+
+
+@dataclass(frozen=True)
+class DraftOutcome:
+    """What one run produced (for tests, the demo and the benchmark)."""
+
+    draft_id: int
+    sop_instance_uid: str
+    relpath: str
+    findings: str
+    impression: str
+    indication: str
+    views: tuple[ResolvedView, ...]
+    generation_ms: float
+    model_name: str
+    model_version: str
+
+
+def _load_instances(ctx: JobContext) -> tuple[int, list[LoadedInstance], list[str]]:
+    problems: list[str] = []
+    with ctx.sessions() as s:
+        study = s.scalars(select(Study).where(Study.study_instance_uid == ctx.study_instance_uid)).one_or_none()
+        if study is None:
+            return 0, [], [f"study {ctx.study_instance_uid} is not in the index"]
+        rows = s.execute(
+            select(Instance.sop_instance_uid, Instance.path, Instance.generated).where(Instance.study_id == study.id)
+        ).all()
+        study_id = study.id
+    loaded: list[LoadedInstance] = []
+    for sop_uid, relpath, generated in rows:
+        if generated:
+            loaded.append(LoadedInstance(InstanceHeader(sop_uid, "", generated=True), relpath, None))
+            continue
+        try:
+            ds = pydicom.dcmread(ctx.store.abspath(relpath), stop_before_pixels=True)
+        except Exception as exc:  # unreadable file: explain and go on with the others
+            problems.append(f"skipped {sop_uid}: cannot read {relpath}: {type(exc).__name__}: {exc}")
+            continue
+        header = dataclasses.replace(
+            InstanceHeader.from_dataset(ds),
+            # read without pixels: an image module (Rows, Columns) stands for the Pixel Data
+            has_pixel_data="Rows" in ds and "Columns" in ds,
+        )
+        loaded.append(LoadedInstance(header, relpath, ds))
+    return study_id, loaded, problems
+
+
+def handle_job(ctx: JobContext) -> JobResult:
+    """The ``draft`` entry point (see the module docstring)."""
+    outcome = run(ctx)
+    if isinstance(outcome, JobResult):
+        return outcome
+    return JobResult("done", model_name=outcome.model_name, model_version=outcome.model_version)
+
+
+def run(ctx: JobContext, generator: Callable[[Config], Any] = generator_for) -> DraftOutcome | JobResult:
+    """Do the work of :func:`handle_job`; returns the outcome or a ``skipped`` JobResult."""
+    t_start = time.perf_counter()
+    cfg = ctx.config
+    study_id, loaded, problems = _load_instances(ctx)
+    for line in problems:
+        ctx.log(line)
+    if not study_id:
+        return JobResult("skipped", problems[0])
+    own = sum(1 for li in loaded if li.header.generated)
+    selection = select_images(li.header for li in loaded if not li.header.generated)
+    if own:
+        ctx.log(f"ignored {own} SR(s) written by this node")
+    for line in selection.log_lines():
+        ctx.log(line)
+    if not selection.images:
+        reasons = "; ".join(sorted({s.reason for s in selection.skipped})) or "the study has no instances"
+        return JobResult("skipped", f"no chest radiograph to read ({reasons})")
+
+    by_uid = {li.header.sop_instance_uid: li for li in loaded}
+    gen = generator(cfg)
+    options = PixelOptions(voi_window_index=cfg.pipeline.voi_window_index, size=int(gen.image_size))
+    images: list[tuple[LoadedInstance, Any, np.ndarray]] = []
+    for h in selection.images:
+        li = by_uid[h.sop_instance_uid]
+        try:
+            full = pydicom.dcmread(ctx.store.abspath(li.relpath))
+            prepared = prepare(full, options)
+        except PixelError as exc:
+            ctx.log(f"skipped {h.sop_instance_uid}: {exc}")
+            continue
+        ctx.log(f"pixels {h.sop_instance_uid}: " + "; ".join(prepared.steps))
+        images.append((li, full, prepared.array))
+    if not images:
+        return JobResult("skipped", "no chest radiograph could be decoded (see the job log)")
+
+    ind = indication_mod.extract(
+        [li.dataset for li in loaded if li.dataset is not None],
+        cfg.pipeline.indication_sources,
+        cfg.pipeline.indication_max_chars,
+    )
+    ctx.log(f"indication from {ind.source}: {len(ind.text)} characters" + (" (truncated)" if ind.truncated else "")
+            if ind else "no indication in the study")
+
+    t_cls = time.perf_counter()
+    labels = gen.classify_views([arr for _, _, arr in images])
+    resolved: list[ResolvedView] = []
+    for (li, _, _), label in zip(images, labels, strict=True):
+        rv = resolve_view(li.header.sop_instance_uid, view_from_tags(li.header), label)
+        ctx.log(f"view {rv.sop_instance_uid}: {rv.note}")
+        resolved.append(rv)
+    order = sorted(range(len(images)), key=lambda i: (VIEW_ORDER.get(resolved[i].view, 9), i))
+    images = [images[i] for i in order]
+    resolved = [resolved[i] for i in order]
+
+    from onnx_models.runtime import StudyInput
+
+    max_tokens = cfg.model.max_report_tokens or None
+    t_gen = time.perf_counter()
+    [report] = gen.generate(
+        [StudyInput(views=[(arr, rv.view) for (_, _, arr), rv in zip(images, resolved, strict=True)],
+                    indication=ind.text)],
+        max_tokens=max_tokens,
+    )
+    gen_ms = (time.perf_counter() - t_gen) * 1000
+    ctx.log(f"model {gen.name} {gen.version}: views classified in {(t_gen - t_cls) * 1000:.0f} ms, "
+            f"report generated in {gen_ms:.0f} ms ({len(report.tokens)} tokens, providers {list(gen.providers)})")
+    findings = report.findings.strip()
+    impression = report.impression.strip()
+    if not findings and not impression:
+        raise RuntimeError(f"model {gen.name} {gen.version} generated an empty report")
+
+    observations = sr_mod.coded_observations(f"{findings}\n{impression}")
+    sources = [full for _, full, _ in images]
+    draft_ds = sr_mod.build_draft_sr(sources, sr_mod.DraftContent(
+        findings=findings, impression=impression, indication=ind.text,
+        model_name=gen.name, model_version=gen.version, observations=observations,
+        institution_name=str(sources[0].get("InstitutionName", "") or ""),
+    ))
+    outcome = _commit(ctx, study_id, draft_ds, ind.text, findings, impression, report, resolved, gen, gen_ms)
+    if isinstance(outcome, JobResult):
+        return outcome
+    if cfg.pipeline.render_report != "none":
+        _render(ctx, draft_ds, cfg.pipeline.render_report)
+    ctx.log(f"draft SR {outcome.sop_instance_uid} stored in {(time.perf_counter() - t_start) * 1000:.0f} ms")
+    return outcome
+
+
+def _commit(ctx: JobContext, study_id: int, draft_ds: Any, indication: str, findings: str, impression: str,
+            report: Any, resolved: list[ResolvedView], gen: Any, gen_ms: float) -> DraftOutcome | JobResult:
+    uid = str(draft_ds.SOPInstanceUID)
+    relpath = ctx.store.instance_relpath(str(draft_ds.StudyInstanceUID), str(draft_ds.SeriesInstanceUID), uid)
+    with ctx.sessions() as s:
+        existing = s.scalars(select(Draft).where(Draft.sop_instance_uid == uid)).one_or_none()
+        if existing is not None and existing.state in (DraftState.SIGNED, DraftState.REJECTED, DraftState.IN_REVIEW):
+            return JobResult("skipped", f"the draft {uid} for these images and this model already exists "
+                                        f"({existing.state}); nothing new to report",
+                             model_name=gen.name, model_version=gen.version)
+    existed = ctx.store.abspath(relpath).exists()
+    size, sha256 = ctx.store.write_dataset(draft_ds, relpath)
+    token_info = json.dumps({
+        "tokens": [[w, round(float(p), 4)] for w, p in report.tokens],
+        "observations": {k: round(float(v), 4) for k, v in report.observations.items()},
+        "duration_ms": round(gen_ms, 1),
+    })
+    views_json = json.dumps([rv.as_json() for rv in resolved])
+    try:
+        with ctx.sessions() as s, s.begin():
+            index.register_instance(s, draft_ds, relpath, size, sha256, ctx.config.node.ae_title, generated=True)
+            superseded = s.execute(
+                update(Draft)
+                .where(Draft.study_id == study_id, Draft.sop_instance_uid != uid,
+                       Draft.state == DraftState.NEW)
+                .values(state=DraftState.SUPERSEDED)
+                .execution_options(synchronize_session=False)
+            )
+            n_superseded = int(getattr(superseded, "rowcount", 0) or 0)
+            d = s.scalars(select(Draft).where(Draft.sop_instance_uid == uid)).one_or_none()
+            if d is None:
+                d = Draft(study_id=study_id, sop_instance_uid=uid)
+                s.add(d)
+            d.job_id = ctx.job_id
+            d.state = DraftState.NEW
+            d.path = relpath
+            d.indication = indication
+            d.findings = findings
+            d.impression = impression
+            d.token_info = token_info
+            d.views = views_json
+            d.model_name = gen.name[:64]
+            d.model_version = gen.version[:32]
+            s.flush()
+            draft_id = d.id
+            index.audit(s, ACTOR, "drafted", ctx.study_instance_uid, uid,
+                        json.dumps({"job": ctx.job_id, "model": f"{gen.name} {gen.version}",
+                                    "views": len(resolved), "superseded": n_superseded}))
+            transfers = outbound.enqueue(s, ctx.config, uid, relpath, kind="draft")
+    except BaseException:
+        if not existed:
+            ctx.store.remove(relpath)
+        raise
+    if n_superseded:
+        ctx.log(f"superseded {n_superseded} older unsigned draft(s)")
+    if transfers:
+        ctx.log(f"queued the draft to {len(transfers)} destination(s)")
+    return DraftOutcome(draft_id, uid, relpath, findings, impression, indication, tuple(resolved), gen_ms,
+                        gen.name, gen.version)
+
+
+def _render(ctx: JobContext, draft_ds: Any, kind: str) -> None:
+    """Store and enqueue a rendering of the draft for viewers without SR support."""
+    from plugin import render
+
+    rendered = render.render(draft_ds, kind)
+    relpath = ctx.store.instance_relpath(str(rendered.StudyInstanceUID), str(rendered.SeriesInstanceUID),
+                                         str(rendered.SOPInstanceUID))
+    size, sha256 = ctx.store.write_dataset(rendered, relpath)
+    with ctx.sessions() as s, s.begin():
+        index.register_instance(s, rendered, relpath, size, sha256, ctx.config.node.ae_title, generated=True)
+        outbound.enqueue(s, ctx.config, str(rendered.SOPInstanceUID), relpath, kind="draft")
+    ctx.log(f"rendered the draft as {kind.upper()} {rendered.SOPInstanceUID}")
