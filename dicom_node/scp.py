@@ -52,7 +52,7 @@ from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.tag import Tag
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
@@ -156,22 +156,28 @@ def inspect_received(path: str | os.PathLike[str], request_sop_class: str, reque
             ds = dcmread(path, defer_size=64 * 1024)
         except Exception as exc:
             raise Rejected(CANNOT_UNDERSTAND, f"unreadable data set: {type(exc).__name__}: {exc}") from None
-        # walk the raw top level before anything converts it
-        last_end = 0
-        for tag in sorted(ds._dict):  # noqa: SLF001 - raw elements carry their file offsets
+        # walk the raw top level before anything converts it; offsets of a deflated data set
+        # refer to the inflated stream, so only the short-read checks apply there
+        deflated = str(ds.file_meta.get("TransferSyntaxUID", "")) == DeflatedExplicitVRLittleEndian
+        size = _UNDEFINED if deflated else size
+        last_end = -1 if deflated else 0
+        tags = sorted(ds._dict)  # noqa: SLF001 - raw elements carry their file offsets
+        for tag in tags:
             raw = ds._dict[tag]
             tell = getattr(raw, "value_tell", None)
             length = getattr(raw, "length", None)
             if tell is None or length is None or length == _UNDEFINED:
-                last_end = -1 if tag == max(ds._dict) and length == _UNDEFINED else last_end
+                if tag == tags[-1]:
+                    last_end = -1  # ends with a sequence or encapsulated data: delimiters checked by pydicom
                 continue
             value = getattr(raw, "value", None)
             if value is not None and len(value) < length:
                 raise Rejected(CANNOT_UNDERSTAND, f"truncated data set: element {Tag(tag)} is short")
             end = tell + length
-            if end > size:
+            if end > size and not deflated:
                 raise Rejected(CANNOT_UNDERSTAND, f"truncated data set: element {Tag(tag)} ends past the end of the file")
-            last_end = max(last_end, end)
+            if not deflated:
+                last_end = max(last_end, end)
         if last_end >= 0 and last_end != size and len(ds._dict) > 0:
             raise Rejected(CANNOT_UNDERSTAND, f"truncated data set: {size - last_end} stray bytes after the last element")
     for w in caught:
@@ -365,8 +371,9 @@ class StorageSCP:
         with self._lock:
             self.stats.rejected_associations += 1
         a = event.assoc
+        called = getattr(getattr(a.requestor, "primitive", None), "called_ae_title", "?")
         log.warning("association rejected: calling AE %r, called AE %r, peer %s",
-                    a.requestor.ae_title, a.acceptor.ae_title, a.requestor.address)
+                    a.requestor.ae_title, called, a.requestor.address)
 
     def _handle_closed(self, event: evt.Event) -> None:
         log.debug("association with %s closed", event.assoc.requestor.ae_title)

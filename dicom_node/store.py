@@ -26,7 +26,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from pydicom import Dataset
 from pydicom.filewriter import dcmwrite
@@ -78,7 +78,7 @@ class SpoolFile:
         self.name = name
         self.path = Path(name)
         os.fchmod(fd, FILE_MODE)
-        self.file: IO[bytes] = os.fdopen(fd, "wb", buffering=_CHUNK)
+        self._fh: IO[bytes] = os.fdopen(fd, "wb", buffering=_CHUNK)
         self.sha256 = hashlib.sha256()
         self.size = 0
         self.error: OSError | None = None
@@ -88,7 +88,7 @@ class SpoolFile:
         if self.error is not None:
             return len(data)
         try:
-            self.file.write(data)
+            self._fh.write(data)
         except OSError as exc:
             self._fail(exc)
             return len(data)
@@ -99,7 +99,7 @@ class SpoolFile:
     def _fail(self, exc: OSError) -> None:
         self.error = exc
         with contextlib.suppress(OSError):
-            self.file.close()
+            self._fh.close()
         # free the space right away; the name is kept so close() and unlink() stay harmless
         with contextlib.suppress(OSError):
             os.truncate(self.name, 0)
@@ -107,7 +107,7 @@ class SpoolFile:
     def flush(self) -> None:
         if self.error is None:
             try:
-                self.file.flush()
+                self._fh.flush()
             except OSError as exc:
                 self._fail(exc)
 
@@ -115,9 +115,9 @@ class SpoolFile:
         """Flush, fsync (if asked) and close; raises the remembered write error if any."""
         if self.error is None and not self.closed:
             try:
-                self.file.flush()
+                self._fh.flush()
                 if fsync:
-                    os.fsync(self.file.fileno())
+                    os.fsync(self._fh.fileno())
             except OSError as exc:
                 self._fail(exc)
         self.close()
@@ -128,16 +128,17 @@ class SpoolFile:
         if not self.closed:
             self.closed = True
             with contextlib.suppress(OSError):
-                self.file.close()
+                self._fh.close()
 
     def discard(self) -> None:
         self.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.name)
 
-    # pynetdicom calls ``file.flush()`` on what it believes is a NamedTemporaryFile
-    def __getattr__(self, name: str) -> Any:  # pragma: no cover - defensive
-        raise AttributeError(name)
+    @property
+    def file(self) -> SpoolFile:
+        """pynetdicom calls ``.file.flush()`` on what it takes for a NamedTemporaryFile."""
+        return self
 
 
 class Store:
