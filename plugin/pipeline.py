@@ -282,9 +282,9 @@ def _commit(ctx: JobContext, study_id: int, draft_ds: Any, indication: str, find
 
 def _render(ctx: JobContext, draft_ds: Any, kind: str) -> None:
     """Store and enqueue a rendering of the draft for viewers without SR support."""
-    from plugin import render
+    from plugin.render import render
 
-    rendered = render.render(draft_ds, kind)
+    rendered = render(draft_ds, kind)
     relpath = ctx.store.instance_relpath(str(rendered.StudyInstanceUID), str(rendered.SeriesInstanceUID),
                                          str(rendered.SOPInstanceUID))
     size, sha256 = ctx.store.write_dataset(rendered, relpath)
