@@ -1,0 +1,179 @@
+"""The shipped templates and the installer's pure parts: example config, config rendering,
+the systemd unit (checked by systemd-analyze), the desktop launcher, install.sh, argument errors."""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import SECTIONS, TABLE_ARRAYS, Config, ConfigError, load_config
+from installer import install as inst
+from installer.bundle import BundleError, runtime_requirements, template_text, verify_folder, write_sha256sums
+
+from installer_helpers import REPO, example_config_text
+
+
+def test_example_config_documents_every_key_with_its_default(tmp_path: Path) -> None:
+    p = tmp_path / "example.toml"
+    p.write_text(example_config_text())
+    loaded = load_config(p, env={})
+    assert dataclasses.replace(loaded, source="") == Config(), "example values must be the defaults"
+    data = tomllib.loads(example_config_text())
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f.name in data[section], f"[{section}] {f.name} missing from the example"
+    for section, cls in TABLE_ARRAYS.items():
+        block = example_config_text().split(f"# [[{section}]]\n", 1)[1]
+        for f in dataclasses.fields(cls):
+            assert re.search(rf"^# {f.name} = ", block, re.M), f"[[{section}]] {f.name} not documented"
+
+
+def test_render_config_applies_site_answers_and_keeps_comments(tmp_path: Path) -> None:
+    values = {
+        "node": {"ae_title": "SITE_CXR", "port": 11200, "storage_dir": str(tmp_path / "data")},
+        "pipeline": {"indication_sources": ["ReasonForStudy"]},  # replaces a multi-line array
+        "model": {"providers": ["CPUExecutionProvider"]},
+    }
+    tables = {"destinations": [inst.parse_destination("pacs=PACS@10.0.0.5:104,send=drafts_and_signed")],
+              "reviewers": [inst.parse_reviewer("jdoe:Doe^Jane:General Hospital")]}
+    text = inst.render_config(example_config_text(), values, tables)
+    c = inst.validate_config_text(text)
+    assert (c.node.ae_title, c.node.port, c.node.storage_dir) == ("SITE_CXR", 11200, str(tmp_path / "data"))
+    assert c.pipeline.indication_sources == ("ReasonForStudy",)
+    assert c.model.providers == ("CPUExecutionProvider",)
+    assert c.destinations[0].send == "drafts_and_signed" and c.destinations[0].port == 104
+    assert c.reviewers[0].organisation == "General Hospital"
+    assert "# Our AE title" in text  # documentation kept
+
+
+def test_render_config_rejects_a_bad_answer_naming_the_key() -> None:
+    text = inst.render_config(example_config_text(), {"node": {"port": 70000}}, {})
+    with pytest.raises(ConfigError, match="node.port"):
+        inst.validate_config_text(text)
+
+
+@pytest.mark.parametrize("bad", ["pacs", "pacs=PACS@host", "pacs=PACS@host:104,bogus", "=PACS@h:1"])
+def test_destination_flag_errors_are_clear(bad: str) -> None:
+    with pytest.raises(inst.InstallError, match="--destination"):
+        inst.parse_destination(bad)
+
+
+def test_reviewer_flag_errors_are_clear() -> None:
+    with pytest.raises(inst.InstallError, match="--reviewer"):
+        inst.parse_reviewer("onlyuser")
+
+
+def _unit(tmp_path: Path, port: int = 11112) -> str:
+    exe = tmp_path / "bin" / "cxrnode"
+    exe.parent.mkdir(parents=True, exist_ok=True)
+    exe.write_text("#!/bin/sh\nexit 0\n")
+    exe.chmod(0o755)
+    return inst.render_unit(exe, tmp_path / "etc" / "cxrnode.toml", tmp_path / "data", "root", port)
+
+
+def test_unit_is_hardened(tmp_path: Path) -> None:
+    unit = _unit(tmp_path)
+    cp = configparser.ConfigParser(strict=False, interpolation=None)
+    cp.optionxform = str  # type: ignore[assignment,method-assign]
+    cp.read_string(unit)
+    svc = cp["Service"]
+    assert svc["User"] == "root" and svc["NoNewPrivileges"] == "yes"
+    assert svc["ProtectSystem"] == "strict" and svc["PrivateTmp"] == "yes"
+    assert svc["ReadWritePaths"] == str(tmp_path / "data"), "only the storage folder is writable"
+    assert svc["Restart"] == "on-failure"
+    assert svc["ExecStart"].endswith(f"serve --config {tmp_path / 'etc' / 'cxrnode.toml'}")
+    assert svc["CapabilityBoundingSet"] == "" and svc["AmbientCapabilities"] == ""
+    low = _unit(tmp_path, port=104)
+    assert "AmbientCapabilities=CAP_NET_BIND_SERVICE" in low, "port 104 needs the bind capability"
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed (apt package systemd)")
+@pytest.mark.parametrize("port", [11112, 104])
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path, port: int) -> None:
+    unit = tmp_path / "cxrnode.service"
+    unit.write_text(_unit(tmp_path, port))
+    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "cxrnode.service" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    broken = tmp_path / "broken.service"
+    broken.write_text(unit.read_text().replace(f"ExecStart={tmp_path}", "ExecStart=relative"))
+    assert subprocess.run(["systemd-analyze", "verify", str(broken)], capture_output=True).returncode != 0
+
+
+def test_desktop_launcher(tmp_path: Path) -> None:
+    text = inst.render_template("cxrnode-review.desktop", bin="/opt/x/bin/cxrnode", config="/etc/cxrnode/cxrnode.toml")
+    cp = configparser.ConfigParser(interpolation=None)
+    cp.optionxform = str  # type: ignore[assignment,method-assign]
+    cp.read_string(text)
+    entry = cp["Desktop Entry"]
+    assert entry["Type"] == "Application"
+    assert entry["Exec"] == "/opt/x/bin/cxrnode review --config /etc/cxrnode/cxrnode.toml"
+    assert entry["Terminal"] == "false"
+    validator = shutil.which("desktop-file-validate")
+    if validator:
+        p = tmp_path / "cxrnode-review.desktop"
+        p.write_text(text)
+        proc = subprocess.run([validator, str(p)], capture_output=True, text=True)
+        assert "error" not in (proc.stdout + proc.stderr).lower(), proc.stdout
+
+
+def test_install_sh_is_valid_posix_shell() -> None:
+    script = REPO / "installer" / "templates" / "install.sh"
+    assert os.stat(script).st_mode & stat.S_IXUSR
+    assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
+    assert template_text("install.sh").startswith("#!/bin/sh")
+
+
+def test_install_sh_without_a_wheelhouse_says_so(tmp_path: Path) -> None:
+    shutil.copy(REPO / "installer" / "templates" / "install.sh", tmp_path / "install.sh")
+    proc = subprocess.run(["sh", str(tmp_path / "install.sh")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "no cxrnode wheel" in proc.stderr
+
+
+@pytest.mark.parametrize("flavour,want,unwanted", [("cpu", "onnxruntime>=", "onnxruntime-gpu"),
+                                                   ("gpu", "onnxruntime-gpu>=", None)])
+def test_flavour_picks_onnxruntime(flavour: str, want: str, unwanted: str | None) -> None:
+    version, reqs = runtime_requirements(REPO, flavour)
+    assert version
+    assert any(r.startswith(want) for r in reqs)
+    if unwanted:
+        assert not any(r.startswith(unwanted) for r in reqs)
+    with pytest.raises(BundleError, match="flavour"):
+        runtime_requirements(REPO, "tpu")
+
+
+def test_bundle_verification_catches_a_changed_file(tmp_path: Path) -> None:
+    folder = tmp_path / "b"
+    (folder / "wheelhouse").mkdir(parents=True)
+    (folder / "wheelhouse" / "x.whl").write_bytes(b"wheel")
+    (folder / "BUNDLE.json").write_text('{"format": 1, "name": "cxrnode"}')
+    write_sha256sums(folder)
+    assert verify_folder(folder)["name"] == "cxrnode"
+    (folder / "wheelhouse" / "x.whl").write_bytes(b"wheeL")
+    with pytest.raises(BundleError, match="x.whl does not match"):
+        verify_folder(folder)
+    (folder / "wheelhouse" / "x.whl").unlink()
+    with pytest.raises(BundleError, match="missing"):
+        verify_folder(folder)
+
+
+def test_bundle_cli_rejects_a_foreign_source(tmp_path: Path) -> None:
+    from installer.cli import main
+
+    assert main(["bundle", "--out", str(tmp_path / "o"), "--source", str(tmp_path)]) == 2
+
+
+def test_uninstall_of_nothing_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from installer.cli import main
+
+    assert main(["uninstall", "--prefix", str(tmp_path)]) == 2
+    assert "not installed" in capsys.readouterr().err
