@@ -1,0 +1,140 @@
+"""The model bundle: a folder with ``manifest.json``, ONNX graphs, ``tokenizer.json`` and
+``MODEL_CARD.md``. See ``onnx_models/README.md`` for the format.
+
+``load_bundle`` checks the manifest (format name and version, architecture, required graphs)
+and the sha256 of every listed file before anything is run, and raises :class:`BundleError`
+with the bundle path and the first problem found. No torch here (import-linter contract).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FORMAT_NAME = "cxrnode-model-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+BUNDLES_DIR = Path(__file__).resolve().parent / "bundles"
+
+#: graphs each architecture must provide (role -> meaning), see README.md
+REQUIRED_GRAPHS: dict[str, tuple[str, ...]] = {
+    "encoder-decoder": ("encoder", "bridge", "decoder"),
+    "decoder-only": ("encoder", "decoder"),
+}
+
+
+class BundleError(Exception):
+    """A model bundle is missing, broken, foreign, or of an unsupported version."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["name"])
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["version"])
+
+    @property
+    def architecture(self) -> str:
+        return str(self.manifest["architecture"])
+
+    def file(self, relpath: str) -> Path:
+        return self.path / relpath
+
+    def graph(self, role: str) -> Path:
+        try:
+            return self.path / self.manifest["graphs"][role]["file"]
+        except KeyError as exc:
+            raise BundleError(f"{self.path}: manifest has no graph with role {role!r}") from exc
+
+    def has_graph(self, role: str) -> bool:
+        return role in self.manifest.get("graphs", {})
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """A bundle name (a folder in ``onnx_models/bundles/``) or a path to a bundle folder."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        return p.resolve()
+    if isinstance(name_or_path, str) and "/" not in name_or_path and (BUNDLES_DIR / name_or_path).is_dir():
+        return (BUNDLES_DIR / name_or_path).resolve()
+    raise BundleError(f"model bundle {str(name_or_path)!r} not found (neither a folder nor a name in {BUNDLES_DIR})")
+
+
+def _require(cond: bool, path: Path, message: str) -> None:
+    if not cond:
+        raise BundleError(f"{path}: {message}")
+
+
+def load_bundle(name_or_path: str | Path = "default", verify: bool = True) -> Bundle:
+    """Open and validate a bundle; with ``verify`` the sha256 of every file is checked."""
+    path = resolve(name_or_path)
+    mpath = path / MANIFEST
+    _require(mpath.is_file(), path, f"no {MANIFEST}: not a cxrnode model bundle")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{mpath}: unreadable manifest ({exc})") from exc
+    _require(isinstance(manifest, dict), path, "manifest is not a JSON object")
+    _require(
+        manifest.get("format") == FORMAT_NAME,
+        path,
+        f"foreign bundle: format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}",
+    )
+    fv = manifest.get("format_version")
+    _require(
+        isinstance(fv, int) and fv <= FORMAT_VERSION,
+        path,
+        f"format_version {fv!r} is not supported by this cxrnode (supports <= {FORMAT_VERSION})",
+    )
+    for key in ("name", "version", "task", "architecture", "graphs", "tokenizer", "input", "generation", "files"):
+        _require(key in manifest, path, f"manifest lacks the required key {key!r}")
+    arch = manifest["architecture"]
+    _require(
+        arch in REQUIRED_GRAPHS,
+        path,
+        f"architecture {arch!r} unknown (known: {', '.join(REQUIRED_GRAPHS)})",
+    )
+    graphs = manifest["graphs"]
+    for role in REQUIRED_GRAPHS[arch]:
+        _require(role in graphs and "file" in graphs[role], path, f"{arch} bundle lacks the {role!r} graph")
+    files: dict[str, str] = manifest["files"]
+    referenced = [g["file"] for g in graphs.values()] + [manifest["tokenizer"]["file"]]
+    for rel in referenced:
+        _require(rel in files, path, f"{rel} is used but has no sha256 in the manifest")
+    for rel, digest in files.items():
+        fp = path / rel
+        _require(fp.is_file(), path, f"missing file {rel}")
+        if verify:
+            actual = sha256_file(fp)
+            _require(actual == digest, path, f"checksum mismatch for {rel} (file changed or corrupt)")
+    return Bundle(path=path, manifest=manifest)
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Fill in ``files`` (sha256 of every file of the folder but the manifest) and write it."""
+    manifest = dict(manifest)
+    manifest["files"] = {
+        str(p.relative_to(path)): sha256_file(p)
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest

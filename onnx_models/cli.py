@@ -1,0 +1,112 @@
+"""``cxrnode train | export | eval``: the model subcommands (torch only imported by train/export)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the reference report model (needs the [train] extra)")
+    p.add_argument("--data", required=True, help="dataset folder (studies.jsonl or the Kaggle/Open-i layout)")
+    p.add_argument("--out", required=True, help="run folder (checkpoints; re-run to resume)")
+    p.add_argument("--epochs", type=int, default=14)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-train-studies", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--max-val-studies", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--max-steps", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--bundle", default="", help="also export the best checkpoint to this bundle folder")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("export", help="export a checkpoint to an ONNX model bundle")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="bundle folder (replaced)")
+    p.add_argument("--name", default="default")
+    p.add_argument("--version", default="0.1.0")
+    p.add_argument("--model-card", default="", help="Markdown file to ship as MODEL_CARD.md")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("eval", help="evaluate a bundle on a dataset split (NLG + clinical efficacy)")
+    p.add_argument("--bundle", default="default")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--predictions", default="", help="write one JSON line per study to this file")
+    p.add_argument("--beam-size", type=int, default=None)
+    p.add_argument("--no-repeat-ngram", type=int, default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N studies")
+    p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--no-meteor", action="store_true")
+    p.set_defaults(func=_eval)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    tc = TrainConfig(
+        data=args.data, out=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        seed=args.seed, threads=args.threads, max_train_studies=args.max_train_studies,
+        max_val_studies=args.max_val_studies, max_steps=args.max_steps,
+    )
+    best = train(tc)
+    print(f"best checkpoint: {best}")
+    if args.bundle:
+        from .export import export_bundle
+
+        export_bundle(best, args.bundle)
+        print(f"bundle: {args.bundle}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .export import export_bundle
+
+    card = Path(args.model_card).read_text(encoding="utf-8") if args.model_card else None
+    out = export_bundle(args.checkpoint, args.out, name=args.name, version=args.version, model_card=card)
+    print(f"bundle: {out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    res = evaluate(
+        bundle=args.bundle, data=args.data, split=args.split, predictions=args.predictions or None,
+        beam_size=args.beam_size, no_repeat_ngram_size=args.no_repeat_ngram, threads=args.threads,
+        batch_size=args.batch_size, limit=args.limit, baselines=not args.no_baselines,
+        meteor=not args.no_meteor,
+    )
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        for system, m in res["systems"].items():
+            print(system, " ".join(f"{k}={v:.3f}" for k, v in m.items() if isinstance(v, float)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxrnode-models")
+    add_subcommands(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not getattr(args, "func", None):
+        build_parser().print_help()
+        return 2
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Evaluate a bundle on one split of a dataset folder: language metrics and clinical efficacy.
+
+- NLG: BLEU-1..4, METEOR (the Meteor 1.5 jar shipped with pycocoevalcap, needs java),
+  ROUGE-L and CIDEr from ``pycocoevalcap`` (the implementations R2Gen and its successors use),
+  on lower-cased text with words and punctuation separated; the report is
+  ``findings + " " + impression``.
+- Clinical efficacy: ``plugin.findings.label`` on the reference and on the generated text,
+  U-ones (uncertain = positive); micro/macro precision, recall and F1 over the 14
+  observations and over the 13 abnormal ones (No Finding excluded).
+- Baselines on the same split: the nearest training report by image embedding (mean-pooled
+  ``encoder`` tokens of the same bundle, cosine similarity) and the most common training
+  report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from plugin.findings import ABNORMAL_OBSERVATIONS, OBSERVATIONS, binary_vector, label
+
+from .data import FRONTAL_VIEWS, LATERAL_VIEWS, Study, load_studies, read_image
+from .runtime import ReportGenerator, StudyInput
+from .tokenizer import normalise_text
+
+log = logging.getLogger(__name__)
+
+
+def nlg_metrics(refs: Sequence[str], hyps: Sequence[str], meteor: bool = True) -> dict[str, Any]:
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    gts = {i: [normalise_text(r) or "."] for i, r in enumerate(refs)}
+    res = {i: [normalise_text(h) or "."] for i, h in enumerate(hyps)}
+    out: dict[str, Any] = {}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    for n in range(4):
+        out[f"BLEU-{n + 1}"] = float(bleu[n])
+    out["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+    out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    out["METEOR"] = None
+    if meteor:
+        try:
+            from pycocoevalcap.meteor.meteor import Meteor
+
+            m = Meteor()
+            try:
+                out["METEOR"] = float(m.compute_score(gts, res)[0])
+            finally:
+                try:
+                    m.close()
+                except Exception:  # noqa: BLE001 - the jar may already be gone
+                    pass
+        except Exception as exc:  # noqa: BLE001 - java missing or the jar failing
+            log.warning("METEOR not computed: %s", exc)
+    return out
+
+
+def _prf(tp: float, fp: float, fn: float) -> tuple[float, float, float]:
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    f = 2 * p * r / (p + r) if p + r else 0.0
+    return p, r, f
+
+
+def clinical_metrics(refs: Sequence[str], hyps: Sequence[str]) -> dict[str, Any]:
+    y = np.array([binary_vector(label(t), OBSERVATIONS) for t in refs])
+    p = np.array([binary_vector(label(t), OBSERVATIONS) for t in hyps])
+    out: dict[str, Any] = {}
+    per_obs: dict[str, dict[str, float]] = {}
+    for j, o in enumerate(OBSERVATIONS):
+        tp = float(((p[:, j] == 1) & (y[:, j] == 1)).sum())
+        fp = float(((p[:, j] == 1) & (y[:, j] == 0)).sum())
+        fn = float(((p[:, j] == 0) & (y[:, j] == 1)).sum())
+        pr, rc, f1 = _prf(tp, fp, fn)
+        per_obs[o] = {"precision": pr, "recall": rc, "f1": f1, "support": int(y[:, j].sum()),
+                      "predicted": int(p[:, j].sum())}
+    for tag, names in (("14", OBSERVATIONS), ("13", ABNORMAL_OBSERVATIONS)):
+        idx = [OBSERVATIONS.index(o) for o in names]
+        yy, pp = y[:, idx], p[:, idx]
+        mp, mr, mf = _prf(float(((pp == 1) & (yy == 1)).sum()), float(((pp == 1) & (yy == 0)).sum()),
+                          float(((pp == 0) & (yy == 1)).sum()))
+        out[f"CE{tag}_micro_P"], out[f"CE{tag}_micro_R"], out[f"CE{tag}_micro_F1"] = mp, mr, mf
+        out[f"CE{tag}_macro_P"] = float(np.mean([per_obs[o]["precision"] for o in names]))
+        out[f"CE{tag}_macro_R"] = float(np.mean([per_obs[o]["recall"] for o in names]))
+        out[f"CE{tag}_macro_F1"] = float(np.mean([per_obs[o]["f1"] for o in names]))
+    out["per_observation"] = per_obs
+    return out
+
+
+def views_for(gen: ReportGenerator, study: Study, pixels: list[np.ndarray]) -> list[str]:
+    """Views as the node would use them: the view classifier decides frontal vs lateral; the
+    DICOM ViewPosition tag only refines it (PA/AP, LATERAL/LL) when it agrees."""
+    views = []
+    for (kind, _), im in zip(gen.classify_views(pixels), study.images, strict=True):
+        tag = im.view_position.strip().upper()
+        if kind == "FRONTAL":
+            views.append(tag if tag in FRONTAL_VIEWS else "PA")
+        else:
+            views.append(tag if tag in LATERAL_VIEWS else "LATERAL")
+    return views
+
+
+def _inputs(gen: ReportGenerator, studies: Sequence[Study]) -> tuple[list[StudyInput], list[list[str]]]:
+    inputs, views = [], []
+    for s in studies:
+        px = [read_image(im.path) for im in s.images]
+        v = views_for(gen, s, px)
+        inputs.append(StudyInput(views=list(zip(px, v, strict=True)), indication=s.indication))
+        views.append(v)
+    return inputs, views
+
+
+def embed(gen: ReportGenerator, studies: Sequence[Study], batch_size: int, desc: str) -> np.ndarray:
+    out = []
+    for i in tqdm(range(0, len(studies), batch_size), desc=desc, unit="batch", file=sys.stderr):
+        inputs, _ = _inputs(gen, studies[i : i + batch_size])
+        out.append(gen.embed_images(inputs))
+    e = np.concatenate(out)
+    return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-8)
+
+
+def evaluate(
+    bundle: str = "default",
+    data: str = "../shared/data/iu_xray",
+    split: str = "val",
+    predictions: str | None = None,
+    beam_size: int | None = None,
+    no_repeat_ngram_size: int | None = None,
+    threads: int = 2,
+    batch_size: int = 8,
+    limit: int = 0,
+    baselines: bool = True,
+    meteor: bool = True,
+    train_data: str | None = None,
+) -> dict[str, Any]:
+    gen = ReportGenerator(bundle, threads=threads)
+    studies = load_studies(data, [split])
+    if limit:
+        studies = studies[:limit]
+    if not studies:
+        raise SystemExit(f"{data}: no studies in split {split!r}")
+    refs = [s.report for s in studies]
+    hyps, rows = [], []
+    t0 = time.perf_counter()
+    for i in tqdm(range(0, len(studies), batch_size), desc=f"eval {split}", unit="batch", file=sys.stderr):
+        chunk = studies[i : i + batch_size]
+        inputs, views = _inputs(gen, chunk)
+        reports = gen.generate(inputs, beam_size=beam_size, no_repeat_ngram_size=no_repeat_ngram_size)
+        for s, v, r in zip(chunk, views, reports, strict=True):
+            text = " ".join(t for t in (r.findings, r.impression) if t)
+            hyps.append(text)
+            rows.append({"study_id": s.study_id, "indication": s.indication, "views": v,
+                         "findings": r.findings, "impression": r.impression, "reference": s.report,
+                         "observations": {k: round(p, 4) for k, p in r.observations.items()}})
+    seconds = time.perf_counter() - t0
+    if predictions:
+        with open(predictions, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+    systems: dict[str, dict[str, Any]] = {}
+    per_obs: dict[str, Any] = {}
+
+    def score(name: str, texts: list[str]) -> None:
+        ce = clinical_metrics(refs, texts)
+        per_obs[name] = ce.pop("per_observation")
+        systems[name] = {**nlg_metrics(refs, texts, meteor=meteor), **ce}
+
+    score("model", hyps)
+    notes = []
+    if baselines:
+        train = load_studies(train_data or data, ["train"])
+        if train:
+            common = Counter(normalise_text(s.report) for s in train).most_common(1)[0][0]
+            common_text = next(s.report for s in train if normalise_text(s.report) == common)
+            score("most_common_train_report", [common_text] * len(studies))
+            e_train = embed(gen, train, 16, "embed train")
+            e_eval = embed(gen, studies, 16, f"embed {split}")
+            nn = (e_eval @ e_train.T).argmax(axis=1)
+            score("nearest_train_report", [train[int(j)].report for j in nn])
+        else:
+            notes.append("no train split in the data folder: baselines skipped")
+    return {
+        "bundle": {"name": gen.name, "version": gen.version, "path": str(gen.bundle.path)},
+        "data": str(Path(data)), "split": split, "n_studies": len(studies),
+        "decoding": {"beam_size": beam_size or gen.beam_size,
+                     "no_repeat_ngram_size": gen.no_repeat_ngram_size if no_repeat_ngram_size is None
+                     else no_repeat_ngram_size, "max_tokens": gen.max_tokens,
+                     "providers": gen.providers},
+        "text": "findings + ' ' + impression, lower-cased, words and punctuation split",
+        "labeller": "plugin.findings (U-ones)",
+        "systems": systems,
+        "per_observation_f1": {k: {o: round(v["f1"], 4) for o, v in d.items()} for k, d in per_obs.items()},
+        "per_observation_support": {o: v["support"] for o, v in per_obs["model"].items()},
+        "seconds_per_study": seconds / len(studies),
+        "notes": notes,
+    }

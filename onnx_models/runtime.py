@@ -1,0 +1,407 @@
+"""The run-time report generator: a model bundle executed by ONNX Runtime (no torch).
+
+>>> gen = ReportGenerator("default", threads=2)
+>>> [report] = gen.generate([StudyInput(views=[(pa, "PA"), (lat, "LATERAL")], indication="cough")])
+>>> report.findings, report.impression, report.observations
+
+Decoding: greedy (``beam_size=1``) or beam search (default from the bundle, 3), both batched
+over studies, with a no-repeat n-gram block, a maximum length, at most one section separator
+and per-token probabilities. Execution providers: the caller's list, or CUDA when
+onnxruntime sees a usable GPU, else CPU; the choice is logged once per process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from .bundle import Bundle, BundleError, load_bundle
+from .imaging import prepare
+from .tokenizer import detokenize
+
+log = logging.getLogger(__name__)
+_LOGGED: set[str] = set()
+
+__all__ = ["ReportGenerator", "StudyInput", "GeneratedReport", "choose_providers"]
+
+
+def _log_once(level: int, message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        log.log(level, message)
+
+
+@dataclass(frozen=True)
+class StudyInput:
+    """All views of one study: (2-D float32 image in [0, 1] MONOCHROME2, view position)."""
+
+    views: list[tuple[np.ndarray, str]]
+    indication: str = ""
+
+
+@dataclass
+class GeneratedReport:
+    findings: str
+    impression: str
+    tokens: list[tuple[str, float]] = field(default_factory=list)
+    observations: dict[str, float] = field(default_factory=dict)
+    duration_ms: float = 0.0
+
+
+def _gpu_present() -> bool:
+    """True when an NVIDIA GPU device node exists (cheap; avoids CUDA init error spam)."""
+    return os.path.exists("/dev/nvidia0") or os.path.isdir("/proc/driver/nvidia/gpus") and bool(
+        os.listdir("/proc/driver/nvidia/gpus")
+    )
+
+
+def choose_providers(requested: Sequence[str] = ()) -> list[str]:
+    """Execution providers to use: ``requested`` (filtered to those available, CPU always
+    last), or CUDA when available and a GPU is present, else CPU."""
+    available = ort.get_available_providers()
+    if requested:
+        chosen = [p for p in requested if p in available]
+        missing = [p for p in requested if p not in available]
+        if missing:
+            _log_once(logging.WARNING, f"execution providers not available, ignored: {missing}")
+    else:
+        chosen = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available and _gpu_present() else []
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+class ReportGenerator:
+    """Loads a bundle once; ``generate`` drafts reports for a batch of studies."""
+
+    def __init__(
+        self,
+        bundle: str | Path | Bundle = "default",
+        providers: Sequence[str] = (),
+        threads: int = 0,
+        beam_size: int = 3,
+    ):
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        if self.bundle.architecture != "encoder-decoder":
+            raise BundleError(
+                f"{self.bundle.path}: architecture {self.bundle.architecture!r} is a valid bundle "
+                "format but this runtime only executes 'encoder-decoder' bundles"
+            )
+        m = self.bundle.manifest
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        wanted = choose_providers(providers)
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        for role in m["graphs"]:
+            self._sessions[role] = ort.InferenceSession(
+                str(self.bundle.graph(role)), sess_options=opts, providers=wanted
+            )
+        self.providers: list[str] = list(self._sessions["decoder"].get_providers())
+        _log_once(logging.INFO, f"model {self.name} {self.version}: ONNX Runtime providers {self.providers}")
+        self.tokenizer = Tokenizer.from_file(str(self.bundle.file(m["tokenizer"]["file"])))
+        t = m["tokenizer"]
+        self._bos = self._tok_id(t["bos"])
+        self._eos = self._tok_id(t["eos"])
+        self._pad = self._tok_id(t["pad"])
+        self._sep = self._tok_id(t["section_separator"])
+        self._none = self._tok_id(t["empty_indication"])
+        self._banned = [self._bos, self._pad, self._none]
+        unk = t.get("unk")
+        if unk is not None and self.tokenizer.token_to_id(unk) is not None:
+            self._banned.append(self._tok_id(unk))
+        inp = m["input"]
+        self.image_size: int = int(inp["image_size"])
+        self._mean = float(inp["normalisation"]["mean"])
+        self._std = float(inp["normalisation"]["std"])
+        self._views: list[str] = list(inp["views"])
+        self._max_views = int(inp["max_views"])
+        self._max_ind = int(inp["max_indication_tokens"])
+        self.max_tokens = int(m["generation"]["max_tokens"])
+        self.no_repeat_ngram_size = int(m["generation"].get("no_repeat_ngram_size", 0))
+        self.length_penalty = float(m["generation"].get("length_penalty", 1.0))
+        self.beam_size = int(beam_size or m["generation"].get("beam_size", 3))
+        self.observation_names: list[str] = list(m["observations"]["names"])
+        self.thresholds = np.asarray(m["observations"]["thresholds"], dtype=np.float32)
+        vc = m.get("view_classifier", {})
+        self._vc_size = int(vc.get("image_size", 64))
+        self._vc_labels: list[str] = list(vc.get("labels", ["FRONTAL", "LATERAL"]))
+
+    # --- public API -------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.bundle.name
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    def classify_views(self, images: list[np.ndarray]) -> list[tuple[str, float]]:
+        """FRONTAL/LATERAL with probability for each 2-D MONOCHROME2 image in [0, 1]."""
+        if not images:
+            return []
+        if "view_classifier" not in self._sessions:
+            raise BundleError(f"{self.bundle.path}: bundle has no view_classifier graph")
+        x = np.stack([prepare(im, self._vc_size, self._mean, self._std) for im in images])[:, None]
+        (probs,) = self._sessions["view_classifier"].run(None, {"images": x})
+        out = []
+        for p in probs:
+            i = int(np.argmax(p))
+            out.append((self._vc_labels[i], float(p[i])))
+        return out
+
+    def embed_images(self, studies: list[StudyInput]) -> np.ndarray:
+        """One vector per study: the encoder's image tokens mean-pooled over tokens and real
+        views (used by the nearest-report baseline and for retrieval)."""
+        images, view_ids, view_mask = self._pixels(studies)
+        tokens, _ = self._sessions["encoder"].run(
+            None, {"images": images, "view_ids": view_ids, "view_mask": view_mask}
+        )
+        pooled = tokens.mean(axis=2)  # B, V, D
+        m = view_mask[:, :, None]
+        return (pooled * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1.0)
+
+    def generate(
+        self,
+        studies: list[StudyInput],
+        beam_size: int | None = None,
+        max_tokens: int | None = None,
+        no_repeat_ngram_size: int | None = None,
+    ) -> list[GeneratedReport]:
+        if not studies:
+            return []
+        t0 = time.perf_counter()
+        beam = int(beam_size if beam_size is not None else self.beam_size)
+        max_len = int(max_tokens if max_tokens is not None else self.max_tokens)
+        ngram = self.no_repeat_ngram_size if no_repeat_ngram_size is None else int(no_repeat_ngram_size)
+        probs, ck, cv, mm = self._encode(studies)
+        if beam <= 1:
+            seqs = self._greedy(ck, cv, mm, max_len, ngram)
+        else:
+            seqs = self._beam(ck, cv, mm, max_len, ngram, beam)
+        elapsed = (time.perf_counter() - t0) * 1000.0 / len(studies)
+        reports = []
+        for (ids, tok_probs), p in zip(seqs, probs, strict=True):
+            reports.append(self._to_report(ids, tok_probs, p, elapsed))
+        return reports
+
+    # --- internals ----------------------------------------------------------------------------
+    def _tok_id(self, token: str) -> int:
+        i = self.tokenizer.token_to_id(token)
+        if i is None:
+            raise BundleError(f"{self.bundle.path}: tokenizer has no token {token!r}")
+        return int(i)
+
+    def _view_id(self, view: str) -> int:
+        v = (view or "").strip().upper()
+        return self._views.index(v) if v in self._views else self._views.index("UNKNOWN")
+
+    def _pixels(self, studies: list[StudyInput]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        b = len(studies)
+        for i, st in enumerate(studies):
+            if not st.views:
+                raise ValueError(f"study {i} has no views")
+        v = min(max(len(st.views) for st in studies), self._max_views)
+        s = self.image_size
+        images = np.zeros((b, v, 1, s, s), dtype=np.float32)
+        view_ids = np.full((b, v), self._view_id("UNKNOWN"), dtype=np.int64)
+        view_mask = np.zeros((b, v), dtype=np.float32)
+        for i, st in enumerate(studies):
+            for j, (img, view) in enumerate(st.views[: self._max_views]):
+                images[i, j, 0] = prepare(np.asarray(img, dtype=np.float32), s, self._mean, self._std)
+                view_ids[i, j] = self._view_id(view)
+                view_mask[i, j] = 1.0
+        return images, view_ids, view_mask
+
+    def _encode(self, studies: list[StudyInput]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        b = len(studies)
+        images, view_ids, view_mask = self._pixels(studies)
+        tokens, obs_logits = self._sessions["encoder"].run(
+            None, {"images": images, "view_ids": view_ids, "view_mask": view_mask}
+        )
+        probs = 1.0 / (1.0 + np.exp(-obs_logits))
+        states = (probs >= self.thresholds[None, :]).astype(np.int64)
+        ind_ids = [self._indication_ids(st.indication) for st in studies]
+        li = max(len(x) for x in ind_ids)
+        ind = np.full((b, li), self._pad, dtype=np.int64)
+        ind_mask = np.zeros((b, li), dtype=np.float32)
+        for i, ids in enumerate(ind_ids):
+            ind[i, : len(ids)] = ids
+            ind_mask[i, : len(ids)] = 1.0
+        ck, cv, mm = self._sessions["bridge"].run(
+            None,
+            {"image_tokens": tokens, "view_mask": view_mask, "obs_states": states,
+             "indication_ids": ind, "indication_mask": ind_mask},
+        )
+        return probs, ck, cv, mm
+
+    def _indication_ids(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text or "").ids[: self._max_ind] if (text or "").strip() else []
+        return ids or [self._none]
+
+    def _step(self, ids: np.ndarray, mm: np.ndarray, ck: np.ndarray, cv: np.ndarray,
+              pk: np.ndarray, pv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        logits, pk, pv = self._sessions["decoder"].run(
+            None,
+            {"input_ids": ids, "memory_mask": mm, "cross_k": ck, "cross_v": cv,
+             "past_k": pk, "past_v": pv},
+        )
+        return logits[:, -1, :], pk, pv
+
+    def _empty_past(self, n: int, like: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        shape = (like.shape[0], n, like.shape[2], 0, like.shape[4])
+        return np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
+
+    def _log_probs(self, logits: np.ndarray, histories: list[list[int]], ngram: int) -> np.ndarray:
+        logits = logits.astype(np.float64)
+        logits[:, self._banned] = -np.inf
+        for r, hist in enumerate(histories):
+            if self._sep in hist:
+                logits[r, self._sep] = -np.inf
+            for t in _banned_ngram_tokens(hist, ngram):
+                logits[r, t] = -np.inf
+        mx = logits.max(axis=1, keepdims=True)
+        lse = mx + np.log(np.exp(logits - mx).sum(axis=1, keepdims=True))
+        return logits - lse
+
+    def _greedy(self, ck: np.ndarray, cv: np.ndarray, mm: np.ndarray, max_len: int,
+                ngram: int) -> list[tuple[list[int], list[float]]]:
+        b = mm.shape[0]
+        pk, pv = self._empty_past(b, ck)
+        cur = np.full((b, 1), self._bos, dtype=np.int64)
+        hist: list[list[int]] = [[] for _ in range(b)]
+        probs: list[list[float]] = [[] for _ in range(b)]
+        done = np.zeros(b, dtype=bool)
+        for _ in range(max_len):
+            logits, pk, pv = self._step(cur, mm, ck, cv, pk, pv)
+            lp = self._log_probs(logits, hist, ngram)
+            nxt = lp.argmax(axis=1)
+            for i in range(b):
+                if done[i]:
+                    continue
+                if nxt[i] == self._eos:
+                    done[i] = True
+                else:
+                    hist[i].append(int(nxt[i]))
+                    probs[i].append(float(math.exp(lp[i, nxt[i]])))
+            if done.all():
+                break
+            cur = nxt.astype(np.int64)[:, None]
+        return list(zip(hist, probs, strict=True))
+
+    def _beam(self, ck: np.ndarray, cv: np.ndarray, mm: np.ndarray, max_len: int, ngram: int,
+              k: int) -> list[tuple[list[int], list[float]]]:
+        b = mm.shape[0]
+        rep = np.repeat(np.arange(b), k)
+        ck, cv, mm = ck[:, rep], cv[:, rep], mm[rep]
+        pk, pv = self._empty_past(b * k, ck)
+        scores = np.full((b, k), -np.inf)
+        scores[:, 0] = 0.0
+        hist: list[list[int]] = [[] for _ in range(b * k)]
+        tprobs: list[list[float]] = [[] for _ in range(b * k)]
+        finished: list[list[tuple[float, list[int], list[float]]]] = [[] for _ in range(b)]
+        done = np.zeros(b, dtype=bool)
+        cur = np.full((b * k, 1), self._bos, dtype=np.int64)
+        lp_pen = self.length_penalty
+        for _ in range(max_len):
+            logits, pk, pv = self._step(cur, mm, ck, cv, pk, pv)
+            lp = self._log_probs(logits, hist, ngram)
+            vocab = lp.shape[1]
+            cand = (scores[:, :, None] + lp.reshape(b, k, vocab)).reshape(b, k * vocab)
+            top = np.argsort(-cand, axis=1)[:, : 2 * k]
+            new_rows = np.zeros(b * k, dtype=np.int64)
+            new_tok = np.full(b * k, self._eos, dtype=np.int64)
+            new_scores = np.full((b, k), -np.inf)
+            new_hist: list[list[int]] = [[] for _ in range(b * k)]
+            new_probs: list[list[float]] = [[] for _ in range(b * k)]
+            for i in range(b):
+                if done[i]:
+                    new_rows[i * k : (i + 1) * k] = i * k
+                    continue
+                n = 0
+                for c in top[i]:
+                    sc = cand[i, c]
+                    if not np.isfinite(sc):
+                        break
+                    beam_i, tok = divmod(int(c), vocab)
+                    row = i * k + beam_i
+                    p = float(math.exp(lp[row, tok]))
+                    if tok == self._eos:
+                        length = len(hist[row]) + 1
+                        finished[i].append((sc / length**lp_pen, hist[row], tprobs[row]))
+                        continue
+                    dst = i * k + n
+                    new_rows[dst] = row
+                    new_tok[dst] = tok
+                    new_scores[i, n] = sc
+                    new_hist[dst] = hist[row] + [tok]
+                    new_probs[dst] = tprobs[row] + [p]
+                    n += 1
+                    if n == k:
+                        break
+                if len(finished[i]) >= k or n == 0:
+                    done[i] = True
+            if done.all():
+                break
+            pk, pv = pk[:, new_rows], pv[:, new_rows]
+            scores, hist, tprobs = new_scores, new_hist, new_probs
+            cur = new_tok[:, None]
+        out = []
+        for i in range(b):
+            if not finished[i]:
+                for j in range(k):
+                    row = i * k + j
+                    if np.isfinite(scores[i, j]):
+                        finished[i].append((scores[i, j] / max(1, len(hist[row])) ** lp_pen, hist[row], tprobs[row]))
+            best = max(finished[i], key=lambda f: f[0]) if finished[i] else (0.0, [], [])
+            out.append((best[1], best[2]))
+        return out
+
+    def _to_report(self, ids: list[int], tok_probs: list[float], obs: np.ndarray,
+                   elapsed: float) -> GeneratedReport:
+        words = [self.tokenizer.id_to_token(i) or "" for i in ids]
+        if self._sep in ids:
+            cut = ids.index(self._sep)
+            findings, impression = words[:cut], words[cut + 1 :]
+        else:
+            findings, impression = words, []
+        tokens = [(w, p) for w, i, p in zip(words, ids, tok_probs, strict=True) if i != self._sep]
+        return GeneratedReport(
+            findings=detokenize(findings),
+            impression=detokenize(impression),
+            tokens=tokens,
+            observations={n: float(p) for n, p in zip(self.observation_names, obs, strict=True)},
+            duration_ms=elapsed,
+        )
+
+
+def _banned_ngram_tokens(hist: list[int], n: int) -> list[int]:
+    if n <= 0 or len(hist) < n - 1:
+        return []
+    if n == 1:
+        return list(set(hist))
+    prefix = hist[len(hist) - n + 1 :]
+    banned = []
+    for i in range(len(hist) - n + 1):
+        if hist[i : i + n - 1] == prefix:
+            banned.append(hist[i + n - 1])
+    return banned
+
+
+def describe(gen: ReportGenerator) -> dict[str, Any]:
+    """Small summary for logs and ``doctor``."""
+    return {"name": gen.name, "version": gen.version, "providers": gen.providers,
+            "image_size": gen.image_size, "bundle": str(gen.bundle.path)}
