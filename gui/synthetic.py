@@ -274,14 +274,16 @@ send = "signed"
 """
 
 
-def write_config(root: Path, extra_toml: str = "", reviewers_toml: str = REVIEWERS_TOML) -> Path:
+def write_config(root: Path, extra_toml: str = "", reviewers_toml: str = REVIEWERS_TOML, beam_size: int = 1) -> Path:
     """A config file for a node whose storage is ``root/storage`` (fsync off: tests only)."""
     root.mkdir(parents=True, exist_ok=True)
     path = root / "cxrnode.toml"
     storage = (root / "storage").resolve()
     path.write_text(
         f'[node]\nstorage_dir = "{storage.as_posix()}"\nfsync = false\nmin_free_space_mb = 0\nport = 0\n'
-        f"[jobs]\nworkers = 0\n"
+        f"[jobs]\nworkers = 0\nmax_attempts = 1\nbackoff_s = 0.0\n"
+        f"[study]\nquiet_period_s = 0.0\n"
+        f"[model]\nbeam_size = {beam_size}\n"
         + extra_toml
         + reviewers_toml
         + DESTINATIONS_TOML,
@@ -358,13 +360,16 @@ def copy_node(src: Path, dst: Path) -> Path:
 def run_draft_job(node: NodeFixture, study_instance_uid: str, handler: Any = None) -> int:
     """Draft one stored study the way ``cxrnode serve`` does, synchronously; return the draft id.
 
-    Promotes the (quiet) study to a job, claims it and runs the ``draft`` entry point of group
-    ``cxrnode.job_handlers`` (``plugin.pipeline.handle_job``) through :func:`dicom_node.jobs.run_job`.
+    Promotes the (quiet) study to a job, claims it and runs ``handler`` (default: the ``draft``
+    job handler, :func:`plugin.pipeline.handle_job`) through :func:`dicom_node.jobs.run_job`.
     """
     from dicom_node import jobs
     from dicom_node.db import Draft, DraftState, Job, Study
 
-    handler = handler or jobs.load_handler("draft")
+    if handler is None:
+        from plugin.pipeline import handle_job
+
+        handler = handle_job
     later = utcnow() + dt.timedelta(seconds=node.config.study.quiet_period_s + 1)
     jobs.promote_quiet_studies(node.sessions, node.config, now=later)
     while (job := jobs.claim_job(node.sessions, node.config, "synthetic", now=later)) is not None:

@@ -1,0 +1,126 @@
+"""``cxrnode review`` (the reviewer window) and ``cxrnode worklist`` (the same list, as text).
+
+Only ``review`` needs a screen; PyQt6 is imported inside its function, so this module (and
+``cxrnode worklist``) works on a headless node.
+
+The reviewer signs as the authenticated OS account running it, mapped through the config's
+``[[reviewers]]`` (username -> display name and organisation). There is deliberately no option
+to sign as someone else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from dicom_node.config import load_config
+from plugin.review import DEFAULT_CLAIM_TIMEOUT_S, WORKLIST_STATES, ReviewService, current_user
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="PATH", help="config file (default: $CXRNODE_CONFIG)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.add_argument("--claim-timeout", type=float, default=DEFAULT_CLAIM_TIMEOUT_S / 60, metavar="MIN",
+                   help="a claim on a draft expires after this many minutes without activity (default %(default)g)")
+
+
+def add_subcommands(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "review",
+        help="open the reviewer window (needs a screen)",
+        description="Open the reviewer: worklist, the views of the study, the indication and the "
+        "editable AI draft; sign (Ctrl+Enter) or reject. You sign as your OS account, mapped "
+        "through [[reviewers]] in the config.",
+    )
+    _add_common(p)
+    p.add_argument("--study-uid", metavar="UID", default="",
+                   help="open this study's draft directly (context launch from a PACS viewer)")
+    p.add_argument("--refresh", type=float, default=15.0, metavar="S",
+                   help="refresh the worklist every S seconds (default %(default)g; 0 = only on demand)")
+    p.set_defaults(func=run_review)
+
+    w = subparsers.add_parser(
+        "worklist",
+        help="print the drafts waiting for review (no screen needed)",
+        description="Print the reviewer's worklist: drafts with their state, oldest first.",
+    )
+    _add_common(w)
+    w.add_argument("--state", action="append", choices=WORKLIST_STATES,
+                   help="only these states (repeatable; default: new, in_review, failed)")
+    w.add_argument("--all", action="store_true", help="every state")
+    w.add_argument("--search", default="", help="match patient name, patient ID, accession or study UID")
+    w.add_argument("--json", action="store_true", help="print JSON")
+    w.set_defaults(func=run_worklist)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxrnode", description="cxrnode reviewer commands")
+    add_subcommands(parser.add_subparsers(dest="command", metavar="COMMAND"))
+    return parser
+
+
+def _service(args: argparse.Namespace) -> ReviewService:
+    from dicom_node.db import make_engine, migrate, session_factory
+    from dicom_node.store import Store
+
+    config = load_config(args.config, overrides=args.overrides)
+    url = config.node.resolved_database_url()
+    migrate(url)
+    store = Store(config.node.storage_dir, fsync=config.node.fsync, min_free_space_mb=config.node.min_free_space_mb)
+    return ReviewService(config, session_factory(make_engine(url)), store,
+                         claim_timeout_s=max(1.0, args.claim_timeout * 60))
+
+
+def run_worklist(args: argparse.Namespace) -> int:
+    from gui import viewmodels
+
+    svc = _service(args)
+    states = None if args.all else (args.state or None)
+    rows = svc.worklist(states=states, search=args.search) if states is not None or args.all else svc.worklist(search=args.search)
+    if args.json:
+        print(json.dumps([
+            {
+                "draft_id": r.draft_id, "study_instance_uid": r.study_instance_uid, "patient_name": r.patient_name,
+                "patient_id": r.patient_id, "study_date": r.study_date, "accession_number": r.accession_number,
+                "views": list(r.views), "age_s": round(r.age_s, 1), "state": r.state, "claimed_by": r.claimed_by,
+                "model": f"{r.model_name} {r.model_version}".strip(), "detail": r.detail,
+            }
+            for r in rows
+        ], indent=2))
+        return 0
+    if not rows:
+        print("No drafts.")
+        return 0
+    titles = [c.title for c in viewmodels.COLUMNS]
+    table = [titles] + [[viewmodels.cell_text(r, i) for i in range(len(titles))] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(titles))]
+    for k, row in enumerate(table):
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+    return 0
+
+
+def run_review(args: argparse.Namespace) -> int:
+    """Open the reviewer window (imports PyQt6 here, not at module import)."""
+    svc = _service(args)
+    user = current_user()
+    from gui.app import run
+
+    return run(svc, user, study_uid=args.study_uid, refresh_interval_s=args.refresh)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

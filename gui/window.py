@@ -1,0 +1,685 @@
+"""The reviewer's main window: worklist | views of the study | indication and editable draft.
+
+Database and file work runs in a thread pool (:class:`gui.widgets.TaskRunner`) with progress in
+the status bar; the GUI thread only renders view-models. Dialogs (confirm, reason, error) are
+attributes so tests can answer them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from PyQt6.QtCore import QItemSelectionModel, QSize, Qt, QTimer, pyqtSignal
+from PyQt6.QtGui import QCloseEvent, QKeySequence, QShortcut
+from PyQt6.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QFrame,
+    QHBoxLayout,
+    QHeaderView,
+    QInputDialog,
+    QLabel,
+    QLineEdit,
+    QMainWindow,
+    QMessageBox,
+    QPlainTextEdit,
+    QProgressBar,
+    QPushButton,
+    QSplitter,
+    QStackedWidget,
+    QTableView,
+    QTextBrowser,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from gui import viewmodels
+from gui.widgets import StudyViewer, TaskRunner, UncertainWords, WorklistTable, diff_html
+from plugin.review import ClaimConflictError, ReviewError, ReviewService
+
+log = logging.getLogger(__name__)
+
+STYLE = """
+QMainWindow, QWidget#central { background: #f6f8fa; }
+QLabel#patient { font-size: 15px; font-weight: 600; color: #1f2328; }
+QLabel#banner_draft { background: #fff8c5; color: #7d4e00; border: 1px solid #d4a72c;
+    border-radius: 4px; padding: 6px 8px; font-weight: 700; }
+QLabel#banner_final { background: #dafbe1; color: #116329; border: 1px solid #4ac26b;
+    border-radius: 4px; padding: 6px 8px; font-weight: 700; }
+QLabel#banner_blocked { background: #ffebe9; color: #82071e; border: 1px solid #ff8182;
+    border-radius: 4px; padding: 6px 8px; font-weight: 700; }
+QLabel#section { font-weight: 700; color: #57606a; text-transform: uppercase; margin-top: 6px; }
+QLabel#indication { background: #ffffff; border: 1px solid #d0d7de; border-radius: 4px; padding: 6px; }
+QLabel#model { color: #57606a; }
+QPlainTextEdit, QTextBrowser { background: #ffffff; border: 1px solid #d0d7de; border-radius: 4px;
+    font-size: 14px; padding: 4px; }
+QPlainTextEdit[readOnly="true"] { background: #f6f8fa; color: #424a53; }
+QPushButton { padding: 6px 14px; border-radius: 4px; border: 1px solid #d0d7de; background: #ffffff; }
+QPushButton:disabled { color: #8c959f; background: #f6f8fa; }
+QPushButton#sign { background: #1f883d; color: white; border: 1px solid #1a7f37; font-weight: 700; }
+QPushButton#sign:disabled { background: #94d3a2; border-color: #94d3a2; }
+QPushButton#reject { color: #cf222e; }
+QTableView { background: #ffffff; alternate-background-color: #f6f8fa; border: 1px solid #d0d7de;
+    selection-background-color: #ddf4ff; selection-color: #1f2328; }
+QHeaderView::section { background: #f6f8fa; border: none; border-bottom: 1px solid #d0d7de;
+    padding: 4px; font-weight: 600; }
+QLabel#title { font-size: 15px; font-weight: 700; color: #1f2328; }
+StudyViewer { background: #0d1117; }
+"""
+
+
+class WorklistPane(QWidget):
+    """Search, state filter, the table and a row count."""
+
+    def __init__(self, vm: viewmodels.WorklistModel, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.vm = vm
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(8, 8, 4, 8)
+        head = QHBoxLayout()
+        title = QLabel("Worklist", self)
+        title.setObjectName("title")
+        head.addWidget(title)
+        head.addStretch(1)
+        self.refresh_button = QToolButton(self)
+        self.refresh_button.setText("⟳")
+        self.refresh_button.setToolTip("Refresh now (F5); refreshes by itself")
+        head.addWidget(self.refresh_button)
+        lay.addLayout(head)
+        filters = QHBoxLayout()
+        self.search = QLineEdit(self)
+        self.search.setPlaceholderText("Search name, ID, accession (Ctrl+F)")
+        self.search.setClearButtonEnabled(True)
+        filters.addWidget(self.search, 1)
+        self.state = QComboBox(self)
+        self.state.addItems(list(viewmodels.STATE_FILTERS))
+        self.state.setToolTip("Which drafts to list")
+        filters.addWidget(self.state)
+        lay.addLayout(filters)
+        self.model = WorklistTable(vm, self)
+        self.table = QTableView(self)
+        self.table.setModel(self.model)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.setAlternatingRowColors(True)
+        self.table.verticalHeader().setVisible(False)  # type: ignore[union-attr]
+        self.table.setShowGrid(False)
+        self.table.setWordWrap(False)
+        header = self.table.horizontalHeader()
+        assert header is not None
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setStretchLastSection(True)
+        header.setSortIndicator(vm.sort_column, Qt.SortOrder.DescendingOrder if vm.descending else Qt.SortOrder.AscendingOrder)
+        self.table.setSortingEnabled(True)
+        lay.addWidget(self.table, 1)
+        self.count = QLabel("", self)
+        self.count.setObjectName("model")
+        lay.addWidget(self.count)
+
+    def select_draft(self, draft_id: int | None) -> None:
+        i = self.vm.index_of(draft_id)
+        sel = self.table.selectionModel()
+        if i >= 0 and sel is not None:
+            sel.select(
+                self.model.index(i, 0),
+                QItemSelectionModel.SelectionFlag.ClearAndSelect | QItemSelectionModel.SelectionFlag.Rows,
+            )
+            self.table.scrollTo(self.model.index(i, 0))
+
+
+class ReportPane(QWidget):
+    """Patient line, status banner, model, indication, Findings / Impression editors, diff, buttons."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.vm: viewmodels.ReviewModel | None = None
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(6, 8, 8, 8)
+        lay.setSpacing(6)
+        self.patient = QLabel("No study open", self)
+        self.patient.setObjectName("patient")
+        self.patient.setWordWrap(True)
+        self.patient.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        lay.addWidget(self.patient)
+        self.banner = QLabel("", self)
+        self.banner.setObjectName("banner_draft")
+        self.banner.setWordWrap(True)
+        self.banner.setVisible(False)
+        lay.addWidget(self.banner)
+        self.model_line = QLabel("", self)
+        self.model_line.setObjectName("model")
+        lay.addWidget(self.model_line)
+
+        lay.addWidget(self._section("Indication"))
+        self.indication = QLabel("", self)
+        self.indication.setObjectName("indication")
+        self.indication.setWordWrap(True)
+        self.indication.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        lay.addWidget(self.indication)
+
+        tools = QHBoxLayout()
+        self.highlight = QCheckBox("Highlight uncertain words", self)
+        self.highlight.setChecked(True)
+        self.highlight.setToolTip(
+            f"Words the model gave a probability below {viewmodels.DEFAULT_LOW_CONFIDENCE:.0%} are marked"
+        )
+        tools.addWidget(self.highlight)
+        tools.addStretch(1)
+        self.diff_button = QPushButton("Changes vs AI draft (Ctrl+D)", self)
+        self.diff_button.setCheckable(True)
+        tools.addWidget(self.diff_button)
+        lay.addLayout(tools)
+
+        self.stack = QStackedWidget(self)
+        editors = QWidget(self)
+        el = QVBoxLayout(editors)
+        el.setContentsMargins(0, 0, 0, 0)
+        el.addWidget(self._section("Findings"))
+        self.findings = QPlainTextEdit(editors)
+        self.findings.setTabChangesFocus(True)
+        el.addWidget(self.findings, 3)
+        el.addWidget(self._section("Impression"))
+        self.impression = QPlainTextEdit(editors)
+        self.impression.setTabChangesFocus(True)
+        el.addWidget(self.impression, 1)
+        self.stack.addWidget(editors)
+        self.diff_view = QTextBrowser(self)
+        self.stack.addWidget(self.diff_view)
+        lay.addWidget(self.stack, 1)
+
+        self.hl_findings = UncertainWords(self.findings, lambda t: self._spans("findings", t))
+        self.hl_impression = UncertainWords(self.impression, lambda t: self._spans("impression", t))
+
+        buttons = QHBoxLayout()
+        self.reject_button = QPushButton("Reject…", self)
+        self.reject_button.setObjectName("reject")
+        self.reject_button.setToolTip("Reject the draft with a reason (Ctrl+Shift+R)")
+        self.skip_button = QPushButton("Skip", self)
+        self.skip_button.setToolTip("Give the draft back to the worklist and open the next one")
+        self.next_button = QPushButton("Next (Ctrl+N)", self)
+        self.sign_button = QPushButton("Sign  (Ctrl+Enter)", self)
+        self.sign_button.setObjectName("sign")
+        self.sign_button.setToolTip("Sign as your configured name: writes the verified report and sends it")
+        buttons.addWidget(self.reject_button)
+        buttons.addWidget(self.skip_button)
+        buttons.addStretch(1)
+        buttons.addWidget(self.next_button)
+        buttons.addWidget(self.sign_button)
+        lay.addLayout(buttons)
+        self.signer = QLabel("", self)
+        self.signer.setObjectName("model")
+        self.signer.setWordWrap(True)
+        lay.addWidget(self.signer)
+
+        self.findings.textChanged.connect(self._edited)
+        self.impression.textChanged.connect(self._edited)
+        self.highlight.toggled.connect(self._toggle_highlight)
+        self.diff_button.toggled.connect(self.show_diff)
+        self.show_review(None)
+
+    def _section(self, text: str) -> QLabel:
+        lab = QLabel(text.upper(), self)
+        lab.setObjectName("section")
+        return lab
+
+    def _spans(self, section: str, text: str) -> list[viewmodels.Span]:
+        if self.vm is None:
+            return []
+        f = text if section == "findings" else self.findings.toPlainText()
+        i = text if section == "impression" else self.impression.toPlainText()
+        probe = viewmodels.ReviewModel(self.vm.service, self.vm.user, self.vm.detail, False, findings=f, impression=i)
+        return probe.highlights(section)
+
+    def _toggle_highlight(self, on: bool) -> None:
+        for h in (self.hl_findings, self.hl_impression):
+            h.refresh(on)
+
+    def _edited(self) -> None:
+        if self.vm is not None and not self.vm.read_only:
+            self.vm.set_text(self.findings.toPlainText(), self.impression.toPlainText())
+            self._update_buttons()
+            if self.diff_button.isChecked():
+                self.show_diff(True)
+
+    def show_diff(self, on: bool) -> None:
+        if on and self.vm is not None:
+            body = (
+                "<h4 style='margin:4px 0'>Findings</h4><p>" + diff_html(self.vm.word_diff("findings")) + "</p>"
+                "<h4 style='margin:4px 0'>Impression</h4><p>" + diff_html(self.vm.word_diff("impression")) + "</p>"
+            )
+            if not self.vm.edited:
+                body = "<p style='color:#57606a'><i>No changes: the text is the AI draft.</i></p>" + body
+            self.diff_view.setHtml(body)
+            self.stack.setCurrentIndex(1)
+        else:
+            self.stack.setCurrentIndex(0)
+        if self.diff_button.isChecked() != on:
+            self.diff_button.setChecked(on)
+
+    def _update_buttons(self) -> None:
+        vm = self.vm
+        self.sign_button.setEnabled(bool(vm and vm.can_sign))
+        self.reject_button.setEnabled(bool(vm and vm.can_reject))
+        self.skip_button.setEnabled(vm is not None)
+        self.diff_button.setEnabled(vm is not None)
+
+    def show_review(self, vm: viewmodels.ReviewModel | None, signer: str = "") -> None:
+        self.vm = None  # no edit events while filling
+        if vm is None:
+            self.patient.setText("No study open")
+            self.banner.setVisible(False)
+            self.model_line.setText("")
+            self.indication.setText("")
+            self.findings.setPlainText("")
+            self.impression.setPlainText("")
+            for e in (self.findings, self.impression):
+                e.setReadOnly(True)
+            self.signer.setText("")
+            self._update_buttons()
+            return
+        self.patient.setText(vm.patient_line())
+        kind, text = vm.banner()
+        self.banner.setObjectName(f"banner_{kind}")
+        self.banner.setText(text)
+        self.banner.setVisible(True)
+        style = self.banner.style()
+        if style is not None:
+            style.unpolish(self.banner)
+            style.polish(self.banner)
+        self.model_line.setText(vm.model_line())
+        self.indication.setText(vm.detail.indication or "(no indication in the request)")
+        self.findings.setPlainText(vm.findings)
+        self.impression.setPlainText(vm.impression)
+        for e in (self.findings, self.impression):
+            e.setReadOnly(vm.read_only)
+            e.setProperty("readOnly", vm.read_only)
+            st = e.style()
+            if st is not None:
+                st.unpolish(e)
+                st.polish(e)
+        self.signer.setText(signer)
+        self.vm = vm
+        self._toggle_highlight(self.highlight.isChecked() and not vm.is_final)
+        self._update_buttons()
+        self.show_diff(self.diff_button.isChecked())
+
+
+class ReviewerWindow(QMainWindow):
+    """The reviewer. ``user`` is the authenticated account (the OS user in :mod:`gui.cli`)."""
+
+    review_shown = pyqtSignal(int)  # draft id: views painted and draft text filled
+    signed = pyqtSignal(int)
+    rejected = pyqtSignal(int)
+    worklist_refreshed = pyqtSignal()
+    failed = pyqtSignal(str)
+
+    def __init__(
+        self,
+        service: ReviewService,
+        user: str,
+        refresh_interval_s: float = 15.0,
+        study_uid: str = "",
+    ) -> None:
+        super().__init__()
+        self.service = service
+        self.user = user
+        self.tasks = TaskRunner(self)
+        self.worklist_vm = viewmodels.WorklistModel(service)
+        self.review: viewmodels.ReviewModel | None = None
+        self._opening: int | None = None
+        self._refreshing = False
+        self._refresh_again = False
+        self._pending_study_uid = study_uid
+        # dialogs, replaceable by tests
+        self.confirm: Callable[[str, str], bool] = self._confirm_dialog
+        self.ask_reason: Callable[[], str | None] = self._reason_dialog
+        self.show_error: Callable[[str, str], None] = self._error_dialog
+
+        reviewer = service.config.reviewer(user)
+        who = (
+            f"{viewmodels.person_display(reviewer.display_name)} ({reviewer.organisation})"
+            if reviewer
+            else f"{user} — not a configured reviewer (read-only)"
+        )
+        self.setWindowTitle(f"cxrnode reviewer — {who}")
+        self.setStyleSheet(STYLE)
+        self.resize(QSize(1600, 900))
+
+        self.worklist = WorklistPane(self.worklist_vm, self)
+        self.study = StudyViewer(self)
+        self.report = ReportPane(self)
+        lower = QSplitter(Qt.Orientation.Horizontal, self)
+        lower.addWidget(self.study)
+        lower.addWidget(self.report)
+        lower.setStretchFactor(0, 1)
+        lower.setStretchFactor(1, 0)
+        lower.setSizes([1100, 500])
+        splitter = QSplitter(Qt.Orientation.Vertical, self)
+        splitter.addWidget(self.worklist)
+        splitter.addWidget(lower)
+        splitter.setStretchFactor(0, 0)
+        splitter.setStretchFactor(1, 1)
+        splitter.setSizes([210, 690])
+        splitter.setObjectName("central")
+        self.setCentralWidget(splitter)
+        self.splitter = splitter
+
+        bar = self.statusBar()
+        assert bar is not None
+        self.status_label = QLabel("", self)
+        self.progress = QProgressBar(self)
+        self.progress.setMaximumWidth(220)
+        self.progress.setTextVisible(True)
+        self.progress.setVisible(False)
+        self.user_label = QLabel(f"Signed in as {user}", self)
+        bar.addWidget(self.status_label, 1)
+        bar.addPermanentWidget(self.progress)
+        bar.addPermanentWidget(self.user_label)
+        sep = QFrame(self)
+        sep.setFrameShape(QFrame.Shape.VLine)
+        bar.addPermanentWidget(sep)
+        self.tasks.busy_changed.connect(self._busy)
+        self.tasks.progress.connect(self._progress)
+
+        # wiring
+        w = self.worklist
+        w.refresh_button.clicked.connect(self.refresh)
+        w.search.textChanged.connect(self._search_changed)
+        w.state.currentTextChanged.connect(self._filter_changed)
+        w.model.sort_requested.connect(self.refresh)
+        w.table.clicked.connect(lambda idx: self._row_chosen(idx.row()))
+        w.table.activated.connect(lambda idx: self._row_chosen(idx.row()))
+        self.report.sign_button.clicked.connect(self.sign)
+        self.report.reject_button.clicked.connect(self.reject)
+        self.report.skip_button.clicked.connect(self.skip)
+        self.report.next_button.clicked.connect(self.next)
+        self.study.all_painted.connect(self._painted)
+        for keys, slot in (
+            ("Ctrl+Return", self.sign),
+            ("Ctrl+Enter", self.sign),
+            ("Ctrl+N", self.next),
+            ("Ctrl+Shift+R", self.reject),
+            ("Ctrl+D", lambda: self.report.diff_button.toggle()),
+            ("Ctrl+F", self._focus_search),
+            ("F5", self.refresh),
+        ):
+            sc = QShortcut(QKeySequence(keys), self)
+            sc.setContext(Qt.ShortcutContext.WindowShortcut)
+            sc.activated.connect(slot)
+        self.timer = QTimer(self)
+        self.timer.setInterval(max(1000, int(refresh_interval_s * 1000)))
+        self.timer.timeout.connect(self.refresh)
+        if refresh_interval_s > 0:
+            self.timer.start()
+        self._search_timer = QTimer(self)
+        self._search_timer.setSingleShot(True)
+        self._search_timer.setInterval(250)
+        self._search_timer.timeout.connect(self.refresh)
+        self.refresh()
+
+    # -- dialogs ----------------------------------------------------------------------------
+    def _confirm_dialog(self, title: str, text: str) -> bool:
+        answer = QMessageBox.question(self, title, text, QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                                      QMessageBox.StandardButton.No)
+        return answer == QMessageBox.StandardButton.Yes
+
+    def _reason_dialog(self) -> str | None:
+        text, ok = QInputDialog.getMultiLineText(self, "Reject the draft", "Why is this draft rejected? (required)")
+        return text if ok else None
+
+    def _error_dialog(self, title: str, text: str) -> None:
+        QMessageBox.warning(self, title, text)
+
+    # -- status -----------------------------------------------------------------------------
+    def say(self, text: str) -> None:
+        self.status_label.setText(text)
+
+    def _busy(self, busy: bool) -> None:
+        self.progress.setVisible(busy)
+        if busy:
+            self.progress.setRange(0, 0)
+        else:
+            self.progress.setRange(0, 1)
+
+    def _progress(self, done: int, total: int, what: str) -> None:
+        if total > 0:
+            self.progress.setRange(0, total)
+            self.progress.setValue(done)
+        self.progress.setFormat(what)
+
+    def _fail(self, title: str) -> Callable[[BaseException, str], None]:
+        def handler(exc: BaseException, tb: str) -> None:
+            if not isinstance(exc, ReviewError):
+                log.error("%s: %s", title, tb)
+            message = str(exc) or type(exc).__name__
+            self.say(f"{title}: {message}")
+            self.failed.emit(message)
+            self.show_error(title, message)
+
+        return handler
+
+    # -- worklist ---------------------------------------------------------------------------
+    def _focus_search(self) -> None:
+        self.worklist.search.setFocus()
+        self.worklist.search.selectAll()
+
+    def _search_changed(self, text: str) -> None:
+        self.worklist_vm.search = text
+        self._search_timer.start()
+
+    def _filter_changed(self, text: str) -> None:
+        self.worklist_vm.state_filter = text
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Refetch the worklist off the GUI thread (one at a time; a request during one queues)."""
+        if self._refreshing:
+            self._refresh_again = True
+            return
+        self._refreshing = True
+        self.tasks.start(lambda progress: self.worklist_vm.fetch(), self._refreshed, self._refresh_failed)
+
+    def _refreshed(self, rows: list[Any]) -> None:
+        self._refreshing = False
+        current = self.review.detail.draft_id if self.review else None
+        self.worklist.model.set_rows(rows)
+        self.worklist.select_draft(current)
+        n_open = sum(1 for r in rows if r.state == "new")
+        self.worklist.count.setText(f"{len(rows)} studies · {n_open} waiting")
+        self.worklist_refreshed.emit()
+        if self._refresh_again:
+            self._refresh_again = False
+            self.refresh()
+        if self._pending_study_uid:
+            uid, self._pending_study_uid = self._pending_study_uid, ""
+            self.open_study(uid)
+
+    def _refresh_failed(self, exc: BaseException, tb: str) -> None:
+        self._refreshing = False
+        log.warning("worklist refresh failed: %s", exc)
+        self.say(f"Worklist could not be refreshed: {exc}")
+
+    def _row_chosen(self, row: int) -> None:
+        if 0 <= row < len(self.worklist_vm.rows):
+            r = self.worklist_vm.rows[row]
+            if r.draft_id is None:
+                self.say(f"No draft: drafting failed for this study. {r.detail}".strip())
+                return
+            self.open_draft(r.draft_id)
+
+    # -- opening ----------------------------------------------------------------------------
+    def open_study(self, study_uid: str) -> None:
+        """Context launch: open the current draft of a study (by Study Instance UID)."""
+
+        def find(progress: Callable[[int, int, str], None]) -> int | None:
+            return self.service.find_draft(study_uid)
+
+        def found(draft_id: int | None) -> None:
+            if draft_id is None:
+                self.say(f"No draft for study {study_uid} (yet).")
+                self.failed.emit(f"no draft for study {study_uid}")
+            else:
+                self.open_draft(draft_id)
+
+        self.tasks.start(find, found, self._fail("Cannot open the study"))
+
+    def open_draft(self, draft_id: int) -> None:
+        """Claim (when possible) and show a draft; the previous one is released."""
+        if self._opening == draft_id or (self.review and self.review.detail.draft_id == draft_id and self._opening is None):
+            return
+        previous = self.review
+        if previous is not None and previous.holds_claim and not previous.is_final and previous.edited:
+            if not self.confirm("Discard your changes?",
+                                "You edited this draft but did not sign it. Discard your changes and open another study?"):
+                self.worklist.select_draft(previous.detail.draft_id)
+                return
+        self._opening = draft_id
+        self.say("Opening…")
+
+        def work(progress: Callable[[int, int, str], None]) -> viewmodels.ReviewModel:
+            if previous is not None:
+                previous.release()
+            return viewmodels.open_review(self.service, self.user, draft_id, progress=progress)
+
+        self.tasks.start(work, self._opened, self._open_failed)
+
+    def _open_failed(self, exc: BaseException, tb: str) -> None:
+        self._opening = None
+        self._fail("Cannot open the draft")(exc, tb)
+
+    def _opened(self, vm: viewmodels.ReviewModel) -> None:
+        if self._opening != vm.detail.draft_id:  # superseded by a later click
+            if vm.holds_claim:
+                self.tasks.start(lambda progress: vm.release(), lambda _: None, lambda e, tb: None)
+            return
+        self.review = vm
+        self.report.show_review(vm, self._signer_text())
+        self.study.set_pictures(vm.pictures)
+        self.worklist.select_draft(vm.detail.draft_id)
+        self.say(vm.banner()[1])
+        if vm.holds_claim:
+            self.report.findings.setFocus()
+        self.refresh()
+
+    def _painted(self) -> None:
+        if self.review is not None and self._opening == self.review.detail.draft_id:
+            self._opening = None
+            self.review_shown.emit(self.review.detail.draft_id)
+
+    def _signer_text(self) -> str:
+        r = self.service.config.reviewer(self.user)
+        if r is None:
+            return f"Account {self.user!r} is not in the configured reviewers: you can read but not sign."
+        return f"Signing as {viewmodels.person_display(r.display_name)}, {r.organisation} (account {self.user})"
+
+    # -- actions ----------------------------------------------------------------------------
+    def sign(self) -> None:
+        vm = self.review
+        if vm is None or self._opening is not None:
+            return
+        if not vm.can_sign:
+            self.say("This report cannot be signed: " + vm.banner()[1])
+            return
+        if vm.needs_confirmation() and not self.confirm(
+            "Sign the unchanged AI draft?",
+            "The text is exactly the AI draft. Sign it as your report, verified by you?",
+        ):
+            self.say("Not signed.")
+            return
+        self.report.sign_button.setEnabled(False)
+        self.say("Signing…")
+
+        def work(progress: Callable[[int, int, str], None]) -> Any:
+            progress(0, 1, "Signing…")
+            return vm.sign()
+
+        def done(_: Any) -> None:
+            self.report.show_review(vm, self._signer_text())
+            n = len(self.service.config.destinations)
+            self.say(f"Signed. Verified report stored and queued to {n} destination(s).")
+            self.signed.emit(vm.detail.draft_id)
+            self.refresh()
+
+        def failed(exc: BaseException, tb: str) -> None:
+            if isinstance(exc, ClaimConflictError):
+                vm.holds_claim = False
+                vm.notice = f"read-only: {exc}"
+            self.report.show_review(vm, self._signer_text())
+            self._fail("Not signed")(exc, tb)
+            self.refresh()
+
+        self.tasks.start(work, done, failed)
+
+    def reject(self) -> None:
+        vm = self.review
+        if vm is None or not vm.can_reject:
+            return
+        reason = self.ask_reason()
+        if reason is None:
+            return
+        if not reason.strip():
+            self.show_error("Not rejected", "A reason is required to reject a draft.")
+            return
+
+        def done(_: Any) -> None:
+            self.report.show_review(vm, self._signer_text())
+            self.say("Rejected. No report was sent.")
+            self.rejected.emit(vm.detail.draft_id)
+            self.refresh()
+
+        self.tasks.start(lambda progress: vm.reject(reason), done, self._fail("Not rejected"))
+
+    def skip(self) -> None:
+        """Give the draft back and move on."""
+        vm = self.review
+        if vm is None:
+            return
+        if vm.edited and vm.holds_claim and not vm.is_final and not self.confirm(
+            "Discard your changes?", "Skip this draft and discard your changes?"
+        ):
+            return
+        nxt = self.worklist_vm.next_open_after(vm.detail.draft_id)
+        self.review = None
+        self.report.show_review(None)
+        self.study.set_pictures([])
+
+        def work(progress: Callable[[int, int, str], None]) -> bool:
+            return vm.release()
+
+        def done(_: Any) -> None:
+            self.say("Skipped.")
+            if nxt is not None and nxt.draft_id is not None:
+                self.open_draft(nxt.draft_id)
+            else:
+                self.refresh()
+
+        self.tasks.start(work, done, self._fail("Skip"))
+
+    def next(self) -> None:
+        """Open the next draft waiting in the worklist."""
+        current = self.review.detail.draft_id if self.review else None
+        nxt = self.worklist_vm.next_open_after(current)
+        if nxt is None or nxt.draft_id is None:
+            self.say("No other draft is waiting.")
+            return
+        self.open_draft(nxt.draft_id)
+
+    def closeEvent(self, event: QCloseEvent | None) -> None:  # noqa: N802
+        self.timer.stop()
+        vm = self.review
+        if vm is not None and vm.holds_claim and not vm.is_final:
+            if vm.edited and not self.confirm("Quit?", "You have unsigned changes. Quit and discard them?"):
+                if event is not None:
+                    event.ignore()
+                return
+            try:
+                vm.release()
+            except Exception:  # the database may be gone; the claim then simply expires
+                log.warning("could not release draft %s on exit", vm.detail.draft_id, exc_info=True)
+        self.tasks.wait(10000)
+        super().closeEvent(event)

@@ -1,0 +1,152 @@
+"""gui.viewmodels without Qt: formatting, worklist model, uncertain-word spans, review states."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from sqlalchemy import select
+
+from dicom_node.db import AuditEvent, DraftState
+from gui import synthetic, viewmodels
+from gui.viewmodels import ReviewModel, WorklistModel, low_confidence_spans, open_review
+from plugin.review import DraftDetail, ReviewError, ReviewService, WorklistRow
+
+
+def test_formatting() -> None:
+    assert viewmodels.format_person_name("Moreau^Claire") == "MOREAU, Claire"
+    assert viewmodels.format_person_name("Doe^John^Q^Mr") == "DOE, Mr John Q"
+    assert viewmodels.format_person_name("") == ""
+    assert viewmodels.person_display("Moreau^Alice^^Dr") == "Dr Alice Moreau"
+    assert viewmodels.format_da("20261124") == "2026-11-24"
+    assert viewmodels.format_da("") == ""
+    assert [viewmodels.format_age(s) for s in (5, 125, 3 * 3600 + 300, 2 * 86400 + 4 * 3600)] == [
+        "5 s", "2 min", "3 h 05", "2 d 4 h"]
+    assert viewmodels.patient_age("19580302", "20261124") == "68 y"
+    assert viewmodels.patient_age("19580302", "") == ""
+
+
+def row(i: int, state: str = "new", **kw: object) -> WorklistRow:
+    base: dict[str, object] = dict(
+        draft_id=i, study_instance_uid=f"1.2.{i}", patient_name=f"P^{i}", patient_id=f"ID{i}", study_date="20261124",
+        accession_number=f"A{i}", views=("PA", "LATERAL"), created_at=dt.datetime(2026, 11, 25), age_s=60.0 * i,
+        state=state,
+    )
+    base.update(kw)
+    return WorklistRow(**base)  # type: ignore[arg-type]
+
+
+def test_cells_and_next_open_row() -> None:
+    r = row(1, "in_review", claimed_by="bob")
+    texts = [viewmodels.cell_text(r, c) for c in range(len(viewmodels.COLUMNS))]
+    assert texts == ["P, 1", "ID1", "2026-11-24", "A1", "PA + LATERAL", "1 min", "in review by bob"]
+    assert "Reason: too dark" in viewmodels.row_tooltip(row(2, "rejected", detail="too dark"))
+    assert "Failed: model missing" in viewmodels.row_tooltip(row(3, "failed", detail="model missing"))
+    vm = WorklistModel(service=None)  # type: ignore[arg-type]
+    vm.set_rows([row(1), row(2, "in_review", claimed_by="bob"), row(3, "signed"), row(4)])
+    assert vm.index_of(3) == 2 and vm.index_of(99) == -1
+    nxt = vm.next_open_after(1)
+    assert nxt is not None and nxt.draft_id == 4  # skips in-review and signed rows
+    nxt = vm.next_open_after(4)
+    assert nxt is not None and nxt.draft_id == 1  # wraps around
+    assert vm.sort_by(4, False) is False  # Views cannot be sorted
+    assert vm.sort_by(0, True) is True and vm.sort_column == 0 and vm.descending
+
+
+def test_low_confidence_spans_follow_the_text_through_edits() -> None:
+    tokens = [("The", 0.9), ("heart", 0.3), ("is", 0.9), ("enlarged", 0.2), (".", 0.4), ("No", 0.95), ("effusion", 0.45)]
+    text = "The heart is enlarged. No effusion."
+    spans = low_confidence_spans(text, tokens, threshold=0.5)
+    assert [text[s.start:s.end] for s in spans] == ["heart", "enlarged", "effusion"]
+    assert spans[0].probability == 0.3
+    edited = "The heart is mildly enlarged. No pleural effusion."
+    assert [edited[s.start:s.end] for s in low_confidence_spans(edited, tokens, 0.5)] == ["heart", "enlarged", "effusion"]
+    removed = "The heart is normal. No effusion."
+    assert [removed[s.start:s.end] for s in low_confidence_spans(removed, tokens, 0.5)] == ["heart", "effusion"]
+    assert low_confidence_spans(text, tokens, threshold=0.1) == []
+
+
+def detail(**kw: object) -> DraftDetail:
+    base: dict[str, object] = dict(
+        draft_id=1, study_instance_uid="1.2.3", sop_instance_uid="1.2.3.4", path=None, patient_name="Moreau^Claire",
+        patient_id="CXR-1", patient_birth_date="19580302", patient_sex="F", study_date="20261124",
+        study_description="XR CHEST", accession_number="ACC1", indication="Cough.",
+        findings="Heart size normal.\nNo effusion.", impression="Normal chest.",
+        tokens=(("Heart", 0.9), ("size", 0.3), ("normal", 0.9), ("No", 0.9), ("effusion", 0.9), ("Normal", 0.2)),
+        views=(), model_name="cxr-tiny", model_version="1.0", created_at=dt.datetime(2026, 11, 25, 8, 0),
+        state=DraftState.IN_REVIEW, claimed_by="alice", claimed_at=dt.datetime(2026, 11, 25, 8, 1),
+    )
+    base.update(kw)
+    return DraftDetail(**base)  # type: ignore[arg-type]
+
+
+def test_review_model_states_and_banner() -> None:
+    vm = ReviewModel(service=None, user="alice", detail=detail(), holds_claim=True)  # type: ignore[arg-type]
+    kind, text = vm.banner()
+    assert kind == "draft" and "AI DRAFT — UNVERIFIED" in text and "cxr-tiny 1.0" in text
+    assert vm.can_sign and not vm.read_only and not vm.edited and vm.needs_confirmation()
+    assert "MOREAU, Claire" in vm.patient_line() and "68 y F" in vm.patient_line()
+    vm.set_text("Heart size normal.\nSmall left effusion.", "Small effusion.")
+    assert vm.edited and not vm.needs_confirmation()
+    assert "-No effusion." in vm.diff() and "+Small left effusion." in vm.diff()
+    assert ("-", "No") in vm.word_diff("findings") and ("+", "Small left") in vm.word_diff("findings")
+    assert [vm.findings[s.start:s.end] for s in vm.highlights("findings")] == ["size"]
+    vm.set_text("", "")
+    assert not vm.can_sign  # an empty report cannot be signed
+
+    other = ReviewModel(service=None, user="bob", detail=detail(), holds_claim=False, notice="read-only: in review by alice")  # type: ignore[arg-type]
+    assert other.read_only and not other.can_sign and not other.can_reject
+    assert other.banner()[0] == "blocked" and "in review by alice" in other.banner()[1]
+    with pytest.raises(ReviewError):
+        other.set_text("x", "y")
+
+    signed = ReviewModel(service=None, user="bob", holds_claim=False, detail=detail(  # type: ignore[arg-type]
+        state=DraftState.SIGNED, signed_by="alice", signed_at=dt.datetime(2026, 11, 25, 9, 30),
+        signed_findings="Signed findings.", signed_impression="Signed impression."))
+    assert signed.is_final and signed.read_only
+    assert signed.findings == "Signed findings."  # a signed report shows what was signed
+    kind, text = signed.banner()
+    assert kind == "final" and "SIGNED — VERIFIED by alice on 2026-11-25 09:30" in text
+    assert "UNVERIFIED" not in text
+
+    for state, word in ((DraftState.REJECTED, "REJECTED"), (DraftState.SUPERSEDED, "SUPERSEDED")):
+        m = ReviewModel(service=None, user="alice", detail=detail(state=state, reject_reason="bad"), holds_claim=False)  # type: ignore[arg-type]
+        assert m.read_only and m.banner()[0] == "blocked" and word in m.banner()[1]
+        assert "UNVERIFIED" in m.banner()[1]  # never presented as a report
+
+
+def test_open_review_claims_loads_views_and_reports_progress(service: ReviewService, node: synthetic.NodeFixture) -> None:
+    draft_id = service.worklist()[0].draft_id
+    assert draft_id is not None
+    seen: list[tuple[int, int, str]] = []
+    vm = open_review(service, "alice", draft_id, progress=lambda d, t, w: seen.append((d, t, w)))
+    assert vm.holds_claim and not vm.read_only
+    assert sorted(p.view for p in vm.pictures) == ["LATERAL", "PA"]
+    assert seen[-1][:2] == (2, 2) and seen[0][0] == 0
+    assert vm.findings == vm.detail.findings and vm.findings
+    with node.sessions() as s:
+        assert s.scalars(select(AuditEvent.actor).where(AuditEvent.action == "claimed")).all() == ["alice"]
+
+
+def test_open_review_read_only_for_a_held_draft_and_an_unknown_account(service: ReviewService) -> None:
+    draft_id = service.worklist()[0].draft_id
+    assert draft_id is not None
+    open_review(service, "alice", draft_id, load_views=False)
+    bob = open_review(service, "bob", draft_id, load_views=False)
+    assert not bob.holds_claim and bob.read_only and "in review by alice" in bob.banner()[1]
+    stranger = open_review(service, "mallory", service.worklist()[1].draft_id or 0, load_views=False)
+    assert stranger.read_only and "not a configured reviewer" in stranger.banner()[1]
+    with pytest.raises(ReviewError):
+        stranger.sign()
+
+
+def test_review_model_sign_and_release(service: ReviewService) -> None:
+    rows = service.worklist()
+    vm = open_review(service, "alice", rows[0].draft_id or 0, load_views=False)
+    vm.set_text(vm.findings, "Edited impression.")
+    signed = vm.sign()
+    assert signed.state == DraftState.SIGNED and vm.is_final and vm.read_only
+    assert vm.release() is False  # nothing to release after signing
+    other = open_review(service, "alice", rows[1].draft_id or 0, load_views=False)
+    assert other.release() is True
+    assert service.detail(rows[1].draft_id or 0).state == DraftState.NEW
