@@ -1,0 +1,160 @@
+"""plugin.pipeline.handle_job on a real store, index and job queue with the shipped model bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from nodeenv import NodeEnv, make_env
+from pydicom import dcmread
+from sqlalchemy import select
+from sr_checks import check_sr_file
+from synth import image, non_image
+
+from dicom_node.db import AuditEvent, Draft, Instance, Study, Transfer
+from plugin import pipeline, samples, sr
+
+INDICATION = "History of testicular cancer, evaluate for metastatic disease"
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> NodeEnv:
+    return make_env(tmp_path / "node")
+
+
+def drafts(env: NodeEnv, study_uid: str) -> list[Draft]:
+    with env.sessions() as s:
+        study = s.scalars(select(Study).where(Study.study_instance_uid == study_uid)).one()
+        rows = list(s.scalars(select(Draft).where(Draft.study_id == study.id).order_by(Draft.id)))
+        for r in rows:
+            s.expunge(r)
+        return rows
+
+
+def test_two_view_study_gets_a_valid_draft(env: NodeEnv) -> None:
+    study = samples.make_study(1, prefix="pipe")
+    env.store_instances(study)
+    [job] = env.run_jobs(pipeline.handle_job)
+    assert job.state == "done", job.log
+    gen = pipeline.generator_for(env.config)
+    assert (job.model_name, job.model_version) == (gen.name, gen.version)
+    for needle in ("selected 2 image(s)", "pixels ", "inverted (MONOCHROME1)", "view ",
+                   "indication from RequestAttributesSequence/ReasonForTheRequestedProcedure",
+                   f"model {gen.name} {gen.version}", "draft SR "):
+        assert needle in job.log, (needle, job.log)
+    [d] = drafts(env, study[0].StudyInstanceUID)
+    assert d.state == "new" and d.job_id == job.id and d.indication == INDICATION
+    assert d.findings or d.impression
+    views = json.loads(d.views)
+    assert {v["sop_instance_uid"] for v in views} == {ds.SOPInstanceUID for ds in study}
+    assert all(v["view"] in ("PA", "AP", "LATERAL", "LL") for v in views)
+    tokens = json.loads(d.token_info)["tokens"]
+    assert tokens and all(0.0 <= p <= 1.0 for _, p in tokens)
+    path = env.store.abspath(d.path)
+    check_sr_file(path)
+    rep = sr.read_report(dcmread(path))
+    assert rep.sop_instance_uid == d.sop_instance_uid
+    assert rep.findings == d.findings and rep.impression == d.impression and rep.indication == INDICATION
+    assert set(rep.source_images) == {ds.SOPInstanceUID for ds in study}
+    assert rep.verification_flag == "UNVERIFIED" and rep.device_model == f"{gen.name} {gen.version}"
+    with env.sessions() as s:
+        inst = s.scalars(select(Instance).where(Instance.sop_instance_uid == d.sop_instance_uid)).one()
+        assert inst.generated == 1
+        st = s.scalars(select(Study).where(Study.study_instance_uid == study[0].StudyInstanceUID)).one()
+        assert st.state == "drafted" and st.generation == 2  # our SR did not bump the generation
+        assert s.scalars(select(AuditEvent).where(AuditEvent.action == "drafted")).one().object_uid == d.sop_instance_uid
+        assert not list(s.scalars(select(Transfer)))  # no destination wants drafts
+
+
+def test_nothing_to_read_is_skipped_with_reasons(env: NodeEnv) -> None:
+    sr_doc = non_image("1.2.840.10008.5.1.4.1.1.88.67", "SR")
+    knee = image(body_part="KNEE", study_uid=sr_doc.StudyInstanceUID)
+    for ds in (sr_doc,):
+        ds.SeriesInstanceUID = "1.2.3.4.5"
+        ds.PatientID = "P1"
+        ds.file_meta = knee.file_meta.__class__()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = knee.file_meta.TransferSyntaxUID
+    env.store_instances([sr_doc, knee])
+    [job] = env.run_jobs(pipeline.handle_job)
+    assert job.state == "skipped"
+    assert "no chest radiograph" in (job.last_error or "")
+    assert "dose report" in job.log and "KNEE" in job.log
+    with env.sessions() as s:
+        assert s.scalars(select(Study)).one().state == "skipped"
+        assert not list(s.scalars(select(Draft)))
+
+
+def test_new_images_supersede_the_unsigned_draft_and_reruns_are_idempotent(env: NodeEnv) -> None:
+    study = samples.make_study(2, prefix="pipe")
+    env.store_instances(study)
+    [first] = env.run_jobs(pipeline.handle_job)
+    assert first.state == "done"
+    [old] = drafts(env, study[0].StudyInstanceUID)
+    # the same job run again (a retry after a crash) writes the same SR and no second row
+    from dicom_node.jobs import JobContext
+
+    lines: list[str] = []
+    ctx = JobContext(env.config, env.sessions, env.store, first.id, study[0].StudyInstanceUID,
+                     first.study_generation, lines.append)
+    assert pipeline.handle_job(ctx).state == "done"
+    assert [d.sop_instance_uid for d in drafts(env, study[0].StudyInstanceUID)] == [old.sop_instance_uid]
+    # a third image arrives: a new job, a new draft; the old unsigned one is superseded
+    extra = samples.make_study(2, prefix="pipe")[0]
+    extra.SOPInstanceUID = extra.SOPInstanceUID + ".9"
+    extra.file_meta.MediaStorageSOPInstanceUID = extra.SOPInstanceUID
+    extra.InstanceNumber = 2
+    env.store_instances([extra])
+    [second] = env.run_jobs(pipeline.handle_job)
+    assert second.state == "done", second.log
+    rows = drafts(env, study[0].StudyInstanceUID)
+    assert [r.state for r in rows] == ["superseded", "new"]
+    assert rows[1].sop_instance_uid != old.sop_instance_uid
+    assert "superseded 1 older unsigned draft(s)" in second.log
+    assert len(json.loads(rows[1].views)) == 3
+
+
+def test_destination_that_wants_drafts_gets_a_transfer(tmp_path: Path) -> None:
+    env = make_env(tmp_path / "n", destinations=[
+        {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 11112, "send": "drafts_and_signed"},
+        {"name": "archive", "ae_title": "ARCH", "host": "127.0.0.1", "port": 11113, "send": "signed"},
+    ])
+    study = samples.make_study(3, prefix="pipe")
+    env.store_instances(study)
+    [job] = env.run_jobs(pipeline.handle_job)
+    [d] = drafts(env, study[0].StudyInstanceUID)
+    with env.sessions() as s:
+        transfers = list(s.scalars(select(Transfer)))
+    assert [(t.destination, t.sop_instance_uid, t.path) for t in transfers] == [("pacs", d.sop_instance_uid, d.path)]
+    assert "queued the draft to 1 destination(s)" in job.log
+
+
+def test_mislabelled_lateral_goes_through_the_classifier(env: NodeEnv) -> None:
+    study = samples.make_study(4, prefix="pipe")
+    lateral = next(ds for ds in study if ds.ViewPosition == "LL")
+    lateral.ViewPosition = "PA"  # as 1,367 of 3,631 IU laterals are tagged
+    del lateral.PatientOrientation
+    env.store_instances(study)
+    [job] = env.run_jobs(pipeline.handle_job)
+    assert job.state == "done"
+    line = next(ln for ln in job.log.splitlines() if f"view {lateral.SOPInstanceUID}:" in ln)
+    assert "ViewPosition" in line and "classifier" in line
+    [d] = drafts(env, study[0].StudyInstanceUID)
+    view = next(v for v in json.loads(d.views) if v["sop_instance_uid"] == lateral.SOPInstanceUID)
+    assert view["tag_view"] == "PA"
+    if view["classifier"] == "LATERAL":
+        assert view["view"] == "LATERAL" and view["source"] == "classifier"
+        assert "says PA but the classifier says LATERAL" in line
+
+
+def test_an_undecodable_image_is_skipped_not_fatal(env: NodeEnv) -> None:
+    study = samples.make_study(5, prefix="pipe")
+    study[1].PixelData = study[1].PixelData[:1000]  # truncated
+    env.store_instances(study)
+    [job] = env.run_jobs(pipeline.handle_job)
+    assert job.state == "done", job.log
+    assert f"skipped {study[1].SOPInstanceUID}:" in job.log
+    [d] = drafts(env, study[0].StudyInstanceUID)
+    assert [v["sop_instance_uid"] for v in json.loads(d.views)] == [study[0].SOPInstanceUID]
