@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes.util
 import datetime as dt
+import errno
 import importlib
 import json
 import os
@@ -343,39 +344,36 @@ def check_port(ctx: Context) -> list[Check]:
     if node.port == 0:
         return [Check("listening port", WARN, "node.port = 0: an ephemeral port is chosen at each start",
                       "set a fixed node.port so the PACS can reach the node")]
-    host = _probe_host(node.host)
-    listening = False
-    try:
-        with socket.create_connection((host, node.port), timeout=2):
-            listening = True
-    except OSError:
-        pass
-    if listening:
-        try:
-            ok, msg = _echo(ctx, node.ae_title, host, node.port, bool(ctx.config.security.tls_certificate))
-        except ImportError as exc:
-            return [Check("listening port", FAIL, f"port {node.port} is in use; cannot C-ECHO it: {_missing('dicom_node.scu', exc)}",
-                          "install a complete cxrnode bundle")]
-        if ok:
-            return [Check("listening port", OK, f"the running node answers C-ECHO on {host}:{node.port} as {node.ae_title}",
-                          data={"running": True})]
-        return [Check("listening port", FAIL,
-                      f"port {node.port} is in use by something that does not answer C-ECHO as {node.ae_title} ({msg})",
-                      f"stop the other program (ss -ltnp 'sport = :{node.port}') or choose another node.port",
-                      {"running": False})]
+    # bind first: a bare TCP probe would hold an SCP thread until its ACSE timeout
     family = socket.AF_INET6 if ":" in node.host else socket.AF_INET
     s = socket.socket(family, socket.SOCK_STREAM)
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((node.host or "0.0.0.0", node.port))
+        return [Check("listening port", OK, f"{node.host}:{node.port} is free to bind (the node is not running)",
+                      data={"running": False})]
     except OSError as exc:
-        hint = ("ports below 1024 need root or CAP_NET_BIND_SERVICE (the unit grants it)" if node.port < 1024
-                else f"another program holds {node.host}:{node.port}, or the address is not on this machine")
-        return [Check("listening port", FAIL, f"cannot bind {node.host}:{node.port}: {exc.strerror or exc}", hint)]
+        bind_error = exc
     finally:
         s.close()
-    return [Check("listening port", OK, f"{node.host}:{node.port} is free to bind (the node is not running)",
-                  data={"running": False})]
+    if bind_error.errno != errno.EADDRINUSE:
+        hint = ("ports below 1024 need root or CAP_NET_BIND_SERVICE (the unit grants it)" if node.port < 1024
+                else "the address is not on this machine: fix node.host")
+        return [Check("listening port", FAIL, f"cannot bind {node.host}:{node.port}: {bind_error.strerror or bind_error}",
+                      hint)]
+    host = _probe_host(node.host)
+    try:
+        ok, msg = _echo(ctx, node.ae_title, host, node.port, bool(ctx.config.security.tls_certificate))
+    except ImportError as exc:
+        return [Check("listening port", FAIL, f"port {node.port} is in use; cannot C-ECHO it: {_missing('dicom_node.scu', exc)}",
+                      "install a complete cxrnode bundle")]
+    if ok:
+        return [Check("listening port", OK, f"the running node answers C-ECHO on {host}:{node.port} as {node.ae_title}",
+                      data={"running": True})]
+    return [Check("listening port", FAIL,
+                  f"port {node.port} is in use by something that does not answer C-ECHO as {node.ae_title} ({msg})",
+                  f"stop the other program (ss -ltnp 'sport = :{node.port}') or choose another node.port",
+                  {"running": False})]
 
 
 def check_destinations(ctx: Context) -> list[Check]:

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from installer_helpers import REPO, free_port
 
 from dicom_node.config import load_config
 from dicom_node.db import migrate
 from installer.doctor import FAIL, OK, WARN, Check, run_checks
-from installer_helpers import REPO, free_port
 
 
 def write_config(path: Path, storage: Path, port: int, extra: str = "", **node: Any) -> Path:
@@ -112,7 +112,7 @@ def test_running_node_answers_and_unreachable_destination_fails(site: dict[str, 
     from dicom_node.node import Node
 
     closed = free_port()  # nothing listens there
-    cfg = load_config(site["config"], env={})
+    cfg = load_config(site["config"], ["jobs.workers=0"], env={})  # the SCP is what is checked here
     node = Node(cfg)
     node.start()
     try:

@@ -14,12 +14,17 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from installer_helpers import REPO, example_config_text
 
 from dicom_node.config import SECTIONS, TABLE_ARRAYS, Config, ConfigError, load_config
 from installer import install as inst
-from installer.bundle import BundleError, runtime_requirements, template_text, verify_folder, write_sha256sums
-
-from installer_helpers import REPO, example_config_text
+from installer.bundle import (
+    BundleError,
+    runtime_requirements,
+    template_text,
+    verify_folder,
+    write_sha256sums,
+)
 
 
 def test_example_config_documents_every_key_with_its_default(tmp_path: Path) -> None:
