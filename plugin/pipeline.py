@@ -65,6 +65,7 @@ def generator_for(config: Config) -> Any:
 
             t0 = time.perf_counter()
             gen = ReportGenerator(m.bundle, providers=m.providers, threads=m.threads, beam_size=m.beam_size)
+            sr_mod.warm_up()
             log.info("loaded model %s %s in %.0f ms (providers %s)", gen.name, gen.version,
                      (time.perf_counter() - t0) * 1000, gen.providers)
             _GENERATORS[key] = gen
@@ -123,6 +124,22 @@ def _load_instances(ctx: JobContext) -> tuple[int, list[LoadedInstance], list[st
     return study_id, loaded, problems
 
 
+class _BufferedLog:
+    """Collects job-log lines and appends them in a few writes (each append is a transaction)."""
+
+    def __init__(self, sink: Callable[[str], None]) -> None:
+        self.sink = sink
+        self.lines: list[str] = []
+
+    def __call__(self, message: str) -> None:
+        self.lines.append(message)
+
+    def flush(self) -> None:
+        if self.lines:
+            self.sink("\n".join(self.lines))
+            self.lines = []
+
+
 def handle_job(ctx: JobContext) -> JobResult:
     """The ``draft`` entry point (see the module docstring)."""
     outcome = run(ctx)
@@ -133,7 +150,22 @@ def handle_job(ctx: JobContext) -> JobResult:
 
 def run(ctx: JobContext, generator: Callable[[Config], Any] = generator_for) -> DraftOutcome | JobResult:
     """Do the work of :func:`handle_job`; returns the outcome or a ``skipped`` JobResult."""
+    buffered = _BufferedLog(ctx.log)
+    try:
+        return _run(dataclasses.replace(ctx, log=buffered), generator, buffered)
+    finally:
+        buffered.flush()
+
+
+def _run(ctx: JobContext, generator: Callable[[Config], Any], buffered: _BufferedLog) -> DraftOutcome | JobResult:
     t_start = time.perf_counter()
+    timing: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timing[name] = (now - since) * 1000
+        return now
+
     cfg = ctx.config
     study_id, loaded, problems = _load_instances(ctx)
     for line in problems:
@@ -151,6 +183,7 @@ def run(ctx: JobContext, generator: Callable[[Config], Any] = generator_for) -> 
         return JobResult("skipped", f"no chest radiograph to read ({reasons})")
 
     by_uid = {li.header.sop_instance_uid: li for li in loaded}
+    t = lap("headers", t_start)
     gen = generator(cfg)
     options = PixelOptions(voi_window_index=cfg.pipeline.voi_window_index, size=int(gen.image_size))
     images: list[tuple[LoadedInstance, Any, np.ndarray]] = []
@@ -166,6 +199,7 @@ def run(ctx: JobContext, generator: Callable[[Config], Any] = generator_for) -> 
         images.append((li, full, prepared.array))
     if not images:
         return JobResult("skipped", "no chest radiograph could be decoded (see the job log)")
+    t = lap("pixels", t)
 
     ind = indication_mod.extract(
         [li.dataset for li in loaded if li.dataset is not None],
@@ -177,6 +211,7 @@ def run(ctx: JobContext, generator: Callable[[Config], Any] = generator_for) -> 
 
     t_cls = time.perf_counter()
     labels = gen.classify_views([arr for _, _, arr in images])
+    t = lap("classify", t_cls)
     resolved: list[ResolvedView] = []
     for (li, _, _), label in zip(images, labels, strict=True):
         rv = resolve_view(li.header.sop_instance_uid, view_from_tags(li.header), label)
@@ -189,6 +224,7 @@ def run(ctx: JobContext, generator: Callable[[Config], Any] = generator_for) -> 
     from onnx_models.runtime import StudyInput
 
     max_tokens = cfg.model.max_report_tokens or None
+    buffered.flush()  # the progress so far is in the job log even if generation fails
     t_gen = time.perf_counter()
     [report] = gen.generate(
         [StudyInput(views=[(arr, rv.view) for (_, _, arr), rv in zip(images, resolved, strict=True)],
@@ -196,7 +232,8 @@ def run(ctx: JobContext, generator: Callable[[Config], Any] = generator_for) -> 
         max_tokens=max_tokens,
     )
     gen_ms = (time.perf_counter() - t_gen) * 1000
-    ctx.log(f"model {gen.name} {gen.version}: views classified in {(t_gen - t_cls) * 1000:.0f} ms, "
+    t = lap("generate", t_gen)
+    ctx.log(f"model {gen.name} {gen.version}: views classified in {timing['classify']:.0f} ms, "
             f"report generated in {gen_ms:.0f} ms ({len(report.tokens)} tokens, providers {list(gen.providers)})")
     findings = report.findings.strip()
     impression = report.impression.strip()
@@ -210,12 +247,16 @@ def run(ctx: JobContext, generator: Callable[[Config], Any] = generator_for) -> 
         model_name=gen.name, model_version=gen.version, observations=observations,
         institution_name=str(sources[0].get("InstitutionName", "") or ""),
     ))
+    t = lap("sr", t)
     outcome = _commit(ctx, study_id, draft_ds, ind.text, findings, impression, report, resolved, gen, gen_ms)
     if isinstance(outcome, JobResult):
         return outcome
+    t = lap("store+index", t)
     if cfg.pipeline.render_report != "none":
         _render(ctx, draft_ds, cfg.pipeline.render_report)
-    ctx.log(f"draft SR {outcome.sop_instance_uid} stored in {(time.perf_counter() - t_start) * 1000:.0f} ms")
+        t = lap("render", t)
+    ctx.log(f"draft SR {outcome.sop_instance_uid} stored in {(time.perf_counter() - t_start) * 1000:.0f} ms ("
+            + ", ".join(f"{k} {v:.0f} ms" for k, v in timing.items()) + ")")
     return outcome
 
 

@@ -433,6 +433,19 @@ def build_signed_sr(
     return _finish(sr)
 
 
+def warm_up() -> None:
+    """Build and read one throw-away draft: highdicom loads its IOD tables on first use (~1 s),
+    which the node does once at model load instead of in the first study's latency."""
+    src = Dataset()
+    src.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    src.SOPInstanceUID = deterministic_uid("warm-up", "image")
+    src.StudyInstanceUID = deterministic_uid("warm-up", "study")
+    src.SeriesInstanceUID = deterministic_uid("warm-up", "series")
+    draft = build_draft_sr([src], DraftContent(findings="Lungs are clear.", impression="Normal.",
+                                               model_name="warm-up", model_version="0"))
+    read_report(draft)
+
+
 # -- reading back ---------------------------------------------------------------------------
 
 
