@@ -53,6 +53,15 @@ def person_display(pn: str) -> str:
     return " ".join(p for p in (prefix, given, middle, family, suffix) if p)
 
 
+VIEW_LABELS = {"LL": "LATERAL (LL)", "RL": "LATERAL (RL)", "UNKNOWN": "VIEW ?"}
+
+
+def view_label(view: str) -> str:
+    """What the image is labelled with: PA, AP, LATERAL; a left/right lateral says which."""
+    v = (view or "UNKNOWN").upper()
+    return VIEW_LABELS.get(v, v)
+
+
 def format_da(da: str) -> str:
     """DICOM DA ``YYYYMMDD`` as ``YYYY-MM-DD`` (anything else unchanged)."""
     return f"{da[:4]}-{da[4:6]}-{da[6:8]}" if len(da) == 8 and da.isdigit() else da
@@ -403,7 +412,7 @@ def open_review(
             if progress:
                 progress(i, total, f"Loading {v.view} view")
             assert v.path is not None
-            model.pictures.append(imaging.load_picture(v.path, view=v.view))
+            model.pictures.append(imaging.load_picture(v.path, view=view_label(v.view)))
         if progress:
             progress(total, total, "Views loaded")
     return model

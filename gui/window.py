@@ -574,7 +574,7 @@ class ReviewerWindow(QMainWindow):
     def _signer_text(self) -> str:
         r = self.service.config.reviewer(self.user)
         if r is None:
-            return f"Account {self.user!r} is not in the configured reviewers: you can read but not sign."
+            return f"Account {self.user!r} is not in the configured reviewers: you can read but cannot sign."
         return f"Signing as {viewmodels.person_display(r.display_name)}, {r.organisation} (account {self.user})"
 
     # -- actions ----------------------------------------------------------------------------

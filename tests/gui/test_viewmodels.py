@@ -18,6 +18,8 @@ def test_formatting() -> None:
     assert viewmodels.format_person_name("Doe^John^Q^Mr") == "DOE, Mr John Q"
     assert viewmodels.format_person_name("") == ""
     assert viewmodels.person_display("Moreau^Alice^^Dr") == "Dr Alice Moreau"
+    assert [viewmodels.view_label(v) for v in ("PA", "AP", "LATERAL", "LL", "")] == [
+        "PA", "AP", "LATERAL", "LATERAL (LL)", "VIEW ?"]
     assert viewmodels.format_da("20261124") == "2026-11-24"
     assert viewmodels.format_da("") == ""
     assert [viewmodels.format_age(s) for s in (5, 125, 3 * 3600 + 300, 2 * 86400 + 4 * 3600)] == [
@@ -121,9 +123,10 @@ def test_open_review_claims_loads_views_and_reports_progress(service: ReviewServ
     seen: list[tuple[int, int, str]] = []
     vm = open_review(service, "alice", draft_id, progress=lambda d, t, w: seen.append((d, t, w)))
     assert vm.holds_claim and not vm.read_only
-    assert sorted(p.view for p in vm.pictures) == ["LATERAL", "PA"]
+    assert sorted(p.view for p in vm.pictures) == ["LATERAL (LL)", "PA"]
     assert seen[-1][:2] == (2, 2) and seen[0][0] == 0
-    assert vm.findings == vm.detail.findings and vm.findings
+    assert (vm.findings, vm.impression) == (vm.detail.findings, vm.detail.impression)
+    assert vm.findings or vm.impression
     with node.sessions() as s:
         assert s.scalars(select(AuditEvent.actor).where(AuditEvent.action == "claimed")).all() == ["alice"]
 

@@ -1,0 +1,304 @@
+"""The real reviewer window under pytest-qt (offscreen): a full review, the race, reject, views."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pydicom
+import pytest
+from PyQt6.QtCore import QPoint, QPointF, Qt
+from PyQt6.QtGui import QWheelEvent
+from PyQt6.QtWidgets import QApplication
+from sqlalchemy import select
+
+from dicom_node.db import AuditEvent, Draft, DraftState, Transfer
+from gui import synthetic
+from gui.widgets import ImageView
+from gui.window import ReviewerWindow
+from plugin import sr
+from plugin.review import ReviewService
+
+WAIT = 30000
+
+
+def wait_refreshed(qtbot, w: ReviewerWindow) -> None:  # type: ignore[no-untyped-def]
+    qtbot.waitUntil(lambda: not w._refreshing and not w.tasks.running, timeout=WAIT)
+
+
+def row_of(w: ReviewerWindow, patient_id: str) -> int:
+    return next(i for i, r in enumerate(w.worklist_vm.rows) if r.patient_id == patient_id)
+
+
+def open_row(qtbot, w: ReviewerWindow, patient_id: str) -> int:  # type: ignore[no-untyped-def]
+    """Click the worklist row of a patient; wait until views and draft are shown."""
+    wait_refreshed(qtbot, w)
+    i = row_of(w, patient_id)
+    draft_id = w.worklist_vm.rows[i].draft_id
+    rect = w.worklist.table.visualRect(w.worklist.model.index(i, 0))
+    with qtbot.waitSignal(w.review_shown, timeout=WAIT) as blocker:
+        qtbot.mouseClick(w.worklist.table.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+    assert blocker.args == [draft_id]
+    return int(draft_id or 0)
+
+
+def audit(node: synthetic.NodeFixture, action: str) -> list[AuditEvent]:
+    with node.sessions() as s:
+        return list(s.scalars(select(AuditEvent).where(AuditEvent.action == action).order_by(AuditEvent.id)))
+
+
+def test_full_review_worklist_open_edit_sign(qtbot, make_window, node: synthetic.NodeFixture) -> None:  # type: ignore[no-untyped-def]
+    w = make_window("alice")
+    wait_refreshed(qtbot, w)
+    assert [r.patient_id for r in w.worklist_vm.rows] == ["CXR-10001", "CXR-10002", "CXR-10003"]  # oldest first
+    assert w.worklist.model.rowCount() == 3
+    assert w.worklist.model.index(0, 6).data() == "new"
+
+    draft_id = open_row(qtbot, w, "CXR-10001")
+    # both views side by side, labelled; indication above the report; the draft is marked unverified
+    assert sorted(w.study.labels()) == ["LATERAL (LL)", "PA"]
+    assert all(v.isVisible() and v.width() > 100 for v in w.study.views)
+    pane = w.report
+    assert pane.indication.text() == "Shortness of breath for three days. Rule out pneumonia."
+    assert pane.indication.y() < pane.stack.y()
+    assert "AI DRAFT — UNVERIFIED" in pane.banner.text()
+    assert pane.banner.objectName() == "banner_draft"
+    assert w.review is not None
+    d = w.review.detail
+    assert f"{d.model_name} {d.model_version}" in pane.model_line.text()
+    assert pane.findings.toPlainText() == d.findings and pane.impression.toPlainText() == d.impression
+    assert not pane.findings.isReadOnly() and pane.sign_button.isEnabled()
+    wait_refreshed(qtbot, w)
+    assert w.worklist_vm.rows[row_of(w, "CXR-10001")].state_label == "in review by alice"
+
+    # edit with the keyboard, look at the diff, sign with Ctrl+Enter
+    pane.impression.setFocus()
+    pane.impression.selectAll()
+    qtbot.keyClicks(pane.impression, "Small right pleural effusion.")
+    pane.findings.moveCursor(pane.findings.textCursor().MoveOperation.End)
+    qtbot.keyClicks(pane.findings, " Blunting of the right costophrenic angle.")
+    qtbot.keyClick(w, Qt.Key.Key_D, Qt.KeyboardModifier.ControlModifier)
+    assert pane.stack.currentIndex() == 1
+    assert "Small right pleural effusion." in pane.diff_view.toPlainText()
+    qtbot.keyClick(w, Qt.Key.Key_D, Qt.KeyboardModifier.ControlModifier)
+    assert pane.stack.currentIndex() == 0
+    asked: list[str] = []
+    w.confirm = lambda title, text: asked.append(title) or True
+    with qtbot.waitSignal(w.signed, timeout=WAIT):
+        qtbot.keyClick(pane.impression, Qt.Key.Key_Return, Qt.KeyboardModifier.ControlModifier)
+    assert asked == []  # edited text: no "unchanged draft" confirmation
+    assert w.errors == []
+
+    # the verified SR exists with the edited text, the draft is signed, audit rows are there
+    with node.sessions() as s:
+        draft = s.get(Draft, draft_id)
+        assert draft is not None and draft.state == DraftState.SIGNED and draft.signed_by == "alice"
+        ds = pydicom.dcmread(node.store.abspath(draft.signed_path or ""))
+        transfers = list(s.scalars(select(Transfer).where(Transfer.sop_instance_uid == ds.SOPInstanceUID)))
+    report = sr.read_report(ds)
+    assert report.verification_flag == "VERIFIED" and report.verifying_observer == "Moreau^Alice^^Dr"
+    assert report.impression == "Small right pleural effusion."
+    assert report.findings.endswith("Blunting of the right costophrenic angle.")
+    assert [t.destination for t in transfers] == ["pacs"]
+    signed = audit(node, "signed")
+    assert len(signed) == 1 and signed[0].actor == "alice" and signed[0].object_uid == ds.SOPInstanceUID
+    assert json.loads(signed[0].detail)["edited"] is True
+    assert len(audit(node, "edited")) == 1
+
+    # the window now shows the final report, read-only
+    assert pane.banner.objectName() == "banner_final" and "SIGNED — VERIFIED" in pane.banner.text()
+    assert "UNVERIFIED" not in pane.banner.text()
+    assert pane.findings.isReadOnly() and not pane.sign_button.isEnabled()
+    wait_refreshed(qtbot, w)
+    assert all(r.draft_id != draft_id for r in w.worklist_vm.rows)  # gone from "To review"
+
+    # Ctrl+N opens the next waiting draft
+    with qtbot.waitSignal(w.review_shown, timeout=WAIT):
+        qtbot.keyClick(w, Qt.Key.Key_N, Qt.KeyboardModifier.ControlModifier)
+    assert w.review is not None and w.review.detail.draft_id != draft_id
+
+
+def test_signing_an_unchanged_draft_asks_first(qtbot, make_window, node: synthetic.NodeFixture) -> None:  # type: ignore[no-untyped-def]
+    w = make_window("bob")
+    draft_id = open_row(qtbot, w, "CXR-10002")
+    asked: list[str] = []
+    w.confirm = lambda title, text: asked.append(text) is not None and False
+    w.sign()
+    assert asked and "exactly the AI draft" in asked[0]
+    with node.sessions() as s:
+        d = s.get(Draft, draft_id)
+        assert d is not None and d.state == DraftState.IN_REVIEW
+    w.confirm = lambda title, text: True
+    with qtbot.waitSignal(w.signed, timeout=WAIT):
+        w.report.sign_button.click()
+    with node.sessions() as s:
+        d = s.get(Draft, draft_id)
+        assert d is not None and d.state == DraftState.SIGNED and d.signed_by == "bob"
+    assert audit(node, "edited") == []
+
+
+def test_two_reviewers_in_two_windows(qtbot, make_window, node: synthetic.NodeFixture) -> None:  # type: ignore[no-untyped-def]
+    alice = make_window("alice")
+    bob = make_window("bob", svc=ReviewService(node.config, node.sessions, node.store))
+    draft_id = open_row(qtbot, alice, "CXR-10003")
+    wait_refreshed(qtbot, bob)
+    bob.refresh()
+    wait_refreshed(qtbot, bob)
+    assert bob.worklist_vm.rows[row_of(bob, "CXR-10003")].state_label == "in review by alice"
+    assert open_row(qtbot, bob, "CXR-10003") == draft_id
+    # bob sees the draft read-only, with who holds it; he cannot sign or reject
+    assert bob.report.banner.objectName() == "banner_blocked"
+    assert "in review by alice" in bob.report.banner.text()
+    assert bob.report.findings.isReadOnly() and not bob.report.sign_button.isEnabled()
+    bob.sign()  # Ctrl+Enter does nothing either
+    bob.tasks.wait()
+    with qtbot.waitSignal(alice.signed, timeout=WAIT):
+        alice.report.findings.setPlainText(alice.report.findings.toPlainText() + " Reviewed.")
+        alice.sign()
+    with node.sessions() as s:
+        d = s.get(Draft, draft_id)
+        assert d is not None and d.signed_by == "alice"
+    assert [e.actor for e in audit(node, "signed")] == ["alice"]
+
+
+def test_lost_claim_shows_an_error_and_nothing_is_signed(qtbot, make_window, node: synthetic.NodeFixture) -> None:  # type: ignore[no-untyped-def]
+    w = make_window("alice")
+    draft_id = open_row(qtbot, w, "CXR-10002")
+    with node.sessions() as s:  # bob took the draft over meanwhile (e.g. alice's claim expired)
+        d = s.get(Draft, draft_id)
+        assert d is not None
+        d.claimed_by = "bob"
+        s.commit()
+    w.report.impression.setPlainText("Changed.")
+    with qtbot.waitSignal(w.failed, timeout=WAIT) as blocker:
+        w.sign()
+    assert "in review by bob" in blocker.args[0]
+    assert w.errors and w.errors[0][0] == "Not signed"
+    assert w.report.findings.isReadOnly() and "in review by bob" in w.report.banner.text()
+    assert audit(node, "signed") == []
+
+
+def test_reject_with_a_reason(qtbot, make_window, node: synthetic.NodeFixture) -> None:  # type: ignore[no-untyped-def]
+    w = make_window("alice")
+    draft_id = open_row(qtbot, w, "CXR-10003")
+    w.ask_reason = lambda: None  # cancelled: nothing happens
+    w.reject()
+    w.ask_reason = lambda: "   "
+    w.reject()
+    assert w.errors and "reason is required" in w.errors[-1][1]
+    w.ask_reason = lambda: "Lateral view belongs to another patient."
+    with qtbot.waitSignal(w.rejected, timeout=WAIT):
+        qtbot.keyClick(w, Qt.Key.Key_R, Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.ShiftModifier)
+    with node.sessions() as s:
+        d = s.get(Draft, draft_id)
+        assert d is not None and d.state == DraftState.REJECTED
+        assert d.reject_reason == "Lateral view belongs to another patient."
+    assert [(e.actor, e.detail) for e in audit(node, "rejected")] == [("alice", "Lateral view belongs to another patient.")]
+    assert "REJECTED" in w.report.banner.text() and not w.report.sign_button.isEnabled()
+
+
+def test_skip_releases_and_opens_the_next(qtbot, make_window, node: synthetic.NodeFixture) -> None:  # type: ignore[no-untyped-def]
+    w = make_window("alice")
+    first = open_row(qtbot, w, "CXR-10003")
+    with qtbot.waitSignal(w.review_shown, timeout=WAIT) as blocker:
+        w.report.skip_button.click()
+    assert blocker.args[0] != first
+    with node.sessions() as s:
+        d = s.get(Draft, first)
+        assert d is not None and d.state == DraftState.NEW and d.claimed_by is None
+    assert [e.actor for e in audit(node, "released")] == ["alice"]
+
+
+def test_unknown_account_is_read_only(qtbot, make_window) -> None:  # type: ignore[no-untyped-def]
+    w = make_window("mallory")
+    assert "not a configured reviewer" in w.windowTitle()
+    open_row(qtbot, w, "CXR-10001")
+    assert w.report.findings.isReadOnly() and not w.report.sign_button.isEnabled()
+    assert "not a configured reviewer" in w.report.banner.text()
+    assert "cannot sign" in w.report.signer.text()
+
+
+def test_context_launch_opens_the_study(qtbot, make_window, service: ReviewService) -> None:  # type: ignore[no-untyped-def]
+    target = next(r for r in service.worklist() if r.patient_id == "CXR-10002")
+    w = make_window("alice", study_uid=target.study_instance_uid)
+    qtbot.waitUntil(lambda: w.review is not None and w._opening is None, timeout=WAIT)
+    assert w.review is not None and w.review.detail.draft_id == target.draft_id
+
+
+def test_search_filter_and_sort(qtbot, make_window) -> None:  # type: ignore[no-untyped-def]
+    w = make_window("alice")
+    wait_refreshed(qtbot, w)
+    qtbot.keyClicks(w.worklist.search, "lindq")
+    qtbot.waitUntil(lambda: [r.patient_id for r in w.worklist_vm.rows] == ["CXR-10002"], timeout=WAIT)
+    w.worklist.search.clear()
+    qtbot.waitUntil(lambda: len(w.worklist_vm.rows) == 3, timeout=WAIT)
+    w.worklist.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)
+    qtbot.waitUntil(lambda: [r.patient_name for r in w.worklist_vm.rows] == ["Lindqvist^Erik", "Moreau^Claire", "Nakamura^Yui"], timeout=WAIT)
+    w.worklist.state.setCurrentText("Signed")
+    qtbot.waitUntil(lambda: w.worklist_vm.rows == [] and not w._refreshing, timeout=WAIT)
+    assert w.worklist.count.text().startswith("0 studies")
+
+
+def test_auto_refresh_picks_up_new_drafts(qtbot, make_window, node: synthetic.NodeFixture) -> None:  # type: ignore[no-untyped-def]
+    w = make_window("alice", refresh_interval_s=1)
+    wait_refreshed(qtbot, w)
+    assert len(w.worklist_vm.rows) == 3
+    spec = synthetic.sample_studies(4, size=256, prefix="late")[3]
+    synthetic.store_study(node.sessions, node.store, synthetic.make_study(spec))
+    synthetic.run_draft_job(node, spec.study_instance_uid)
+    qtbot.waitUntil(lambda: len(w.worklist_vm.rows) == 4, timeout=WAIT)
+    assert any(r.patient_id == spec.patient_id for r in w.worklist_vm.rows)
+
+
+def test_image_view_window_level_zoom_pan_invert(qtbot, make_window) -> None:  # type: ignore[no-untyped-def]
+    w = make_window("alice")
+    open_row(qtbot, w, "CXR-10001")
+    view: ImageView = w.study.views[0]
+    assert view.state is not None and view._gray is not None
+    before = view._gray.copy()
+    centre = view.rect().center()
+    qtbot.mousePress(view, Qt.MouseButton.LeftButton, pos=centre)
+    qtbot.mouseMove(view, centre + QPoint(-120, 40))
+    qtbot.mouseRelease(view, Qt.MouseButton.LeftButton, pos=centre + QPoint(-120, 40))
+    wl = view.state.effective_window
+    assert view.state.window is not None and wl.width < view.state.picture.default_window.width
+    assert not np.array_equal(before, view._gray)
+    # pan with the right button
+    t0 = view.transform
+    qtbot.mousePress(view, Qt.MouseButton.RightButton, pos=centre)
+    qtbot.mouseMove(view, centre + QPoint(30, 20))
+    qtbot.mouseRelease(view, Qt.MouseButton.RightButton, pos=centre + QPoint(30, 20))
+    assert view.transform.pan != t0.pan
+    # wheel zoom
+    ev = QWheelEvent(QPointF(centre), QPointF(view.mapToGlobal(centre)), QPoint(0, 0), QPoint(0, 240),
+                     Qt.MouseButton.NoButton, Qt.KeyboardModifier.NoModifier, Qt.ScrollPhase.NoScrollPhase, False)
+    QApplication.sendEvent(view, ev)
+    assert view.transform.zoom > 1.0
+    # toolbar: invert, fit, reset (all views)
+    w.study.buttons["invert"].click()
+    assert all(v.state is not None and v.state.invert for v in w.study.views)
+    w.study.buttons["fit"].click()
+    assert view.transform.zoom == 1.0 and view.transform.pan == (0.0, 0.0)
+    w.study.buttons["reset"].click()
+    assert view.state.window is None and not view.state.invert
+    np.testing.assert_array_equal(view._gray, before)
+    w.study.buttons["one"].click()
+    assert view.transform.scale == pytest.approx(1.0)
+
+
+def test_uncertain_words_are_highlighted(qtbot, make_window) -> None:  # type: ignore[no-untyped-def]
+    w = make_window("alice")
+    open_row(qtbot, w, "CXR-10001")
+    assert w.review is not None
+    tokens = w.review.detail.tokens
+    assert tokens, "the pipeline stores token probabilities"
+    w.review.detail = type(w.review.detail)(**{**w.review.detail.__dict__, "tokens": tuple((t, 0.01) for t, _ in tokens)})
+    w.report.show_review(w.review, "")
+    editor = w.report.findings if w.review.findings.strip() else w.report.impression
+    doc = editor.document()
+    assert doc is not None
+    formats = doc.firstBlock().layout().formats()  # type: ignore[union-attr]
+    assert formats, "low-probability words carry a highlight format"
+    assert formats[0].format.background().color().name() == "#ffe082"
+    w.report.highlight.setChecked(False)
+    assert not doc.firstBlock().layout().formats()  # type: ignore[union-attr]
