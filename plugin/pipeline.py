@@ -65,11 +65,22 @@ def generator_for(config: Config) -> Any:
 
             t0 = time.perf_counter()
             gen = ReportGenerator(m.bundle, providers=m.providers, threads=m.threads, beam_size=m.beam_size)
-            sr_mod.warm_up()
+            _warm_up(gen)
             log.info("loaded model %s %s in %.0f ms (providers %s)", gen.name, gen.version,
                      (time.perf_counter() - t0) * 1000, gen.providers)
             _GENERATORS[key] = gen
         return gen
+
+
+def _warm_up(gen: Any) -> None:
+    """First runs are slow (ONNX Runtime allocations, highdicom's IOD tables, the labeller's
+    regular expressions): pay them at load time, not in the first study's latency."""
+    from onnx_models.runtime import StudyInput
+
+    blank = np.zeros((gen.image_size, gen.image_size), dtype=np.float32)
+    gen.classify_views([blank])
+    gen.generate([StudyInput(views=[(blank, "PA")])], beam_size=1, max_tokens=2)
+    sr_mod.warm_up()
 
 
 @dataclass(frozen=True)

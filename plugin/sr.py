@@ -441,8 +441,9 @@ def warm_up() -> None:
     src.SOPInstanceUID = deterministic_uid("warm-up", "image")
     src.StudyInstanceUID = deterministic_uid("warm-up", "study")
     src.SeriesInstanceUID = deterministic_uid("warm-up", "series")
-    draft = build_draft_sr([src], DraftContent(findings="Lungs are clear.", impression="Normal.",
-                                               model_name="warm-up", model_version="0"))
+    text = "Lungs are clear. No pleural effusion."
+    draft = build_draft_sr([src], DraftContent(findings=text, impression="Normal.", model_name="warm-up",
+                                               model_version="0", observations=coded_observations(text)))
     read_report(draft)
 
 
