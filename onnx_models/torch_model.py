@@ -240,6 +240,7 @@ class ReportModel(nn.Module):
         memory_mask = torch.cat([img_mask, prompt_mask, indication_mask], dim=1)
         ks, vs = [], []
         for layer in self.layers:
+            assert isinstance(layer, DecoderLayer)
             c = layer.cross_att
             ks.append(c.split(c.k(memory)))
             vs.append(c.split(c.v(memory)))
@@ -307,8 +308,11 @@ class ReportModel(nn.Module):
         bos: int,
         eos: int,
         max_tokens: int,
+        banned: tuple[int, ...] = (),
+        sep: int | None = None,
     ) -> list[list[int]]:
-        """Greedy decoding with the KV cache in torch eager (for parity tests and benchmarks)."""
+        """Greedy decoding with the KV cache in torch eager (for parity tests and benchmarks);
+        ``banned`` tokens are never chosen and ``sep`` at most once, as in the ONNX runtime."""
         tokens, obs_logits = self.encode_images(images, view_ids, view_mask)
         states = (torch.sigmoid(obs_logits) >= thresholds).long()
         ck, cv, mm = self.bridge(tokens, view_mask, states, indication_ids, indication_mask)
@@ -319,7 +323,14 @@ class ReportModel(nn.Module):
         done = [False] * b
         for _ in range(max_tokens):
             logits, pk, pv = self.decode(cur, mm, ck, cv, pk, pv)
-            nxt = logits[:, -1].argmax(-1)
+            last = logits[:, -1].clone()
+            if banned:
+                last[:, list(banned)] = float("-inf")
+            if sep is not None:
+                for i in range(b):
+                    if sep in out[i]:
+                        last[i, sep] = float("-inf")
+            nxt = last.argmax(-1)
             for i in range(b):
                 if not done[i]:
                     if int(nxt[i]) == eos:

@@ -1,0 +1,126 @@
+"""Inference benchmark: the same bundle through ONNX Runtime and through torch eager, on the same
+2-view studies, in one run. Prints JSON.
+
+    python benchmarks/inference.py --bundle default --checkpoint runs/x/best.pt \
+        --data ../shared/data/iu_xray --studies 20 --threads 2
+
+- latency of one 2-view study (batch 1), greedy decoding: p50/p90 for ORT and torch eager
+  (same preprocessing, same KV-cache decoding loop, same banned tokens, no n-gram block);
+- ORT beam-3 p50 (the default decoding) for reference;
+- the fraction of studies whose greedy token sequences are identical (ORT vs torch);
+- peak RSS after the ORT part (torch not yet imported) and after the torch part.
+The torch part needs ``--checkpoint`` (the checkpoint the bundle was exported from) and the
+``[train]`` extra; without it only ORT is measured. Not a timed test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from onnx_models.data import load_studies, read_image  # noqa: E402
+from onnx_models.runtime import ReportGenerator, StudyInput  # noqa: E402
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.array(xs), q)) if xs else float("nan")
+
+
+def _studies(data: str | None, n: int) -> tuple[list[StudyInput], str]:
+    if data:
+        picked = [s for s in load_studies(data, ["val"]) if len(s.images) == 2][:n]
+        out = [StudyInput(views=[(read_image(im.path), im.view) for im in s.images], indication=s.indication)
+               for s in picked]
+        return out, f"{data} val, first {len(out)} 2-view studies"
+    rng = np.random.default_rng(0)
+    out = [StudyInput(views=[(rng.random((256, 256), dtype=np.float32), "PA"),
+                             (rng.random((256, 256), dtype=np.float32), "LATERAL")], indication="Cough.")
+           for _ in range(n)]
+    return out, f"{n} synthetic 2-view studies (random pixels)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", default="default")
+    ap.add_argument("--checkpoint", default="", help="torch checkpoint the bundle was exported from")
+    ap.add_argument("--data", default="", help="dataset folder (uses its val split); synthetic if empty")
+    ap.add_argument("--studies", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2)
+    args = ap.parse_args(argv)
+
+    gen = ReportGenerator(args.bundle, threads=args.threads)
+    studies, source = _studies(args.data or None, args.studies)
+    for s in studies[: args.warmup]:
+        gen.generate([s], beam_size=1)
+    ort_greedy, ort_tokens = [], []
+    for s in studies:
+        t0 = time.perf_counter()
+        r = gen.generate([s], beam_size=1, no_repeat_ngram_size=0)[0]
+        ort_greedy.append((time.perf_counter() - t0) * 1000)
+        ort_tokens.append([w for w, _ in r.tokens])
+    ort_beam = []
+    for s in studies:
+        t0 = time.perf_counter()
+        gen.generate([s])
+        ort_beam.append((time.perf_counter() - t0) * 1000)
+    rss_ort = _peak_rss_mb()
+    result: dict = {
+        "bundle": {"name": gen.name, "version": gen.version, "path": str(gen.bundle.path)},
+        "studies": source, "threads": args.threads, "providers": gen.providers,
+        "ort": {"greedy_p50_ms": _pct(ort_greedy, 50), "greedy_p90_ms": _pct(ort_greedy, 90),
+                "beam3_p50_ms": _pct(ort_beam, 50), "mean_tokens": statistics.mean(len(t) for t in ort_tokens)},
+        "peak_rss_mb_ort_only": round(rss_ort, 1),
+    }
+    if args.checkpoint:
+        import torch
+
+        from onnx_models.torch_model import ModelConfig, ReportModel
+
+        torch.set_num_threads(args.threads)
+        ck = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+        model = ReportModel(ModelConfig.from_dict(ck["config"]))
+        model.load_state_dict(ck["model"])
+        model.eval()
+        thr = torch.from_numpy(gen.thresholds)
+
+        def torch_generate(s: StudyInput) -> list[str]:
+            images, view_ids, view_mask = gen._pixels([s])
+            ids = gen._indication_ids(s.indication)
+            out = model.greedy(torch.from_numpy(images), torch.from_numpy(view_ids), torch.from_numpy(view_mask),
+                               thr, torch.tensor([ids]), torch.ones(1, len(ids)), gen._bos, gen._eos,
+                               gen.max_tokens, banned=tuple(gen._banned), sep=gen._sep)[0]
+            return [gen.tokenizer.id_to_token(i) for i in out if i != gen._sep]
+
+        with torch.inference_mode():
+            for s in studies[: args.warmup]:
+                torch_generate(s)
+            torch_ms, same = [], 0
+            for s, o in zip(studies, ort_tokens, strict=True):
+                t0 = time.perf_counter()
+                words = torch_generate(s)
+                torch_ms.append((time.perf_counter() - t0) * 1000)
+                same += int(words == o)
+        result["torch_eager"] = {"greedy_p50_ms": _pct(torch_ms, 50), "greedy_p90_ms": _pct(torch_ms, 90)}
+        result["speedup_ort_vs_torch_p50"] = round(_pct(torch_ms, 50) / _pct(ort_greedy, 50), 2)
+        result["greedy_identical_fraction"] = same / len(studies)
+        result["peak_rss_mb_after_torch"] = round(_peak_rss_mb(), 1)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
