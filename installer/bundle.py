@@ -121,6 +121,18 @@ def runtime_requirements(source: Path, flavour: str) -> tuple[str, list[str]]:
 
 
 def _copy_source(source: Path, dest: Path) -> None:
+    """Copy the tree to build from: in a git checkout the tracked and not-ignored files only
+    (no training runs, caches or local junk); otherwise everything but the usual caches."""
+    if (source / ".git").exists() and shutil.which("git"):
+        proc = subprocess.run(["git", "-C", str(source), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                              capture_output=True)
+        if proc.returncode == 0:
+            for rel in filter(None, proc.stdout.decode().split("\0")):
+                src = source / rel
+                if src.is_file() and not rel.startswith(("tests/", "benchmarks/")):
+                    (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src, dest / rel)
+            return
     ignore = shutil.ignore_patterns(
         ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".mypy_cache",
         ".ruff_cache", ".venv", "venv", "tests", "benchmarks", "*.pyc",
