@@ -158,3 +158,23 @@ def test_an_undecodable_image_is_skipped_not_fatal(env: NodeEnv) -> None:
     assert f"skipped {study[1].SOPInstanceUID}:" in job.log
     [d] = drafts(env, study[0].StudyInstanceUID)
     assert [v["sop_instance_uid"] for v in json.loads(d.views)] == [study[0].SOPInstanceUID]
+
+
+@pytest.mark.parametrize(("kind", "sop_class"), [("pdf", "1.2.840.10008.5.1.4.1.1.104.1"),
+                                                 ("sc", "1.2.840.10008.5.1.4.1.1.7")])
+def test_rendering_for_viewers_without_sr(tmp_path: Path, kind: str, sop_class: str) -> None:
+    env = make_env(tmp_path / "n", destinations=[
+        {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 11112, "send": "drafts_and_signed"},
+    ], extra=f'[pipeline]\nrender_report = "{kind}"')
+    study = samples.make_study(6, prefix="pipe")
+    env.store_instances(study)
+    [job] = env.run_jobs(pipeline.handle_job)
+    assert job.state == "done", job.log
+    assert f"rendered the draft as {kind.upper()}" in job.log
+    with env.sessions() as s:
+        sent = {t.sop_instance_uid: t.path for t in s.scalars(select(Transfer))}
+        rendered = s.scalars(select(Instance).where(Instance.sop_class_uid == sop_class)).one()
+        assert rendered.generated == 1
+    assert rendered.sop_instance_uid in sent and len(sent) == 2  # the SR and its rendering
+    ds = dcmread(env.store.abspath(rendered.path))
+    assert ds.StudyInstanceUID == study[0].StudyInstanceUID

@@ -184,3 +184,39 @@ def test_real_samples(name: str) -> None:
     out = prepare(dcmread(path), PixelOptions(size=224))
     assert out.array.shape == (224, 224)
     assert 0.1 < float(out.array.mean()) < 0.9 and float(out.array.std()) > 0.05
+
+
+# Files shipped inside pydicom, one or more per transfer syntax the node accepts (the SCP offers
+# all of pynetdicom's); lossless ones must decode to exactly the uncompressed reference.
+PYDICOM_FILES = {
+    "1.2.840.10008.1.2": "MR_small_implicit.dcm",
+    "1.2.840.10008.1.2.2": "MR_small_bigendian.dcm",
+    "1.2.840.10008.1.2.1.99": "image_dfl.dcm",
+    "1.2.840.10008.1.2.5": "MR_small_RLE.dcm",
+    "1.2.840.10008.1.2.4.50": "SC_rgb_dcmtk_+eb+cy+n1.dcm",
+    "1.2.840.10008.1.2.4.51": "JPGExtended.dcm",
+    "1.2.840.10008.1.2.4.70": "SC_rgb_jpeg_gdcm.dcm",
+    "1.2.840.10008.1.2.4.80": "MR_small_jpeg_ls_lossless.dcm",
+    "1.2.840.10008.1.2.4.81": "JPEGLSNearLossless_16.dcm",
+    "1.2.840.10008.1.2.4.90": "MR_small_jp2klossless.dcm",
+    "1.2.840.10008.1.2.4.91": "693_J2KI.dcm",
+}
+LOSSLESS_OF_MR_SMALL = ("MR_small_implicit.dcm", "MR_small_bigendian.dcm", "MR_small_RLE.dcm",
+                        "MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm")
+
+
+@pytest.mark.parametrize(("syntax", "name"), sorted(PYDICOM_FILES.items()))
+def test_every_accepted_transfer_syntax_decodes(syntax: str, name: str) -> None:
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"{name} not shipped with this pydicom")
+    ds = dcmread(path)
+    assert ds.file_meta.TransferSyntaxUID == syntax
+    out = prepare(ds, PixelOptions(size=32))
+    assert out.array.shape == (32, 32) and out.array.dtype == np.float32
+    assert 0.0 <= float(out.array.min()) and float(out.array.max()) <= 1.0 and float(out.array.std()) > 0.01
+    if name in LOSSLESS_OF_MR_SMALL:
+        ref = prepare(dcmread(get_testdata_file("MR_small.dcm")), PixelOptions(size=32)).array
+        assert np.array_equal(out.array, ref)
