@@ -14,10 +14,9 @@ import shutil
 import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
-
-import requests
 
 ORTHANC_BIN = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 AE_TITLE = "ORTHANC"
@@ -85,9 +84,9 @@ class OrthancServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"Orthanc exited with {self.proc.returncode}; log:\n{self.log_path.read_text()[-3000:]}")
             try:
-                if requests.get(f"{self.url}/system", timeout=2).ok:
-                    return self
-            except requests.RequestException:
+                self._request("GET", "/system", timeout=2)
+                return self
+            except OSError:  # URLError, connection refused, timeout
                 pass
             time.sleep(0.2)
         self.stop()
@@ -105,29 +104,33 @@ class OrthancServer:
         self.proc = None
 
     # -- REST helpers --------------------------------------------------------------------------
+    def _request(self, method: str, path: str, body: bytes | None = None, json_body: Any = None,
+                 timeout: float = 60) -> bytes:
+        headers = {}
+        if json_body is not None:
+            body = json.dumps(json_body).encode()
+            headers["Content-Type"] = "application/json"
+        req = urllib.request.Request(f"{self.url}{path}", data=body, method=method, headers=headers)
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # raises HTTPError on 4xx/5xx
+            data: bytes = resp.read()
+            return data
+
     def upload(self, path: Path) -> dict[str, Any]:
         return self.upload_bytes(path.read_bytes())
 
     def upload_bytes(self, data: bytes) -> dict[str, Any]:
-        r = requests.post(f"{self.url}/instances", data=data, timeout=60)
-        r.raise_for_status()
-        result: dict[str, Any] = r.json()
+        result: dict[str, Any] = json.loads(self._request("POST", "/instances", body=data))
         return result
 
     def find(self, level: str, query: dict[str, str]) -> list[str]:
-        r = requests.post(f"{self.url}/tools/find", json={"Level": level, "Query": query}, timeout=30)
-        r.raise_for_status()
-        ids: list[str] = r.json()
+        ids: list[str] = json.loads(self._request("POST", "/tools/find", json_body={"Level": level, "Query": query}))
         return ids
 
     def send_to_modality(self, modality: str, resources: list[str]) -> dict[str, Any]:
-        r = requests.post(f"{self.url}/modalities/{modality}/store",
-                          json={"Resources": resources, "Synchronous": True}, timeout=120)
-        r.raise_for_status()
-        result: dict[str, Any] = r.json()
+        result: dict[str, Any] = json.loads(self._request(
+            "POST", f"/modalities/{modality}/store", json_body={"Resources": resources, "Synchronous": True},
+            timeout=120))
         return result
 
     def instance_file(self, orthanc_id: str) -> bytes:
-        r = requests.get(f"{self.url}/instances/{orthanc_id}/file", timeout=60)
-        r.raise_for_status()
-        return r.content
+        return self._request("GET", f"/instances/{orthanc_id}/file")
