@@ -278,8 +278,9 @@ def _commit(ctx: JobContext, study_id: int, draft_ds: Any, indication: str, find
     with ctx.sessions() as s:
         existing = s.scalars(select(Draft).where(Draft.sop_instance_uid == uid)).one_or_none()
         if existing is not None and existing.state in (DraftState.SIGNED, DraftState.REJECTED, DraftState.IN_REVIEW):
-            return JobResult("skipped", f"the draft {uid} for these images and this model already exists "
-                                        f"({existing.state}); nothing new to report",
+            # the same images were sent again: the existing draft (and its sign-off) stands
+            ctx.log(f"draft {uid} for these images and this model exists ({existing.state}); not redrafted")
+            return JobResult("done", f"draft {uid} already exists ({existing.state})",
                              model_name=gen.name, model_version=gen.version)
     existed = ctx.store.abspath(relpath).exists()
     size, sha256 = ctx.store.write_dataset(draft_ds, relpath)

@@ -178,3 +178,20 @@ def test_rendering_for_viewers_without_sr(tmp_path: Path, kind: str, sop_class: 
     assert rendered.sop_instance_uid in sent and len(sent) == 2  # the SR and its rendering
     ds = dcmread(env.store.abspath(rendered.path))
     assert ds.StudyInstanceUID == study[0].StudyInstanceUID
+
+
+def test_resent_images_do_not_replace_a_signed_report(env: NodeEnv) -> None:
+    from sqlalchemy import update
+
+    study = samples.make_study(7, prefix="pipe")
+    env.store_instances(study)
+    env.run_jobs(pipeline.handle_job)
+    [d] = drafts(env, study[0].StudyInstanceUID)
+    with env.sessions() as s, s.begin():
+        s.execute(update(Draft).where(Draft.id == d.id).values(state="signed"))
+    study[0].InstitutionName = "resent by the PACS"  # same UIDs, different bytes: a new generation
+    env.store_instances([study[0]])
+    [job] = env.run_jobs(pipeline.handle_job)
+    assert job.state == "done" and "already exists (signed)" in (job.last_error or "")
+    assert [(r.sop_instance_uid, r.state) for r in drafts(env, study[0].StudyInstanceUID)] == [
+        (d.sop_instance_uid, "signed")]
