@@ -31,7 +31,7 @@ from plugin.review import (
 )
 
 AI_DRAFT_LABEL = "AI DRAFT — UNVERIFIED"
-DEFAULT_LOW_CONFIDENCE = 0.5
+DEFAULT_LOW_CONFIDENCE = 0.4
 
 # -- formatting -------------------------------------------------------------------------------
 

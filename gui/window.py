@@ -107,7 +107,10 @@ class WorklistPane(QWidget):
         self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.setAlternatingRowColors(True)
-        self.table.verticalHeader().setVisible(False)  # type: ignore[union-attr]
+        vheader = self.table.verticalHeader()
+        assert vheader is not None
+        vheader.setVisible(False)
+        vheader.setDefaultSectionSize(24)
         self.table.setShowGrid(False)
         self.table.setWordWrap(False)
         header = self.table.horizontalHeader()
@@ -364,7 +367,7 @@ class ReviewerWindow(QMainWindow):
         splitter.addWidget(lower)
         splitter.setStretchFactor(0, 0)
         splitter.setStretchFactor(1, 1)
-        splitter.setSizes([210, 690])
+        splitter.setSizes([250, 650])
         splitter.setObjectName("central")
         self.setCentralWidget(splitter)
         self.splitter = splitter
