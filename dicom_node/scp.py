@@ -205,7 +205,8 @@ def inspect_received(path: str | os.PathLike[str], request_sop_class: str, reque
         raise Rejected(MISSING_UIDS, f"required identifier missing: {exc}") from None
     except Exception as exc:
         raise Rejected(CANNOT_UNDERSTAND, f"identifiers unreadable: {exc}") from None
-    for name, value in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid)):
+    for name, value in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid),
+                        ("SOPInstanceUID", sop_instance)):
         if not UID(value).is_valid:
             raise Rejected(MISSING_UIDS, f"{name} is not a valid UID")
     if sop_class != request_sop_class:
