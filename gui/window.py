@@ -11,10 +11,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from PyQt6.QtCore import QItemSelectionModel, QSize, Qt, QTimer, pyqtSignal
+from PyQt6.QtCore import QEvent, QItemSelectionModel, QObject, QSize, Qt, QTimer, pyqtSignal
 from PyQt6.QtGui import QCloseEvent, QKeySequence, QShortcut
 from PyQt6.QtWidgets import (
     QAbstractItemView,
+    QApplication,
     QCheckBox,
     QComboBox,
     QFrame,
@@ -419,11 +420,50 @@ class ReviewerWindow(QMainWindow):
         self.timer.timeout.connect(self.refresh)
         if refresh_interval_s > 0:
             self.timer.start()
+        # an open draft's claim is renewed while the reviewer is working on it (any key, click or
+        # wheel in this window since the last beat); left alone, it expires for the others
+        self._activity = False
+        self.heartbeat = QTimer(self)
+        self.heartbeat.setInterval(max(1000, int(service.claim_timeout_s * 1000 / 3)))
+        self.heartbeat.timeout.connect(self._heartbeat)
+        self.heartbeat.start()
+        app = QApplication.instance()
+        if app is not None:
+            app.installEventFilter(self)
         self._search_timer = QTimer(self)
         self._search_timer.setSingleShot(True)
         self._search_timer.setInterval(250)
         self._search_timer.timeout.connect(self.refresh)
         self.refresh()
+
+    # -- keeping the claim ------------------------------------------------------------------
+    def eventFilter(self, obj: QObject | None, event: QEvent | None) -> bool:  # noqa: N802 (Qt name)
+        if (
+            event is not None
+            and event.type() in (QEvent.Type.KeyPress, QEvent.Type.MouseButtonPress, QEvent.Type.Wheel)
+            and isinstance(obj, QWidget)
+            and obj.window() is self
+        ):
+            self._activity = True
+        return False
+
+    def _heartbeat(self) -> None:
+        """Renew the claim of the open draft if the reviewer did something since the last beat."""
+        vm = self.review
+        if vm is None or not vm.holds_claim or vm.is_final or not vm.detail.is_open or not self._activity:
+            return
+        self._activity = False
+        draft_id = vm.detail.draft_id
+
+        def lost(exc: BaseException, tb: str) -> None:
+            if self.review is vm and isinstance(exc, ReviewError):
+                vm.holds_claim = False
+                vm.notice = f"read-only: {exc}"
+                self.report.show_review(vm, self._signer_text())
+                self.say(f"The draft is no longer yours: {exc}")
+                self.failed.emit(str(exc))
+
+        self.tasks.start(lambda progress: self.service.claim(draft_id, self.user), lambda _: None, lost)
 
     # -- dialogs ----------------------------------------------------------------------------
     def _confirm_dialog(self, title: str, text: str) -> bool:
@@ -674,6 +714,7 @@ class ReviewerWindow(QMainWindow):
 
     def closeEvent(self, event: QCloseEvent | None) -> None:  # noqa: N802
         self.timer.stop()
+        self.heartbeat.stop()
         vm = self.review
         if vm is not None and vm.holds_claim and not vm.is_final:
             if vm.edited and not self.confirm("Quit?", "You have unsigned changes. Quit and discard them?"):
@@ -685,4 +726,7 @@ class ReviewerWindow(QMainWindow):
             except Exception:  # the database may be gone; the claim then simply expires
                 log.warning("could not release draft %s on exit", vm.detail.draft_id, exc_info=True)
         self.tasks.wait(10000)
+        app = QApplication.instance()
+        if app is not None:
+            app.removeEventFilter(self)
         super().closeEvent(event)

@@ -302,3 +302,36 @@ def test_uncertain_words_are_highlighted(qtbot, make_window) -> None:  # type: i
     assert formats[0].format.background().color().name() == "#ffe082"
     w.report.highlight.setChecked(False)
     assert not doc.firstBlock().layout().formats()  # type: ignore[union-attr]
+
+
+def test_claim_is_kept_alive_while_working_and_lost_claim_turns_read_only(qtbot, make_window, node: synthetic.NodeFixture) -> None:  # type: ignore[no-untyped-def]
+    w = make_window("alice")
+    draft_id = open_row(qtbot, w, "CXR-10002")
+    assert w.heartbeat.isActive()
+
+    def claimed_at() -> object:
+        with node.sessions() as s:
+            d = s.get(Draft, draft_id)
+            assert d is not None
+            return d.claimed_at
+
+    first = claimed_at()
+    w._activity = False
+    w._heartbeat()  # no activity since the last beat: the claim is left to expire
+    w.tasks.wait()
+    assert claimed_at() == first
+    qtbot.keyClicks(w.report.impression, " ok")  # the reviewer is working
+    assert w._activity
+    w._heartbeat()
+    qtbot.waitUntil(lambda: claimed_at() != first, timeout=WAIT)
+    assert not w._activity
+    with node.sessions() as s:  # meanwhile bob took it over
+        d = s.get(Draft, draft_id)
+        assert d is not None
+        d.claimed_by = "bob"
+        s.commit()
+    w._activity = True
+    with qtbot.waitSignal(w.failed, timeout=WAIT):
+        w._heartbeat()
+    assert w.review is not None and not w.review.holds_claim
+    assert w.report.findings.isReadOnly() and "in review by bob" in w.report.banner.text()
