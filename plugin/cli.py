@@ -68,7 +68,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     say = lambda m: _progress(m, args.quiet)  # noqa: E731
     say(f"working folder {workdir}")
     t0 = time.perf_counter()
-    gen = pipeline.generator_for(config)
+    try:
+        gen = pipeline.generator_for(config)
+    except Exception as exc:  # BundleError, ONNX Runtime errors: say which bundle and why
+        print(f"cxrnode demo: cannot load the model bundle {args.bundle!r}: {exc}", file=sys.stderr)
+        return 1
     say(f"model {gen.name} {gen.version} loaded in {time.perf_counter() - t0:.1f} s (providers {', '.join(gen.providers)})")
     node = Node(config, job_handler=pipeline.handle_job).start()
     try:

@@ -56,3 +56,12 @@ def test_demo_text_output_names_the_sr_and_says_draft(tmp_path: Path) -> None:
     assert "AI-GENERATED DRAFT - UNVERIFIED" in text and "draft SR   : " in text
     path = Path(text.split("draft SR   : ")[1].splitlines()[0].strip())
     assert path.is_file()
+
+
+def test_demo_with_a_missing_bundle_fails_clearly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from plugin.cli import main
+
+    code = main(["demo", "--workdir", str(tmp_path / "d"), "--quiet", "--bundle", str(tmp_path / "nope")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "cannot load the model bundle" in err and "nope" in err
