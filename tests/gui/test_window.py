@@ -335,3 +335,16 @@ def test_claim_is_kept_alive_while_working_and_lost_claim_turns_read_only(qtbot,
         w._heartbeat()
     assert w.review is not None and not w.review.holds_claim
     assert w.report.findings.isReadOnly() and "in review by bob" in w.report.banner.text()
+
+
+def test_keyboard_only_open_from_the_worklist(qtbot, make_window) -> None:  # type: ignore[no-untyped-def]
+    w = make_window("alice")
+    wait_refreshed(qtbot, w)
+    table = w.worklist.table
+    table.setFocus()
+    table.setCurrentIndex(w.worklist.model.index(0, 0))
+    qtbot.keyClick(table, Qt.Key.Key_Down)
+    with qtbot.waitSignal(w.review_shown, timeout=WAIT) as blocker:
+        qtbot.keyClick(table, Qt.Key.Key_Return)
+    assert blocker.args == [w.worklist_vm.rows[1].draft_id]
+    assert w.report.findings.hasFocus()  # ready to type
