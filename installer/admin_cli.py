@@ -7,6 +7,7 @@ database) happen inside the commands, never at import time; nothing here imports
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from installer import install as inst
@@ -25,10 +26,26 @@ def _bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_config() -> str | None:
+    """Without --config or CXRNODE_CONFIG: the configuration of the installation this program
+    belongs to, else /etc/cxrnode/cxrnode.toml when it exists."""
+    if os.environ.get("CXRNODE_CONFIG"):
+        return None
+    try:
+        layout = inst.detect_layout(None)
+        if layout.manifest.is_file():
+            return str(inst.read_manifest(layout)["config"])
+    except (inst.InstallError, OSError, ValueError, KeyError):
+        pass
+    system = inst.Layout(None).config
+    return str(system) if system.is_file() else None
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from installer.doctor import main_doctor
 
-    return main_doctor(args.config, args.set or [], as_json_output=args.json,
+    config = args.config or _default_config()
+    return main_doctor(config, args.set or [], as_json_output=args.json,
                        echo_timeout_s=args.timeout, inference=not args.no_inference)
 
 
@@ -68,7 +85,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("doctor", help="check the installation: config, storage, database, model, network, TLS, queue",
                        description="One table of checks, each OK/WARN/FAIL with a hint. Exit status 1 on any FAIL.")
-    p.add_argument("--config", metavar="FILE", help="configuration file (default: CXRNODE_CONFIG)")
+    p.add_argument("--config", metavar="FILE", help="configuration file (default: CXRNODE_CONFIG, else this "
+                   "installation's, else /etc/cxrnode/cxrnode.toml)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a key (repeatable)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each C-ECHO (default %(default)s)")

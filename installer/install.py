@@ -477,6 +477,8 @@ def install(args: argparse.Namespace) -> int:
     keep_config = layout.config.exists()
     if keep_config:
         say(f"keeping the existing configuration {layout.config}")
+        if any(values[s] for s in values if s != "node") or len(values["node"]) > 1 or any(tables.values()):
+            say("  note: the site answers given as flags are not applied to an existing file; edit it instead")
         config_obj = load_config(layout.config, env={})
         config_text = None
     else:

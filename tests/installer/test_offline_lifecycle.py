@@ -113,19 +113,34 @@ def pacs(work: Path) -> Iterator[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def installed(work: Path, bundle1: Path, pacs: dict[str, Any]) -> dict[str, Any]:
+def installed(work: Path, bundle1: Path, pacs: dict[str, Any]) -> Iterator[dict[str, Any]]:
     folder = unpack(bundle1, work / "unpacked1")
     prefix = work / "prefix"
     port = free_port()
-    cmd = [*offline_prefix(), folder / "install.sh", "--prefix", prefix, "--no-systemd", "--no-user",
+    # as root the installer creates a system user; a unique one, removed by --purge (or below)
+    user = f"cxrt{os.getpid()}" if os.geteuid() == 0 and shutil.which("useradd") else None
+    user_args = ["--user", user] if user else ["--no-user"]
+    cmd = [*offline_prefix(), folder / "install.sh", "--prefix", prefix, "--no-systemd", *user_args,
            "--host", "127.0.0.1", "--port", str(port), "--ae-title", "CXRNODE_T",
            "--destination", f"pacs=PACS@127.0.0.1:{pacs['port']}",
            "--set", "study.quiet_period_s=1", "--set", "jobs.backoff_s=1", "--set", "model.beam_size=1"]
     proc = run(cmd, env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return {"prefix": prefix, "port": port, "bin": prefix / "bin" / "cxrnode",
-            "config": prefix / "etc" / "cxrnode" / "cxrnode.toml", "storage": prefix / "var" / "lib" / "cxrnode",
-            "install_output": proc.stdout, "offline": bool(offline_prefix())}
+    yield {"prefix": prefix, "port": port, "bin": prefix / "bin" / "cxrnode", "user": user,
+           "config": prefix / "etc" / "cxrnode" / "cxrnode.toml", "storage": prefix / "var" / "lib" / "cxrnode",
+           "install_output": proc.stdout, "offline": bool(offline_prefix())}
+    if user and _user_exists(user):  # the purge test failed before removing it
+        subprocess.run(["userdel", user], check=False)
+
+
+def _user_exists(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
 
 
 class NodeProcess:
@@ -175,7 +190,19 @@ def test_bundle_is_complete_and_checksummed(bundle1: Path) -> None:
 def test_install_layout(installed: dict[str, Any]) -> None:
     p: Path = installed["prefix"]
     out = installed["install_output"]
-    assert "[8/8]" in out and "skipped (--no-user given)" in out
+    assert "[8/8]" in out
+    user = installed["user"]
+    if user:
+        import grp
+        import pwd
+
+        assert f"created system user {user!r}" in out
+        assert pwd.getpwnam(user).pw_shell.endswith("nologin")
+        assert grp.getgrgid(installed["config"].stat().st_gid).gr_name == user, "config readable by the service group"
+        assert pwd.getpwuid(installed["storage"].stat().st_uid).pw_name == user, "storage owned by the service user"
+        assert pwd.getpwuid((installed["storage"] / "cxrnode.db").stat().st_uid).pw_name == user
+    else:
+        assert "skipped (--no-user given)" in out
     assert installed["bin"].is_symlink() and os.access(installed["bin"], os.X_OK)
     assert run([installed["bin"], "--version"]).stdout.strip() == "cxrnode 0.1.0"
     cfg = installed["config"]
@@ -191,6 +218,8 @@ def test_install_layout(installed: dict[str, Any]) -> None:
     assert rev == head and rev, "database migrated to head"
     unit = p / "lib" / "cxrnode" / "cxrnode.service"
     text = unit.read_text()
+    if installed["user"]:
+        assert f"User={installed['user']}" in text.splitlines()
     for line in ("NoNewPrivileges=yes", "ProtectSystem=strict", f"ReadWritePaths={installed['storage']}",
                  "PrivateTmp=yes", "Restart=on-failure", f"ExecStart={installed['bin']} serve --config {cfg}"):
         assert line in text.splitlines(), line
@@ -276,3 +305,5 @@ def test_uninstall_keeps_data_and_purge_removes_it(installed: dict[str, Any]) ->
     proc = run([sys.executable, "-m", "installer", "uninstall", "--prefix", p, "--purge"], cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not installed["storage"].exists() and not installed["config"].parent.exists()
+    if installed["user"]:
+        assert not _user_exists(installed["user"]), "purge removes the system user the installer created"

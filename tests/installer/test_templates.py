@@ -10,6 +10,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -182,3 +183,21 @@ def test_uninstall_of_nothing_is_a_clear_error(tmp_path: Path, capsys: pytest.Ca
 
     assert main(["uninstall", "--prefix", str(tmp_path)]) == 2
     assert "not installed" in capsys.readouterr().err
+
+
+def test_prompts_fill_only_missing_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = iter(["MY_AE", "notaport", "11300", ""])
+    monkeypatch.setattr("builtins.input", lambda _prompt: next(answers))
+    values: dict[str, dict[str, object]] = {"node": {"storage_dir": "/srv/cxr"}}
+    inst.prompt_answers(values)
+    assert values["node"] == {"ae_title": "MY_AE", "port": 11300, "storage_dir": "/srv/cxr"}
+
+
+def test_installer_commands_do_not_load_qt(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[node]\nstorage_dir = "{tmp_path / "data"}"\nport = 0\n')
+    code = ("import sys; from installer.cli import main; rc = main(['doctor', '--config', sys.argv[1], "
+            "'--no-inference']); print('QT' if 'PyQt6' in sys.modules else 'NOQT', rc)")
+    proc = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True, cwd=REPO)
+    assert proc.stdout.strip().splitlines()[-1].startswith("NOQT"), proc.stdout + proc.stderr
