@@ -262,12 +262,35 @@ def _evidence_stub(src: Any, first: bool) -> Dataset:
         setattr(ev, kw, value)
     if first:
         for kw in _PATIENT_STUDY:
-            setattr(ev, kw, src.get(kw, "") or "")
+            value = src.get(kw, "") or ""
+            # Type 2 in the SR: an invalid value (e.g. a date as 2011-03-24) is sent empty
+            setattr(ev, kw, value if kw == "StudyInstanceUID" or _valid(kw, value) else "")
         for kw in ("PatientAge", "PatientSize", "PatientWeight", "IssuerOfPatientID", "OtherPatientIDs",
                    "StudyDescription", "PatientComments", "EthnicGroup"):
-            if kw in src and src.get(kw) not in (None, ""):
-                setattr(ev, kw, src.get(kw))
+            value = src.get(kw, None)
+            if value not in (None, "") and _valid(kw, value):  # optional: an invalid value is left out
+                setattr(ev, kw, value)
     return ev
+
+
+def _valid(keyword: str, value: Any) -> bool:
+    """Whether ``value`` is valid for the attribute's VR (PS3.5 6.2); sources are often not."""
+    from pydicom import config
+    from pydicom.datadict import dictionary_VR
+    from pydicom.valuerep import validate_value
+
+    if value in (None, ""):
+        return True
+    vr = dictionary_VR(keyword)
+    values = value if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue" else [value]
+    try:
+        for v in values:
+            if isinstance(v, int | float):  # DS/IS/US already parsed: a number is valid
+                continue
+            validate_value(vr, v if isinstance(v, str | bytes) else str(v), config.RAISE)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def _check_text(what: str, text: str) -> str:

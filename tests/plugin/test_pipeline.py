@@ -195,3 +195,25 @@ def test_resent_images_do_not_replace_a_signed_report(env: NodeEnv) -> None:
     assert job.state == "done" and "already exists (signed)" in (job.last_error or "")
     assert [(r.sop_instance_uid, r.state) for r in drafts(env, study[0].StudyInstanceUID)] == [
         (d.sop_instance_uid, "signed")]
+
+
+def test_real_sample_files_without_view_tags(env: NodeEnv) -> None:
+    """The two real radiographs (JPEG Baseline SC with ViewPosition PA; implicit VR DX with no
+    ViewPosition or BodyPartExamined) put in one study: both read, the classifier decides."""
+    shared = Path(__file__).resolve().parents[3] / "shared" / "data" / "dicom_samples"
+    files = [shared / "siim_chestxray14_pa_jpeg_baseline.dcm", shared / "nih_chestxray_dx_implicit_le.dcm"]
+    if not all(f.exists() for f in files):
+        pytest.skip("shared DICOM samples not available")
+    dss = [dcmread(f) for f in files]
+    for ds in dss[1:]:
+        ds.StudyInstanceUID = dss[0].StudyInstanceUID
+        ds.PatientID = dss[0].PatientID
+    env.store_instances(dss)
+    [job] = env.run_jobs(pipeline.handle_job)
+    assert job.state == "done", job.log
+    assert "selected 2 image(s)" in job.log
+    no_tags = next(ln for ln in job.log.splitlines() if f"view {dss[1].SOPInstanceUID}:" in ln)
+    assert "no view in the tags; classifier says" in no_tags
+    [d] = drafts(env, dss[0].StudyInstanceUID)
+    assert d.indication == ""  # none in these files: allowed
+    check_sr_file(env.store.abspath(d.path))

@@ -130,3 +130,16 @@ def test_bad_inputs_fail_clearly() -> None:
         sr.build_signed_sr(draft, "a", "b", "Doe^Jane", "", SIGNED_AT)
     with pytest.raises(sr.SRError, match="not a Comprehensive SR"):
         sr.build_signed_sr(image(), "a", "b", "Doe^Jane", "Org", SIGNED_AT)
+
+
+def test_invalid_source_values_do_not_make_the_sr_invalid(tmp_path: Path) -> None:
+    """Real archives send e.g. PatientAge "62" or a dashed date: optional ones are left out,
+    Type 2 ones sent empty, so the SR still passes dciodvfy."""
+    a, b = two_views()
+    a.PatientAge = "62"
+    a.StudyDate = "2011-03-24"
+    a.PatientWeight = "70.5"
+    draft = sr.build_draft_sr([a, b], content())
+    check_sr_file(write(draft, tmp_path / "d.dcm"))
+    ds = dcmread(tmp_path / "d.dcm")
+    assert "PatientAge" not in ds and ds.StudyDate == "" and float(ds.PatientWeight) == 70.5
