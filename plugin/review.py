@@ -704,15 +704,23 @@ def sort_rows(rows: Sequence[WorklistRow], key: str = "age", descending: bool = 
 
 
 def _edit_summary(ai_findings: str, ai_impression: str, findings: str, impression: str) -> str:
-    """Audit detail of what the radiologist changed (unified diffs), '' when unchanged."""
-    parts = []
-    fd = text_diff(ai_findings.strip(), findings, "AI draft findings", "signed findings")
-    if fd:
-        parts.append(fd)
-    idiff = text_diff(ai_impression.strip(), impression, "AI draft impression", "signed impression")
-    if idiff:
-        parts.append(idiff)
-    return "".join(parts)
+    """Audit detail of what the radiologist changed ('' when unchanged).
+
+    Counts only (sections changed, words removed and added), no report text: the audit table
+    carries no clinical narrative (the texts are in the draft row and the two SRs).
+    """
+    out: dict[str, dict[str, int]] = {}
+    for name, before, after in (("findings", ai_findings, findings), ("impression", ai_impression, impression)):
+        a, b = before.split(), after.split()
+        if a == b:
+            continue
+        removed = added = 0
+        for op, a0, a1, b0, b1 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+            if op != "equal":
+                removed += a1 - a0
+                added += b1 - b0
+        out[name] = {"words_before": len(a), "words_after": len(b), "removed": removed, "added": added}
+    return json.dumps({"changed": out}) if out else ""
 
 
 def _rowcount(result: Any) -> int:

@@ -228,7 +228,11 @@ def test_sign_writes_stores_indexes_audits_and_enqueues_the_verified_sr(
     assert len(ev) == 1 and ev[0].actor == "alice" and ev[0].object_uid == ds.SOPInstanceUID
     assert json.loads(ev[0].detail)["verifier"] == "Moreau^Alice^^Dr"
     edited = audits(node, "edited")
-    assert len(edited) == 1 and "pleural effusion" in edited[0].detail
+    assert len(edited) == 1
+    changed = json.loads(edited[0].detail)["changed"]
+    assert set(changed) == {"findings", "impression"}
+    assert changed["findings"]["added"] == 8 and changed["findings"]["removed"] == 0
+    assert "effusion" not in edited[0].detail  # counts only: no report text in the audit table
 
     detail = svc.detail(draft_id)
     assert detail.is_final and not detail.is_open
