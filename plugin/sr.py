@@ -442,7 +442,7 @@ def build_signed_sr(
         is_final=True,
         is_verified=True,
         verifying_observer_name=verifier_name,
-        verifying_organization=verifier_org,
+        verifying_organization=verifier_org.strip()[:64],  # LO
         institution_name=str(draft.get("InstitutionName", "") or "") or None,
         previous_versions=[draft],
         series_description=SIGNED_SERIES_DESCRIPTION,
