@@ -266,3 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 2
     return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

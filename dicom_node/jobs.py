@@ -2,7 +2,8 @@
 
 Life of a job::
 
-    study quiet for study.quiet_period_s  --promote-->  pending
+    study quiet for study.quiet_period_s  --promote-->  pending (study ``queued``)
+    new instances while pending           ---------->  waits (study ``receiving``) until quiet again
     pending (not_before <= now)           --claim---->  running (leased to one worker)
     running                               --renew---->  running (lease extended while the handler works)
     running                               --done----->  done | skipped
@@ -122,7 +123,13 @@ def promote_quiet_studies(sessions: sessionmaker, config: Config, now: dt.dateti
     active = exists().where(Job.study_id == Study.id, Job.state.in_([JobState.PENDING, JobState.RUNNING]))
     last_gen = select(func.max(Job.study_generation)).where(Job.study_id == Study.id).scalar_subquery()
     promoted: list[str] = []
+    pending = exists().where(Job.study_id == Study.id, Job.state == JobState.PENDING)
     with sessions() as s:
+        # a study that got more images while its job was still pending: the job will take the
+        # latest generation when it is claimed, so the study only needs to be quiet again
+        s.execute(update(Study).where(Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff, pending)
+                  .values(state=StudyState.QUEUED).execution_options(synchronize_session=False))
+        s.commit()
         rows = s.execute(
             select(Study.id, Study.study_instance_uid, Study.generation)
             .where(
@@ -173,8 +180,10 @@ class ClaimedJob:
 
 
 def _claimable(now: dt.datetime):  # type: ignore[no-untyped-def]
+    # a pending job waits while its study is receiving again (it is re-queued once quiet)
+    study_quiet = exists().where(Study.id == Job.study_id, Study.state == StudyState.QUEUED)
     return or_(
-        and_(Job.state == JobState.PENDING, Job.not_before <= now),
+        and_(Job.state == JobState.PENDING, Job.not_before <= now, study_quiet),
         and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now),
     )
 
