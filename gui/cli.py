@@ -78,8 +78,12 @@ def run_worklist(args: argparse.Namespace) -> int:
     from gui import viewmodels
 
     svc = _service(args)
-    states = None if args.all else (args.state or None)
-    rows = svc.worklist(states=states, search=args.search) if states is not None or args.all else svc.worklist(search=args.search)
+    if args.all:
+        rows = svc.worklist(states=None, search=args.search)
+    elif args.state:
+        rows = svc.worklist(states=args.state, search=args.search)
+    else:
+        rows = svc.worklist(search=args.search)
     if args.json:
         print(json.dumps([
             {

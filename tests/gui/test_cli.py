@@ -68,3 +68,16 @@ def test_review_signs_as_the_os_account(node: synthetic.NodeFixture, monkeypatch
     assert cli.run_review(args) == 0
     assert seen["user"] == "alice" and seen["study_uid"] == "1.2.3" and seen["refresh"] == 5.0
     assert seen["service"].claim_timeout_s == 120.0  # type: ignore[attr-defined]
+
+
+def test_worklist_state_filters(node: synthetic.NodeFixture, capsys: pytest.CaptureFixture[str]) -> None:
+    from plugin.review import ReviewService
+
+    svc = ReviewService(node.config, node.sessions, node.store)
+    first = svc.worklist()[0]
+    d = svc.detail(first.draft_id or 0)
+    svc.sign(d.draft_id, "alice", d.findings, d.impression or "Normal.")
+    cfg = str(node.root / "cxrnode.toml")
+    for extra, expected in ((["--all"], 3), (["--state", "signed"], 1), ([], 2), (["--state", "new", "--state", "signed"], 3)):
+        assert cli.main(["worklist", "--config", cfg, "--json", *extra]) == 0
+        assert len(json.loads(capsys.readouterr().out)) == expected, extra
