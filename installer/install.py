@@ -288,6 +288,19 @@ def ensure_user(user: str, home: Path) -> bool:
     return True
 
 
+def _add_to_group(account: str, group: str) -> None:
+    """Let a reviewer's OS account read the config and the store (the desktop reviewer)."""
+    import pwd
+
+    try:
+        pwd.getpwnam(account)
+    except KeyError:
+        say(f"  reviewer {account!r} has no account on this machine: add it later with usermod -aG {group} {account}")
+        return
+    subprocess.run([shutil.which("usermod") or "/usr/sbin/usermod", "-aG", group, account], check=True)
+    say(f"  added reviewer {account!r} to group {group!r} (config and studies readable, signing allowed)")
+
+
 def chown_tree(path: Path, user: str) -> None:
     for p in [path, *path.rglob("*")]:
         shutil.chown(p, user=user, group=user)
@@ -525,12 +538,16 @@ def install(args: argparse.Namespace) -> int:
             say(f"  wrote {layout.config} (mode 0640)")
         say(f"[4/{steps}] storage folder {storage}")
         storage.mkdir(parents=True, exist_ok=True)
-        os.chmod(storage, 0o750)
+        # group = the people allowed to see the studies: the service and the reviewers on this
+        # machine (setgid keeps new folders in the group; the unit's UMask=0007 keeps files so)
+        os.chmod(storage, 0o2770)
         say(f"[5/{steps}] database")
         rev = migrate_with(py, layout.config)
         say(f"  {config_obj.node.resolved_database_url().split('@')[-1]} at revision {rev['revision']} (head {rev['head']})")
         if create_user:
             chown_tree(storage, user)
+            for account in [r["username"] for r in tables["reviewers"]]:
+                _add_to_group(account, user)
 
         say(f"[6/{steps}] service unit")
         unit = layout.unit(systemd)

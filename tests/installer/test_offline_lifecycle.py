@@ -122,7 +122,7 @@ def installed(work: Path, bundle1: Path, pacs: dict[str, Any]) -> Iterator[dict[
     user_args = ["--user", user] if user else ["--no-user"]
     cmd = [*offline_prefix(), folder / "install.sh", "--prefix", prefix, "--no-systemd", *user_args,
            "--host", "127.0.0.1", "--port", str(port), "--ae-title", "CXRNODE_T",
-           "--destination", f"pacs=PACS@127.0.0.1:{pacs['port']}",
+           "--destination", f"pacs=PACS@127.0.0.1:{pacs['port']}", "--reviewer", "cxrnoacct:Doe^Jane:Test Hospital",
            "--set", "study.quiet_period_s=1", "--set", "jobs.backoff_s=1", "--set", "model.beam_size=1"]
     proc = run(cmd, env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -201,6 +201,7 @@ def test_install_layout(installed: dict[str, Any]) -> None:
         assert grp.getgrgid(installed["config"].stat().st_gid).gr_name == user, "config readable by the service group"
         assert pwd.getpwuid(installed["storage"].stat().st_uid).pw_name == user, "storage owned by the service user"
         assert pwd.getpwuid((installed["storage"] / "cxrnode.db").stat().st_uid).pw_name == user
+        assert "reviewer 'cxrnoacct' has no account on this machine" in out
     else:
         assert "skipped (--no-user given)" in out
     assert installed["bin"].is_symlink() and os.access(installed["bin"], os.X_OK)
@@ -212,6 +213,8 @@ def test_install_layout(installed: dict[str, Any]) -> None:
     c = load_config(cfg, env={})
     assert (c.node.ae_title, c.node.port, c.node.storage_dir) == ("CXRNODE_T", installed["port"], str(installed["storage"]))
     assert c.destinations[0].name == "pacs" and c.study.quiet_period_s == 1.0
+    assert c.reviewers[0].display_name == "Doe^Jane"
+    assert installed["storage"].stat().st_mode & 0o7777 == 0o2770, "storage: service group only, setgid"
     from dicom_node.db import current_revision
 
     rev, head = current_revision(c.node.resolved_database_url())
