@@ -348,3 +348,30 @@ def test_keyboard_only_open_from_the_worklist(qtbot, make_window) -> None:  # ty
         qtbot.keyClick(table, Qt.Key.Key_Return)
     assert blocker.args == [w.worklist_vm.rows[1].draft_id]
     assert w.report.findings.hasFocus()  # ready to type
+
+
+@pytest.mark.postgres
+def test_two_desktops_sharing_postgresql(qtbot, make_window, tmp_path, postgres_url: str) -> None:  # type: ignore[no-untyped-def]
+    built = synthetic.build_node(tmp_path / "pg", synthetic.sample_studies(2, size=256, prefix="pg"),
+                                 database_url=postgres_url)
+    desk_b = synthetic.open_node(tmp_path / "pg", database_url=postgres_url)  # a second engine: another desktop
+    alice = make_window("alice", svc=ReviewService(built.config, built.sessions, built.store))
+    bob = make_window("bob", svc=ReviewService(desk_b.config, desk_b.sessions, desk_b.store))
+    try:
+        draft_id = open_row(qtbot, alice, "CXR-10001")
+        assert open_row(qtbot, bob, "CXR-10001") == draft_id
+        assert "in review by alice" in bob.report.banner.text() and not bob.report.sign_button.isEnabled()
+        with qtbot.waitSignal(alice.signed, timeout=WAIT):
+            alice.report.impression.setPlainText("Signed on PostgreSQL.")
+            alice.sign()
+        bob.refresh()
+        wait_refreshed(qtbot, bob)
+        assert all(r.draft_id != draft_id for r in bob.worklist_vm.rows)
+        with desk_b.sessions() as s:
+            d = s.get(Draft, draft_id)
+            assert d is not None and d.state == DraftState.SIGNED and d.signed_impression == "Signed on PostgreSQL."
+    finally:
+        for w in (alice, bob):
+            w.tasks.wait()
+        built.engine.dispose()
+        desk_b.engine.dispose()
