@@ -136,7 +136,8 @@ def _load_instances(ctx: JobContext) -> tuple[int, list[LoadedInstance], list[st
 
 
 class _BufferedLog:
-    """Collects job-log lines and appends them in a few writes (each append is a transaction)."""
+    """Collects the job's log lines and appends them in one write when the job ends (each append
+    is a database transaction); an exception still flushes them before it propagates."""
 
     def __init__(self, sink: Callable[[str], None]) -> None:
         self.sink = sink
@@ -163,12 +164,12 @@ def run(ctx: JobContext, generator: Callable[[Config], Any] = generator_for) -> 
     """Do the work of :func:`handle_job`; returns the outcome or a ``skipped`` JobResult."""
     buffered = _BufferedLog(ctx.log)
     try:
-        return _run(dataclasses.replace(ctx, log=buffered), generator, buffered)
+        return _run(dataclasses.replace(ctx, log=buffered), generator)
     finally:
         buffered.flush()
 
 
-def _run(ctx: JobContext, generator: Callable[[Config], Any], buffered: _BufferedLog) -> DraftOutcome | JobResult:
+def _run(ctx: JobContext, generator: Callable[[Config], Any]) -> DraftOutcome | JobResult:
     t_start = time.perf_counter()
     timing: dict[str, float] = {}
 
@@ -235,7 +236,6 @@ def _run(ctx: JobContext, generator: Callable[[Config], Any], buffered: _Buffere
     from onnx_models.runtime import StudyInput
 
     max_tokens = cfg.model.max_report_tokens or None
-    buffered.flush()  # the progress so far is in the job log even if generation fails
     t_gen = time.perf_counter()
     [report] = gen.generate(
         [StudyInput(views=[(arr, rv.view) for (_, _, arr), rv in zip(images, resolved, strict=True)],
