@@ -217,3 +217,16 @@ def test_real_sample_files_without_view_tags(env: NodeEnv) -> None:
     [d] = drafts(env, dss[0].StudyInstanceUID)
     assert d.indication == ""  # none in these files: allowed
     check_sr_file(env.store.abspath(d.path))
+
+
+def test_a_failing_job_keeps_its_log_and_says_why(tmp_path: Path) -> None:
+    env = make_env(tmp_path / "n", extra='[pipeline]\nindication_sources = ["ReasonForStudy", "NotAKeyword"]')
+    study = samples.make_study(8, prefix="pipe")
+    env.store_instances(study)
+    [job] = env.run_jobs(pipeline.handle_job)
+    assert job.state == "failed"
+    assert "pipeline.indication_sources" in (job.last_error or "") and "NotAKeyword" in (job.last_error or "")
+    assert "selected 2 image(s)" in job.log  # the progress before the error was logged
+    assert drafts(env, study[0].StudyInstanceUID) == []
+    files = [p for p in env.store.root.rglob("*.dcm") if "instances" in p.parts]
+    assert len(files) == 2  # the received images are all still there; no stray SR
