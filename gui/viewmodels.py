@@ -13,6 +13,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import pydicom.errors
+
 from dicom_node.db import Draft, DraftState
 from gui import imaging
 from plugin.review import (
@@ -238,6 +240,7 @@ class ReviewModel:
     findings: str = ""
     impression: str = ""
     pictures: list[imaging.Picture] = field(default_factory=list)
+    view_errors: list[str] = field(default_factory=list)  # views that could not be shown, and why
     signed: Draft | None = None
 
     def __post_init__(self) -> None:
@@ -406,13 +409,17 @@ def open_review(
                 detail = service.detail(draft_id)
     model = ReviewModel(service=service, user=user, detail=detail, holds_claim=holds, notice=notice)
     if load_views:
-        views = [v for v in detail.views if v.path is not None]
-        total = len(views)
-        for i, v in enumerate(views):
+        total = len(detail.views)
+        for i, v in enumerate(detail.views):
             if progress:
-                progress(i, total, f"Loading {v.view} view")
-            assert v.path is not None
-            model.pictures.append(imaging.load_picture(v.path, view=view_label(v.view)))
+                progress(i, total, f"Loading {view_label(v.view)} view")
+            if v.path is None:
+                model.view_errors.append(f"{view_label(v.view)}: image {v.sop_instance_uid} is not in the store")
+                continue
+            try:
+                model.pictures.append(imaging.load_picture(v.path, view=view_label(v.view)))
+            except (OSError, ValueError, pydicom.errors.InvalidDicomError) as exc:  # PixelError is a ValueError
+                model.view_errors.append(f"{view_label(v.view)}: cannot display {v.sop_instance_uid}: {exc}")
         if progress:
             progress(total, total, "Views loaded")
     return model

@@ -605,6 +605,9 @@ class ReviewerWindow(QMainWindow):
         self.study.set_pictures(vm.pictures)
         self.worklist.select_draft(vm.detail.draft_id)
         self.say(vm.banner()[1])
+        if vm.view_errors:
+            self.say("Not every view can be shown — " + "; ".join(vm.view_errors))
+            self.show_error("Some views cannot be shown", "\n".join(vm.view_errors))
         if vm.holds_claim:
             self.report.findings.setFocus()
         self.refresh()

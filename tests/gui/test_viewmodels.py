@@ -153,3 +153,15 @@ def test_review_model_sign_and_release(service: ReviewService) -> None:
     other = open_review(service, "alice", rows[1].draft_id or 0, load_views=False)
     assert other.release() is True
     assert service.detail(rows[1].draft_id or 0).state == DraftState.NEW
+
+
+def test_a_broken_view_does_not_stop_the_review(service: ReviewService) -> None:
+    draft_id = service.worklist()[0].draft_id or 0
+    views = service.detail(draft_id).views
+    broken = next(v for v in views if v.view == "PA")
+    assert broken.path is not None
+    broken.path.write_bytes(b"not a DICOM file")
+    vm = open_review(service, "alice", draft_id)
+    assert [p.view for p in vm.pictures] == ["LATERAL (LL)"]
+    assert len(vm.view_errors) == 1 and vm.view_errors[0].startswith("PA: cannot display")
+    assert vm.holds_claim and vm.can_sign  # the text can still be reviewed
