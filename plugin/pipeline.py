@@ -83,6 +83,14 @@ def _warm_up(gen: Any) -> None:
     sr_mod.warm_up()
 
 
+def _max_views(gen: Any) -> int:
+    """How many views the bundle reads (manifest ``input.max_views``); the runtime drops the rest."""
+    try:
+        return max(1, int(gen.bundle.manifest["input"]["max_views"]))
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return 1_000_000
+
+
 @dataclass(frozen=True)
 class LoadedInstance:
     header: InstanceHeader
@@ -232,6 +240,11 @@ def _run(ctx: JobContext, generator: Callable[[Config], Any]) -> DraftOutcome | 
     order = sorted(range(len(images)), key=lambda i: (VIEW_ORDER.get(resolved[i].view, 9), i))
     images = [images[i] for i in order]
     resolved = [resolved[i] for i in order]
+    max_views = _max_views(gen)
+    if len(images) > max_views:
+        for rv in resolved[max_views:]:
+            ctx.log(f"skipped {rv.sop_instance_uid}: the model reads at most {max_views} views ({rv.view} not used)")
+        images, resolved = images[:max_views], resolved[:max_views]
 
     from onnx_models.runtime import StudyInput
 

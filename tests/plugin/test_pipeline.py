@@ -230,3 +230,22 @@ def test_a_failing_job_keeps_its_log_and_says_why(tmp_path: Path) -> None:
     assert drafts(env, study[0].StudyInstanceUID) == []
     files = [p for p in env.store.root.rglob("*.dcm") if "instances" in p.parts]
     assert len(files) == 2  # the received images are all still there; no stray SR
+
+
+def test_more_views_than_the_model_reads(env: NodeEnv) -> None:
+    max_views = pipeline._max_views(pipeline.generator_for(env.config))
+    base = samples.make_study(9, prefix="pipe")
+    extra = []
+    for k in range(max_views):  # max_views + 2 images in all
+        ds = samples.make_study(9, prefix="pipe")[k % 2]
+        ds.SOPInstanceUID = f"{ds.SOPInstanceUID}.{k + 1}"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        extra.append(ds)
+    env.store_instances(base + extra)
+    [job] = env.run_jobs(pipeline.handle_job)
+    assert job.state == "done", job.log
+    assert job.log.count(f"the model reads at most {max_views} views") == 2
+    [d] = drafts(env, base[0].StudyInstanceUID)
+    views = json.loads(d.views)
+    assert len(views) == max_views
+    assert set(sr.read_report(dcmread(env.store.abspath(d.path))).source_images) == {v["sop_instance_uid"] for v in views}
