@@ -361,6 +361,8 @@ class ReviewModel:
         signed = self.service.sign(self.detail.draft_id, self.user, self.findings, self.impression)
         self.signed = signed
         self.detail = self.service.detail(self.detail.draft_id)
+        # from now on show exactly what was signed
+        self.findings, self.impression = signed.signed_findings or "", signed.signed_impression or ""
         return signed
 
     def reject(self, reason: str) -> Draft:

@@ -638,6 +638,9 @@ class ReviewerWindow(QMainWindow):
             self.say("Not signed.")
             return
         self.report.sign_button.setEnabled(False)
+        self.report.reject_button.setEnabled(False)
+        for editor in (self.report.findings, self.report.impression):
+            editor.setReadOnly(True)  # what is signed is what is on screen now
         self.say("Signing…")
 
         def work(progress: Callable[[int, int, str], None]) -> Any:

@@ -165,3 +165,11 @@ def test_a_broken_view_does_not_stop_the_review(service: ReviewService) -> None:
     assert [p.view for p in vm.pictures] == ["LATERAL (LL)"]
     assert len(vm.view_errors) == 1 and vm.view_errors[0].startswith("PA: cannot display")
     assert vm.holds_claim and vm.can_sign  # the text can still be reviewed
+
+
+def test_after_signing_the_model_shows_what_was_signed(service: ReviewService) -> None:
+    vm = open_review(service, "alice", service.worklist()[0].draft_id or 0, load_views=False)
+    vm.set_text("  Findings with spaces.  ", "Impression.\n")
+    vm.sign()
+    assert (vm.findings, vm.impression) == ("Findings with spaces.", "Impression.")
+    assert vm.banner()[0] == "final"

@@ -129,8 +129,10 @@ def test_signing_an_unchanged_draft_asks_first(qtbot, make_window, node: synthet
         d = s.get(Draft, draft_id)
         assert d is not None and d.state == DraftState.IN_REVIEW
     w.confirm = lambda title, text: True
+    assert not w.report.impression.isReadOnly()
     with qtbot.waitSignal(w.signed, timeout=WAIT):
         w.report.sign_button.click()
+        assert w.report.impression.isReadOnly()  # frozen while signing: what is signed is what is shown
     with node.sessions() as s:
         d = s.get(Draft, draft_id)
         assert d is not None and d.state == DraftState.SIGNED and d.signed_by == "bob"
