@@ -122,7 +122,7 @@ COLUMNS = (
 )
 
 
-def cell_text(row: WorklistRow, column: int) -> str:
+def cell_text(row: WorklistRow, column: int, user: str = "") -> str:
     key = COLUMNS[column].title
     if key == "Patient":
         return format_person_name(row.patient_name)
@@ -137,7 +137,7 @@ def cell_text(row: WorklistRow, column: int) -> str:
     if key == "Draft age":
         return format_age(row.age_s)
     if key == "State":
-        return row.state_label
+        return "in review by you" if user and row.state == STATE_IN_REVIEW and row.claimed_by == user else row.state_label
     raise IndexError(column)
 
 
@@ -155,6 +155,7 @@ class WorklistModel:
     """The worklist's query (filter, search, sort) and its current rows."""
 
     service: ReviewService
+    user: str = ""  # rows this account holds read "in review by you"
     state_filter: str = "To review"
     search: str = ""
     sort_column: int = 5  # draft age

@@ -480,7 +480,7 @@ class WorklistTable(QAbstractTableModel):
             return None
         row: WorklistRow = self.vm.rows[index.row()]
         if role == Qt.ItemDataRole.DisplayRole:
-            return viewmodels.cell_text(row, index.column())
+            return viewmodels.cell_text(row, index.column(), self.vm.user)
         if role == Qt.ItemDataRole.ToolTipRole:
             return viewmodels.row_tooltip(row)
         if role == Qt.ItemDataRole.ForegroundRole and viewmodels.COLUMNS[index.column()].title == "State":

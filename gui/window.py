@@ -333,7 +333,7 @@ class ReviewerWindow(QMainWindow):
         self.service = service
         self.user = user
         self.tasks = TaskRunner(self)
-        self.worklist_vm = viewmodels.WorklistModel(service)
+        self.worklist_vm = viewmodels.WorklistModel(service, user=user)
         self.review: viewmodels.ReviewModel | None = None
         self._opening: int | None = None
         self._refreshing = False

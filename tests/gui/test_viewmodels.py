@@ -42,6 +42,8 @@ def test_cells_and_next_open_row() -> None:
     r = row(1, "in_review", claimed_by="bob")
     texts = [viewmodels.cell_text(r, c) for c in range(len(viewmodels.COLUMNS))]
     assert texts == ["P, 1", "ID1", "2026-11-24", "A1", "PA + LATERAL", "1 min", "in review by bob"]
+    assert viewmodels.cell_text(r, 6, user="bob") == "in review by you"
+    assert viewmodels.cell_text(r, 6, user="alice") == "in review by bob"
     assert "Reason: too dark" in viewmodels.row_tooltip(row(2, "rejected", detail="too dark"))
     assert "Failed: model missing" in viewmodels.row_tooltip(row(3, "failed", detail="model missing"))
     vm = WorklistModel(service=None)  # type: ignore[arg-type]

@@ -70,6 +70,7 @@ def test_full_review_worklist_open_edit_sign(qtbot, make_window, node: synthetic
     assert not pane.findings.isReadOnly() and pane.sign_button.isEnabled()
     wait_refreshed(qtbot, w)
     assert w.worklist_vm.rows[row_of(w, "CXR-10001")].state_label == "in review by alice"
+    assert w.worklist.model.index(row_of(w, "CXR-10001"), 6).data() == "in review by you"
 
     # edit with the keyboard, look at the diff, sign with Ctrl+Enter
     pane.impression.setFocus()
