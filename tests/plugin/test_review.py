@@ -35,13 +35,16 @@ from plugin.review import (
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("golden")
-    synthetic.build_node(root, synthetic.sample_studies(3, size=256))
+    built = synthetic.build_node(root, synthetic.sample_studies(3, size=256))
+    built.engine.dispose()  # checkpoint and close SQLite before the copies are taken
     return root
 
 
 @pytest.fixture
-def node(golden: Path, tmp_path: Path) -> synthetic.NodeFixture:
-    return synthetic.open_node(synthetic.copy_node(golden, tmp_path / "node"))
+def node(golden: Path, tmp_path: Path) -> Iterator[synthetic.NodeFixture]:
+    n = synthetic.open_node(synthetic.copy_node(golden, tmp_path / "node"))
+    yield n
+    n.engine.dispose()
 
 
 @pytest.fixture
