@@ -739,6 +739,13 @@ def run(func: Any, args: argparse.Namespace) -> int:
     except subprocess.CalledProcessError as exc:
         print(f"cxrnode {args.command}: {' '.join(map(str, exc.cmd))} failed (exit {exc.returncode})", file=sys.stderr)
         return 1
+    except PermissionError as exc:
+        print(f"cxrnode {args.command}: permission denied: {exc.filename}; run as root, or give --prefix "
+              "a folder you own (with --no-systemd)", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"cxrnode {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
