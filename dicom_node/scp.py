@@ -83,6 +83,7 @@ ENCODING_MISMATCH = 0xC213
 
 _PIXEL_DATA = Tag(0x7FE0, 0x0010)
 _UNDEFINED = 0xFFFFFFFF
+MAX_PDU_SIZE = 1 << 20  # what we advertise as our maximum receive PDU length (PS3.8 D.1)
 _DENIED_AE = "\x00denied\x00"
 
 # -- spooling: make pynetdicom's chunked receive write into the store's tmp/ ----------------
@@ -295,6 +296,8 @@ class StorageSCP:
         ae.allowed_networks = tuple(ipaddress.ip_network(x, strict=False) for x in self.config.security.allowed_networks)
         ae.cxrnode_spool_dir = self.store.tmp_dir  # type: ignore[attr-defined]
         ae.maximum_associations = n.max_associations
+        # large PDUs: fewer Python-level PDU decodes per megabyte (peers cap it to their own limit)
+        ae.maximum_pdu_size = MAX_PDU_SIZE
         ae.acse_timeout = n.acse_timeout_s
         ae.dimse_timeout = n.dimse_timeout_s
         ae.network_timeout = n.network_timeout_s
