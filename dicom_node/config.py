@@ -125,6 +125,12 @@ class OutboundConfig:
 
 
 @dataclass(frozen=True)
+class ReviewConfig:
+    claim_timeout_s: float = _doc("A reviewer's claim on a draft expires after this long without activity.", 900.0)
+    refresh_s: float = _doc("The reviewer's worklist refreshes this often (0 = only on demand).", 15.0)
+
+
+@dataclass(frozen=True)
 class Reviewer:
     username: str = _doc("OS account (or database role) of the reviewer.", "")
     display_name: str = _doc("Name written as Verifying Observer Name (PN, e.g. `Doe^Jane`).", "")
@@ -150,6 +156,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
+    review: ReviewConfig = field(default_factory=ReviewConfig)
     reviewers: tuple[Reviewer, ...] = field(default_factory=tuple)
     destinations: tuple[Destination, ...] = field(default_factory=tuple)
     source: str = ""  # where the file came from ("" = defaults only); informational
@@ -170,6 +177,7 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "pipeline": PipelineConfig,
     "outbound": OutboundConfig,
+    "review": ReviewConfig,
 }
 TABLE_ARRAYS: dict[str, type] = {"destinations": Destination, "reviewers": Reviewer}
 
@@ -343,6 +351,8 @@ def validate(c: Config) -> None:
         raise ConfigError(f'pipeline.render_report: expected "none", "pdf" or "sc", got {c.pipeline.render_report!r}')
     _check_range("outbound.max_attempts", c.outbound.max_attempts, 1)
     _check_range("outbound.backoff_s", c.outbound.backoff_s, 0)
+    _check_range("review.claim_timeout_s", c.review.claim_timeout_s, 1)
+    _check_range("review.refresh_s", c.review.refresh_s, 0)
     names: set[str] = set()
     for i, d in enumerate(c.destinations):
         key = f"destinations[{i}]"

@@ -16,15 +16,16 @@ import sys
 from typing import Any
 
 from dicom_node.config import load_config
-from plugin.review import DEFAULT_CLAIM_TIMEOUT_S, WORKLIST_STATES, ReviewService, current_user
+from plugin.review import WORKLIST_STATES, ReviewService, current_user
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="PATH", help="config file (default: $CXRNODE_CONFIG)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable)")
-    p.add_argument("--claim-timeout", type=float, default=DEFAULT_CLAIM_TIMEOUT_S / 60, metavar="MIN",
-                   help="a claim on a draft expires after this many minutes without activity (default %(default)g)")
+    p.add_argument("--claim-timeout", type=float, default=None, metavar="MIN",
+                   help="a claim on a draft expires after this many minutes without activity "
+                   "(default: [review] claim_timeout_s, 15 minutes)")
 
 
 def add_subcommands(subparsers: Any) -> None:
@@ -38,8 +39,8 @@ def add_subcommands(subparsers: Any) -> None:
     _add_common(p)
     p.add_argument("--study-uid", metavar="UID", default="",
                    help="open this study's draft directly (context launch from a PACS viewer)")
-    p.add_argument("--refresh", type=float, default=15.0, metavar="S",
-                   help="refresh the worklist every S seconds (default %(default)g; 0 = only on demand)")
+    p.add_argument("--refresh", type=float, default=None, metavar="S",
+                   help="refresh the worklist every S seconds (default: [review] refresh_s, 15; 0 = only on demand)")
     p.set_defaults(func=run_review)
 
     w = subparsers.add_parser(
@@ -71,7 +72,8 @@ def _service(args: argparse.Namespace) -> ReviewService:
     migrate(url)
     store = Store(config.node.storage_dir, fsync=config.node.fsync, min_free_space_mb=config.node.min_free_space_mb)
     return ReviewService(config, session_factory(make_engine(url)), store,
-                         claim_timeout_s=max(1.0, args.claim_timeout * 60))
+                         claim_timeout_s=max(1.0, args.claim_timeout * 60) if args.claim_timeout
+                         else config.review.claim_timeout_s)
 
 
 def run_worklist(args: argparse.Namespace) -> int:
@@ -114,7 +116,8 @@ def run_review(args: argparse.Namespace) -> int:
     user = current_user()
     from gui.app import run
 
-    return run(svc, user, study_uid=args.study_uid, refresh_interval_s=args.refresh)
+    refresh = args.refresh if args.refresh is not None else svc.config.review.refresh_s
+    return run(svc, user, study_uid=args.study_uid, refresh_interval_s=refresh)
 
 
 def main(argv: list[str] | None = None) -> int:
