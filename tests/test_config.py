@@ -113,3 +113,8 @@ def test_reference_lists_every_key() -> None:
     ref = reference_markdown()
     for key in ("[node] ae_title", "[security] tls_ca", "[study] quiet_period_s", "[[destinations]] send"):
         assert f"`{key}`" in ref
+
+
+def test_readme_reference_is_current() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert reference_markdown() in readme, "regenerate the README's configuration reference from reference_markdown()"
