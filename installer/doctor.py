@@ -285,8 +285,9 @@ def check_inference(ctx: Context) -> list[Check]:
                   f"{', '.join(providers) or '?'} (model load {load_s:.1f} s): \"{text[:60]}\"", data=data)]
 
 
-def _echo(ctx: Context, ae_title: str, host: str, port: int, tls: bool) -> tuple[bool, str]:
-    """C-ECHO (PS3.7 9.1.5) with the node's AE title, timeouts and TLS settings: (success, message).
+def _echo(ctx: Context, ae_title: str, host: str, port: int, tls: bool) -> tuple[bool, str, bool]:
+    """C-ECHO (PS3.7 9.1.5) with the node's AE title, timeouts and TLS settings:
+    (success, message, whether a DICOM peer answered at all: an association rejection counts).
 
     Uses ``dicom_node.scu.echo(config, destination)`` when dicom_node provides it; until then a
     Verification SCU built the same way as ``dicom_node.scu.send_file`` (its TLS context included).
@@ -302,10 +303,10 @@ def _echo(ctx: Context, ae_title: str, host: str, port: int, tls: bool) -> tuple
         except TypeError:
             result = None  # another signature: use our own below
         except Exception as exc:
-            return False, f"{type(exc).__name__}: {exc}"
+            return False, f"{type(exc).__name__}: {exc}", False
         if result is not None:
             code = int(getattr(result, "Status", result)) if not isinstance(result, bool) else (0 if result else -1)
-            return code == 0, "C-ECHO succeeded" if code == 0 else f"C-ECHO status {code:#06x}"
+            return code == 0, "C-ECHO succeeded" if code == 0 else f"C-ECHO status {code:#06x}", code == 0
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -320,19 +321,25 @@ def _echo(ctx: Context, ae_title: str, host: str, port: int, tls: bool) -> tuple
         tls_args = (scu.client_ssl_context(ctx.config), host) if tls else None
         assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
     except (OSError, ssl.SSLError) as exc:
-        return False, f"cannot connect: {exc}"
+        return False, f"cannot connect: {exc}", False
     if not assoc.is_established:
-        what = "rejected the association" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no association"
-        return False, f"{what} (connection refused, not DICOM, or our AE title {node.ae_title} unknown to the peer)"
+        if assoc.is_rejected:
+            return False, f"the peer rejected the association (does it accept our AE title {node.ae_title}?)", True
+        try:  # say why: nothing listening, or something that is not a DICOM node
+            with socket.create_connection((host, port), timeout=ctx.echo_timeout_s):
+                pass
+        except OSError as exc:
+            return False, f"cannot connect: {exc.strerror or exc}", False
+        return False, "connected, but no DICOM association (aborted: not a DICOM node, or TLS mismatch?)", False
     try:
         status = assoc.send_c_echo()
     finally:
         if assoc.is_established:
             assoc.release()
     if not status or "Status" not in status:
-        return False, "no C-ECHO response (timeout or abort)"
+        return False, "no C-ECHO response (timeout or abort)", True
     code = int(status.Status)
-    return code == 0, "C-ECHO succeeded" if code == 0 else f"C-ECHO status 0x{code:04X}"
+    return code == 0, "C-ECHO succeeded" if code == 0 else f"C-ECHO status 0x{code:04X}", True
 
 
 def _probe_host(host: str) -> str:
@@ -363,13 +370,17 @@ def check_port(ctx: Context) -> list[Check]:
                       hint)]
     host = _probe_host(node.host)
     try:
-        ok, msg = _echo(ctx, node.ae_title, host, node.port, bool(ctx.config.security.tls_certificate))
+        ok, msg, answered = _echo(ctx, node.ae_title, host, node.port, bool(ctx.config.security.tls_certificate))
     except ImportError as exc:
         return [Check("listening port", FAIL, f"port {node.port} is in use; cannot C-ECHO it: {_missing('dicom_node.scu', exc)}",
                       "install a complete cxrnode bundle")]
     if ok:
         return [Check("listening port", OK, f"the running node answers C-ECHO on {host}:{node.port} as {node.ae_title}",
                       data={"running": True})]
+    sec = ctx.config.security
+    if answered and (sec.allowed_calling_ae_titles or sec.allowed_networks):
+        return [Check("listening port", OK, f"a DICOM node answers on {host}:{node.port} and applies the configured "
+                      f"AE/network policy to this check's association ({msg})", data={"running": True})]
     return [Check("listening port", FAIL,
                   f"port {node.port} is in use by something that does not answer C-ECHO as {node.ae_title} ({msg})",
                   f"stop the other program (ss -ltnp 'sport = :{node.port}') or choose another node.port",
@@ -386,7 +397,7 @@ def check_destinations(ctx: Context) -> list[Check]:
         name = f"destination {d.name}"
         try:
             t0 = time.perf_counter()
-            ok, msg = _echo(ctx, d.ae_title, d.host, d.port, d.tls)
+            ok, msg, _answered = _echo(ctx, d.ae_title, d.host, d.port, d.tls)
             ms = (time.perf_counter() - t0) * 1000
         except ImportError as exc:
             out.append(Check(name, FAIL, _missing("dicom_node.scu", exc), "install a complete cxrnode bundle"))

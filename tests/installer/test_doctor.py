@@ -250,3 +250,20 @@ def test_queue_health_reports_failed_jobs(site: dict[str, Any]) -> None:
     engine.dispose()
     r = by_name(run_checks(str(site["config"]), inference=False))
     assert r["queue"].status == WARN and r["queue"].data["jobs_failed"] == 1
+
+
+def test_node_with_an_ae_whitelist_is_up_but_rejects_us_as_a_destination(site: dict[str, Any]) -> None:
+    from dicom_node.node import Node
+
+    cfg = load_config(site["config"], ["jobs.workers=0", 'security.allowed_calling_ae_titles=["MODALITY"]'], env={})
+    node = Node(cfg)
+    node.start()
+    try:
+        extra = ('\n[security]\nallowed_calling_ae_titles = ["MODALITY"]\n'
+                 f'\n[[destinations]]\nname = "strict"\nae_title = "CXRNODE"\nhost = "127.0.0.1"\nport = {node.port}\n')
+        cfg_path = write_config(site["tmp"] / "w.toml", site["storage"], node.port, extra)
+        r = by_name(run_checks(str(cfg_path), inference=False, echo_timeout_s=3))
+    finally:
+        node.stop()
+    assert r["listening port"].status == OK and "policy" in r["listening port"].detail, r["listening port"]
+    assert r["destination strict"].status == FAIL and "rejected the association" in r["destination strict"].detail
