@@ -16,6 +16,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--head-epochs", type=int, default=4,
+                   help="stage 2: epochs of encoder + observation head training with the decoder frozen")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is much faster than 2 when other jobs share the CPU)")
     p.add_argument("--max-train-studies", type=int, default=0, help=argparse.SUPPRESS)
@@ -55,7 +57,7 @@ def _train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     tc = TrainConfig(
         data=args.data, out=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        seed=args.seed, threads=args.threads, max_train_studies=args.max_train_studies,
+        seed=args.seed, threads=args.threads, head_epochs=args.head_epochs, max_train_studies=args.max_train_studies,
         max_val_studies=args.max_val_studies, max_steps=args.max_steps,
     )
     best = train(tc)

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ class TrainConfig:
     max_val_studies: int = 0
     max_steps: int = 0  # 0 = no limit (tests stop after 1-2 steps)
     head_weight: float = 1.0
+    head_epochs: int = 4  # stage 2: encoder + observation head only (BCE), decoder frozen
     view_dropout: float = 0.1
     indication_dropout: float = 0.1
     prompt_noise: float = 0.01
@@ -392,17 +394,95 @@ def train(tc: TrainConfig) -> Path:
             "config": cfg.to_dict(), "model": model.state_dict(), "view_classifier": view_clf.state_dict(),
             "tokenizer": tok.to_str(), "pixel_mean": mean, "pixel_std": std,
         }
-        if score < best or not (out / "best.pt").exists():
+        if score < best or not (out / "best_stage1.pt").exists():
             best = score
-            _finish(state, ev, va, epoch + 1, tc, command, history, out / "best.pt")
+            _finish(state, ev, va, epoch + 1, tc, command, history, out / "best_stage1.pt")
         torch.save({**state, "optimizer": opt.state_dict(), "epoch": epoch + 1, "step": step, "best": best,
                     "history": history, "torch_rng": torch.get_rng_state()}, out / "last.pt.tmp")
         (out / "last.pt.tmp").replace(last)
         if tc.max_steps and step >= tc.max_steps:
             break
-    if not (out / "best.pt").exists():  # pragma: no cover - only when no epoch ran
+    if not (out / "best_stage1.pt").exists() and (out / "best.pt").exists():
+        (out / "best.pt").replace(out / "best_stage1.pt")  # run folder of an older version
+    if not (out / "best_stage1.pt").exists():  # pragma: no cover - only when no epoch ran
         raise SystemExit("no epoch completed")
+    if tc.head_epochs > 0:
+        finetune_head(tc, tr, va, out, mean, std)
+    else:
+        shutil.copyfile(out / "best_stage1.pt", out / "best.pt")
     return out / "best.pt"
+
+
+def finetune_head(tc: TrainConfig, tr: Encoded, va: Encoded, out: Path, mean: float, std: float) -> None:
+    """Stage 2: sharpen the observation head. The report decoder (trained with the reference
+    labels as prompts) stays frozen; the image encoder, the view embedding and the head are
+    trained on the BCE loss alone for ``head_epochs`` epochs; the epoch with the best validation
+    mean AUROC is kept (stage 1 stays in ``best_stage1.pt``)."""
+    stage1 = out / "best_stage1.pt"
+    ck = torch.load(stage1, map_location="cpu", weights_only=False)
+    cfg = ModelConfig.from_dict(ck["config"])
+    model = ReportModel(cfg)
+    model.load_state_dict(ck["model"])
+    view_clf = ViewClassifier()
+    view_clf.load_state_dict(ck["view_classifier"])
+    torch.manual_seed(tc.seed + 1)
+    trainable = [model.encoder, model.view_emb, model.enc_ln, model.head]
+    for p_ in model.parameters():
+        p_.requires_grad_(False)
+    params = [p_ for m in trainable for p_ in m.parameters()]
+    for p_ in params:
+        p_.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    steps_per_epoch = math.ceil(len(tr.reports) / tc.batch_size)
+    total = steps_per_epoch * tc.head_epochs
+    ev0 = evaluate_split(model, view_clf, va, cfg, tc, mean, std)
+    best_auc, best_state, best_ev, best_epoch = ev0["mean_auroc"], None, ev0, 0
+    log.info("stage 2 start: val mean AUROC %.4f", best_auc)
+    history = list(ck["training"].get("history", []))
+    step = 0
+    for epoch in range(tc.head_epochs):
+        model.train()
+        rng = random.Random(tc.seed * 7919 + epoch)
+        order = list(range(len(tr.reports)))
+        rng.shuffle(order)
+        batches = [order[i : i + tc.batch_size] for i in range(0, len(order), tc.batch_size)]
+        bar = tqdm(batches, desc=f"head {epoch + 1}/{tc.head_epochs}", unit="batch", file=sys.stderr, mininterval=5)
+        run = 0.0
+        for n, idx in enumerate(bar, 1):
+            batch = make_batch(tr, idx, cfg, tc, mean, std, rng)
+            for g in opt.param_groups:
+                g["lr"] = tc.lr * 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
+            _, obs = model.encode_images(batch["images"], batch["view_ids"], batch["view_mask"])
+            loss = F.binary_cross_entropy_with_logits(obs, batch["labels"], pos_weight=POS_WEIGHT[0])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            run += loss.item()
+            bar.set_postfix(bce=f"{run / n:.3f}")
+            if tc.max_steps and n >= tc.max_steps:
+                break
+        bar.close()
+        ev = evaluate_split(model, view_clf, va, cfg, tc, mean, std)
+        rec = {"head_epoch": epoch + 1, "train_bce": run / max(1, n), "val_ce": ev["ce"], "val_bce": ev["bce"],
+               "val_mean_auroc": ev["mean_auroc"]}
+        history.append(rec)
+        print(json.dumps(rec), file=sys.stderr, flush=True)
+        if ev["mean_auroc"] > best_auc:
+            best_auc, best_ev, best_epoch = ev["mean_auroc"], ev, epoch + 1
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    state = {k: ck[k] for k in ("config", "view_classifier", "tokenizer", "pixel_mean", "pixel_std")}
+    state["model"] = model.state_dict()
+    tr_info = ck["training"]
+    command = tr_info["command"]
+    _finish(state, best_ev, va, tr_info["epoch"], tc, command, history, out / "best.pt")
+    final = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+    final["training"]["head_finetune"] = {"epochs": tc.head_epochs, "best_epoch": best_epoch,
+                                          "stage1_val_mean_auroc": round(ev0["mean_auroc"], 4)}
+    torch.save(final, out / "best.pt")
 
 
 def _finish(state: dict[str, Any], ev: dict[str, Any], va: Encoded, epoch: int, tc: TrainConfig,

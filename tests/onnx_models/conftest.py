@@ -21,7 +21,7 @@ def tiny_checkpoint(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -
 
     out = tmp_path_factory.mktemp("run")
     return train(TrainConfig(data=str(tiny_data), out=str(out), epochs=1, batch_size=4, max_steps=2,
-                             warmup_steps=1, threads=1))
+                             warmup_steps=1, threads=1, head_epochs=1))
 
 
 @pytest.fixture(scope="session")

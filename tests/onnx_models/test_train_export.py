@@ -17,7 +17,8 @@ from onnx_models.train import TrainConfig, auroc, best_thresholds, bucket_batche
 
 
 def _cfg(data: Path, out: Path, **kw: object) -> TrainConfig:
-    base: dict = dict(data=str(data), out=str(out), epochs=1, batch_size=4, max_steps=2, warmup_steps=1, threads=1)
+    base: dict = dict(data=str(data), out=str(out), epochs=1, batch_size=4, max_steps=2, warmup_steps=1, threads=1,
+                      head_epochs=1)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -28,6 +29,8 @@ def test_checkpoint_contents(tiny_checkpoint: Path) -> None:
     assert len(ck["thresholds"]) == 13
     tr = ck["training"]
     assert tr["seed"] == 13 and tr["epoch"] == 1 and "val_auroc" in tr
+    assert tr["head_finetune"]["epochs"] == 1  # stage 2 ran
+    assert (tiny_checkpoint.parent / "best_stage1.pt").exists()
     last = torch.load(tiny_checkpoint.parent / "last.pt", map_location="cpu", weights_only=False)
     assert {"optimizer", "epoch", "step"} <= set(last) and last["step"] == 2
 
