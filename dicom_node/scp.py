@@ -35,10 +35,12 @@ come from ``[security]``. Logs name AE titles, peer addresses and UIDs, never pa
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import ipaddress
 import logging
 import os
+import socket
 import socketserver
 import ssl
 import tempfile
@@ -323,6 +325,10 @@ class StorageSCP:
         server = self.ae.start_server((n.host, n.port), block=False, evt_handlers=handlers,
                                       ssl_context=server_ssl_context(self.config))
         assert server is not None
+        # accepted sockets inherit this on Linux: small C-STORE responses go out at once
+        # instead of waiting for a delayed ACK (40 ms per instance on loopback otherwise)
+        with contextlib.suppress(OSError):
+            server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._server = server
         port = int(server.server_address[1])
         log.info("Storage SCP %s listening on %s:%d%s", n.ae_title, n.host, port,
@@ -427,10 +433,10 @@ class StorageSCP:
             return exc.status
         relpath = self.store.instance_relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID, sop_uid)
         sha = spool.sha256.hexdigest()
-        if self._already_stored(sop_uid, sha, relpath):
+        existed = self.store.abspath(relpath).exists()
+        if existed and self._already_stored(sop_uid, sha, relpath):
             log.info("instance %s re-sent by %s: identical, kept", sop_uid, calling)
             return SUCCESS
-        existed = self.store.abspath(relpath).exists()
         try:
             self.store.commit_spool(spool, relpath)
         except OSError as exc:

@@ -78,7 +78,7 @@ class SpoolFile:
         self.name = name
         self.path = Path(name)
         os.fchmod(fd, FILE_MODE)
-        self._fh: IO[bytes] = os.fdopen(fd, "wb", buffering=_CHUNK)
+        self._fh: IO[bytes] = os.fdopen(fd, "wb", buffering=0)  # PDVs are large; no second copy
         self.sha256 = hashlib.sha256()
         self.size = 0
         self.error: OSError | None = None
@@ -88,7 +88,10 @@ class SpoolFile:
         if self.error is not None:
             return len(data)
         try:
-            self._fh.write(data)
+            view = memoryview(data)
+            while view:  # a raw write may be partial
+                n = self._fh.write(view) or 0
+                view = view[n:]
         except OSError as exc:
             self._fail(exc)
             return len(data)
@@ -105,11 +108,7 @@ class SpoolFile:
             os.truncate(self.name, 0)
 
     def flush(self) -> None:
-        if self.error is None:
-            try:
-                self._fh.flush()
-            except OSError as exc:
-                self._fail(exc)
+        """Nothing to do: writes are unbuffered (pynetdicom calls this after every PDV)."""
 
     def finish(self, fsync: bool) -> None:
         """Flush, fsync (if asked) and close; raises the remembered write error if any."""
