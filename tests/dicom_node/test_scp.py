@@ -230,8 +230,10 @@ def test_truncated_dataset_refused(node, tmp_path: Path) -> None:  # type: ignor
     jpeg = make_instance(tmp_path / "jpeg.dcm", generate_uid(), source=SIIM)
     cut_jpeg = tmp_path / "cut-jpeg.dcm"
     cut_jpeg.write_bytes(jpeg.read_bytes()[:-5000])
-    statuses = send_raw(node.port, [cut_pixels, cut_header, cut_jpeg])
-    assert statuses == [0xC210, 0xC210, 0xC210]
+    no_delimiter = tmp_path / "no-delimiter.dcm"
+    no_delimiter.write_bytes(jpeg.read_bytes()[:-8])
+    statuses = send_raw(node.port, [cut_pixels, cut_header, cut_jpeg, no_delimiter])
+    assert statuses == [0xC210, 0xC210, 0xC210, 0xC210]
     assert_nothing_kept(node)
 
 
@@ -340,3 +342,22 @@ def test_logs_never_contain_patient_name_or_id(make_config, start_node, tmp_path
     assert study in text  # UIDs are logged ...
     for phi in (PATIENT_NAME, PATIENT_ID, "Secret"):
         assert phi not in text  # ... patient identity never
+
+
+def test_refusals_are_per_instance_under_parallel_senders(node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Checks on one association never leak into another (no process-global state)."""
+    template = pydicom.dcmread(NIH)
+    jobs = []
+    for k in range(4):
+        good = make_instance(tmp_path / f"good{k}.dcm", generate_uid(), template=template)
+        ds = pydicom.dcmread(good)
+        meta = ds.file_meta
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID = generate_uid()
+        lie = write_raw(tmp_path / f"lie{k}.dcm", meta, encode_body(ds, implicit=True))
+        jobs.append([good, lie, good] if k % 2 else [lie, good, lie])
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda files: send_raw(node.port, files), jobs))
+    for files, statuses in zip(jobs, results, strict=True):
+        assert statuses == [0 if f.name.startswith("good") else 0xC213 for f in files]
+    assert count(node, Instance) == 4
