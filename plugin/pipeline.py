@@ -211,6 +211,10 @@ def _run(ctx: JobContext, generator: Callable[[Config], Any]) -> DraftOutcome | 
         li = by_uid[h.sop_instance_uid]
         try:
             full = pydicom.dcmread(ctx.store.abspath(li.relpath))
+        except Exception as exc:  # truncated or corrupt after the header: skip it, say why
+            ctx.log(f"skipped {h.sop_instance_uid}: cannot read {li.relpath}: {type(exc).__name__}: {exc}")
+            continue
+        try:
             prepared = prepare(full, options)
         except PixelError as exc:
             ctx.log(f"skipped {h.sop_instance_uid}: {exc}")
