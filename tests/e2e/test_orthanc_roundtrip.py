@@ -52,7 +52,8 @@ def wait_for(what: str, fn: Callable[[], Any], timeout: float = 180.0, interval:
 
 
 @pytest.fixture
-def system(tmp_path: Path) -> Iterator[tuple[Node, OrthancServer]]:
+def system(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Node, OrthancServer]]:
+    send = getattr(request, "param", "signed")
     if not available():
         pytest.skip("Orthanc is not installed")
     # Orthanc's ports first (the node's destination), then the node (its port goes into Orthanc)
@@ -78,7 +79,7 @@ name = "pacs"
 ae_title = "{AE_TITLE}"
 host = "127.0.0.1"
 port = {pacs.dicom_port}
-send = "signed"
+send = "{send}"
 [[reviewers]]
 username = "{REVIEWER[0]}"
 display_name = "{REVIEWER[1]}"
@@ -190,3 +191,21 @@ def test_pacs_to_node_to_radiologist_and_back(system: tuple[Node, OrthancServer]
     assert t2.attempts >= 2
     pacs_sr2 = wait_for("the second SR in Orthanc", lambda: sr_in_pacs(pacs, signed2.signed_sop_instance_uid))
     check_signed(pacs_sr2, d2, study2, d2.findings or "No findings.", "Edited impression for study two.", tmp_path)
+
+
+@pytest.mark.parametrize("system", ["drafts_and_signed"], indirect=True)
+def test_drafts_go_to_a_pacs_that_wants_them(system: tuple[Node, OrthancServer], tmp_path: Path) -> None:
+    node, pacs = system
+    study = samples.make_study(3, prefix="e2e")
+    send_study_from_pacs(pacs, study)
+    d = wait_for("the draft", lambda: draft_of(node, study[0].StudyInstanceUID))
+    wait_for("the draft to be sent", lambda: (
+        (t := transfer_of(node, d.sop_instance_uid)) is not None and t.state == "done" and t))
+    pacs_sr = wait_for("the draft in Orthanc", lambda: sr_in_pacs(pacs, d.sop_instance_uid))
+    path = tmp_path / "draft.dcm"
+    pacs_sr.save_as(path, enforce_file_format=True)
+    check_sr_file(path)
+    rep = sr.read_report(pacs_sr)
+    assert (rep.completion_flag, rep.verification_flag, rep.preliminary_flag) == ("PARTIAL", "UNVERIFIED", "PRELIMINARY")
+    assert any("AI-GENERATED DRAFT" in c for c in rep.comments)
+    assert set(rep.source_images) == {ds.SOPInstanceUID for ds in study}
