@@ -2,14 +2,16 @@
 
 The same files are sent with 1 and N parallel ``storescu`` processes (one association each,
 files split round-robin) to (a) ``cxrnode serve`` with durability on (fsync of every file and
-its folder, SQLite index in WAL with synchronous=FULL) and (b) DCMTK ``storescp`` (``--fork``,
-so it also serves parallel associations; it does not fsync). DCMTK runs with ``TCP_NODELAY=1``
-(Debian's build leaves Nagle on otherwise, which costs ~90 ms per small file on loopback). Two sets are built from the
+its folder, SQLite index in WAL with synchronous=FULL), (b) DCMTK ``storescp`` (``--fork``,
+so it also serves parallel associations; it does not fsync) and (c) ``cxrnode serve`` with
+``node.fsync = false``, to show what durability costs. DCMTK runs with ``TCP_NODELAY=1``
+(Debian's build leaves Nagle on otherwise, which costs ~90 ms per small file on loopback).
+Two sets are built from the
 shared real chest radiograph with fresh UIDs: large (2048x2048x16 bit, ~8 MB) and small
 (128x128x16 bit, ~33 KB). Wall time runs from launching the senders until all have exited and
 every file was acknowledged. Peak RSS is sampled every 20 ms over the receiver's process tree.
 
-    python benchmarks/ingest.py [--large 200] [--small 2000] [--senders 1 8] [--workdir DIR]
+    python benchmarks/ingest.py [--large 200] [--small 2000] [--senders 1 8] [--targets ...] [--workdir DIR]
 
 Prints one JSON document to stdout (progress to stderr).
 """
@@ -116,7 +118,7 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> 
     raise RuntimeError("receiver did not start")
 
 
-def start_cxrnode(workdir: Path, port: int) -> subprocess.Popen[bytes]:
+def start_cxrnode(workdir: Path, port: int, fsync: bool = True) -> subprocess.Popen[bytes]:
     cfg = workdir / "cxrnode.toml"
     cfg.write_text(
         f"""[node]
@@ -125,7 +127,7 @@ host = "127.0.0.1"
 port = {port}
 storage_dir = "{workdir / 'store'}"
 min_free_space_mb = 500
-fsync = true
+fsync = {"true" if fsync else "false"}
 max_associations = 32
 log_level = "WARNING"
 [study]
@@ -151,7 +153,10 @@ DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # this DCMTK build keeps Nagle o
 def run_one(target: str, files: list[Path], senders: int, root: Path) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix=f"{target}-", dir=root))
     port = free_port()
-    proc = start_cxrnode(workdir, port) if target == "cxrnode" else start_storescp(workdir, port)
+    if target.startswith("cxrnode"):
+        proc = start_cxrnode(workdir, port, fsync=target == "cxrnode")
+    else:
+        proc = start_storescp(workdir, port)
     try:
         wait_port(port, proc)
         time.sleep(0.5)
@@ -170,7 +175,7 @@ def run_one(target: str, files: list[Path], senders: int, root: Path) -> dict[st
         sampler.stop.set()
         sampler.join()
         total = sum(f.stat().st_size for f in files)
-        received = (len(list((workdir / "store" / "instances").rglob("*.dcm"))) if target == "cxrnode"
+        received = (len(list((workdir / "store" / "instances").rglob("*.dcm"))) if target.startswith("cxrnode")
                     else len(list((workdir / "out").iterdir())))
         return {
             "target": target,
@@ -198,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--large", type=int, default=200, help="number of ~8 MB files (default 200)")
     ap.add_argument("--small", type=int, default=2000, help="number of ~33 KB files (default 2000)")
     ap.add_argument("--senders", type=int, nargs="+", default=[1, 8], help="parallel storescu counts (default 1 8)")
+    ap.add_argument("--targets", nargs="+", default=["cxrnode", "storescp", "cxrnode-nofsync"],
+                    choices=["cxrnode", "storescp", "cxrnode-nofsync"],
+                    help="receivers to measure (cxrnode-nofsync: node.fsync=false, for the cost of durability)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cxrnode-bench")
     args = ap.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -209,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         if not files:
             continue
         for senders in args.senders:
-            for target in ("cxrnode", "storescp"):
+            for target in args.targets:
                 log(f"{name}: {len(files)} files, {senders} sender(s) -> {target}")
                 r = run_one(target, files, senders, args.workdir)
                 r["set"] = name
@@ -226,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "cxrnode ingest vs DCMTK storescp",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "cxrnode": {"fsync": True, "index": "sqlite (WAL, synchronous=FULL)"},
+        "cxrnode-nofsync": {"fsync": False, "index": "sqlite (WAL, synchronous=FULL)"},
         "storescp": {"fsync": False, "mode": "--fork"},
         "results": results,
         "throughput_ratio_cxrnode_over_storescp": ratios,
