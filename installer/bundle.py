@@ -5,6 +5,7 @@ SHA-256 beside it, in ``sha256sum`` format)::
 
     cxrnode-<version>-<flavour>-cp311-linux_x86_64/
         install.sh               the same as `cxrnode install --bundle <this folder>`
+        INSTALL.md               the site-IT guide: install, check, upgrade, remove
         cxrnode.example.toml     documented example configuration (every key)
         BUNDLE.json              what is inside: version, flavour, platform, wheels, models, build id
         SHA256SUMS               checksum of every other file (`sha256sum -c SHA256SUMS`)
@@ -228,10 +229,11 @@ def build_bundle(
         )
         progress(f"        {len(wheels)} wheels, {sum(w.stat().st_size for w in wheels) / 1e6:.0f} MB")
 
-        progress(f"[3/{steps}] adding install.sh, the example configuration and model bundles")
+        progress(f"[3/{steps}] adding install.sh, INSTALL.md, the example configuration and model bundles")
         shutil.copy2(TEMPLATES / "install.sh", folder / "install.sh")
         (folder / "install.sh").chmod(0o755)
         shutil.copy2(TEMPLATES / "cxrnode.example.toml", folder / "cxrnode.example.toml")
+        shutil.copy2(TEMPLATES / "INSTALL.md", folder / "INSTALL.md")
         for m in extra_models:
             shutil.copytree(m, folder / "models" / m.name)
         info = {

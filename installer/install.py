@@ -387,7 +387,9 @@ print(ScriptDirectory.from_config(cfg).get_current_head() or "")
 def run_in(py: Path, script: str, *args: str) -> str:
     env = _clean_pip_env()
     env.pop("CXRNODE_CONFIG", None)
-    return _check_call([str(py), "-c", script, *args], env, "running the installed cxrnode").strip()
+    # -I: isolated, so neither the working directory (a source checkout?) nor PYTHON* variables
+    # can shadow the installed packages
+    return _check_call([str(py), "-I", "-c", script, *args], env, "running the installed cxrnode").strip()
 
 
 def migrate_with(py: Path, config: Path, revision: str = "head") -> dict[str, str]:
@@ -619,6 +621,7 @@ def upgrade(args: argparse.Namespace) -> int:
         switch_link(layout.previous, layout.versions / old)
         switch_link(layout.current, vdir)
         say(f"  {layout.current} -> {vdir.name} (previous: {old})")
+        _rerender_unit(layout.current / "venv" / "bin" / "python", manifest)
         manifest["versions"][vdir.name] = {"version": info["version"], "flavour": info["flavour"], "head": head,
                                            "installed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                                            "backup": str(backup or "")}
@@ -628,6 +631,30 @@ def upgrade(args: argparse.Namespace) -> int:
         _restart(manifest)
     say(f"upgraded to cxrnode {info['version']}; undo with `{layout.bin} upgrade --rollback`")
     return 0
+
+
+RENDER_UNIT = """
+import sys
+from pathlib import Path
+from dicom_node.config import load_config
+from installer.install import render_unit
+bin_path, config, user = sys.argv[1:4]
+c = load_config(config, env={})
+sys.stdout.write(render_unit(Path(bin_path), Path(config), Path(c.node.storage_dir), user, c.node.port))
+"""
+
+
+def _rerender_unit(py: Path, manifest: dict[str, Any]) -> None:
+    """The unit from the version now current (its template may carry new hardening)."""
+    unit = Path(manifest["unit"])
+    if not unit.is_file():
+        return
+    text = run_in(py, RENDER_UNIT, manifest["bin"], manifest["config"], manifest["user"]) + "\n"
+    if text != unit.read_text(encoding="utf-8"):
+        unit.write_text(text, encoding="utf-8")
+        say(f"  updated {unit}")
+        if manifest.get("systemd") and systemd_running():
+            systemctl("daemon-reload")
 
 
 def _chown_database(manifest: dict[str, Any]) -> None:
@@ -657,6 +684,7 @@ def rollback(layout: Layout, manifest: dict[str, Any]) -> int:
         _chown_database(manifest)
     switch_link(layout.current, layout.versions / prev)
     switch_link(layout.previous, layout.versions / cur)
+    _rerender_unit(layout.current / "venv" / "bin" / "python", manifest)
     manifest["current"], manifest["previous"] = prev, cur
     write_manifest(layout, manifest)
     _restart(manifest)

@@ -87,8 +87,10 @@ def wait_for(pred: Any, what: str, log: Path | None = None) -> None:
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("offline")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("offline")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)  # two bundles and two installs: about 2 GB
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +148,9 @@ def _user_exists(name: str) -> bool:
 class NodeProcess:
     def __init__(self, site: dict[str, Any], log: Path):
         self.log = log
+        self._out = open(log, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([str(site["bin"]), "serve", "--config", str(site["config"])],
-                                     stdout=open(log, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                     stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         wait_for(lambda: "listening on" in log.read_text() or self.proc.poll() is not None, "the node to listen", log)
         assert self.proc.poll() is None, log.read_text()
 
@@ -159,6 +162,7 @@ class NodeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._out.close()
 
 
 def doctor(site: dict[str, Any], *extra: str) -> dict[str, Any]:
@@ -177,7 +181,7 @@ def test_bundle_is_complete_and_checksummed(bundle1: Path) -> None:
         info = json.loads(tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("BUNDLE.json"))).read())
         sh = next(m for m in tar.getmembers() if m.name.endswith("/install.sh"))
         assert sh.mode & 0o111, "install.sh must be executable"
-    assert {"install.sh", "cxrnode.example.toml", "SHA256SUMS", "BUNDLE.json", "wheelhouse/requirements.txt"} <= names
+    assert {"install.sh", "INSTALL.md", "cxrnode.example.toml", "SHA256SUMS", "BUNDLE.json", "wheelhouse/requirements.txt"} <= names
     wheels = [n for n in names if n.startswith("wheelhouse/") and n.endswith(".whl")]
     assert any(n.startswith("wheelhouse/onnxruntime-") for n in wheels)
     assert not any(n.startswith("wheelhouse/onnxruntime_gpu") for n in wheels), "CPU flavour must not ship the GPU build"
@@ -276,10 +280,15 @@ def test_upgrade_to_rebuilt_bundle_keeps_data_and_rolls_back(installed: dict[str
             (src / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, src / rel)
     bump_version(src, "0.1.1")
+    unit_template = src / "installer" / "templates" / "cxrnode.service"
+    unit_template.write_text(unit_template.read_text().replace("[Service]", "[Service]\n# hardened further in 0.1.1"))
     archive2 = build(work / "b2", source=src)
+    unit = installed["prefix"] / "lib" / "cxrnode" / "cxrnode.service"
+    assert "0.1.1" not in unit.read_text()
     proc = run([*offline_prefix(), installed["bin"], "upgrade", "--bundle", archive2])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert run([installed["bin"], "--version"]).stdout.strip() == "cxrnode 0.1.1"
+    assert "# hardened further in 0.1.1" in unit.read_text(), "the unit comes from the version now current"
     assert installed["config"].read_bytes() == config_before, "upgrade must not touch the configuration"
     assert drafts(installed["storage"]) == before and before, "upgrade must keep the data"
     assert list((installed["storage"] / "backups").glob("cxrnode-before-*.db")), "database backed up before migrating"
@@ -294,6 +303,7 @@ def test_upgrade_to_rebuilt_bundle_keeps_data_and_rolls_back(installed: dict[str
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert run([installed["bin"], "--version"]).stdout.strip() == "cxrnode 0.1.0"
     assert drafts(installed["storage"]) == before
+    assert "0.1.1" not in unit.read_text()
 
 
 def test_uninstall_keeps_data_and_purge_removes_it(installed: dict[str, Any]) -> None:
