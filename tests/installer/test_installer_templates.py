@@ -43,6 +43,14 @@ def test_example_config_documents_every_key_with_its_default(tmp_path: Path) -> 
             assert re.search(rf"^# {f.name} = ", block, re.M), f"[[{section}]] {f.name} not documented"
 
 
+def test_example_config_is_generated_from_the_config_code() -> None:
+    from installer.example_config import render
+
+    assert example_config_text() == render(), (
+        "installer/templates/cxrnode.example.toml is out of date with dicom_node/config.py; regenerate it: "
+        "python -m installer.example_config > installer/templates/cxrnode.example.toml")
+
+
 def test_render_config_applies_site_answers_and_keeps_comments(tmp_path: Path) -> None:
     values = {
         "node": {"ae_title": "SITE_CXR", "port": 11200, "storage_dir": str(tmp_path / "data")},
