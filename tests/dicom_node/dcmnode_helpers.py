@@ -6,6 +6,7 @@ import copy
 import io
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -128,8 +129,7 @@ def send_raw(
     wanted = contexts or sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas})
     for sop_class, ts in wanted:
         ae.add_requested_context(sop_class, [ts])
-    old = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
+    _chunked_send(+1)
     try:
         assoc = ae.associate("127.0.0.1", port, ae_title=called, tls_args=tls_args)
         if not assoc.is_established:
@@ -141,7 +141,19 @@ def send_raw(
         assoc.release()
         return out
     finally:
-        _config.STORE_SEND_CHUNKED_DATASET = old
+        _chunked_send(-1)
+
+
+_chunked_users = 0
+_chunked_lock = threading.Lock()
+
+
+def _chunked_send(delta: int) -> None:
+    """pynetdicom's chunked send is a process-wide switch; keep it on while any sender needs it."""
+    global _chunked_users
+    with _chunked_lock:
+        _chunked_users += delta
+        _config.STORE_SEND_CHUNKED_DATASET = _chunked_users > 0
 
 
 def associate(port: int, calling: str = "SENDER", called: str = "CXRNODE", tls_args: Any = None) -> Any:

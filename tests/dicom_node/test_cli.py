@@ -17,13 +17,14 @@ from dcmnode_helpers import (
     NIH,
     PATIENT_ID,
     PATIENT_NAME,
+    _chunked_send,
     associate,
     dataset_bytes,
     make_instance,
     wait_for,
 )
 from pydicom.uid import generate_uid
-from pynetdicom import AE, _config
+from pynetdicom import AE
 
 from dicom_node.config import load_config
 from dicom_node.db import JobState, StudyState, make_engine, session_factory
@@ -112,9 +113,8 @@ def test_kill_9_mid_study_then_restart(config_file: Path, tmp_path: Path) -> Non
 
     def sender() -> None:
         ae = AE(ae_title="MODALITY")
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5  # the peer will vanish
         ae.add_requested_context(template.SOPClassUID, [str(template.file_meta.TransferSyntaxUID)])
-        _config.STORE_SEND_CHUNKED_DATASET = True
         assoc = ae.associate("127.0.0.1", config.node.port, ae_title="CXRNODE")
         for f in files:
             try:
@@ -130,6 +130,7 @@ def test_kill_9_mid_study_then_restart(config_file: Path, tmp_path: Path) -> Non
             assoc.release()
 
     t = threading.Thread(target=sender)
+    _chunked_send(+1)
     try:
         t.start()
         wait_for(lambda: len(acked) >= 8, timeout=120)
@@ -137,7 +138,7 @@ def test_kill_9_mid_study_then_restart(config_file: Path, tmp_path: Path) -> Non
         serve.proc.wait(timeout=30)
         t.join(timeout=120)
     finally:
-        _config.STORE_SEND_CHUNKED_DATASET = False
+        _chunked_send(-1)
     assert 8 <= len(acked) < len(files), "the kill must land mid-study"
 
     serve = Serve(config_file, log)

@@ -361,3 +361,39 @@ def test_refusals_are_per_instance_under_parallel_senders(node, tmp_path: Path) 
     for files, statuses in zip(jobs, results, strict=True):
         assert statuses == [0 if f.name.startswith("good") else 0xC213 for f in files]
     assert count(node, Instance) == 4
+
+
+def test_stop_lets_in_flight_associations_finish(make_config, start_node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """stop() closes the port at once but answers every request of an open association."""
+    import threading
+
+    node = start_node(make_config(jobs={"workers": 0}))
+    template = pydicom.dcmread(NIH)
+    study = generate_uid()
+    files = [make_instance(tmp_path / f"{i}.dcm", study, template=template) for i in range(12)]
+    statuses: list[int | None] = []
+    first_acked = threading.Event()
+
+    ae = __import__("pynetdicom").AE(ae_title="MODALITY")
+    ae.add_requested_context(template.SOPClassUID, [str(template.file_meta.TransferSyntaxUID)])
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="CXRNODE")
+    assert assoc.is_established
+
+    def send() -> None:
+        for f in files:
+            rsp = assoc.send_c_store(pydicom.dcmread(f))
+            statuses.append(int(rsp.Status) if rsp and "Status" in rsp else None)
+            first_acked.set()
+        assoc.release()
+
+    t = threading.Thread(target=send)
+    t.start()
+    first_acked.wait(60)
+    port = node.port
+    node.stop(grace_s=60)  # returns once the association is released
+    t.join(60)
+    assert statuses == [0] * len(files)
+    assert not associate(port).is_established  # no new associations after stop
+    engine_rows = len(list((node.store.root / "instances").rglob("*.dcm")))
+    assert engine_rows == len(files)
