@@ -317,6 +317,23 @@ def verify_folder(folder: Path) -> dict[str, object]:
     return dict(info)
 
 
+def safe_extract(archive: Path, dest: Path) -> None:
+    """Unpack a .tar.gz refusing members that would land outside ``dest`` (or devices, links
+    out of the tree). Python before 3.11.4 (Debian 12 ships 3.11.2) has no extraction filters."""
+    with tarfile.open(archive, "r:gz") as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, filter="data")
+            return
+        root = dest.resolve()
+        for m in tar.getmembers():
+            target = (root / m.name).resolve()
+            if not target.is_relative_to(root) or not (m.isfile() or m.isdir() or m.issym()):
+                raise BundleError(f"{archive}: refusing the archive member {m.name!r}")
+            if m.issym() and not (target.parent / m.linkname).resolve().is_relative_to(root):
+                raise BundleError(f"{archive}: refusing the link {m.name!r} -> {m.linkname!r}")
+        tar.extractall(dest)  # noqa: S202 - every member checked above
+
+
 def open_bundle(path: str | os.PathLike[str], workdir: Path, progress: Progress = say) -> tuple[Path, dict[str, object]]:
     """An unpacked, verified bundle folder for ``path`` (a folder or a ``.tar.gz``)."""
     p = Path(path).resolve()
@@ -335,8 +352,7 @@ def open_bundle(path: str | os.PathLike[str], workdir: Path, progress: Progress 
     else:
         progress(f"note: no {side.name} beside the archive; checking the files inside only")
     progress(f"unpacking {p.name}")
-    with tarfile.open(p, "r:gz") as tar:
-        tar.extractall(workdir, filter="data")
+    safe_extract(p, workdir)
     tops = [d for d in workdir.iterdir() if d.is_dir()]
     if len(tops) != 1:
         raise BundleError(f"bundle {p}: expected one top-level folder in the archive")

@@ -301,6 +301,21 @@ def _add_to_group(account: str, group: str) -> None:
     say(f"  added reviewer {account!r} to group {group!r} (config and studies readable, signing allowed)")
 
 
+def check_interpreter_for_services() -> None:
+    """The service user must be able to run the Python the virtual environment is built on;
+    one under a private home (``/root/.pyenv``...) cannot. Checked as ``nobody``."""
+    runuser = shutil.which("runuser")
+    if not runuser:
+        return
+    py = _base_python()
+    proc = subprocess.run([runuser, "-u", "nobody", "--", py, "-I", "-c", "pass"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise InstallError(
+            f"an unprivileged service user cannot run {py} ({(proc.stderr or '').strip() or 'permission denied'}); "
+            "use a system-wide Python 3.11, e.g. PYTHON=/usr/bin/python3.11 ./install.sh ..., "
+            "or --no-user to run the node as the installing user")
+
+
 def chown_tree(path: Path, user: str) -> None:
     for p in [path, *path.rglob("*")]:
         shutil.chown(p, user=user, group=user)
@@ -486,6 +501,8 @@ def install(args: argparse.Namespace) -> int:
         raise InstallError(f"--ae-title {args.ae_title!r}: expected 1-16 characters without backslash")
     create_user = not args.no_user and is_root()
     user = args.user if create_user else getpass.getuser()
+    if create_user:
+        check_interpreter_for_services()
 
     # 1. the configuration first: a wrong answer stops before anything is written
     values, tables = site_answers(args, layout)

@@ -1,7 +1,7 @@
 """The whole life of an installation, as site IT lives it, on this machine:
 
 build a CPU bundle -> unpack it -> ``install.sh`` into a temporary prefix inside a network
-namespace with no network at all (pip --no-index) -> start the installed node as a process ->
+namespace with no network at all (pip --no-index) -> start the installed node as a process (as the service user the installer created, when root) ->
 ``doctor`` passes (a DCMTK storescp stands in for the PACS) -> a study sent with DCMTK
 ``storescu`` is drafted -> upgrade to a rebuilt bundle (version bumped) keeps config and data ->
 roll back -> uninstall keeps data -> uninstall --purge removes it.
@@ -20,6 +20,7 @@ import sqlite3
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,9 +87,23 @@ def wait_for(pred: Any, what: str, log: Path | None = None) -> None:
     raise AssertionError(f"gave up waiting for {what}" + (f"; log:\n{log.read_text()[-3000:]}" if log else ""))
 
 
+SYSTEM_PYTHON = "/usr/bin/python3.11"
+
+
+def service_python() -> str | None:
+    """A Python 3.11 an unprivileged service user can run (not one under /root, like pyenv's)."""
+    runuser = shutil.which("runuser")
+    if os.geteuid() != 0 or not runuser or not shutil.which("useradd") or not Path(SYSTEM_PYTHON).is_file():
+        return None
+    ok = subprocess.run([runuser, "-u", "nobody", "--", SYSTEM_PYTHON, "-I", "-c", "import venv"], capture_output=True)
+    return SYSTEM_PYTHON if ok.returncode == 0 else None
+
+
 @pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    path = tmp_path_factory.mktemp("offline")
+def work() -> Iterator[Path]:
+    # not under pytest's basetemp (0700 for root): the service user must reach the prefix
+    path = Path(tempfile.mkdtemp(prefix="cxrnode-offline-", dir="/tmp"))
+    path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)  # two bundles and two installs: about 2 GB
 
@@ -119,14 +134,16 @@ def installed(work: Path, bundle1: Path, pacs: dict[str, Any]) -> Iterator[dict[
     folder = unpack(bundle1, work / "unpacked1")
     prefix = work / "prefix"
     port = free_port()
-    # as root the installer creates a system user; a unique one, removed by --purge (or below)
-    user = f"cxrt{os.getpid()}" if os.geteuid() == 0 and shutil.which("useradd") else None
+    # as root the installer creates a system user (a unique one, removed by --purge or below) and
+    # the node runs as that user; that needs a Python it can run, e.g. Debian's python3.11
+    python = service_python()
+    user = f"cxrt{os.getpid()}" if python else None
     user_args = ["--user", user] if user else ["--no-user"]
     cmd = [*offline_prefix(), folder / "install.sh", "--prefix", prefix, "--no-systemd", *user_args,
            "--host", "127.0.0.1", "--port", str(port), "--ae-title", "CXRNODE_T",
            "--destination", f"pacs=PACS@127.0.0.1:{pacs['port']}", "--reviewer", "cxrnoacct:Doe^Jane:Test Hospital",
            "--set", "study.quiet_period_s=1", "--set", "jobs.backoff_s=1", "--set", "model.beam_size=1"]
-    proc = run(cmd, env={**os.environ, "PYTHON": sys.executable})
+    proc = run(cmd, env={**os.environ, "PYTHON": python or sys.executable})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     yield {"prefix": prefix, "port": port, "bin": prefix / "bin" / "cxrnode", "user": user,
            "config": prefix / "etc" / "cxrnode" / "cxrnode.toml", "storage": prefix / "var" / "lib" / "cxrnode",
@@ -149,8 +166,10 @@ class NodeProcess:
     def __init__(self, site: dict[str, Any], log: Path):
         self.log = log
         self._out = open(log, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([str(site["bin"]), "serve", "--config", str(site["config"])],
-                                     stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        as_user: dict[str, Any] = {"user": site["user"], "group": site["user"], "extra_groups": []} if site["user"] else {}
+        self.proc = subprocess.Popen([str(site["bin"]), "serve", "--config", str(site["config"])], **as_user,
+                                     stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     cwd=str(site["storage"]))
         wait_for(lambda: "listening on" in log.read_text() or self.proc.poll() is not None, "the node to listen", log)
         assert self.proc.poll() is None, log.read_text()
 

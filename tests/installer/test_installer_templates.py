@@ -209,3 +209,33 @@ def test_installer_commands_do_not_load_qt(tmp_path: Path) -> None:
             "'--no-inference']); print('QT' if 'PyQt6' in sys.modules else 'NOQT', rc)")
     proc = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True, cwd=REPO)
     assert proc.stdout.strip().splitlines()[-1].startswith("NOQT"), proc.stdout + proc.stderr
+
+
+def test_a_python_the_service_user_cannot_run_is_refused() -> None:
+    base = getattr(sys, "_base_executable", sys.executable)
+    if os.geteuid() != 0 or not shutil.which("runuser"):
+        pytest.skip("needs root and runuser")
+    can = subprocess.run(["runuser", "-u", "nobody", "--", base, "-I", "-c", "pass"], capture_output=True).returncode == 0
+    if can:
+        inst.check_interpreter_for_services()  # a system-wide Python passes
+    else:
+        with pytest.raises(inst.InstallError, match="PYTHON=/usr/bin/python3.11"):
+            inst.check_interpreter_for_services()
+
+
+def test_safe_extract_refuses_escaping_members(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import tarfile
+
+    from installer.bundle import safe_extract
+
+    evil = tmp_path / "evil.tar.gz"
+    with tarfile.open(evil, "w:gz") as tar:
+        info = tarfile.TarInfo("../outside.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bad"))
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)  # the path taken on Python < 3.11.4
+    (tmp_path / "dest").mkdir()
+    with pytest.raises(BundleError, match="refusing"):
+        safe_extract(evil, tmp_path / "dest")
+    assert not (tmp_path / "outside.txt").exists()
