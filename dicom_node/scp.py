@@ -513,17 +513,21 @@ class StorageSCP:
         sop_uid = str(ds.SOPInstanceUID)
         study_uid = str(ds.StudyInstanceUID)
 
-        def write(session: Session) -> None:
+        def write(session: Session) -> str | None:
+            old = session.scalar(select(Instance.path).where(Instance.sop_instance_uid == sop_uid))
             register_instance(session, ds, relpath, size, sha, calling)
             audit(session, calling, "received", study_uid, sop_uid, f"{size} bytes")
+            return old
 
         try:
-            register_with_retry(self.sessions, write)
+            old_path = register_with_retry(self.sessions, write)
         except Exception:
             log.exception("C-STORE of %s refused: the index could not be written", sop_uid)
             if not existed:
                 self.store.remove(relpath)
             return OUT_OF_RESOURCES
+        if old_path and old_path != relpath:  # re-sent under another study/series: one copy only
+            self.store.remove(old_path)
         log.debug("stored %s (study %s) from %s, %d bytes", sop_uid, study_uid, calling, size)
         if self.on_stored is not None:
             self.on_stored(study_uid)

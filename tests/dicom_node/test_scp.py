@@ -208,6 +208,12 @@ def test_resend_is_idempotent_and_new_content_bumps_generation(node, tmp_path: P
     assert dataset_bytes(node.store.abspath(rows[0].path)) == dataset_bytes(g)
     with node.sessions() as s:
         assert s.scalars(select(Study.generation)).one() == 2
+    # same SOP Instance UID moved to another series: one row, one file
+    h = make_instance(tmp_path / "c.dcm", study, generate_uid(), sop)
+    assert send_raw(node.port, [h]) == [0]
+    rows = instances(node)
+    assert len(rows) == 1 and len(list((node.store.root / "instances").rglob("*.dcm"))) == 1
+    assert dataset_bytes(node.store.abspath(rows[0].path)) == dataset_bytes(h)
 
 
 # -- refusals: specific status, no file, no row ----------------------------------------------
