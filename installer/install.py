@@ -304,7 +304,13 @@ def _add_to_group(account: str, group: str) -> None:
 def check_interpreter_for_services() -> None:
     """The service user must be able to run the Python the virtual environment is built on;
     one under a private home (``/root/.pyenv``...) cannot. Checked as ``nobody``."""
+    import pwd
+
     runuser = shutil.which("runuser")
+    try:
+        pwd.getpwnam("nobody")
+    except KeyError:
+        return
     if not runuser:
         return
     py = _base_python()
