@@ -20,6 +20,9 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
                    help="stage 2: epochs of encoder + observation head training with the decoder frozen")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is much faster than 2 when other jobs share the CPU)")
+    p.add_argument("--init-from", default="", help="start from the weights of this checkpoint")
+    p.add_argument("--freeze-image", action="store_true",
+                   help="train only the text side (bridge + decoder); image encoder and head frozen")
     p.add_argument("--max-train-studies", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--max-val-studies", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--max-steps", type=int, default=0, help=argparse.SUPPRESS)
@@ -57,7 +60,8 @@ def _train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     tc = TrainConfig(
         data=args.data, out=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        seed=args.seed, threads=args.threads, head_epochs=args.head_epochs, max_train_studies=args.max_train_studies,
+        seed=args.seed, threads=args.threads, head_epochs=args.head_epochs,
+        init_from=args.init_from, freeze_image=args.freeze_image, max_train_studies=args.max_train_studies,
         max_val_studies=args.max_val_studies, max_steps=args.max_steps,
     )
     best = train(tc)

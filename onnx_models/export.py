@@ -47,7 +47,7 @@ class _Bridge(nn.Module):
         self.m = m
 
     def forward(self, image_tokens: Tensor, view_mask: Tensor, obs_states: Tensor,
-                indication_ids: Tensor, indication_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                indication_ids: Tensor, indication_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return self.m.bridge(image_tokens, view_mask, obs_states, indication_ids, indication_mask)
 
 
@@ -57,8 +57,8 @@ class _Decoder(nn.Module):
         self.m = m
 
     def forward(self, input_ids: Tensor, memory_mask: Tensor, cross_k: Tensor, cross_v: Tensor,
-                past_k: Tensor, past_v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.m.decode(input_ids, memory_mask, cross_k, cross_v, past_k, past_v)
+                past_k: Tensor, past_v: Tensor, cond: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.m.decode(input_ids, memory_mask, cross_k, cross_v, past_k, past_v, cond)
 
 
 class _ViewClf(nn.Module):
@@ -100,13 +100,15 @@ def graph_specs(cfg: ModelConfig) -> dict[str, Any]:
                        "indication_ids": "int64 [batch, ind_len]",
                        "indication_mask": "float32 [batch, ind_len]"},
             "outputs": {"cross_k": f"{kv} (seq = memory)", "cross_v": f"{kv} (seq = memory)",
-                        "memory_mask": "float32 [batch, memory]"},
+                        "memory_mask": "float32 [batch, memory]",
+                        "cond": f"float32 [batch, {cfg.d_model}] diagnosis conditioning"},
         },
         "decoder": {
             "file": "decoder.onnx", "opset": OPSET,
             "inputs": {"input_ids": "int64 [batch, seq]", "memory_mask": "bridge output",
                        "cross_k": "bridge output", "cross_v": "bridge output",
-                       "past_k": f"{kv} (seq = past, may be 0)", "past_v": "as past_k"},
+                       "past_k": f"{kv} (seq = past, may be 0)", "past_v": "as past_k",
+                       "cond": "bridge output (added to every input embedding)"},
             "outputs": {"logits": f"float32 [batch, seq, {cfg.vocab_size}]",
                         "present_k": f"{kv} (seq = past + seq)", "present_v": "as present_k"},
         },
@@ -140,25 +142,25 @@ def export_onnx(model: ReportModel, view_clf: ViewClassifier, out: Path) -> None
     ind_mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     _export(_Bridge(model), (tokens, view_mask, states, ind, ind_mask), out / "bridge.onnx",
             ["image_tokens", "view_mask", "obs_states", "indication_ids", "indication_mask"],
-            ["cross_k", "cross_v", "memory_mask"],
+            ["cross_k", "cross_v", "memory_mask", "cond"],
             {"image_tokens": {0: "batch", 1: "views"}, "view_mask": {0: "batch", 1: "views"},
              "obs_states": {0: "batch"}, "indication_ids": {0: "batch", 1: "ind_len"},
              "indication_mask": {0: "batch", 1: "ind_len"},
              "cross_k": {1: "batch", 3: "memory"}, "cross_v": {1: "batch", 3: "memory"},
-             "memory_mask": {0: "batch", 1: "memory"}})
+             "memory_mask": {0: "batch", 1: "memory"}, "cond": {0: "batch"}})
     steps.update()
     with torch.no_grad():
-        ck, cv, mm = model.bridge(tokens, view_mask, states, ind, ind_mask)
+        ck, cv, mm, cond = model.bridge(tokens, view_mask, states, ind, ind_mask)
         past_k = torch.randn(cfg.n_layers, b, cfg.n_heads, 3, cfg.d_model // cfg.n_heads)
         past_v = torch.randn_like(past_k)
     ids = torch.tensor([[1, 5], [1, 6]])
     kv_axes = {1: "batch", 3: "past"}
-    _export(_Decoder(model), (ids, mm, ck, cv, past_k, past_v), out / "decoder.onnx",
-            ["input_ids", "memory_mask", "cross_k", "cross_v", "past_k", "past_v"],
+    _export(_Decoder(model), (ids, mm, ck, cv, past_k, past_v, cond), out / "decoder.onnx",
+            ["input_ids", "memory_mask", "cross_k", "cross_v", "past_k", "past_v", "cond"],
             ["logits", "present_k", "present_v"],
             {"input_ids": {0: "batch", 1: "seq"}, "memory_mask": {0: "batch", 1: "memory"},
              "cross_k": {1: "batch", 3: "memory"}, "cross_v": {1: "batch", 3: "memory"},
-             "past_k": kv_axes, "past_v": kv_axes, "logits": {0: "batch", 1: "seq"},
+             "past_k": kv_axes, "past_v": kv_axes, "cond": {0: "batch"}, "logits": {0: "batch", 1: "seq"},
              "present_k": {1: "batch", 3: "total"}, "present_v": {1: "batch", 3: "total"}})
     steps.update()
     vs = cfg.view_image_size

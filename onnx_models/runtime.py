@@ -187,11 +187,11 @@ class ReportGenerator:
         beam = int(beam_size if beam_size is not None else self.beam_size)
         max_len = int(max_tokens if max_tokens is not None else self.max_tokens)
         ngram = self.no_repeat_ngram_size if no_repeat_ngram_size is None else int(no_repeat_ngram_size)
-        probs, ck, cv, mm = self._encode(studies)
+        probs, ck, cv, mm, cond = self._encode(studies)
         if beam <= 1:
-            seqs = self._greedy(ck, cv, mm, max_len, ngram)
+            seqs = self._greedy(ck, cv, mm, cond, max_len, ngram)
         else:
-            seqs = self._beam(ck, cv, mm, max_len, ngram, beam)
+            seqs = self._beam(ck, cv, mm, cond, max_len, ngram, beam)
         elapsed = (time.perf_counter() - t0) * 1000.0 / len(studies)
         reports = []
         for (ids, tok_probs), p in zip(seqs, probs, strict=True):
@@ -226,7 +226,9 @@ class ReportGenerator:
                 view_mask[i, j] = 1.0
         return images, view_ids, view_mask
 
-    def _encode(self, studies: list[StudyInput]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _encode(
+        self, studies: list[StudyInput]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         b = len(studies)
         images, view_ids, view_mask = self._pixels(studies)
         tokens, obs_logits = self._sessions["encoder"].run(
@@ -241,23 +243,23 @@ class ReportGenerator:
         for i, ids in enumerate(ind_ids):
             ind[i, : len(ids)] = ids
             ind_mask[i, : len(ids)] = 1.0
-        ck, cv, mm = self._sessions["bridge"].run(
+        ck, cv, mm, cond = self._sessions["bridge"].run(
             None,
             {"image_tokens": tokens, "view_mask": view_mask, "obs_states": states,
              "indication_ids": ind, "indication_mask": ind_mask},
         )
-        return probs, ck, cv, mm
+        return probs, ck, cv, mm, cond
 
     def _indication_ids(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text or "").ids[: self._max_ind] if (text or "").strip() else []
         return ids or [self._none]
 
     def _step(self, ids: np.ndarray, mm: np.ndarray, ck: np.ndarray, cv: np.ndarray,
-              pk: np.ndarray, pv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              pk: np.ndarray, pv: np.ndarray, cond: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         logits, pk, pv = self._sessions["decoder"].run(
             None,
             {"input_ids": ids, "memory_mask": mm, "cross_k": ck, "cross_v": cv,
-             "past_k": pk, "past_v": pv},
+             "past_k": pk, "past_v": pv, "cond": cond},
         )
         return logits[:, -1, :], pk, pv
 
@@ -277,7 +279,7 @@ class ReportGenerator:
         lse = mx + np.log(np.exp(logits - mx).sum(axis=1, keepdims=True))
         return logits - lse
 
-    def _greedy(self, ck: np.ndarray, cv: np.ndarray, mm: np.ndarray, max_len: int,
+    def _greedy(self, ck: np.ndarray, cv: np.ndarray, mm: np.ndarray, cond: np.ndarray, max_len: int,
                 ngram: int) -> list[tuple[list[int], list[float]]]:
         b = mm.shape[0]
         pk, pv = self._empty_past(b, ck)
@@ -286,7 +288,7 @@ class ReportGenerator:
         probs: list[list[float]] = [[] for _ in range(b)]
         done = np.zeros(b, dtype=bool)
         for _ in range(max_len):
-            logits, pk, pv = self._step(cur, mm, ck, cv, pk, pv)
+            logits, pk, pv = self._step(cur, mm, ck, cv, pk, pv, cond)
             lp = self._log_probs(logits, hist, ngram)
             nxt = lp.argmax(axis=1)
             for i in range(b):
@@ -302,11 +304,11 @@ class ReportGenerator:
             cur = nxt.astype(np.int64)[:, None]
         return list(zip(hist, probs, strict=True))
 
-    def _beam(self, ck: np.ndarray, cv: np.ndarray, mm: np.ndarray, max_len: int, ngram: int,
-              k: int) -> list[tuple[list[int], list[float]]]:
+    def _beam(self, ck: np.ndarray, cv: np.ndarray, mm: np.ndarray, cond: np.ndarray, max_len: int,
+              ngram: int, k: int) -> list[tuple[list[int], list[float]]]:
         b = mm.shape[0]
         rep = np.repeat(np.arange(b), k)
-        ck, cv, mm = ck[:, rep], cv[:, rep], mm[rep]
+        ck, cv, mm, cond = ck[:, rep], cv[:, rep], mm[rep], cond[rep]
         pk, pv = self._empty_past(b * k, ck)
         scores = np.full((b, k), -np.inf)
         scores[:, 0] = 0.0
@@ -317,7 +319,7 @@ class ReportGenerator:
         cur = np.full((b * k, 1), self._bos, dtype=np.int64)
         lp_pen = self.length_penalty
         for _ in range(max_len):
-            logits, pk, pv = self._step(cur, mm, ck, cv, pk, pv)
+            logits, pk, pv = self._step(cur, mm, ck, cv, pk, pv, cond)
             lp = self._log_probs(logits, hist, ngram)
             vocab = lp.shape[1]
             cand = (scores[:, :, None] + lp.reshape(b, k, vocab)).reshape(b, k * vocab)

@@ -12,7 +12,9 @@ Architecture ("encoder-decoder" in the bundle manifest):
   the state (0 absent, 1 present) comes from the thresholded head at inference and from the
   reference labels during training (PromptMRG-style diagnosis-driven prompts). The indication
   is embedded and passed through one self-attention layer; an empty indication is ``[NONE]``.
-  The bridge returns the per-layer cross-attention keys/values once per study.
+  The bridge returns the per-layer cross-attention keys/values once per study, and a
+  diagnosis conditioning vector ``cond = sum_i cond_emb[i, state_i]`` that the decoder adds to
+  every input embedding (a direct path from the predicted labels to the text).
 - ``Decoder``: a pre-LN transformer decoder (causal self-attention with a KV cache, cross-
   attention over the memory, feed-forward), tied input/output embeddings.
   KV layout: ``[layers, batch, heads, seq, head_dim]`` stacked in one tensor.
@@ -184,6 +186,8 @@ class ReportModel(nn.Module):
         )
         self.obs_emb = nn.Parameter(torch.randn(cfg.n_observations, d) * 0.02)
         self.state_emb = nn.Embedding(2, d)
+        # diagnosis conditioning added to every decoder input embedding (per observation, per state)
+        self.cond_emb = nn.Parameter(torch.zeros(cfg.n_observations, 2, d))
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
         self.ind_pos = nn.Parameter(torch.randn(cfg.max_indication_tokens, d) * 0.02)
         self.ind_layer = EncoderLayer(cfg)
@@ -225,8 +229,9 @@ class ReportModel(nn.Module):
         obs_states: Tensor,
         indication_ids: Tensor,
         indication_mask: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """-> cross_k, cross_v (L, B, H, M, dh) and memory_mask (B, M) float."""
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """-> cross_k, cross_v (L, B, H, M, dh), memory_mask (B, M) float and the diagnosis
+        conditioning vector cond (B, D) that the decoder adds to its input embeddings."""
         b, v, t, d = image_tokens.shape
         img = image_tokens.reshape(b, v * t, d) + self.type_emb.weight[0]
         img_mask = view_mask.unsqueeze(-1).expand(b, v, t).reshape(b, v * t)
@@ -244,7 +249,9 @@ class ReportModel(nn.Module):
             c = layer.cross_att
             ks.append(c.split(c.k(memory)))
             vs.append(c.split(c.v(memory)))
-        return torch.stack(ks), torch.stack(vs), memory_mask
+        onehot = F.one_hot(obs_states, 2).to(memory.dtype)  # B, O, 2
+        cond = (onehot.unsqueeze(-1) * self.cond_emb.unsqueeze(0)).sum(dim=(1, 2))
+        return torch.stack(ks), torch.stack(vs), memory_mask, cond
 
     # --- decoder step (also used for teacher forcing with an empty past) --------------------
     def decode(
@@ -255,12 +262,15 @@ class ReportModel(nn.Module):
         cross_v: Tensor,
         past_k: Tensor,
         past_v: Tensor,
+        cond: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """input_ids (B, S); past (L, B, H, P, dh) -> logits (B, S, vocab), present (L, B, H, P+S, dh)."""
+        """input_ids (B, S); past (L, B, H, P, dh); cond (B, D)
+        -> logits (B, S, vocab), present (L, B, H, P+S, dh)."""
         p = past_k.shape[3]
         s = input_ids.shape[1]
         pos = torch.arange(s, device=input_ids.device) + p
-        x = self.drop(self.tok_emb(input_ids) * math.sqrt(self.cfg.d_model) + self.dec_pos[pos])
+        x = self.tok_emb(input_ids) * math.sqrt(self.cfg.d_model) + self.dec_pos[pos] + cond.unsqueeze(1)
+        x = self.drop(x)
         q_pos = pos.unsqueeze(1)
         k_pos = torch.arange(p + s, device=input_ids.device).unsqueeze(0)
         self_bias = (k_pos > q_pos).to(x.dtype) * NEG  # S, P+S
@@ -291,9 +301,9 @@ class ReportModel(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Teacher-forced training pass -> (report logits (B, S, vocab), observation logits)."""
         tokens, obs_logits = self.encode_images(images, view_ids, view_mask)
-        ck, cv, mm = self.bridge(tokens, view_mask, obs_states, indication_ids, indication_mask)
+        ck, cv, mm, cond = self.bridge(tokens, view_mask, obs_states, indication_ids, indication_mask)
         pk, pv = self.empty_past(input_ids.shape[0])
-        logits, _, _ = self.decode(input_ids, mm, ck, cv, pk, pv)
+        logits, _, _ = self.decode(input_ids, mm, ck, cv, pk, pv, cond)
         return logits, obs_logits
 
     @torch.no_grad()
@@ -315,14 +325,14 @@ class ReportModel(nn.Module):
         ``banned`` tokens are never chosen and ``sep`` at most once, as in the ONNX runtime."""
         tokens, obs_logits = self.encode_images(images, view_ids, view_mask)
         states = (torch.sigmoid(obs_logits) >= thresholds).long()
-        ck, cv, mm = self.bridge(tokens, view_mask, states, indication_ids, indication_mask)
+        ck, cv, mm, cond = self.bridge(tokens, view_mask, states, indication_ids, indication_mask)
         b = images.shape[0]
         pk, pv = self.empty_past(b)
         cur = torch.full((b, 1), bos, dtype=torch.long)
         out: list[list[int]] = [[] for _ in range(b)]
         done = [False] * b
         for _ in range(max_tokens):
-            logits, pk, pv = self.decode(cur, mm, ck, cv, pk, pv)
+            logits, pk, pv = self.decode(cur, mm, ck, cv, pk, pv, cond)
             last = logits[:, -1].clone()
             if banned:
                 last[:, list(banned)] = float("-inf")

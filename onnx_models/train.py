@@ -54,6 +54,8 @@ class TrainConfig:
     max_steps: int = 0  # 0 = no limit (tests stop after 1-2 steps)
     head_weight: float = 1.0
     head_epochs: int = 4  # stage 2: encoder + observation head only (BCE), decoder frozen
+    init_from: str = ""  # start from this checkpoint's weights (missing parameters stay new)
+    freeze_image: bool = False  # train only the text side (bridge + decoder); image side frozen
     view_dropout: float = 0.1
     indication_dropout: float = 0.1
     prompt_noise: float = 0.01
@@ -206,6 +208,19 @@ def bucket_batches(lengths: list[int], batch_size: int, rng: random.Random) -> l
     return batches
 
 
+def _image_side(model: ReportModel) -> list[torch.nn.Module]:
+    return [model.encoder, model.view_emb, model.enc_ln, model.head]
+
+
+def _train_mode(model: ReportModel, view_clf: ViewClassifier, tc: TrainConfig) -> None:
+    """Training mode, except frozen modules stay in eval mode (BatchNorm statistics fixed)."""
+    model.train()
+    view_clf.train()
+    if tc.freeze_image:
+        for m in _image_side(model) + [view_clf]:
+            m.eval()
+
+
 # --- metrics --------------------------------------------------------------------------------
 def auroc(y: np.ndarray, p: np.ndarray) -> float:
     pos, neg = p[y > 0.5], p[y <= 0.5]
@@ -285,8 +300,7 @@ def evaluate_split(model: ReportModel, view_clf: ViewClassifier, enc: Encoded, c
     p = np.concatenate(probs)
     aucs = {o: auroc(enc.labels[:, j], p[:, j]) for j, o in enumerate(ABNORMAL_OBSERVATIONS)}
     valid = [a for a in aucs.values() if not math.isnan(a)]
-    model.train()
-    view_clf.train()
+    _train_mode(model, view_clf, tc)
     return {
         "ce": sum(ces) / n, "bce": sum(bces) / n, "probs": p,
         "auroc": aucs, "mean_auroc": float(np.mean(valid)) if valid else float("nan"),
@@ -324,9 +338,21 @@ def train(tc: TrainConfig) -> Path:
 
     model = ReportModel(cfg)
     view_clf = ViewClassifier()
+    if tc.init_from:
+        init = torch.load(tc.init_from, map_location="cpu", weights_only=False)
+        if init["tokenizer"] != tok.to_str():
+            raise SystemExit(f"{tc.init_from}: trained with another tokenizer (other data?)")
+        missing, unexpected = model.load_state_dict(init["model"], strict=False)
+        view_clf.load_state_dict(init["view_classifier"])
+        log.info("initialised from %s (new parameters: %s)", tc.init_from, missing)
+    if tc.freeze_image:
+        for m in _image_side(model) + [view_clf]:
+            for p_ in m.parameters():
+                p_.requires_grad_(False)
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
-    for n_, p_ in list(model.named_parameters()) + [("vc." + k, v) for k, v in view_clf.named_parameters()]:
+    named = list(model.named_parameters()) + [("vc." + k, v) for k, v in view_clf.named_parameters()]
+    for n_, p_ in [(n, p) for n, p in named if p.requires_grad]:
         (no_decay if p_.ndim < 2 or "emb" in n_ or "pos" in n_ else decay).append(p_)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr)
@@ -350,8 +376,7 @@ def train(tc: TrainConfig) -> Path:
     command = "cxrnode train " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in tc.__dict__.items() if k in ("data", "out")
     )
-    model.train()
-    view_clf.train()
+    _train_mode(model, view_clf, tc)
     for epoch in range(start_epoch, tc.epochs):
         rng = random.Random(tc.seed * 1000 + epoch)
         batches = bucket_batches([len(r) for r in tr.reports], tc.batch_size, rng)
@@ -366,11 +391,11 @@ def train(tc: TrainConfig) -> Path:
                 g["lr"] = _lr(step, total, tc)
             ce, bce = _losses(model, batch, tc)
             loss = ce + tc.head_weight * bce
-            if len(batch["lateral"]):
+            if len(batch["lateral"]) and not tc.freeze_image:
                 loss = loss + 0.2 * F.cross_entropy(view_clf(batch["small"]), batch["lateral"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(view_clf.parameters()), 1.0)
+            torch.nn.utils.clip_grad_norm_([p_ for g in opt.param_groups for p_ in g["params"]], 1.0)
             opt.step()
             step += 1
             nb += 1

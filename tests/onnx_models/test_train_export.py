@@ -82,7 +82,7 @@ def test_export_parity(tiny_checkpoint: Path, tiny_bundle: Path, tiny_data: Path
     inputs = [StudyInput(views=[(read_image(im.path), im.view) for im in s.images], indication=s.indication)
               for s in studies]
     images, view_ids, view_mask = gen._pixels(inputs)
-    probs, ck_ort, cv_ort, mm_ort = gen._encode(inputs)
+    probs, ck_ort, cv_ort, mm_ort, cond_ort = gen._encode(inputs)
     with torch.no_grad():
         t_img, t_view, t_mask = (torch.from_numpy(x) for x in (images, view_ids, view_mask))
         tokens, obs = model.encode_images(t_img, t_view, t_mask)
@@ -95,25 +95,26 @@ def test_export_parity(tiny_checkpoint: Path, tiny_bundle: Path, tiny_data: Path
         for i, x in enumerate(ind):
             ind_ids[i, : len(x)] = torch.tensor(x)
             ind_mask[i, : len(x)] = 1
-        ck_t, cv_t, mm_t = model.bridge(tokens, t_mask, states, ind_ids, ind_mask)
+        ck_t, cv_t, mm_t, cond_t = model.bridge(tokens, t_mask, states, ind_ids, ind_mask)
         assert np.allclose(ck_t.numpy(), ck_ort, atol=1e-4) and np.allclose(cv_t.numpy(), cv_ort, atol=1e-4)
+        assert np.allclose(cond_t.numpy(), cond_ort, atol=1e-5)
         # a 3-token prefix, then one step with the cache
         ids = torch.tensor([[gen._bos, 7, 9]] * len(inputs))
         pk, pv = model.empty_past(len(inputs))
-        logits_t, pk_t, pv_t = model.decode(ids, mm_t, ck_t, cv_t, pk, pv)
+        logits_t, pk_t, pv_t = model.decode(ids, mm_t, ck_t, cv_t, pk, pv, cond_t)
         logits_o, pk_o, pv_o = gen._sessions["decoder"].run(None, {
             "input_ids": ids.numpy(), "memory_mask": mm_ort, "cross_k": ck_ort, "cross_v": cv_ort,
-            "past_k": pk.numpy(), "past_v": pv.numpy()})
+            "past_k": pk.numpy(), "past_v": pv.numpy(), "cond": cond_ort})
         assert np.abs(logits_t.numpy() - logits_o).max() < 1e-4
-        step_t, _, _ = model.decode(torch.tensor([[11]] * len(inputs)), mm_t, ck_t, cv_t, pk_t, pv_t)
+        step_t, _, _ = model.decode(torch.tensor([[11]] * len(inputs)), mm_t, ck_t, cv_t, pk_t, pv_t, cond_t)
         step_o, _, _ = gen._sessions["decoder"].run(None, {
             "input_ids": np.array([[11]] * len(inputs), dtype=np.int64), "memory_mask": mm_ort,
-            "cross_k": ck_ort, "cross_v": cv_ort, "past_k": pk_o, "past_v": pv_o})
+            "cross_k": ck_ort, "cross_v": cv_ort, "past_k": pk_o, "past_v": pv_o, "cond": cond_ort})
         assert np.abs(step_t.numpy() - step_o).max() < 1e-4
         # greedy: identical token sequences
         t_out = model.greedy(t_img, t_view, t_mask, torch.from_numpy(gen.thresholds), ind_ids, ind_mask,
                              gen._bos, gen._eos, 20, banned=tuple(gen._banned), sep=gen._sep)
-    o_out = gen._greedy(ck_ort, cv_ort, mm_ort, 20, 0)
+    o_out = gen._greedy(ck_ort, cv_ort, mm_ort, cond_ort, 20, 0)
     assert [ids for ids, _ in o_out] == t_out
 
 
@@ -127,3 +128,14 @@ def test_export_replaces_bundle_and_keeps_card(tiny_checkpoint: Path, tmp_path: 
     assert (out / "MODEL_CARD.md").read_text() == "# card v1\n"
     load_bundle(out)
     shutil.rmtree(out)
+
+
+def test_init_from_and_freeze_image(tiny_data: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Text-side fine-tuning from a checkpoint leaves the image side and the head untouched."""
+    out = tmp_path / "ft"
+    train(_cfg(tiny_data, out, init_from=str(tiny_checkpoint), freeze_image=True, head_epochs=0))
+    a = torch.load(tiny_checkpoint, map_location="cpu", weights_only=False)
+    b = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+    image_side = [k for k in a["model"] if k.startswith(("encoder.", "view_emb.", "enc_ln.", "head."))]
+    assert image_side and all(torch.equal(a["model"][k], b["model"][k]) for k in image_side)
+    assert not torch.equal(a["model"]["layers.0.ff.0.weight"], b["model"]["layers.0.ff.0.weight"])
