@@ -90,16 +90,20 @@ _DENIED_AE = "\x00denied\x00"
 
 # -- spooling: make pynetdicom's chunked receive write into the store's tmp/ ----------------
 
-_spool_dir: contextvars.ContextVar[Path | None] = contextvars.ContextVar("cxrnode_spool_dir", default=None)
+_spool_target: contextvars.ContextVar[tuple[Path, Any] | None] = contextvars.ContextVar("cxrnode_spool", default=None)
 _installed = False
 _install_lock = threading.Lock()
 
 
 def _spool_factory(*args: Any, **kwargs: Any) -> Any:
-    directory = _spool_dir.get()
-    if directory is None:  # another pynetdicom SCP in this process (e.g. a test peer)
+    target = _spool_target.get()
+    if target is None:  # another pynetdicom SCP in this process (e.g. a test peer)
         return tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115
-    return SpoolFile(directory)
+    directory, assoc = target
+    spool = SpoolFile(directory)
+    # remembered on the association so an abort mid-data-set cannot leak the file
+    assoc.cxrnode_spools.add(spool)
+    return spool
 
 
 def install_spooling() -> None:
@@ -118,11 +122,13 @@ def install_spooling() -> None:
 
         def decode_msg(self: Any, primitive: Any, assoc: Any = None) -> bool:
             directory = getattr(getattr(assoc, "ae", None), "cxrnode_spool_dir", None)
-            token = _spool_dir.set(directory)
+            if directory is not None and not hasattr(assoc, "cxrnode_spools"):
+                assoc.cxrnode_spools = set()
+            token = _spool_target.set((directory, assoc) if directory is not None else None)
             try:
                 return original(self, primitive, assoc)
             finally:
-                _spool_dir.reset(token)
+                _spool_target.reset(token)
 
         _dimse_messages.DIMSEMessage.decode_msg = decode_msg  # type: ignore[method-assign]
         _dimse_messages.NamedTemporaryFile = _spool_factory  # type: ignore[attr-defined]
@@ -359,6 +365,7 @@ class StorageSCP:
             (evt.EVT_REJECTED, self._handle_rejected),
             (evt.EVT_RELEASED, self._handle_closed),
             (evt.EVT_ABORTED, self._handle_closed),
+            (evt.EVT_CONN_CLOSE, self._handle_conn_close),
         ]
         server = self.ae.start_server((n.host, n.port), block=False, evt_handlers=handlers,
                                       ssl_context=server_ssl_context(self.config))
@@ -426,6 +433,14 @@ class StorageSCP:
     def _handle_closed(self, event: evt.Event) -> None:
         log.debug("association with %s closed", event.assoc.requestor.ae_title)
 
+    def _handle_conn_close(self, event: evt.Event) -> None:
+        """Delete spool files of data sets that never arrived completely (abort, lost peer)."""
+        leftovers = getattr(event.assoc, "cxrnode_spools", None)
+        while leftovers:
+            spool = leftovers.pop()
+            spool.discard()
+            log.warning("incomplete data set from %s discarded (connection closed)", event.assoc.requestor.ae_title)
+
     def _handle_store(self, event: evt.Event) -> int:
         req: Any = event.request
         spool = getattr(req, "_dataset_file", None)
@@ -438,7 +453,8 @@ class StorageSCP:
             status = 0xC211
         finally:
             if isinstance(spool, SpoolFile):
-                spool.discard()  # after a successful commit the name no longer exists
+                spool.discard()  # a committed spool was renamed away; discard leaves it alone
+                getattr(event.assoc, "cxrnode_spools", set()).discard(spool)
         with self._lock:
             if status == SUCCESS:
                 self.stats.stored += 1

@@ -78,6 +78,7 @@ class SpoolFile:
         self.name = name
         self.path = Path(name)
         os.fchmod(fd, FILE_MODE)
+        self._ino = os.fstat(fd).st_ino
         self._fh: IO[bytes] = os.fdopen(fd, "wb", buffering=0)  # PDVs are large; no second copy
         self.sha256 = hashlib.sha256()
         self.size = 0
@@ -130,9 +131,12 @@ class SpoolFile:
                 self._fh.close()
 
     def discard(self) -> None:
+        """Close and delete the spool file, unless it was already renamed into the store."""
         self.close()
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.name)
+            # after a commit the name may belong to a newer spool file: check it is still ours
+            if os.stat(self.name).st_ino == self._ino:
+                os.unlink(self.name)
 
     @property
     def file(self) -> SpoolFile:

@@ -403,3 +403,36 @@ def test_stop_lets_in_flight_associations_finish(make_config, start_node, tmp_pa
     assert not associate(port).is_established  # no new associations after stop
     engine_rows = len(list((node.store.root / "instances").rglob("*.dcm")))
     assert engine_rows == len(files)
+
+
+def test_abort_mid_dataset_leaves_no_spool_file(node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A peer that aborts halfway through a C-STORE data set leaves nothing behind."""
+    from io import BytesIO
+
+    from pynetdicom import AE
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+
+    f = make_instance(tmp_path / "a.dcm", generate_uid())
+    ds = pydicom.dcmread(f)
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context(ds.SOPClassUID, [ImplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="CXRNODE")
+    assert assoc.is_established
+    req = C_STORE()
+    req.MessageID = 1
+    req.AffectedSOPClassUID = ds.SOPClassUID
+    req.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    req.Priority = 2
+    req.DataSet = BytesIO(encode_body(ds, implicit=True))
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    pdvs = list(msg.encode_msg(assoc.accepted_contexts[0].context_id, 16382))
+    for p in pdvs[: len(pdvs) // 2]:  # command and about half of the data set
+        assoc.dul.send_pdu(p)
+    from dcmnode_helpers import wait_for
+
+    wait_for(lambda: spool_files(node.store.root))  # the node is receiving into a spool file
+    assoc.abort()
+    wait_for(lambda: not spool_files(node.store.root))
+    assert_nothing_kept(node)
