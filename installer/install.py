@@ -487,6 +487,15 @@ def detect_layout(prefix: str | None) -> Layout:
     return Layout(None)
 
 
+def _undo_program(layout: Layout, vdir: Path, systemd: bool) -> None:
+    """A failed installation leaves no half program behind (configuration and data stay)."""
+    say(f"installation failed: removing the program files it wrote ({layout.root}); configuration and data are kept")
+    for p in (layout.bin, layout.current, layout.desktop, layout.unit(systemd)):
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+    shutil.rmtree(vdir, ignore_errors=True)
+
+
 def _version_dir(layout: Layout, info: dict[str, Any]) -> Path:
     d = layout.versions / f"{info['version']}-{info['flavour']}-{info['build_id']}"
     if d.exists():
@@ -552,62 +561,66 @@ def install(args: argparse.Namespace) -> int:
         except BaseException:
             shutil.rmtree(vdir, ignore_errors=True)
             raise
-        switch_link(layout.current, vdir)
-        layout.bin.parent.mkdir(parents=True, exist_ok=True)
-        switch_link(layout.bin, layout.current / "venv" / "bin" / "cxrnode")
-        say(f"  {layout.bin} -> {layout.current / 'venv/bin/cxrnode'}")
+        try:
+            switch_link(layout.current, vdir)
+            layout.bin.parent.mkdir(parents=True, exist_ok=True)
+            switch_link(layout.bin, layout.current / "venv" / "bin" / "cxrnode")
+            say(f"  {layout.bin} -> {layout.current / 'venv/bin/cxrnode'}")
 
-        say(f"[3/{steps}] configuration")
-        if config_text is not None:
-            write_config(layout, config_text, user if create_user else None)
-            say(f"  wrote {layout.config} (mode 0640)")
-        say(f"[4/{steps}] storage folder {storage}")
-        storage.mkdir(parents=True, exist_ok=True)
-        # group = the people allowed to see the studies: the service and the reviewers on this
-        # machine (setgid keeps new folders in the group; the unit's UMask=0007 keeps files so)
-        os.chmod(storage, 0o2770)
-        say(f"[5/{steps}] database")
-        rev = migrate_with(py, layout.config)
-        say(f"  {config_obj.node.resolved_database_url().split('@')[-1]} at revision {rev['revision']} (head {rev['head']})")
-        if create_user:
-            chown_tree(storage, user)
-            for account in [r["username"] for r in tables["reviewers"]]:
-                _add_to_group(account, user)
+            say(f"[3/{steps}] configuration")
+            if config_text is not None:
+                write_config(layout, config_text, user if create_user else None)
+                say(f"  wrote {layout.config} (mode 0640)")
+            say(f"[4/{steps}] storage folder {storage}")
+            storage.mkdir(parents=True, exist_ok=True)
+            # group = the people allowed to see the studies: the service and the reviewers on this
+            # machine (setgid keeps new folders in the group; the unit's UMask=0007 keeps files so)
+            os.chmod(storage, 0o2770)
+            say(f"[5/{steps}] database")
+            rev = migrate_with(py, layout.config)
+            say(f"  {config_obj.node.resolved_database_url().split('@')[-1]} at revision {rev['revision']} (head {rev['head']})")
+            if create_user:
+                chown_tree(storage, user)
+                for account in [r["username"] for r in tables["reviewers"]]:
+                    _add_to_group(account, user)
 
-        say(f"[6/{steps}] service unit")
-        unit = layout.unit(systemd)
-        unit.parent.mkdir(parents=True, exist_ok=True)
-        unit.write_text(render_unit(layout.bin, layout.config, storage, user, config_obj.node.port), encoding="utf-8")
-        say(f"  wrote {unit}")
-        registered = False
-        if systemd:
-            if systemd_running():
-                systemctl("daemon-reload")
-                systemctl("enable", "--now", "cxrnode.service")
-                registered = True
-                say("  enabled and started cxrnode.service")
+            say(f"[6/{steps}] service unit")
+            unit = layout.unit(systemd)
+            unit.parent.mkdir(parents=True, exist_ok=True)
+            unit.write_text(render_unit(layout.bin, layout.config, storage, user, config_obj.node.port), encoding="utf-8")
+            say(f"  wrote {unit}")
+            registered = False
+            if systemd:
+                if systemd_running():
+                    systemctl("daemon-reload")
+                    systemctl("enable", "--now", "cxrnode.service")
+                    registered = True
+                    say("  enabled and started cxrnode.service")
+                else:
+                    say("  systemd is not running on this machine: the unit is written but not enabled; "
+                        "later: systemctl daemon-reload && systemctl enable --now cxrnode")
             else:
-                say("  systemd is not running on this machine: the unit is written but not enabled; "
-                    "later: systemctl daemon-reload && systemctl enable --now cxrnode")
-        else:
-            say("  --no-systemd: not registered; start the node with "
-                f"`{layout.bin} serve --config {layout.config}`")
-        say(f"[7/{steps}] reviewer launcher")
-        layout.desktop.parent.mkdir(parents=True, exist_ok=True)
-        layout.desktop.write_text(render_template("cxrnode-review.desktop", bin=str(layout.bin), config=str(layout.config)),
-                                  encoding="utf-8")
-        say(f"  wrote {layout.desktop}")
-        say(f"[8/{steps}] recording the installation in {layout.manifest}")
-        write_manifest(layout, {
-            "prefix": str(layout.prefix) if layout.prefix else "",
-            "user": user, "created_user": created_user,
-            "config": str(layout.config), "storage_dir": str(storage),
-            "database_url": config_obj.node.resolved_database_url(),
-            "unit": str(unit), "systemd": registered, "desktop": str(layout.desktop), "bin": str(layout.bin),
-            "current": vdir.name, "previous": "",
-            "versions": {vdir.name: {"version": info["version"], "flavour": info["flavour"], "head": head,
-                                     "installed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}},
-        })
+                say("  --no-systemd: not registered; start the node with "
+                    f"`{layout.bin} serve --config {layout.config}`")
+            say(f"[7/{steps}] reviewer launcher")
+            layout.desktop.parent.mkdir(parents=True, exist_ok=True)
+            layout.desktop.write_text(render_template("cxrnode-review.desktop", bin=str(layout.bin), config=str(layout.config)),
+                                      encoding="utf-8")
+            say(f"  wrote {layout.desktop}")
+            say(f"[8/{steps}] recording the installation in {layout.manifest}")
+            write_manifest(layout, {
+                "prefix": str(layout.prefix) if layout.prefix else "",
+                "user": user, "created_user": created_user,
+                "config": str(layout.config), "storage_dir": str(storage),
+                "database_url": config_obj.node.resolved_database_url(),
+                "unit": str(unit), "systemd": registered, "desktop": str(layout.desktop), "bin": str(layout.bin),
+                "current": vdir.name, "previous": "",
+                "versions": {vdir.name: {"version": info["version"], "flavour": info["flavour"], "head": head,
+                                         "installed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}},
+            })
+        except BaseException:
+            _undo_program(layout, vdir, systemd)
+            raise
     say(f"cxrnode {info['version']} installed. Check it with:\n  {layout.bin} doctor --config {layout.config}")
     return 0
 

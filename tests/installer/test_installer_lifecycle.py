@@ -145,7 +145,7 @@ def installed(work: Path, bundle1: Path, pacs: dict[str, Any]) -> Iterator[dict[
            "--set", "study.quiet_period_s=1", "--set", "jobs.backoff_s=1", "--set", "model.beam_size=1"]
     proc = run(cmd, env={**os.environ, "PYTHON": python or sys.executable})
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    yield {"prefix": prefix, "port": port, "bin": prefix / "bin" / "cxrnode", "user": user,
+    yield {"prefix": prefix, "port": port, "bin": prefix / "bin" / "cxrnode", "user": user, "folder": folder,
            "config": prefix / "etc" / "cxrnode" / "cxrnode.toml", "storage": prefix / "var" / "lib" / "cxrnode",
            "install_output": proc.stdout, "offline": bool(offline_prefix())}
     if user and _user_exists(user):  # the purge test failed before removing it
@@ -258,6 +258,20 @@ def test_install_layout(installed: dict[str, Any]) -> None:
     assert (p / "lib" / "cxrnode" / "current").resolve() == p / "lib" / "cxrnode" / "versions" / manifest["current"]
     again = run([installed["bin"], "install", "--bundle", p, "--prefix", p, "--no-systemd"])
     assert again.returncode == 2 and "already installed" in again.stderr
+
+
+def test_a_failed_install_leaves_no_program_behind(installed: dict[str, Any], work: Path) -> None:
+    help_text = run([installed["folder"] / "install.sh", "--help"], env={**os.environ, "PYTHON": sys.executable})
+    assert help_text.returncode == 0 and "--prefix" in help_text.stdout and "--destination" in help_text.stdout
+    prefix = work / "failing"
+    dead_db = f"postgresql+psycopg://cxrnode@127.0.0.1:{free_port()}/cxrnode"  # nothing listens there
+    proc = run([*offline_prefix(), installed["folder"] / "install.sh", "--prefix", prefix, "--no-systemd", "--no-user",
+                "--database-url", dead_db], env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode != 0
+    assert "installation failed: removing the program files" in proc.stdout, proc.stdout + proc.stderr
+    assert not (prefix / "bin" / "cxrnode").exists() and not (prefix / "lib" / "cxrnode" / "current").is_symlink()
+    assert not list((prefix / "lib" / "cxrnode" / "versions").iterdir())
+    assert (prefix / "etc" / "cxrnode" / "cxrnode.toml").is_file(), "the configuration is kept for the next try"
 
 
 def test_installed_node_passes_doctor_and_drafts_a_study(installed: dict[str, Any], work: Path) -> None:
