@@ -153,6 +153,17 @@ def _wheel_name_version(path: Path) -> tuple[str, str]:
     return re.sub(r"[-_.]+", "-", name).lower(), version
 
 
+def source_revision(source: Path) -> dict[str, object]:
+    """The git commit the bundle is built from and whether the tree had local changes
+    (recorded in BUNDLE.json for change control)."""
+    if not (source / ".git").exists() or not shutil.which("git"):
+        return {"commit": "", "dirty": None}
+    head = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True)
+    status = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+                            capture_output=True, text=True)
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
 def model_bundles(source: Path) -> list[dict[str, object]]:
     """The model bundles shipped in the source tree (inside the wheel), for BUNDLE.json."""
     out: list[dict[str, object]] = []
@@ -199,6 +210,10 @@ def build_bundle(
     wheelhouse = folder / "wheelhouse"
     wheelhouse.mkdir(parents=True)
     steps = 6
+    revision = source_revision(src)
+    if revision["dirty"]:
+        progress(f"warning: {src} has uncommitted changes; BUNDLE.json records commit {str(revision['commit'])[:12]} "
+                 "as dirty (build releases from a clean checkout)")
     try:
         progress(f"[1/{steps}] building the cxrnode {version} wheel from {src}")
         with tempfile.TemporaryDirectory(prefix="cxrnode-src-") as tmp:
@@ -247,6 +262,7 @@ def build_bundle(
             "platform_tags": list(PLATFORM_TAGS),
             "build_id": dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8],
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "source": revision,
             "wheels": [w.name for w in wheels],
             "models_in_wheel": model_bundles(src),
             "extra_models": [m.name for m in extra_models],

@@ -207,6 +207,7 @@ def test_bundle_is_complete_and_checksummed(bundle1: Path) -> None:
     assert any(n.startswith("wheelhouse/pip-") for n in wheels) and any(n.startswith("wheelhouse/cxrnode-") for n in wheels)
     assert all(("manylinux" in n or "-none-any" in n) for n in wheels), "only portable wheels"
     assert info["flavour"] == "cpu" and info["python"] == "cp311"
+    assert len(info["source"]["commit"]) == 40 and isinstance(info["source"]["dirty"], bool)
     assert any(m["name"] == "default" for m in info["models_in_wheel"]), "the default model bundle ships in the wheel"
 
 
