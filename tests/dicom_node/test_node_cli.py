@@ -45,13 +45,16 @@ def config_file(tmp_path: Path, free_port) -> Path:  # type: ignore[no-untyped-d
 
 
 class Serve:
-    """A ``cxrnode serve`` subprocess."""
+    """A ``cxrnode serve`` subprocess (every one started is killed at the end of its test)."""
+
+    started: list[subprocess.Popen[bytes]] = []
 
     def __init__(self, config_file: Path, log: Path) -> None:
         self.config = load_config(config_file, env={})
         self.log = log
         self.proc = subprocess.Popen([*CXRNODE, "serve", "--config", str(config_file)],
                                      stdout=subprocess.DEVNULL, stderr=open(log, "ab"))  # noqa: SIM115
+        Serve.started.append(self.proc)
         wait_for(self._ready, timeout=60, interval=0.1)
 
     def _ready(self) -> bool:
@@ -67,6 +70,16 @@ class Serve:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout=60)
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_serve():  # type: ignore[no-untyped-def]
+    yield
+    while Serve.started:
+        proc = Serve.started.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 def test_help_lists_config_and_set() -> None:
