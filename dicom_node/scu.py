@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import ssl
 import threading
+from dataclasses import dataclass
 
 from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.orm import sessionmaker
 
 from dicom_node.config import Config, Destination
@@ -79,6 +82,56 @@ def send_file(config: Config, destination: Destination, path: str | os.PathLike[
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+@dataclass(frozen=True)
+class EchoResult:
+    """Outcome of a C-ECHO: ``ok``; ``message`` for people; ``answered``: a DICOM peer
+    responded at all (an association rejection counts, a refused TCP connection does not)."""
+
+    ok: bool
+    message: str
+    answered: bool
+
+
+def echo(config: Config, destination: Destination, timeout_s: float | None = None) -> EchoResult:
+    """C-ECHO (PS3.7 9.1.5) ``destination`` with our AE title, timeouts and TLS settings."""
+    node = config.node
+
+    def limit(value: float) -> float:
+        return min(value, timeout_s) if timeout_s else value
+
+    ae = AE(ae_title=node.ae_title)
+    ae.acse_timeout = limit(node.acse_timeout_s)
+    ae.dimse_timeout = limit(node.dimse_timeout_s)
+    ae.network_timeout = limit(node.network_timeout_s)
+    if timeout_s:
+        ae.connection_timeout = timeout_s
+    ae.add_requested_context(Verification)
+    host, port = destination.host, destination.port
+    try:
+        tls_args = (client_ssl_context(config), host) if destination.tls else None
+        assoc = ae.associate(host, port, ae_title=destination.ae_title, tls_args=tls_args)
+    except (OSError, ssl.SSLError) as exc:
+        return EchoResult(False, f"cannot connect: {exc}", False)
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            return EchoResult(False, f"the peer rejected the association (does it accept our AE title {node.ae_title}?)", True)
+        try:  # say why: nothing listening, or something that is not a DICOM node
+            with socket.create_connection((host, port), timeout=timeout_s or node.acse_timeout_s):
+                pass
+        except OSError as exc:
+            return EchoResult(False, f"cannot connect: {exc.strerror or exc}", False)
+        return EchoResult(False, "connected, but no DICOM association (aborted: not a DICOM node, or TLS mismatch?)", False)
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if not status or "Status" not in status:
+        return EchoResult(False, "no C-ECHO response (timeout or abort)", True)
+    code = int(status.Status)
+    return EchoResult(code == 0, "C-ECHO succeeded" if code == 0 else f"C-ECHO status 0x{code:04X}", True)
 
 
 class OutboundSender(threading.Thread):

@@ -286,60 +286,13 @@ def check_inference(ctx: Context) -> list[Check]:
 
 
 def _echo(ctx: Context, ae_title: str, host: str, port: int, tls: bool) -> tuple[bool, str, bool]:
-    """C-ECHO (PS3.7 9.1.5) with the node's AE title, timeouts and TLS settings:
-    (success, message, whether a DICOM peer answered at all: an association rejection counts).
-
-    Uses ``dicom_node.scu.echo(config, destination)`` when dicom_node provides it; until then a
-    Verification SCU built the same way as ``dicom_node.scu.send_file`` (its TLS context included).
-    """
+    """C-ECHO through ``dicom_node.scu.echo``: (success, message, whether a DICOM peer answered)."""
     from dicom_node import scu
     from dicom_node.config import Destination
 
     dest = Destination(name=f"{ae_title}@{host}:{port}", ae_title=ae_title, host=host, port=port, tls=tls)
-    echo = getattr(scu, "echo", None)
-    if callable(echo):
-        try:
-            result = echo(ctx.config, dest)
-        except TypeError:
-            result = None  # another signature: use our own below
-        except Exception as exc:
-            return False, f"{type(exc).__name__}: {exc}", False
-        if result is not None:
-            code = int(getattr(result, "Status", result)) if not isinstance(result, bool) else (0 if result else -1)
-            return code == 0, "C-ECHO succeeded" if code == 0 else f"C-ECHO status {code:#06x}", code == 0
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-
-    node = ctx.config.node
-    ae = AE(ae_title=node.ae_title)
-    ae.acse_timeout = min(node.acse_timeout_s, ctx.echo_timeout_s)
-    ae.dimse_timeout = min(node.dimse_timeout_s, ctx.echo_timeout_s)
-    ae.network_timeout = min(node.network_timeout_s, ctx.echo_timeout_s)
-    ae.connection_timeout = ctx.echo_timeout_s
-    ae.add_requested_context(Verification)
-    try:
-        tls_args = (scu.client_ssl_context(ctx.config), host) if tls else None
-        assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
-    except (OSError, ssl.SSLError) as exc:
-        return False, f"cannot connect: {exc}", False
-    if not assoc.is_established:
-        if assoc.is_rejected:
-            return False, f"the peer rejected the association (does it accept our AE title {node.ae_title}?)", True
-        try:  # say why: nothing listening, or something that is not a DICOM node
-            with socket.create_connection((host, port), timeout=ctx.echo_timeout_s):
-                pass
-        except OSError as exc:
-            return False, f"cannot connect: {exc.strerror or exc}", False
-        return False, "connected, but no DICOM association (aborted: not a DICOM node, or TLS mismatch?)", False
-    try:
-        status = assoc.send_c_echo()
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    if not status or "Status" not in status:
-        return False, "no C-ECHO response (timeout or abort)", True
-    code = int(status.Status)
-    return code == 0, "C-ECHO succeeded" if code == 0 else f"C-ECHO status 0x{code:04X}", True
+    result = scu.echo(ctx.config, dest, timeout_s=ctx.echo_timeout_s)
+    return result.ok, result.message, result.answered
 
 
 def _probe_host(host: str) -> str:
