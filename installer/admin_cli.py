@@ -26,7 +26,7 @@ def _bundle(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_config() -> str | None:
+def default_config() -> str | None:
     """Without --config or CXRNODE_CONFIG: the configuration of the installation this program
     belongs to, else /etc/cxrnode/cxrnode.toml when it exists."""
     if os.environ.get("CXRNODE_CONFIG"):
@@ -44,7 +44,7 @@ def _default_config() -> str | None:
 def _doctor(args: argparse.Namespace) -> int:
     from installer.doctor import main_doctor
 
-    config = args.config or _default_config()
+    config = args.config or default_config()
     return main_doctor(config, args.set or [], as_json_output=args.json,
                        echo_timeout_s=args.timeout, inference=not args.no_inference)
 

@@ -19,10 +19,15 @@ Typical use:
   cxrnode doctor --config cxrnode.toml
   cxrnode review --config cxrnode.toml  open the reviewer (needs a screen)
 
-Configuration: --config PATH or CXRNODE_CONFIG; CXRNODE_<SECTION>_<KEY> environment
+Configuration: --config PATH, else CXRNODE_CONFIG, else the installation's config
+(/etc/cxrnode/cxrnode.toml or PREFIX/etc/cxrnode/cxrnode.toml); CXRNODE_<SECTION>_<KEY> environment
 variables and --set section.key=value override the file. See README.md.
 Research use only: drafts are unverified until a radiologist signs them.
 """
+
+
+# without --config or CXRNODE_CONFIG these find the installation's own config (see default_config)
+USES_INSTALLED_CONFIG = {"serve", "status", "review", "worklist", "doctor"}
 
 
 def _contributors() -> list:
@@ -62,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.command in USES_INSTALLED_CONFIG and not getattr(args, "config", None):
+        from installer.admin_cli import default_config
+
+        args.config = default_config()
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

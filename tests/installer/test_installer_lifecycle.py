@@ -299,6 +299,10 @@ def test_installed_node_passes_doctor_and_drafts_a_study(installed: dict[str, An
         assert (installed["storage"] / rel).is_file()
         status = run([installed["bin"], "status", "--config", installed["config"], "--json"])
         assert status.returncode == 0 and sop in status.stdout
+        env = {k: v for k, v in os.environ.items() if k != "CXRNODE_CONFIG"}
+        implicit = subprocess.run([installed["bin"], "status", "--json"], env=env, capture_output=True, text=True,
+                                  timeout=120)
+        assert implicit.returncode == 0 and sop in implicit.stdout, "status finds the installation's config by itself"
     finally:
         node.stop()
     assert node.proc.returncode == 0, node.log.read_text()[-2000:]
