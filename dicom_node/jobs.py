@@ -75,6 +75,8 @@ class JobContext:
 
 
 JobHandler = Callable[[JobContext], JobResult]
+"""A handler may also have a ``prepare(config)`` attribute: each worker calls it once before
+its first claim (e.g. to load a model), so the first study does not pay for it."""
 
 
 class HandlerUnavailable(RuntimeError):
@@ -347,19 +349,39 @@ def run_job(job: ClaimedJob, handler: JobHandler, config: Config, sessions: sess
 
 
 class Promoter(threading.Thread):
-    """Promotes quiet studies every ``jobs.poll_interval_s``."""
+    """Promotes quiet studies. It sleeps until the earliest receiving study becomes quiet, or
+    until ``received`` says an instance arrived (at most ``jobs.poll_interval_s``, which is what
+    other processes sharing the database rely on), and sets ``wake`` when it queued a job, so an
+    idle worker claims it at once instead of at its next poll."""
 
-    def __init__(self, config: Config, sessions: sessionmaker, stop: threading.Event) -> None:
+    def __init__(self, config: Config, sessions: sessionmaker, stop: threading.Event,
+                 wake: threading.Event | None = None, received: threading.Event | None = None) -> None:
         super().__init__(name="cxrnode-promoter", daemon=True)
         self.config, self.sessions, self.stop_event = config, sessions, stop
+        self.wake = wake or threading.Event()
+        self.received = received or stop
 
     def run(self) -> None:
         while not self.stop_event.is_set():
             try:
-                promote_quiet_studies(self.sessions, self.config)
+                if promote_quiet_studies(self.sessions, self.config):
+                    self.wake.set()
+                delay = seconds_until_next_quiet(self.sessions, self.config)
             except Exception:
                 log.exception("promoting quiet studies failed")
-            self.stop_event.wait(self.config.jobs.poll_interval_s)
+                delay = None
+            poll = self.config.jobs.poll_interval_s
+            if self.received.wait(poll if delay is None else min(poll, max(delay, 0.01))) and not self.stop_event.is_set():
+                self.received.clear()
+
+
+def seconds_until_next_quiet(sessions: sessionmaker, config: Config) -> float | None:
+    """Seconds until the earliest study still receiving has been quiet long enough (None: none is)."""
+    with sessions() as s:
+        first = s.execute(select(func.min(Study.last_received_at)).where(Study.state == StudyState.RECEIVING)).scalar()
+    if first is None:
+        return None
+    return (first - utcnow()).total_seconds() + config.study.quiet_period_s
 
 
 class Worker(threading.Thread):
@@ -368,10 +390,13 @@ class Worker(threading.Thread):
     HANDLER_RETRY_S = 30.0
 
     def __init__(self, config: Config, sessions: sessionmaker, store: Store, stop: threading.Event,
-                 handler: JobHandler | None = None, worker_id: str | None = None, index: int = 0) -> None:
+                 handler: JobHandler | None = None, worker_id: str | None = None, index: int = 0,
+                 wake: threading.Event | None = None) -> None:
         super().__init__(name=f"cxrnode-worker-{index}", daemon=True)
         self.config, self.sessions, self.store, self.stop_event = config, sessions, store, stop
+        self.wake = wake or threading.Event()
         self.handler = handler
+        self._prepared = False
         self.worker_id = worker_id or f"{default_worker_id()}:{index}"
         self._next_load = 0.0
 
@@ -382,6 +407,14 @@ class Worker(threading.Thread):
             except HandlerUnavailable as exc:
                 self._next_load = time.monotonic() + self.HANDLER_RETRY_S
                 log.error("%s: jobs stay pending; retrying in %.0f s", exc, self.HANDLER_RETRY_S)
+        if self.handler is not None and not self._prepared:
+            self._prepared = True
+            prepare = getattr(self.handler, "prepare", None)
+            if callable(prepare):
+                try:
+                    prepare(self.config)
+                except Exception:  # the job itself will fail with the reason, visibly
+                    log.exception("preparing the job handler failed")
         return self.handler
 
     def run(self) -> None:
@@ -394,7 +427,8 @@ class Worker(threading.Thread):
                 except Exception:
                     log.exception("claiming a job failed")
             if job is None:
-                self.stop_event.wait(self.config.jobs.poll_interval_s)
+                if self.wake.wait(self.config.jobs.poll_interval_s):
+                    self.wake.clear()
                 continue
             assert handler is not None
             try:

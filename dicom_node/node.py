@@ -40,6 +40,8 @@ class Node:
         self.sessions: sessionmaker | None = None
         self.scp: StorageSCP | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # the promoter queued a job: idle workers claim it now
+        self._received = threading.Event()  # the SCP stored an instance: the promoter re-plans
         self._threads: list[threading.Thread] = []
         self._port: int | None = None
 
@@ -58,11 +60,12 @@ class Node:
         self.engine = make_engine(url)
         self.sessions = session_factory(self.engine)
         self._stop.clear()
-        self.scp = StorageSCP(self.config, self.store, self.sessions)
+        self.scp = StorageSCP(self.config, self.store, self.sessions, on_stored=lambda _uid: self._received.set())
         self._port = self.scp.start()
-        self._threads = [Promoter(self.config, self.sessions, self._stop)]
+        self._threads = [Promoter(self.config, self.sessions, self._stop, wake=self._wake, received=self._received)]
         self._threads += [
-            Worker(self.config, self.sessions, self.store, self._stop, handler=self.job_handler, index=i)
+            Worker(self.config, self.sessions, self.store, self._stop, handler=self.job_handler, index=i,
+                   wake=self._wake)
             for i in range(self.config.jobs.workers)
         ]
         self._threads.append(OutboundSender(self.config, self.sessions, self.store, self._stop, send=self.sender))
@@ -77,6 +80,8 @@ class Node:
             self.scp.stop(grace_s)
             self.scp = None
         self._stop.set()
+        self._wake.set()
+        self._received.set()
         for t in self._threads:
             t.join(timeout=grace_s if grace_s is not None else 30.0)
             if t.is_alive():

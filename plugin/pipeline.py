@@ -168,6 +168,14 @@ def handle_job(ctx: JobContext) -> JobResult:
     return JobResult("done", model_name=outcome.model_name, model_version=outcome.model_version)
 
 
+def load_model(config: Config) -> None:
+    """Load the model when a worker starts, not in the first study's latency."""
+    generator_for(config)
+
+
+handle_job.prepare = load_model  # type: ignore[attr-defined]  # see dicom_node.jobs.JobHandler
+
+
 def run(ctx: JobContext, generator: Callable[[Config], Any] = generator_for) -> DraftOutcome | JobResult:
     """Do the work of :func:`handle_job`; returns the outcome or a ``skipped`` JobResult."""
     buffered = _BufferedLog(ctx.log)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import node_sections, write_config
 from dcmnode_helpers import (
     NIH,
     PATIENT_ID,
@@ -23,6 +22,7 @@ from dcmnode_helpers import (
     make_instance,
     wait_for,
 )
+from node_config import node_sections, write_config
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 

@@ -305,3 +305,23 @@ def test_node_drafts_a_received_study(make_config, start_node, database_url: str
     assert seen == [(uid, 3, 3)]
     j = jobs(node.sessions)[0]
     assert j.state == JobState.DONE and j.model_name == "test" and "3 instances" in j.log
+
+
+def test_quiet_study_is_drafted_without_waiting_for_the_poll(make_config, start_node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The promoter wakes when the study becomes quiet and wakes an idle worker; the handler's
+    ``prepare`` runs once per worker before its first claim. With a 60 s poll interval the
+    study could not be drafted within the 20 s wait otherwise."""
+    prepared: list[str] = []
+
+    def handler(ctx: JobContext) -> JobResult:
+        return JobResult("done")
+
+    handler.prepare = lambda config: prepared.append(config.node.ae_title)  # type: ignore[attr-defined]
+    node = start_node(make_config(study={"quiet_period_s": 0.3}, jobs={"workers": 1, "poll_interval_s": 60.0}),
+                      job_handler=handler)
+    wait_for(lambda: prepared, timeout=20)
+    uid = generate_uid()
+    files = [make_instance(tmp_path / f"{i}.dcm", uid, template=pydicom.dcmread(NIH)) for i in range(2)]
+    assert send_raw(node.port, files) == [0, 0]
+    wait_for(lambda: study(node.sessions, uid).state == StudyState.DRAFTED, timeout=20)
+    assert prepared == ["CXRNODE"]
