@@ -2,7 +2,7 @@
 2-view studies, in one run. Prints JSON.
 
     python benchmarks/inference.py --bundle default --checkpoint runs/x/best.pt \
-        --data ../shared/data/iu_xray --studies 20 --threads 2
+        --data ../shared/data/iu_xray --studies 20 --threads 1
 
 - latency of one 2-view study (batch 1), greedy decoding: p50/p90 for ORT and torch eager
   (same preprocessing, same KV-cache decoding loop, same banned tokens, no n-gram block);
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", default="", help="torch checkpoint the bundle was exported from")
     ap.add_argument("--data", default="", help="dataset folder (uses its val split); synthetic if empty")
     ap.add_argument("--studies", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="intra-op threads for both ORT and torch (1 is fastest for this small model)")
     ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args(argv)
 

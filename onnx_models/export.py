@@ -205,7 +205,7 @@ def build_manifest(cfg: ModelConfig, ckpt: dict[str, Any], name: str, version: s
                     "kv_layout": "stacked [layers, batch, heads, seq, head_dim]",
                     "max_positions": cfg.max_report_tokens + 2},
         "generation": {"beam_size": 3, "max_tokens": cfg.max_report_tokens,
-                       "no_repeat_ngram_size": 3, "length_penalty": 1.0},
+                       "no_repeat_ngram_size": 0, "length_penalty": 1.0},
         "training": ckpt.get("training", {}),
         "files": {},
     }
