@@ -170,8 +170,73 @@ def export_onnx(model: ReportModel, view_clf: ViewClassifier, out: Path) -> None
     steps.close()
 
 
+#: The grounding step shipped in ``manifest["generation"]["grounding"]`` (see README.md and
+#: ``runtime.Grounding``): per observation a generic sentence in the style of the IU X-ray
+#: training reports and the patterns that count as an affirmed mention of it.
+GROUNDING: dict[str, Any] = {
+    "enabled": True,
+    "section": "findings",
+    "skip_if_negated": True,
+    "thresholds": None,  # filled in by build_manifest: the head's F1-optimal thresholds
+    "negation": r"\b(?:no|not|without|negative for|free of|clear of|resolved|resolution of|removed|"
+                r"normal|unremarkable|within normal limits)\b",
+    "clause_break": r"\b(?:but|however|although|except|with|there is|there are)\b|[:]",
+    "observations": {
+        "Enlarged Cardiomediastinum": {
+            "sentence": "Enlarged cardiomediastinal silhouette.",
+            "mentions": [r"(?:enlarged|widened|prominent) (?:cardio)?mediastin", r"mediastin\w* (?:widening|enlargement)",
+                         r"(?:cardio)?mediastin\w* (?:silhouette |contours? )?(?:is |are |appears )?"
+                         r"(?:mildly |stably |slightly )?(?:enlarged|widened|prominent)",
+                         r"hilar (?:prominence|fullness|enlargement)|enlarged hil"]},
+        "Cardiomegaly": {
+            "sentence": "Cardiomegaly.",
+            "mentions": [r"cardiomegaly", r"(?:enlarged|large) (?:heart|cardiac)",
+                         r"(?:heart|cardiac silhouette|cardiac size)(?: size)? (?:is |are |appears |remains )?"
+                         r"(?:again )?(?:mildly |moderately |markedly |slightly )?(?:enlarged|large)"]},
+        "Lung Lesion": {
+            "sentence": "Pulmonary nodule.",
+            "mentions": [r"nodul", r"\bmass", r"\blesion", r"\btumou?r", r"neoplas", r"metasta", r"\bcavit"]},
+        "Lung Opacity": {
+            "sentence": "Patchy airspace opacity.",
+            "mentions": [r"opaci", r"infiltrat", r"air ?-?space disease", r"interstitial (?:marking|opaci|prominence)",
+                         r"reticula", r"\bscar", r"fibros|fibrotic", r"\bdensit"]},
+        "Edema": {
+            "sentence": "Pulmonary edema.",
+            "mentions": [r"edema", r"vascular congestion", r"heart failure", r"cephalization",
+                         r"vascular (?:prominence|engorgement)"]},
+        "Consolidation": {
+            "sentence": "Focal airspace consolidation.",
+            "mentions": [r"consolidat"]},
+        "Pneumonia": {
+            "sentence": "Findings may represent pneumonia.",
+            "mentions": [r"pneumoni", r"infecti"]},
+        "Atelectasis": {
+            "sentence": "Basilar atelectasis.",
+            "mentions": [r"atelecta", r"collapse"]},
+        "Pneumothorax": {
+            "sentence": "Small pneumothorax.",
+            "mentions": [r"pneumothora"]},
+        "Pleural Effusion": {
+            "sentence": "Small pleural effusion.",
+            "mentions": [r"(?<!pericardial )effusion", r"pleural fluid", r"costophrenic"]},
+        "Pleural Other": {
+            "sentence": "Pleural thickening.",
+            "mentions": [r"pleural (?:thickening|plaque|calcification|scarring)", r"apical (?:pleural )?(?:cap|thickening)"]},
+        "Fracture": {
+            "sentence": "Rib fracture.",
+            "mentions": [r"fractur"]},
+        "Support Devices": {
+            "sentence": "Surgical clips are present.",
+            "mentions": [r"pacemaker|\bpacer\b|defibrillator|\bicd\b", r"catheter|\bpicc\b|\bport\b", r"\btube\b",
+                         r"sternotomy|\bwires?\b|\bclips?\b|\bstents?\b|prosthe|hardware|\bdrains?\b|\bleads?\b|cabg"]},
+    },
+}
+
+
 def build_manifest(cfg: ModelConfig, ckpt: dict[str, Any], name: str, version: str) -> dict[str, Any]:
     thresholds = [float(t) for t in ckpt.get("thresholds", [0.5] * cfg.n_observations)]
+    grounding = dict(GROUNDING)
+    grounding["thresholds"] = [float(t) for t in ckpt.get("head_thresholds", thresholds)]
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -205,7 +270,7 @@ def build_manifest(cfg: ModelConfig, ckpt: dict[str, Any], name: str, version: s
                     "kv_layout": "stacked [layers, batch, heads, seq, head_dim]",
                     "max_positions": cfg.max_report_tokens + 2},
         "generation": {"beam_size": 3, "max_tokens": cfg.max_report_tokens,
-                       "no_repeat_ngram_size": 0, "length_penalty": 1.0},
+                       "no_repeat_ngram_size": 0, "length_penalty": 1.0, "grounding": grounding},
         "training": ckpt.get("training", {}),
         "files": {},
     }

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from .tokenizer import detokenize
 log = logging.getLogger(__name__)
 _LOGGED: set[str] = set()
 
-__all__ = ["ReportGenerator", "StudyInput", "GeneratedReport", "choose_providers"]
+__all__ = ["ReportGenerator", "StudyInput", "GeneratedReport", "Grounding", "choose_providers"]
 
 
 def _log_once(level: int, message: str) -> None:
@@ -79,6 +80,80 @@ def choose_providers(requested: Sequence[str] = ()) -> list[str]:
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
     return chosen
+
+
+_WORDS = re.compile(r"\w+|[^\w\s]")
+_SENTENCE_END = re.compile(r"[.;!?]+")
+
+
+@dataclass(frozen=True)
+class Grounding:
+    """The bundle's grounding step (``manifest["generation"]["grounding"]``, see README.md).
+
+    For every observation the head predicts positive (probability >= ``thresholds``, the
+    grounding's own per-observation thresholds, else the bundle's prompt thresholds)
+    whose ``mentions`` patterns find no affirmed mention in the generated text (findings and
+    impression), the observation's templated ``sentence`` is appended to the ``section``
+    (findings). A mention is negated when the ``negation`` pattern occurs before it in the same
+    sentence and after the last ``clause_break``. Mentions that are explicitly negated count
+    as "the decoder decided": with ``skip_if_negated`` nothing is added for them, so a draft
+    never says "No pleural effusion. Small pleural effusion.". The impression is never edited.
+    Deliberately small and separate from ``plugin.findings`` (the runtime may not import it).
+    """
+
+    enabled: bool
+    section: str
+    skip_if_negated: bool
+    negation: re.Pattern[str]
+    clause_break: re.Pattern[str]
+    sentences: dict[str, str]
+    mentions: dict[str, list[re.Pattern[str]]]
+    thresholds: list[float] | None = None
+
+    @classmethod
+    def from_manifest(cls, generation: dict[str, Any]) -> Grounding | None:
+        g = generation.get("grounding")
+        if not g:
+            return None
+        return cls(
+            enabled=bool(g.get("enabled", False)),
+            section=str(g.get("section", "findings")),
+            skip_if_negated=bool(g.get("skip_if_negated", True)),
+            negation=re.compile(g["negation"]),
+            clause_break=re.compile(g.get("clause_break", r"[;:]")),
+            sentences={o: str(v["sentence"]) for o, v in g["observations"].items()},
+            mentions={o: [re.compile(p) for p in v["mentions"]] for o, v in g["observations"].items()},
+            thresholds=[float(t) for t in g["thresholds"]] if g.get("thresholds") else None,
+        )
+
+    def mention(self, observation: str, text: str) -> str | None:
+        """``"positive"``, ``"negated"`` or ``None`` (not mentioned) for ``observation`` in
+        ``text``; an affirmed mention anywhere wins."""
+        state = None
+        for sent in _SENTENCE_END.split(text.lower()):
+            for pat in self.mentions.get(observation, []):
+                for m in pat.finditer(sent):
+                    before = sent[: m.start()]
+                    breaks = list(self.clause_break.finditer(before))
+                    scope = before[breaks[-1].end() :] if breaks else before
+                    if self.negation.search(scope):
+                        state = "negated"
+                    else:
+                        return "positive"
+        return state
+
+    def additions(self, text: str, probs: dict[str, float],
+                  thresholds: dict[str, float]) -> list[tuple[str, str, float]]:
+        """(observation, sentence, head probability) to append, in head order."""
+        out = []
+        for obs, p in probs.items():
+            if obs not in self.sentences or p < thresholds[obs]:
+                continue
+            state = self.mention(obs, text)
+            if state == "positive" or (state == "negated" and self.skip_if_negated):
+                continue
+            out.append((obs, self.sentences[obs], p))
+        return out
 
 
 class ReportGenerator:
@@ -136,6 +211,8 @@ class ReportGenerator:
         self.beam_size = int(beam_size or m["generation"].get("beam_size", 3))
         self.observation_names: list[str] = list(m["observations"]["names"])
         self.thresholds = np.asarray(m["observations"]["thresholds"], dtype=np.float32)
+        #: the manifest's grounding step (None when the bundle has none); see :class:`Grounding`
+        self.grounding = Grounding.from_manifest(m["generation"])
         vc = m.get("view_classifier", {})
         self._vc_size = int(vc.get("image_size", 64))
         self._vc_labels: list[str] = list(vc.get("labels", ["FRONTAL", "LATERAL"]))
@@ -180,7 +257,12 @@ class ReportGenerator:
         beam_size: int | None = None,
         max_tokens: int | None = None,
         no_repeat_ngram_size: int | None = None,
+        grounding: bool | None = None,
     ) -> list[GeneratedReport]:
+        """Draft one report per study. ``grounding`` (default: the manifest's
+        ``generation.grounding.enabled``) appends a templated sentence for every observation the
+        head predicts positive that the text does not mention (see :class:`Grounding`); the
+        added tokens carry the head probability in ``tokens``."""
         if not studies:
             return []
         t0 = time.perf_counter()
@@ -193,9 +275,14 @@ class ReportGenerator:
         else:
             seqs = self._beam(ck, cv, mm, cond, max_len, ngram, beam)
         elapsed = (time.perf_counter() - t0) * 1000.0 / len(studies)
+        ground = self.grounding
+        if ground is not None and not (ground.enabled if grounding is None else grounding):
+            ground = None
+        if grounding and self.grounding is None:
+            _log_once(logging.WARNING, f"model {self.name} {self.version}: bundle has no grounding step")
         reports = []
         for (ids, tok_probs), p in zip(seqs, probs, strict=True):
-            reports.append(self._to_report(ids, tok_probs, p, elapsed))
+            reports.append(self._to_report(ids, tok_probs, p, elapsed, ground))
         return reports
 
     # --- internals ----------------------------------------------------------------------------
@@ -372,20 +459,31 @@ class ReportGenerator:
             out.append((best[1], best[2]))
         return out
 
-    def _to_report(self, ids: list[int], tok_probs: list[float], obs: np.ndarray,
-                   elapsed: float) -> GeneratedReport:
+    def _to_report(self, ids: list[int], tok_probs: list[float], obs: np.ndarray, elapsed: float,
+                   grounding: Grounding | None = None) -> GeneratedReport:
         words = [self.tokenizer.id_to_token(i) or "" for i in ids]
-        if self._sep in ids:
-            cut = ids.index(self._sep)
-            findings, impression = words[:cut], words[cut + 1 :]
-        else:
-            findings, impression = words, []
-        tokens = [(w, p) for w, i, p in zip(words, ids, tok_probs, strict=True) if i != self._sep]
+        pairs = [(w, p) for w, i, p in zip(words, ids, tok_probs, strict=True) if i != self._sep]
+        cut = ids.index(self._sep) if self._sep in ids else len(ids)
+        findings, impression = pairs[:cut], pairs[cut:]
+        observations = {n: float(p) for n, p in zip(self.observation_names, obs, strict=True)}
+        if grounding is not None:
+            text = detokenize([w for w, _ in findings]) + " " + detokenize([w for w, _ in impression])
+            thr = grounding.thresholds if grounding.thresholds is not None else self.thresholds
+            thresholds = {n: float(t) for n, t in zip(self.observation_names, thr, strict=True)}
+            added = [(w, prob) for _, sentence, prob in grounding.additions(text, observations, thresholds)
+                     for w in _WORDS.findall(sentence.lower())]
+            section = impression if grounding.section == "impression" else findings
+            if added and section and section[-1][0] not in (".", "!", "?"):
+                added.insert(0, (".", added[0][1]))  # close a sentence cut off by max_tokens
+            if grounding.section == "impression":
+                impression = impression + added
+            else:
+                findings = findings + added
         return GeneratedReport(
-            findings=detokenize(findings),
-            impression=detokenize(impression),
-            tokens=tokens,
-            observations={n: float(p) for n, p in zip(self.observation_names, obs, strict=True)},
+            findings=detokenize([w for w, _ in findings]),
+            impression=detokenize([w for w, _ in impression]),
+            tokens=findings + impression,
+            observations=observations,
             duration_ms=elapsed,
         )
 

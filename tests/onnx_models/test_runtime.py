@@ -26,7 +26,7 @@ def test_generate_batch_greedy_and_beam(gen: ReportGenerator) -> None:
                      indication="Chest pain.")
     one = StudyInput(views=[(synthetic_image(False, 3), "UNKNOWN")])  # no indication, one view
     for beam in (1, 3):
-        reports = gen.generate([two, one], beam_size=beam, max_tokens=30)
+        reports = gen.generate([two, one], beam_size=beam, max_tokens=30, grounding=False)
         assert len(reports) == 2
         for r in reports:
             assert isinstance(r, GeneratedReport)
@@ -44,7 +44,7 @@ def test_generate_batch_greedy_and_beam(gen: ReportGenerator) -> None:
 
 def test_max_tokens_and_empty(gen: ReportGenerator) -> None:
     s = StudyInput(views=[(synthetic_image(False, 5), "PA")], indication="Dyspnea")
-    r = gen.generate([s], beam_size=1, max_tokens=3)[0]
+    r = gen.generate([s], beam_size=1, max_tokens=3, grounding=False)[0]  # max_tokens bounds the decoder
     assert len(r.tokens) <= 3
     assert gen.generate([]) == []
     with pytest.raises(ValueError, match="no views"):
@@ -59,7 +59,7 @@ def test_no_repeat_ngram() -> None:
 
 def test_generated_text_has_no_repeated_trigram(gen: ReportGenerator) -> None:
     s = StudyInput(views=[(synthetic_image(False, 7), "PA"), (synthetic_image(True, 8), "LL")])
-    r = gen.generate([s], beam_size=3, no_repeat_ngram_size=3)[0]
+    r = gen.generate([s], beam_size=3, no_repeat_ngram_size=3, grounding=False)[0]
     words = [w for w, _ in r.tokens]
     grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
     assert len(grams) == len(set(grams))
