@@ -348,6 +348,11 @@ def validate(c: Config) -> None:
     for i, p in enumerate(c.model.providers):
         if not p.endswith("ExecutionProvider"):
             raise ConfigError(f"model.providers[{i}]: expected an ONNX Runtime provider name like CPUExecutionProvider, got {p!r}")
+    from pydicom.datadict import tag_for_keyword
+
+    for i, name in enumerate(c.pipeline.indication_sources):
+        if tag_for_keyword(name) is None:
+            raise ConfigError(f"pipeline.indication_sources[{i}]: expected a DICOM attribute keyword, got {name!r}")
     _check_range("pipeline.indication_max_chars", c.pipeline.indication_max_chars, 1)
     _check_range("pipeline.voi_window_index", c.pipeline.voi_window_index, 0)
     if c.pipeline.render_report not in {"none", "pdf", "sc"}:

@@ -25,14 +25,9 @@ from typing import Any
 
 from pydicom.datadict import tag_for_keyword
 
-DEFAULT_SOURCES = (
-    "ReasonForTheRequestedProcedure",
-    "ReasonForRequestedProcedureCodeSequence",
-    "ReasonForStudy",
-    "AdditionalPatientHistory",
-    "AdmittingDiagnosesDescription",
-    "RequestedProcedureDescription",
-)
+from dicom_node.config import PipelineConfig
+
+DEFAULT_SOURCES = PipelineConfig().indication_sources  # one list, defined with the config
 
 # Marks left by de-identification tools in free text.
 _DEID_MARKS = re.compile(

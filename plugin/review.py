@@ -284,6 +284,18 @@ class ReviewService:
     def _claim_cutoff(self, now: dt.datetime) -> dt.datetime:
         return now - dt.timedelta(seconds=self.claim_timeout_s)
 
+    def _claimable_by(self, user: str, now: dt.datetime) -> Any:
+        """SQL condition: an open draft nobody else holds a live claim on."""
+        return and_(
+            Draft.state.in_([DraftState.NEW, DraftState.IN_REVIEW]),
+            or_(
+                Draft.claimed_by.is_(None),
+                Draft.claimed_by == user,
+                Draft.claimed_at.is_(None),
+                Draft.claimed_at < self._claim_cutoff(now),
+            ),
+        )
+
     def _row_state(self, d: Draft, now: dt.datetime) -> tuple[str, str]:
         if d.state == DraftState.IN_REVIEW:
             if d.claimed_by and d.claimed_at and d.claimed_at >= self._claim_cutoff(now):
@@ -509,13 +521,7 @@ class ReviewService:
                 update(Draft)
                 .where(
                     Draft.id == draft_id,
-                    Draft.state.in_([DraftState.NEW, DraftState.IN_REVIEW]),
-                    or_(
-                        Draft.claimed_by.is_(None),
-                        Draft.claimed_by == user,
-                        Draft.claimed_at.is_(None),
-                        Draft.claimed_at < self._claim_cutoff(now),
-                    ),
+                    self._claimable_by(user, now),
                 )
                 .values(state=DraftState.IN_REVIEW, claimed_by=user, claimed_at=now)
                 .execution_options(synchronize_session=False)
@@ -669,13 +675,7 @@ class ReviewService:
                 update(Draft)
                 .where(
                     Draft.id == draft_id,
-                    Draft.state.in_([DraftState.NEW, DraftState.IN_REVIEW]),
-                    or_(
-                        Draft.claimed_by.is_(None),
-                        Draft.claimed_by == user,
-                        Draft.claimed_at.is_(None),
-                        Draft.claimed_at < self._claim_cutoff(now),
-                    ),
+                    self._claimable_by(user, now),
                 )
                 .values(state=DraftState.REJECTED, reject_reason=reason, claimed_by=user, claimed_at=now)
                 .execution_options(synchronize_session=False)

@@ -118,3 +118,8 @@ def test_reference_lists_every_key() -> None:
 def test_readme_reference_is_current() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     assert reference_markdown() in readme, "regenerate the README's configuration reference from reference_markdown()"
+
+
+def test_indication_sources_must_be_dicom_keywords(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^pipeline.indication_sources\[1\]"):
+        load_config(write(tmp_path, "[pipeline]\nindication_sources = ['ReasonForStudy', 'Reason']\n"), env={})
