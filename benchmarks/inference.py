@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ort_greedy, ort_tokens = [], []
     for s in studies:
         t0 = time.perf_counter()
-        r = gen.generate([s], beam_size=1, no_repeat_ngram_size=0)[0]
+        r = gen.generate([s], beam_size=1, no_repeat_ngram_size=0, grounding=False)[0]  # the decoder alone, as torch
         ort_greedy.append((time.perf_counter() - t0) * 1000)
         ort_tokens.append([w for w, _ in r.tokens])
     ort_beam = []

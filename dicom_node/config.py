@@ -348,10 +348,12 @@ def validate(c: Config) -> None:
     for i, p in enumerate(c.model.providers):
         if not p.endswith("ExecutionProvider"):
             raise ConfigError(f"model.providers[{i}]: expected an ONNX Runtime provider name like CPUExecutionProvider, got {p!r}")
-    from pydicom.datadict import tag_for_keyword
-
+    try:
+        from pydicom.datadict import tag_for_keyword
+    except ImportError:  # install.sh validates with the standard library only; the node checks at start
+        tag_for_keyword = None  # type: ignore[assignment]
     for i, name in enumerate(c.pipeline.indication_sources):
-        if tag_for_keyword(name) is None:
+        if tag_for_keyword is not None and tag_for_keyword(name) is None:
             raise ConfigError(f"pipeline.indication_sources[{i}]: expected a DICOM attribute keyword, got {name!r}")
     _check_range("pipeline.indication_max_chars", c.pipeline.indication_max_chars, 1)
     _check_range("pipeline.voi_window_index", c.pipeline.voi_window_index, 0)
