@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from nodeenv import NodeEnv, make_env
+from nodeenv import NodeEnv, bundle_for_tests, make_env
 from pydicom import dcmread
 from sqlalchemy import select
 from sr_checks import check_sr_file
@@ -220,12 +220,23 @@ def test_real_sample_files_without_view_tags(env: NodeEnv) -> None:
 
 
 def test_a_failing_job_keeps_its_log_and_says_why(tmp_path: Path) -> None:
-    env = make_env(tmp_path / "n", extra='[pipeline]\nindication_sources = ["ReasonForStudy", "NotAKeyword"]')
+    """A broken model file: the job fails with the reason, after logging what it had done."""
+    import dataclasses
+    import shutil
+
+    from onnx_models.bundle import load_bundle
+
+    env = make_env(tmp_path / "n")
+    broken = tmp_path / "broken-bundle"
+    shutil.copytree(load_bundle(bundle_for_tests()).path, broken)
+    decoder = broken / "decoder.onnx"
+    decoder.write_bytes(decoder.read_bytes()[:-100] + bytes(100))  # same size, corrupted tail
+    env.config = dataclasses.replace(env.config, model=dataclasses.replace(env.config.model, bundle=str(broken)))
     study = samples.make_study(8, prefix="pipe")
     env.store_instances(study)
     [job] = env.run_jobs(pipeline.handle_job)
     assert job.state == "failed"
-    assert "pipeline.indication_sources" in (job.last_error or "") and "NotAKeyword" in (job.last_error or "")
+    assert "checksum mismatch for decoder.onnx" in (job.last_error or "")
     assert "selected 2 image(s)" in job.log  # the progress before the error was logged
     assert drafts(env, study[0].StudyInstanceUID) == []
     files = [p for p in env.store.root.rglob("*.dcm") if "instances" in p.parts]
