@@ -29,12 +29,27 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bundle", default="", help="also export the best checkpoint to this bundle folder")
     p.set_defaults(func=_train)
 
+    p = sub.add_parser("train-findings",
+                       help="train the bundle's 256 px findings classifier (needs the [train] extra)")
+    p.add_argument("--data", required=True, help="dataset folder (studies.jsonl or the Kaggle/Open-i layout)")
+    p.add_argument("--out", required=True, help="run folder (checkpoints; re-run to resume)")
+    p.add_argument("--epochs", type=int, default=14)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--max-train-studies", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--max-steps", type=int, default=0, help=argparse.SUPPRESS)
+    p.set_defaults(func=_train_findings)
+
     p = sub.add_parser("export", help="export a checkpoint to an ONNX model bundle")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True, help="bundle folder (replaced)")
     p.add_argument("--name", default="default")
     p.add_argument("--version", default="0.1.0")
     p.add_argument("--model-card", default="", help="Markdown file to ship as MODEL_CARD.md")
+    p.add_argument("--findings", default="",
+                   help="findings classifier checkpoint (from train-findings) to drive the observations")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("eval", help="evaluate a bundle on a dataset split (NLG + clinical efficacy)")
@@ -74,13 +89,25 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_findings(args: argparse.Namespace) -> int:
+    from .train_findings import FindingsConfig, train_findings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    fc = FindingsConfig(data=args.data, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
+                        lr=args.lr, seed=args.seed, threads=args.threads,
+                        max_train_studies=args.max_train_studies, max_steps=args.max_steps)
+    print(f"best checkpoint: {train_findings(fc)}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .export import export_bundle
 
     card = Path(args.model_card).read_text(encoding="utf-8") if args.model_card else None
-    out = export_bundle(args.checkpoint, args.out, name=args.name, version=args.version, model_card=card)
+    out = export_bundle(args.checkpoint, args.out, name=args.name, version=args.version, model_card=card,
+                        findings=args.findings or None)
     print(f"bundle: {out}")
     return 0
 

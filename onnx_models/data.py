@@ -65,6 +65,12 @@ class Study:
         return " ".join(t for t in (self.findings.strip(), self.impression.strip()) if t)
 
 
+def is_tune(study_id: str) -> bool:
+    """The stable ~10 % of the train split that the findings classifier holds out to choose its
+    checkpoint and thresholds (``sha256(study_id)[0] < 26``); val stays untouched."""
+    return hashlib.sha256(study_id.encode()).digest()[0] < 26
+
+
 def _kaggle_split(uid: str) -> str:
     return "val" if hashlib.sha256(uid.encode()).digest()[0] < 26 else "train"
 
@@ -133,6 +139,8 @@ def _load_kaggle(root: Path) -> list[Study]:
 def load_studies(root: str | Path, splits: Sequence[str] | None = None) -> list[Study]:
     """Read the studies of a dataset directory (either layout), optionally only some splits.
 
+    The pseudo-split ``tune`` is the part of ``train`` selected by :func:`is_tune`.
+
     Studies without images or without any report text are dropped (nothing to learn from).
     """
     root = Path(root)
@@ -146,7 +154,9 @@ def load_studies(root: str | Path, splits: Sequence[str] | None = None) -> list[
         )
     studies = [s for s in studies if s.images and s.report]
     if splits is not None:
-        studies = [s for s in studies if s.split in set(splits)]
+        want = set(splits)
+        studies = [s for s in studies if s.split in want
+                   or ("tune" in want and s.split == "train" and is_tune(s.study_id))]
     return studies
 
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .bundle import FORMAT_NAME, FORMAT_VERSION, write_manifest
 from .data import VIEWS
-from .torch_model import ModelConfig, ReportModel, ViewClassifier
+from .torch_model import FindingsClassifier, ModelConfig, ReportModel, ViewClassifier
 
 log = logging.getLogger(__name__)
 OPSET = 17
@@ -68,6 +68,15 @@ class _ViewClf(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.m.probs(images)
+
+
+class _Findings(nn.Module):
+    def __init__(self, m: FindingsClassifier):
+        super().__init__()
+        self.m = m
+
+    def forward(self, images: Tensor, view_ids: Tensor, view_mask: Tensor) -> Tensor:
+        return self.m(images, view_ids, view_mask)
 
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
@@ -168,6 +177,48 @@ def export_onnx(model: ReportModel, view_clf: ViewClassifier, out: Path) -> None
             ["images"], ["probs"], {"images": {0: "batch"}, "probs": {0: "batch"}})
     steps.update()
     steps.close()
+
+
+def findings_spec(image_size: int) -> dict[str, Any]:
+    return {
+        "file": "findings.onnx", "opset": OPSET,
+        "inputs": {"images": f"float32 [batch, views, 1, {image_size}, {image_size}] normalised "
+                             "(observations.classifier.normalisation)",
+                   "view_ids": "int64 [batch, views] index into input.views",
+                   "view_mask": "float32 [batch, views] 1 = real view"},
+        "outputs": {"obs_logits": f"float32 [batch, {len(OBSERVATIONS_13)}]"},
+    }
+
+
+def export_findings(clf: FindingsClassifier, path: Path, image_size: int) -> None:
+    clf.eval()
+    s = image_size
+    _export(_Findings(clf), (torch.randn(2, 2, 1, s, s), torch.tensor([[0, 2], [1, 4]]),
+                             torch.tensor([[1.0, 1.0], [1.0, 0.0]])), path,
+            ["images", "view_ids", "view_mask"], ["obs_logits"],
+            {"images": {0: "batch", 1: "views"}, "view_ids": {0: "batch", 1: "views"},
+             "view_mask": {0: "batch", 1: "views"}, "obs_logits": {0: "batch"}})
+
+
+def add_findings(manifest: dict[str, Any], fck: dict[str, Any]) -> None:
+    """Point the manifest's observations at the separate findings classifier: its
+    probabilities, with its thresholds (chosen on the train split's tune hold-out), set the
+    decoder's diagnosis prompts and the grounding step."""
+    size = int(fck["config"]["image_size"])
+    thresholds = [float(t) for t in fck["thresholds"]]
+    manifest["graphs"]["findings"] = findings_spec(size)
+    manifest["observations"]["thresholds"] = thresholds
+    manifest["observations"]["classifier"] = {
+        "graph": "findings", "image_size": size,
+        "normalisation": {"mean": fck["mean"], "std": fck["std"]},
+        "thresholds_chosen_on": "tune: train studies with sha256(study_id)[0] < 26 (val untouched)",
+        "tune_auroc": {k: round(float(v), 4) for k, v in fck.get("tune_auroc", {}).items()},
+    }
+    manifest["generation"]["grounding"]["thresholds"] = thresholds
+    manifest.setdefault("training", {})["findings"] = {
+        "command": fck.get("command", "cxrnode train-findings"), "epoch": fck.get("epoch"),
+        "seed": fck["config"].get("seed"), "history": fck.get("history", []),
+    }
 
 
 #: The grounding step shipped in ``manifest["generation"]["grounding"]`` (see README.md and
@@ -277,8 +328,10 @@ def build_manifest(cfg: ModelConfig, ckpt: dict[str, Any], name: str, version: s
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, name: str = "default",
-                  version: str = "0.1.0", model_card: str | None = None) -> Path:
-    """Checkpoint (from ``train``) -> bundle folder (replaced if it exists)."""
+                  version: str = "0.1.0", model_card: str | None = None,
+                  findings: str | Path | None = None) -> Path:
+    """Checkpoint (from ``train``) -> bundle folder (replaced if it exists). ``findings``: a
+    checkpoint from ``train-findings`` whose classifier then drives the observations."""
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
     cfg = ModelConfig.from_dict(ckpt["config"])
     model = ReportModel(cfg)
@@ -293,7 +346,14 @@ def export_bundle(checkpoint: str | Path, out: str | Path, name: str = "default"
     (tmp / "tokenizer.json").write_text(ckpt["tokenizer"], encoding="utf-8")
     card = model_card if model_card is not None else default_model_card(ckpt, name, version)
     (tmp / "MODEL_CARD.md").write_text(card, encoding="utf-8")
-    write_manifest(tmp, build_manifest(cfg, ckpt, name, version))
+    manifest = build_manifest(cfg, ckpt, name, version)
+    if findings:
+        fck = torch.load(findings, map_location="cpu", weights_only=False)
+        clf = FindingsClassifier()
+        clf.load_state_dict(fck["model"])
+        export_findings(clf, tmp / "findings.onnx", int(fck["config"]["image_size"]))
+        add_findings(manifest, fck)
+    write_manifest(tmp, manifest)
     if out.exists():
         # keep a hand-edited model card if the caller did not pass one
         if model_card is None and (out / "MODEL_CARD.md").exists():

@@ -211,6 +211,13 @@ class ReportGenerator:
         self.beam_size = int(beam_size or m["generation"].get("beam_size", 3))
         self.observation_names: list[str] = list(m["observations"]["names"])
         self.thresholds = np.asarray(m["observations"]["thresholds"], dtype=np.float32)
+        #: optional separate findings classifier (``observations.classifier``): when present its
+        #: probabilities replace the encoder's ``obs_logits`` for the prompts and the grounding
+        clf = m["observations"].get("classifier")
+        self._clf: tuple[str, int, float, float] | None = None
+        if clf:
+            norm = clf.get("normalisation", inp["normalisation"])
+            self._clf = (str(clf["graph"]), int(clf["image_size"]), float(norm["mean"]), float(norm["std"]))
         #: the manifest's grounding step (None when the bundle has none); see :class:`Grounding`
         self.grounding = Grounding.from_manifest(m["generation"])
         vc = m.get("view_classifier", {})
@@ -296,19 +303,22 @@ class ReportGenerator:
         v = (view or "").strip().upper()
         return self._views.index(v) if v in self._views else self._views.index("UNKNOWN")
 
-    def _pixels(self, studies: list[StudyInput]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _pixels(self, studies: list[StudyInput], size: int | None = None, mean: float | None = None,
+                std: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         b = len(studies)
+        mean = self._mean if mean is None else mean
+        std = self._std if std is None else std
         for i, st in enumerate(studies):
             if not st.views:
                 raise ValueError(f"study {i} has no views")
         v = min(max(len(st.views) for st in studies), self._max_views)
-        s = self.image_size
+        s = size or self.image_size
         images = np.zeros((b, v, 1, s, s), dtype=np.float32)
         view_ids = np.full((b, v), self._view_id("UNKNOWN"), dtype=np.int64)
         view_mask = np.zeros((b, v), dtype=np.float32)
         for i, st in enumerate(studies):
             for j, (img, view) in enumerate(st.views[: self._max_views]):
-                images[i, j, 0] = prepare(np.asarray(img, dtype=np.float32), s, self._mean, self._std)
+                images[i, j, 0] = prepare(np.asarray(img, dtype=np.float32), s, mean, std)
                 view_ids[i, j] = self._view_id(view)
                 view_mask[i, j] = 1.0
         return images, view_ids, view_mask
@@ -321,6 +331,12 @@ class ReportGenerator:
         tokens, obs_logits = self._sessions["encoder"].run(
             None, {"images": images, "view_ids": view_ids, "view_mask": view_mask}
         )
+        if self._clf is not None:
+            graph, size, mean, std = self._clf
+            big, _, _ = self._pixels(studies, size, mean, std)
+            (obs_logits,) = self._sessions[graph].run(
+                None, {"images": big, "view_ids": view_ids, "view_mask": view_mask}
+            )
         probs = 1.0 / (1.0 + np.exp(-obs_logits))
         states = (probs >= self.thresholds[None, :]).astype(np.int64)
         ind_ids = [self._indication_ids(st.indication) for st in studies]

@@ -368,3 +368,42 @@ class ViewClassifier(nn.Module):
 
     def probs(self, x: Tensor) -> Tensor:
         return F.softmax(self.net(x), dim=-1)
+
+
+class FindingsClassifier(nn.Module):
+    """The bundle's observation classifier (SEI's "structural entities"): a CNN shared by the
+    views at full resolution (256 px, so small nodules survive), a view-position embedding, and
+    mean + max pooling over the real views -> 13 observation logits.
+
+    images (B, V, 1, S, S) normalised, view_ids (B, V) int64, view_mask (B, V) float -> (B, 13).
+    """
+
+    def __init__(self, n_views: int = 5, n_observations: int = 13,
+                 channels: tuple[int, ...] = (16, 24, 48, 96, 128, 192)):
+        super().__init__()
+        c = channels
+        layers: list[nn.Module] = [_conv(1, c[0], 2)]
+        for cin, cout in zip(c[:-1], c[1:], strict=True):
+            layers += [_conv(cin, cout, 2), _conv(cout, cout, 1)]
+        self.features = nn.Sequential(*layers)
+        feat = 2 * c[-1]
+        self.view_emb = nn.Embedding(n_views, feat)
+        self.head = nn.Sequential(nn.Linear(2 * feat, 256), nn.ReLU(), nn.Dropout(0.2),
+                                  nn.Linear(256, n_observations))
+
+    def forward(self, images: Tensor, view_ids: Tensor, view_mask: Tensor) -> Tensor:
+        b, v = view_ids.shape
+        flat = images.reshape(b * v, 1, images.shape[-2], images.shape[-1])
+        if self.training:  # padding views must not touch BatchNorm statistics
+            idx = torch.nonzero(view_mask.reshape(-1) > 0.5).squeeze(1)
+            f = self.features(flat.index_select(0, idx))
+            f = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
+            f = f.new_zeros(b * v, f.shape[1]).index_copy(0, idx, f)
+        else:
+            f = self.features(flat)
+            f = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
+        f = f.reshape(b, v, -1) + self.view_emb(view_ids)
+        m = view_mask.unsqueeze(-1)
+        mean = (f * m).sum(1) / m.sum(1).clamp(min=1.0)
+        mx = (f + (m - 1.0) * 1e4).max(dim=1).values
+        return self.head(torch.cat([mean, mx], dim=-1))
