@@ -4,7 +4,8 @@ The same files are sent with 1 and N parallel ``storescu`` processes (one associ
 files split round-robin) to (a) ``cxrnode serve`` with durability on (fsync of every file and
 its folder, SQLite index in WAL with synchronous=FULL), (b) DCMTK ``storescp`` (``--fork``,
 so it also serves parallel associations; it does not fsync) and (c) ``cxrnode serve`` with
-``node.fsync = false``, to show what durability costs. DCMTK runs with ``TCP_NODELAY=1``
+``node.fsync = false``, to show what durability costs, and (d) ``storescp --ignore``, which
+receives and discards: the most the senders can deliver on this machine. DCMTK runs with ``TCP_NODELAY=1``
 (Debian's build leaves Nagle on otherwise, which costs ~90 ms per small file on loopback).
 Two sets are built from the
 shared real chest radiograph with fresh UIDs: large (2048x2048x16 bit, ~8 MB) and small
@@ -140,10 +141,11 @@ workers = 0
                             stdout=subprocess.DEVNULL, stderr=open(workdir / "serve.log", "wb"))  # noqa: SIM115
 
 
-def start_storescp(workdir: Path, port: int) -> subprocess.Popen[bytes]:
+def start_storescp(workdir: Path, port: int, ignore: bool = False) -> subprocess.Popen[bytes]:
     out = workdir / "out"
     out.mkdir()
-    return subprocess.Popen([DCMTK["storescp"], "--fork", "+xa", "-pm", "-aet", "CXRNODE", "-od", str(out), str(port)],
+    extra = ["--ignore"] if ignore else []
+    return subprocess.Popen([DCMTK["storescp"], "--fork", "+xa", "-pm", *extra, "-aet", "CXRNODE", "-od", str(out), str(port)],
                             stdout=subprocess.DEVNULL, stderr=open(workdir / "storescp.log", "wb"), env=DCMTK_ENV)  # noqa: SIM115
 
 
@@ -156,7 +158,7 @@ def run_one(target: str, files: list[Path], senders: int, root: Path) -> dict[st
     if target.startswith("cxrnode"):
         proc = start_cxrnode(workdir, port, fsync=target == "cxrnode")
     else:
-        proc = start_storescp(workdir, port)
+        proc = start_storescp(workdir, port, ignore=target == "storescp-ignore")
     try:
         wait_port(port, proc)
         time.sleep(0.5)
@@ -176,7 +178,7 @@ def run_one(target: str, files: list[Path], senders: int, root: Path) -> dict[st
         sampler.join()
         total = sum(f.stat().st_size for f in files)
         received = (len(list((workdir / "store" / "instances").rglob("*.dcm"))) if target.startswith("cxrnode")
-                    else len(list((workdir / "out").iterdir())))
+                    else None if target == "storescp-ignore" else len(list((workdir / "out").iterdir())))
         return {
             "target": target,
             "senders": senders,
@@ -203,9 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--large", type=int, default=200, help="number of ~8 MB files (default 200)")
     ap.add_argument("--small", type=int, default=2000, help="number of ~33 KB files (default 2000)")
     ap.add_argument("--senders", type=int, nargs="+", default=[1, 8], help="parallel storescu counts (default 1 8)")
-    ap.add_argument("--targets", nargs="+", default=["cxrnode", "storescp", "cxrnode-nofsync"],
-                    choices=["cxrnode", "storescp", "cxrnode-nofsync"],
-                    help="receivers to measure (cxrnode-nofsync: node.fsync=false, for the cost of durability)")
+    ap.add_argument("--targets", nargs="+", default=["cxrnode", "storescp", "cxrnode-nofsync", "storescp-ignore"],
+                    choices=["cxrnode", "storescp", "cxrnode-nofsync", "storescp-ignore"],
+                    help="receivers to measure (cxrnode-nofsync: node.fsync=false, for the cost of durability; "
+                         "storescp-ignore: storescp --ignore, receives and discards: the senders' ceiling)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cxrnode-bench")
     args = ap.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -236,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         "cxrnode": {"fsync": True, "index": "sqlite (WAL, synchronous=FULL)"},
         "cxrnode-nofsync": {"fsync": False, "index": "sqlite (WAL, synchronous=FULL)"},
         "storescp": {"fsync": False, "mode": "--fork"},
+        "storescp-ignore": {"mode": "--fork --ignore (receive and discard: what the senders can deliver)"},
         "results": results,
         "throughput_ratio_cxrnode_over_storescp": ratios,
     }
