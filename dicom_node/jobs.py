@@ -362,17 +362,23 @@ class Promoter(threading.Thread):
         self.received = received or stop
 
     def run(self) -> None:
+        check_at = 0.0  # monotonic time of the next look at the database
         while not self.stop_event.is_set():
-            try:
-                if promote_quiet_studies(self.sessions, self.config):
-                    self.wake.set()
-                delay = seconds_until_next_quiet(self.sessions, self.config)
-            except Exception:
-                log.exception("promoting quiet studies failed")
-                delay = None
-            poll = self.config.jobs.poll_interval_s
-            if self.received.wait(poll if delay is None else min(poll, max(delay, 0.01))) and not self.stop_event.is_set():
+            if time.monotonic() >= check_at:
+                try:
+                    if promote_quiet_studies(self.sessions, self.config):
+                        self.wake.set()
+                    delay = seconds_until_next_quiet(self.sessions, self.config)
+                except Exception:
+                    log.exception("promoting quiet studies failed")
+                    delay = None
+                poll = self.config.jobs.poll_interval_s
+                check_at = time.monotonic() + (poll if delay is None else min(poll, max(delay, 0.01)))
+            if self.received.wait(max(check_at - time.monotonic(), 0.0)) and not self.stop_event.is_set():
                 self.received.clear()
+                # the study that just got an instance cannot be quiet before quiet_period_s from
+                # now: no need to ask the database on every instance of a busy ingest
+                check_at = min(check_at, time.monotonic() + self.config.study.quiet_period_s)
 
 
 def seconds_until_next_quiet(sessions: sessionmaker, config: Config) -> float | None:

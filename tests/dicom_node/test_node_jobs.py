@@ -325,3 +325,36 @@ def test_quiet_study_is_drafted_without_waiting_for_the_poll(make_config, start_
     assert send_raw(node.port, files) == [0, 0]
     wait_for(lambda: study(node.sessions, uid).state == StudyState.DRAFTED, timeout=20)
     assert prepared == ["CXRNODE"]
+
+
+def test_promoter_does_not_query_the_database_per_received_instance(sessions, make_config, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A busy ingest wakes the promoter on every instance; it looks at the database again only
+    when a study could have become quiet (quiet_period_s later) or at the poll interval."""
+    import dicom_node.jobs as jobs_mod
+
+    calls: list[float] = []
+    real = jobs_mod.seconds_until_next_quiet
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(time.monotonic())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jobs_mod, "seconds_until_next_quiet", counting)
+    stop, received = threading.Event(), threading.Event()
+    cfg = make_config(study={"quiet_period_s": 0.5}, jobs={"poll_interval_s": 30.0})
+    p = jobs_mod.Promoter(cfg, sessions, stop, received=received)
+    p.start()
+    try:
+        wait_for(lambda: len(calls) == 1, timeout=10)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.2:  # 120 "instance arrived" signals in 1.2 s
+            received.set()
+            time.sleep(0.01)
+        wait_for(lambda: len(calls) >= 2, timeout=5)
+        # one look per quiet period at most, not one per instance
+        assert 2 <= len(calls) <= 5, len(calls)
+        assert all(b - a >= 0.45 for a, b in zip(calls[1:], calls[2:], strict=False))
+    finally:
+        stop.set()
+        received.set()
+        p.join(5)
