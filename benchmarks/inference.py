@@ -9,8 +9,9 @@
 - ORT beam-3 p50 (the default decoding) for reference;
 - the fraction of studies whose greedy token sequences are identical (ORT vs torch);
 - peak RSS after the ORT part (torch not yet imported) and after the torch part.
-The torch part needs ``--checkpoint`` (the checkpoint the bundle was exported from) and the
-``[train]`` extra; without it only ORT is measured. Not a timed test.
+The torch part needs ``--checkpoint`` (the checkpoint the bundle was exported from; with a
+bundle that has a findings classifier also ``--findings``, its checkpoint) and the ``[train]``
+extra; without it only ORT is measured. Not a timed test.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", default="default")
     ap.add_argument("--checkpoint", default="", help="torch checkpoint the bundle was exported from")
+    ap.add_argument("--findings", default="", help="findings classifier checkpoint the bundle was exported with")
     ap.add_argument("--data", default="", help="dataset folder (uses its val split); synthetic if empty")
     ap.add_argument("--studies", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1,
@@ -97,13 +99,33 @@ def main(argv: list[str] | None = None) -> int:
         model.load_state_dict(ck["model"])
         model.eval()
         thr = torch.from_numpy(gen.thresholds)
+        clf_spec = gen.bundle.manifest["observations"].get("classifier")
+        clf = None
+        if clf_spec:
+            if not args.findings:
+                ap.error("this bundle has a findings classifier: pass its checkpoint with --findings")
+            from onnx_models.torch_model import FindingsClassifier
+
+            clf = FindingsClassifier()
+            clf.load_state_dict(torch.load(args.findings, map_location="cpu", weights_only=False)["model"])
+            clf.eval()
 
         def torch_generate(s: StudyInput) -> list[str]:
             images, view_ids, view_mask = gen._pixels([s])
             ids = gen._indication_ids(s.indication)
+            hook = None
+            if clf is not None:
+                norm = clf_spec["normalisation"]
+                big = gen._pixels([s], clf_spec["image_size"], norm["mean"], norm["std"])[0]
+                clf_probs = torch.sigmoid(clf(torch.from_numpy(big), torch.from_numpy(view_ids),
+                                              torch.from_numpy(view_mask)))
+
+                def hook(p: torch.Tensor) -> torch.Tensor:
+                    return clf_probs if clf_spec.get("combine", "replace") == "replace" else (p + clf_probs) / 2
+
             out = model.greedy(torch.from_numpy(images), torch.from_numpy(view_ids), torch.from_numpy(view_mask),
                                thr, torch.tensor([ids]), torch.ones(1, len(ids)), gen._bos, gen._eos,
-                               gen.max_tokens, banned=tuple(gen._banned), sep=gen._sep)[0]
+                               gen.max_tokens, banned=tuple(gen._banned), sep=gen._sep, probs_hook=hook)[0]
             return [gen.tokenizer.id_to_token(i) for i in out if i != gen._sep]
 
         with torch.inference_mode():

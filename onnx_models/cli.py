@@ -50,6 +50,17 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-card", default="", help="Markdown file to ship as MODEL_CARD.md")
     p.add_argument("--findings", default="",
                    help="findings classifier checkpoint (from train-findings) to drive the observations")
+    p.add_argument("--combine", choices=["replace", "mean"], default="replace",
+                   help="with --findings: use its probabilities alone, or their mean with the report model's head")
+    p.add_argument("--prompt-scale", type=float, default=1.0,
+                   help="multiply the thresholds that turn observation probabilities into the decoder's prompts")
+    p.add_argument("--grounding-threshold", type=float, default=None,
+                   help="one probability threshold for every observation in the grounding step "
+                        "(default: per-observation thresholds)")
+    p.add_argument("--replace-negated", action="store_true",
+                   help="grounding: drop sentences that negate a positive observation and add its sentence")
+    p.add_argument("--drop-below", type=float, default=None,
+                   help="grounding: drop sentences affirming an observation whose probability is below this")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("eval", help="evaluate a bundle on a dataset split (NLG + clinical efficacy)")
@@ -107,7 +118,9 @@ def _export(args: argparse.Namespace) -> int:
 
     card = Path(args.model_card).read_text(encoding="utf-8") if args.model_card else None
     out = export_bundle(args.checkpoint, args.out, name=args.name, version=args.version, model_card=card,
-                        findings=args.findings or None)
+                        findings=args.findings or None, combine=args.combine, prompt_scale=args.prompt_scale,
+                        grounding_threshold=args.grounding_threshold, replace_negated=args.replace_negated,
+                        drop_below=args.drop_below)
     print(f"bundle: {out}")
     return 0
 

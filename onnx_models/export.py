@@ -200,25 +200,38 @@ def export_findings(clf: FindingsClassifier, path: Path, image_size: int) -> Non
              "view_mask": {0: "batch", 1: "views"}, "obs_logits": {0: "batch"}})
 
 
-def add_findings(manifest: dict[str, Any], fck: dict[str, Any]) -> None:
-    """Point the manifest's observations at the separate findings classifier: its
-    probabilities, with its thresholds (chosen on the train split's tune hold-out), set the
-    decoder's diagnosis prompts and the grounding step."""
+def add_findings(manifest: dict[str, Any], fck: dict[str, Any], combine: str = "replace") -> None:
+    """Add the separate findings classifier to the manifest's observations: its probabilities
+    replace the report model's head (``combine="replace"``; the prompt and grounding
+    thresholds become the classifier's, chosen on the train split's tune hold-out) or are
+    averaged with them (``"mean"``; the report checkpoint's thresholds stay)."""
     size = int(fck["config"]["image_size"])
-    thresholds = [float(t) for t in fck["thresholds"]]
     manifest["graphs"]["findings"] = findings_spec(size)
-    manifest["observations"]["thresholds"] = thresholds
     manifest["observations"]["classifier"] = {
-        "graph": "findings", "image_size": size,
+        "graph": "findings", "image_size": size, "combine": combine,
         "normalisation": {"mean": fck["mean"], "std": fck["std"]},
-        "thresholds_chosen_on": "tune: train studies with sha256(study_id)[0] < 26 (val untouched)",
         "tune_auroc": {k: round(float(v), 4) for k, v in fck.get("tune_auroc", {}).items()},
     }
-    manifest["generation"]["grounding"]["thresholds"] = thresholds
+    if combine == "replace":
+        thresholds = [float(t) for t in fck["thresholds"]]
+        manifest["observations"]["thresholds"] = thresholds
+        manifest["generation"]["grounding"]["thresholds"] = thresholds
     manifest.setdefault("training", {})["findings"] = {
         "command": fck.get("command", "cxrnode train-findings"), "epoch": fck.get("epoch"),
         "seed": fck["config"].get("seed"), "history": fck.get("history", []),
     }
+
+
+def apply_options(manifest: dict[str, Any], prompt_scale: float = 1.0, grounding_threshold: float | None = None,
+                  replace_negated: bool = False, drop_below: float | None = None) -> None:
+    """Decoding choices recorded in the manifest (see ``cxrnode export --help``)."""
+    obs = manifest["observations"]
+    obs["thresholds"] = [round(float(t) * prompt_scale, 4) for t in obs["thresholds"]]
+    g = manifest["generation"]["grounding"]
+    if grounding_threshold is not None:
+        g["thresholds"] = [float(grounding_threshold)] * len(obs["names"])
+    g["replace_negated"] = bool(replace_negated)
+    g["drop_below"] = drop_below
 
 
 #: The grounding step shipped in ``manifest["generation"]["grounding"]`` (see README.md and
@@ -329,9 +342,12 @@ def build_manifest(cfg: ModelConfig, ckpt: dict[str, Any], name: str, version: s
 
 def export_bundle(checkpoint: str | Path, out: str | Path, name: str = "default",
                   version: str = "0.1.0", model_card: str | None = None,
-                  findings: str | Path | None = None) -> Path:
+                  findings: str | Path | None = None, combine: str = "replace", prompt_scale: float = 1.0,
+                  grounding_threshold: float | None = None, replace_negated: bool = False,
+                  drop_below: float | None = None) -> Path:
     """Checkpoint (from ``train``) -> bundle folder (replaced if it exists). ``findings``: a
-    checkpoint from ``train-findings`` whose classifier then drives the observations."""
+    checkpoint from ``train-findings`` whose classifier then drives the observations (see
+    :func:`add_findings`); the other options: :func:`apply_options`."""
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
     cfg = ModelConfig.from_dict(ckpt["config"])
     model = ReportModel(cfg)
@@ -352,7 +368,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, name: str = "default"
         clf = FindingsClassifier()
         clf.load_state_dict(fck["model"])
         export_findings(clf, tmp / "findings.onnx", int(fck["config"]["image_size"]))
-        add_findings(manifest, fck)
+        add_findings(manifest, fck, combine)
+    apply_options(manifest, prompt_scale, grounding_threshold, replace_negated, drop_below)
     write_manifest(tmp, manifest)
     if out.exists():
         # keep a hand-edited model card if the caller did not pass one

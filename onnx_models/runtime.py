@@ -97,8 +97,12 @@ class Grounding:
     (findings). A mention is negated when the ``negation`` pattern occurs before it in the same
     sentence and after the last ``clause_break``. Mentions that are explicitly negated count
     as "the decoder decided": with ``skip_if_negated`` nothing is added for them, so a draft
-    never says "No pleural effusion. Small pleural effusion.". The impression is never edited.
-    Deliberately small and separate from ``plugin.findings`` (the runtime may not import it).
+    never says "No pleural effusion. Small pleural effusion.". With ``replace_negated`` the
+    classifier wins instead: the sentences (findings and impression) that negate a
+    head-positive observation are dropped and its templated sentence is added; with
+    ``drop_below`` the sentences that affirm an observation whose head probability is below it
+    are dropped too (the text may not claim what the classifier rules out). Otherwise the
+    impression is never edited. Deliberately small and separate from ``plugin.findings`` (the runtime may not import it).
     """
 
     enabled: bool
@@ -109,6 +113,8 @@ class Grounding:
     sentences: dict[str, str]
     mentions: dict[str, list[re.Pattern[str]]]
     thresholds: list[float] | None = None
+    replace_negated: bool = False
+    drop_below: float | None = None
 
     @classmethod
     def from_manifest(cls, generation: dict[str, Any]) -> Grounding | None:
@@ -124,7 +130,37 @@ class Grounding:
             sentences={o: str(v["sentence"]) for o, v in g["observations"].items()},
             mentions={o: [re.compile(p) for p in v["mentions"]] for o, v in g["observations"].items()},
             thresholds=[float(t) for t in g["thresholds"]] if g.get("thresholds") else None,
+            replace_negated=bool(g.get("replace_negated", False)),
+            drop_below=float(g["drop_below"]) if g.get("drop_below") is not None else None,
         )
+
+    def contradicted(self, text: str, probs: dict[str, float], thresholds: dict[str, float]) -> set[str]:
+        """Head-positive observations that ``text`` negates (and never affirms)."""
+        return {o for o, p in probs.items()
+                if o in self.sentences and p >= thresholds[o] and self.mention(o, text) == "negated"}
+
+    def unsupported(self, probs: dict[str, float]) -> set[str]:
+        """Observations the text may not affirm (head probability below ``drop_below``)."""
+        if self.drop_below is None:
+            return set()
+        return {o for o, p in probs.items() if o in self.sentences and p < self.drop_below}
+
+    def drop_sentences(self, tokens: list[tuple[str, float]], negated: set[str],
+                       affirmed: set[str]) -> list[tuple[str, float]]:
+        """``tokens`` without the sentences that negate one of ``negated`` or affirm one of
+        ``affirmed``."""
+        out: list[tuple[str, float]] = []
+        sentence: list[tuple[str, float]] = []
+        for tok in [*tokens, ("", 0.0)]:
+            if tok[0]:
+                sentence.append(tok)
+            if tok[0] in (".", ";", "!", "?", "") and sentence:
+                text = detokenize([w for w, _ in sentence])
+                if not (any(self.mention(o, text) == "negated" for o in negated)
+                        or any(self.mention(o, text) == "positive" for o in affirmed)):
+                    out += sentence
+                sentence = []
+        return out
 
     def mention(self, observation: str, text: str) -> str | None:
         """``"positive"``, ``"negated"`` or ``None`` (not mentioned) for ``observation`` in
@@ -211,13 +247,19 @@ class ReportGenerator:
         self.beam_size = int(beam_size or m["generation"].get("beam_size", 3))
         self.observation_names: list[str] = list(m["observations"]["names"])
         self.thresholds = np.asarray(m["observations"]["thresholds"], dtype=np.float32)
-        #: optional separate findings classifier (``observations.classifier``): when present its
-        #: probabilities replace the encoder's ``obs_logits`` for the prompts and the grounding
+        #: optional separate findings classifier (``observations.classifier``): its
+        #: probabilities replace the encoder's ``obs_logits`` (``combine: "replace"``) or are
+        #: averaged with them (``"mean"``) for the prompts and the grounding
         clf = m["observations"].get("classifier")
         self._clf: tuple[str, int, float, float] | None = None
+        self._clf_combine = "replace"
         if clf:
             norm = clf.get("normalisation", inp["normalisation"])
             self._clf = (str(clf["graph"]), int(clf["image_size"]), float(norm["mean"]), float(norm["std"]))
+            self._clf_combine = str(clf.get("combine", "replace"))
+            if self._clf_combine not in ("replace", "mean"):
+                raise BundleError(f"{self.bundle.path}: observations.classifier.combine must be "
+                                  f"'replace' or 'mean', not {self._clf_combine!r}")
         #: the manifest's grounding step (None when the bundle has none); see :class:`Grounding`
         self.grounding = Grounding.from_manifest(m["generation"])
         vc = m.get("view_classifier", {})
@@ -331,13 +373,15 @@ class ReportGenerator:
         tokens, obs_logits = self._sessions["encoder"].run(
             None, {"images": images, "view_ids": view_ids, "view_mask": view_mask}
         )
+        probs = 1.0 / (1.0 + np.exp(-obs_logits))
         if self._clf is not None:
             graph, size, mean, std = self._clf
             big, _, _ = self._pixels(studies, size, mean, std)
-            (obs_logits,) = self._sessions[graph].run(
+            (clf_logits,) = self._sessions[graph].run(
                 None, {"images": big, "view_ids": view_ids, "view_mask": view_mask}
             )
-        probs = 1.0 / (1.0 + np.exp(-obs_logits))
+            clf_probs = 1.0 / (1.0 + np.exp(-clf_logits))
+            probs = clf_probs if self._clf_combine == "replace" else (probs + clf_probs) / 2.0
         states = (probs >= self.thresholds[None, :]).astype(np.int64)
         ind_ids = [self._indication_ids(st.indication) for st in studies]
         li = max(len(x) for x in ind_ids)
@@ -486,6 +530,12 @@ class ReportGenerator:
             text = detokenize([w for w, _ in findings]) + " " + detokenize([w for w, _ in impression])
             thr = grounding.thresholds if grounding.thresholds is not None else self.thresholds
             thresholds = {n: float(t) for n, t in zip(self.observation_names, thr, strict=True)}
+            negated = grounding.contradicted(text, observations, thresholds) if grounding.replace_negated else set()
+            affirmed = grounding.unsupported(observations)
+            if negated or affirmed:
+                findings = grounding.drop_sentences(findings, negated, affirmed)
+                impression = grounding.drop_sentences(impression, negated, affirmed)
+                text = detokenize([w for w, _ in findings]) + " " + detokenize([w for w, _ in impression])
             added = [(w, prob) for _, sentence, prob in grounding.additions(text, observations, thresholds)
                      for w in _WORDS.findall(sentence.lower())]
             section = impression if grounding.section == "impression" else findings

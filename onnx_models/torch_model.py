@@ -24,6 +24,7 @@ Architecture ("encoder-decoder" in the bundle manifest):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -320,11 +321,17 @@ class ReportModel(nn.Module):
         max_tokens: int,
         banned: tuple[int, ...] = (),
         sep: int | None = None,
+        probs_hook: Callable[[Tensor], Tensor] | None = None,
     ) -> list[list[int]]:
         """Greedy decoding with the KV cache in torch eager (for parity tests and benchmarks);
-        ``banned`` tokens are never chosen and ``sep`` at most once, as in the ONNX runtime."""
+        ``banned`` tokens are never chosen and ``sep`` at most once, as in the ONNX runtime.
+        ``probs_hook`` maps the head's probabilities to the ones thresholded (e.g. the mean with
+        a separate findings classifier, as a bundle's ``observations.classifier`` does)."""
         tokens, obs_logits = self.encode_images(images, view_ids, view_mask)
-        states = (torch.sigmoid(obs_logits) >= thresholds).long()
+        probs = torch.sigmoid(obs_logits)
+        if probs_hook is not None:
+            probs = probs_hook(probs)
+        states = (probs >= thresholds).long()
         ck, cv, mm, cond = self.bridge(tokens, view_mask, states, indication_ids, indication_mask)
         b = images.shape[0]
         pk, pv = self.empty_past(b)

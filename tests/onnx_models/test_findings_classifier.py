@@ -85,3 +85,28 @@ def test_export_parity_and_runtime_uses_the_classifier(findings_bundle: Path, fi
     assert not np.allclose(probs, 1 / (1 + np.exp(-head)), atol=1e-3)
     reports = gen.generate(inputs, beam_size=1, max_tokens=8)
     assert [set(r.observations.values()) for r in reports] == [set(map(float, p)) for p in probs]
+
+
+def test_mean_combination_and_export_options(tiny_checkpoint: Path, findings_ckpt: Path, tiny_data: Path,
+                                             tmp_path: Path) -> None:
+    from onnx_models.export import export_bundle
+
+    out = export_bundle(tiny_checkpoint, tmp_path / "mean", findings=findings_ckpt, combine="mean",
+                        prompt_scale=0.5, grounding_threshold=0.4, replace_negated=True, drop_below=0.3)
+    m = load_bundle(out).manifest
+    ck = torch.load(tiny_checkpoint, map_location="cpu", weights_only=False)
+    assert m["observations"]["classifier"]["combine"] == "mean"
+    assert m["observations"]["thresholds"] == pytest.approx([0.5 * t for t in ck["thresholds"]], abs=1e-4)
+    g = m["generation"]["grounding"]
+    assert g["thresholds"] == [0.4] * 13 and g["replace_negated"] is True and g["drop_below"] == 0.3
+    gen = ReportGenerator(out, threads=1)
+    assert gen.grounding is not None and gen.grounding.replace_negated and gen.grounding.drop_below == 0.3
+    studies = load_studies(tiny_data, ["val"])
+    inputs = [StudyInput(views=[(read_image(im.path), im.view) for im in s.images], indication=s.indication)
+              for s in studies]
+    images, view_ids, view_mask = gen._pixels(inputs)
+    _, head = gen._sessions["encoder"].run(None, {"images": images, "view_ids": view_ids, "view_mask": view_mask})
+    big, _, _ = gen._pixels(inputs, 64, *(m["observations"]["classifier"]["normalisation"][k] for k in ("mean", "std")))
+    (clf,) = gen._sessions["findings"].run(None, {"images": big, "view_ids": view_ids, "view_mask": view_mask})
+    expected = (1 / (1 + np.exp(-head)) + 1 / (1 + np.exp(-clf))) / 2
+    assert np.allclose(gen._encode(inputs)[0], expected, atol=1e-6)

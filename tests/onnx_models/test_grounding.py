@@ -75,6 +75,37 @@ def test_negated_mention(grounding: Grounding) -> None:
     assert grounding.mention("Atelectasis", "No effusion, but there is basilar atelectasis.") == "positive"
 
 
+def _tokens(text: str) -> list[tuple[str, float]]:
+    return [(w, 0.9) for w in text.lower().replace(".", " .").replace(",", " ,").split()]
+
+
+def test_replace_negated_and_drop_below(grounding: Grounding) -> None:
+    """The classifier wins both ways: a sentence negating a head-positive observation goes (and
+    the observation's sentence is added), a sentence affirming an observation the head rules
+    out (probability below ``drop_below``) goes."""
+    g = dataclasses.replace(grounding, replace_negated=True, drop_below=0.2)
+    text = "No pleural effusion or pneumothorax. The heart is enlarged. The lungs are clear."
+    probs = _probs(Pleural_Effusion=0.9, Cardiomegaly=0.05, Lung_Opacity=0.1)
+    assert g.contradicted(text, probs, _thresholds()) == {"Pleural Effusion"}
+    assert "Cardiomegaly" in g.unsupported(probs) and "Pleural Effusion" not in g.unsupported(probs)
+    kept = g.drop_sentences(_tokens(text), {"Pleural Effusion"}, g.unsupported(probs))
+    assert detokenize([w for w, _ in kept]) == "The lungs are clear."
+    # an unrelated negation stays
+    kept = g.drop_sentences(_tokens("No pneumothorax. Normal heart."), {"Pleural Effusion"}, set())
+    assert detokenize([w for w, _ in kept]) == "No pneumothorax. Normal heart."
+    assert dataclasses.replace(grounding, drop_below=None).unsupported(probs) == set()
+
+
+def test_generate_with_replace_negated_never_contradicts_the_head() -> None:
+    gen = ReportGenerator("default", threads=1)
+    assert gen.grounding is not None
+    gen.grounding = dataclasses.replace(gen.grounding, thresholds=[0.0] * 13, replace_negated=True, drop_below=None)
+    [r] = gen.generate([_study()], beam_size=1)
+    text = r.findings + " " + r.impression
+    for o in NAMES:  # all head-positive: each is affirmed, none negated
+        assert gen.grounding.mention(o, text) == "positive", o
+
+
 def _study() -> StudyInput:
     return StudyInput(views=[(synthetic_image(False, 1, 300), "PA"), (synthetic_image(True, 2, 250), "LATERAL")],
                       indication="Chest pain.")
@@ -85,8 +116,8 @@ def test_generate_appends_sentences_with_head_probability() -> None:
     assert gen.grounding is not None
     s = _study()
     [off] = gen.generate([s], beam_size=1, grounding=False)
-    # every observation "positive" for the grounding step
-    gen.grounding = dataclasses.replace(gen.grounding, thresholds=[0.0] * 13)
+    # every observation "positive" for the grounding step; only additions (no sentence dropped)
+    gen.grounding = dataclasses.replace(gen.grounding, thresholds=[0.0] * 13, replace_negated=False, drop_below=None)
     [on] = gen.generate([s], beam_size=1)
     assert on.impression == off.impression  # the impression is never edited
     assert on.findings.startswith(off.findings)
