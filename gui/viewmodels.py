@@ -229,6 +229,20 @@ def low_confidence_spans(text: str, tokens: Sequence[tuple[str, float]], thresho
     return spans
 
 
+def grounded_spans(text: str, sentences: Sequence[tuple[str, float]]) -> list[Span]:
+    """Spans of ``text`` where the added ``sentences`` still stand (case-insensitive; an
+    edited sentence is no longer marked)."""
+    low = text.lower()
+    spans = []
+    for sentence, p in sentences:
+        needle = sentence.strip().lower()
+        start = low.find(needle) if needle else -1
+        while start >= 0:
+            spans.append(Span(start, start + len(needle), p))
+            start = low.find(needle, start + len(needle))
+    return sorted(spans, key=lambda s: s.start)
+
+
 @dataclass
 class ReviewModel:
     """One opened draft: the texts being edited, the claim, and what may be done with it."""
@@ -338,7 +352,9 @@ class ReviewModel:
         return out
 
     def highlights(self, section: str, threshold: float = DEFAULT_LOW_CONFIDENCE) -> list[Span]:
-        """Low-probability words of one section (``findings`` or ``impression``) as spans in it.
+        """Low-probability words of one section (``findings`` or ``impression``) as spans in it,
+        and the sentences the grounding step added (they come from the observation classifier,
+        not from the decoder, whatever their probability).
 
         The model's words run through findings then impression, so they are aligned with both
         sections joined, and the spans of the asked section are returned relative to it.
@@ -346,6 +362,7 @@ class ReviewModel:
         joined = self.findings + "\n" + self.impression
         cut = len(self.findings) + 1
         spans = low_confidence_spans(joined, self.detail.tokens, threshold)
+        spans += grounded_spans(joined, self.detail.grounded)
         if section == "findings":
             return [s for s in spans if s.end <= len(self.findings)]
         return [Span(s.start - cut, s.end - cut, s.probability) for s in spans if s.start >= cut]

@@ -170,7 +170,8 @@ class ReportPane(QWidget):
         self.highlight = QCheckBox("Highlight uncertain words", self)
         self.highlight.setChecked(True)
         self.highlight.setToolTip(
-            f"Words the model gave a probability below {viewmodels.DEFAULT_LOW_CONFIDENCE:.0%} are marked"
+            f"Words the model gave a probability below {viewmodels.DEFAULT_LOW_CONFIDENCE:.0%} are marked, and "
+            "sentences added from the observation classifier (not written by the decoder)"
         )
         tools.addWidget(self.highlight)
         tools.addStretch(1)

@@ -57,6 +57,9 @@ class GeneratedReport:
     tokens: list[tuple[str, float]] = field(default_factory=list)
     observations: dict[str, float] = field(default_factory=dict)
     duration_ms: float = 0.0
+    #: sentences the grounding step added, with the observation probability behind each (the
+    #: reviewer marks them: they come from the observation classifier, not from the decoder)
+    grounded: list[tuple[str, float]] = field(default_factory=list)
 
 
 def _gpu_present() -> bool:
@@ -526,6 +529,7 @@ class ReportGenerator:
         cut = ids.index(self._sep) if self._sep in ids else len(ids)
         findings, impression = pairs[:cut], pairs[cut:]
         observations = {n: float(p) for n, p in zip(self.observation_names, obs, strict=True)}
+        sentences: list[tuple[str, float]] = []
         if grounding is not None:
             text = detokenize([w for w, _ in findings]) + " " + detokenize([w for w, _ in impression])
             thr = grounding.thresholds if grounding.thresholds is not None else self.thresholds
@@ -536,8 +540,8 @@ class ReportGenerator:
                 findings = grounding.drop_sentences(findings, negated, affirmed)
                 impression = grounding.drop_sentences(impression, negated, affirmed)
                 text = detokenize([w for w, _ in findings]) + " " + detokenize([w for w, _ in impression])
-            added = [(w, prob) for _, sentence, prob in grounding.additions(text, observations, thresholds)
-                     for w in _WORDS.findall(sentence.lower())]
+            sentences = [(sentence, prob) for _, sentence, prob in grounding.additions(text, observations, thresholds)]
+            added = [(w, prob) for sentence, prob in sentences for w in _WORDS.findall(sentence.lower())]
             section = impression if grounding.section == "impression" else findings
             if added and section and section[-1][0] not in (".", "!", "?"):
                 added.insert(0, (".", added[0][1]))  # close a sentence cut off by max_tokens
@@ -551,6 +555,7 @@ class ReportGenerator:
             tokens=findings + impression,
             observations=observations,
             duration_ms=elapsed,
+            grounded=sentences,
         )
 
 

@@ -312,6 +312,7 @@ def _commit(ctx: JobContext, study_id: int, draft_ds: Any, indication: str, find
     token_info = json.dumps({
         "tokens": [[w, round(float(p), 4)] for w, p in report.tokens],
         "observations": {k: round(float(v), 4) for k, v in report.observations.items()},
+        "grounded": [[t, round(float(p), 4)] for t, p in getattr(report, "grounded", [])],
         "duration_ms": round(gen_ms, 1),
     })
     views_json = json.dumps([rv.as_json() for rv in resolved])

@@ -157,6 +157,8 @@ class DraftDetail:
     signed_findings: str = ""
     signed_impression: str = ""
     reject_reason: str = ""
+    #: sentences the model's grounding step added, with the observation probability behind each
+    grounded: tuple[tuple[str, float], ...] = ()
 
     @property
     def is_final(self) -> bool:
@@ -204,6 +206,21 @@ def parse_token_info(raw: str | None) -> tuple[tuple[str, float], ...]:
         if word:
             out.append((word, float(prob)))
     return tuple(out)
+
+
+def parse_grounded(raw: str | None) -> tuple[tuple[str, float], ...]:
+    """The ``grounded`` sentences of ``Draft.token_info`` (``[[sentence, probability], ...]``);
+    anything unreadable gives an empty tuple."""
+    try:
+        data = json.loads(raw or "")
+    except (TypeError, ValueError):
+        return ()
+    items = data.get("grounded") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        return ()
+    return tuple((str(i[0]), float(i[1])) for i in items
+                 if isinstance(i, list | tuple) and len(i) >= 2 and isinstance(i[0], str)
+                 and isinstance(i[1], int | float) and not isinstance(i[1], bool))
 
 
 def text_diff(before: str, after: str, before_name: str = "AI draft", after_name: str = "edited") -> str:
@@ -465,6 +482,7 @@ class ReviewService:
             findings=d.findings,
             impression=d.impression,
             tokens=parse_token_info(d.token_info),
+            grounded=parse_grounded(d.token_info),
             views=views,
             model_name=d.model_name,
             model_version=d.model_version,
@@ -737,6 +755,7 @@ __all__ = [
     "ViewRef",
     "WorklistRow",
     "current_user",
+    "parse_grounded",
     "parse_token_info",
     "sort_rows",
     "text_diff",

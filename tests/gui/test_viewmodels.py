@@ -84,6 +84,20 @@ def detail(**kw: object) -> DraftDetail:
     return DraftDetail(**base)  # type: ignore[arg-type]
 
 
+def test_grounded_sentences_are_marked_whatever_their_probability() -> None:
+    d = detail(findings="Heart size normal. Small pleural effusion.",
+               tokens=(("Heart", 0.9), ("size", 0.9), ("normal", 0.9), ("Small", 0.8), ("pleural", 0.8),
+                       ("effusion", 0.8)),
+               grounded=(("Small pleural effusion.", 0.8),))
+    vm = ReviewModel(service=None, user="alice", detail=d, holds_claim=True)  # type: ignore[arg-type]
+    spans = vm.highlights("findings")
+    assert [vm.findings[s.start:s.end] for s in spans] == ["Small pleural effusion."]
+    assert spans[0].probability == 0.8
+    vm.set_text("Heart size normal. Moderate pleural effusion.", "Normal chest.")  # edited: no longer marked
+    assert vm.highlights("findings") == []
+    assert viewmodels.grounded_spans("a. b. A.", (("a.", 0.5),)) == [viewmodels.Span(0, 2, 0.5), viewmodels.Span(6, 8, 0.5)]
+
+
 def test_review_model_states_and_banner() -> None:
     vm = ReviewModel(service=None, user="alice", detail=detail(), holds_claim=True)  # type: ignore[arg-type]
     kind, text = vm.banner()

@@ -126,6 +126,7 @@ def test_generate_appends_sentences_with_head_probability() -> None:
     assert missing
     for o in missing:
         assert gen.grounding.sentences[o] in on.findings
+    assert on.grounded == [(gen.grounding.sentences[o], on.observations[o]) for o in missing] and off.grounded == []
     # decoder tokens unchanged; the added tokens sit at the end of the findings and carry the
     # head probability of their observation (the reviewer highlights them as uncertain)
     k = _findings_len(off)

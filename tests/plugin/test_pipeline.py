@@ -49,8 +49,11 @@ def test_two_view_study_gets_a_valid_draft(env: NodeEnv) -> None:
     views = json.loads(d.views)
     assert {v["sop_instance_uid"] for v in views} == {ds.SOPInstanceUID for ds in study}
     assert all(v["view"] in ("PA", "AP", "LATERAL", "LL") for v in views)
-    tokens = json.loads(d.token_info)["tokens"]
+    info = json.loads(d.token_info)
+    tokens = info["tokens"]
     assert tokens and all(0.0 <= p <= 1.0 for _, p in tokens)
+    # what the grounding step added is recorded (and is in the findings) for the reviewer
+    assert isinstance(info["grounded"], list) and all(s in d.findings for s, _ in info["grounded"])
     path = env.store.abspath(d.path)
     check_sr_file(path)
     rep = sr.read_report(dcmread(path))

@@ -393,6 +393,14 @@ def test_two_reviewers_on_postgresql(tmp_path: Path, postgres_url: str) -> None:
 # -- pure helpers -----------------------------------------------------------------------------
 
 
+def test_parse_grounded() -> None:
+    raw = json.dumps({"tokens": [["Cardiomegaly", 0.7], [".", 0.7]], "grounded": [["Cardiomegaly.", 0.7]]})
+    assert review.parse_grounded(raw) == (("Cardiomegaly.", 0.7),)
+    assert review.parse_token_info(raw) == (("Cardiomegaly", 0.7), (".", 0.7))  # not mixed into the tokens
+    assert review.parse_grounded(json.dumps([["x", 0.1]])) == () and review.parse_grounded("bad") == ()
+    assert review.parse_grounded(json.dumps({"grounded": [["x", True], [1, 0.2], ["ok", 1]]})) == (("ok", 1.0),)
+
+
 def test_parse_token_info_accepts_the_shapes_the_pipeline_may_write() -> None:
     assert review.parse_token_info(json.dumps([["Ġheart", 0.9], ["size", 0.4]])) == (("heart", 0.9), ("size", 0.4))
     assert review.parse_token_info(json.dumps([{"word": "lungs", "prob": 0.2}])) == (("lungs", 0.2),)
