@@ -19,10 +19,11 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 BUNDLES_DIR = Path(__file__).resolve().parent / "bundles"
 
-#: graphs each architecture must provide (role -> meaning), see README.md
+#: graphs each architecture must provide (roles), see README.md ("encoder-decoder graphs",
+#: "decoder-only (LLaVA-style) graphs"); the runtime executes both
 REQUIRED_GRAPHS: dict[str, tuple[str, ...]] = {
     "encoder-decoder": ("encoder", "bridge", "decoder"),
-    "decoder-only": ("encoder", "decoder"),
+    "decoder-only": ("encoder", "embed", "decoder"),
 }
 
 

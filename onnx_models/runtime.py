@@ -4,6 +4,12 @@
 >>> [report] = gen.generate([StudyInput(views=[(pa, "PA"), (lat, "LATERAL")], indication="cough")])
 >>> report.findings, report.impression, report.observations
 
+Both bundle architectures run (see README.md): ``encoder-decoder`` (encoder -> bridge ->
+cross-attending decoder) and ``decoder-only`` (LLaVA-style: the encoder's image embeddings
+and the embedded indication are a prefix to a causal language model). ``_encode`` turns the
+studies into a decoding state (:class:`_CrossState` or :class:`_PrefixState`) and ``_step``
+runs one decoder call for either, so greedy and beam search are shared.
+
 Decoding: greedy (``beam_size=1``) or beam search (default from the bundle, 3), both batched
 over studies, with a no-repeat n-gram block, a maximum length, at most one section separator
 and per-token probabilities. Execution providers: the caller's list, or CUDA when
@@ -195,8 +201,53 @@ class Grounding:
         return out
 
 
+@dataclass(frozen=True)
+class _CrossState:
+    """Decoding state of an ``encoder-decoder`` bundle: the bridge outputs (one row per
+    decoded sequence), constant during decoding."""
+
+    cross_k: np.ndarray
+    cross_v: np.ndarray
+    memory_mask: np.ndarray
+    cond: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return int(self.memory_mask.shape[0])
+
+    def expand(self, rep: np.ndarray) -> _CrossState:
+        return _CrossState(self.cross_k[:, rep], self.cross_v[:, rep], self.memory_mask[rep], self.cond[rep])
+
+    def reorder(self, rows: np.ndarray) -> _CrossState:
+        return self  # beams only move within a study, whose rows are identical
+
+
+@dataclass(frozen=True)
+class _PrefixState:
+    """Decoding state of a ``decoder-only`` bundle: ``prefix`` (``[image_embeds ;
+    embed(left-padded indication)]``, fed before the first token, then ``None``) and
+    ``mask``, the attention mask over everything fed so far (including a pending prefix)."""
+
+    prefix: np.ndarray | None
+    mask: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return int(self.mask.shape[0])
+
+    def expand(self, rep: np.ndarray) -> _PrefixState:
+        return _PrefixState(None if self.prefix is None else self.prefix[rep], self.mask[rep])
+
+    def reorder(self, rows: np.ndarray) -> _PrefixState:
+        return _PrefixState(None if self.prefix is None else self.prefix[rows], self.mask[rows])
+
+
+_State = _CrossState | _PrefixState
+
+
 class ReportGenerator:
-    """Loads a bundle once; ``generate`` drafts reports for a batch of studies."""
+    """Loads a bundle once; ``generate`` drafts reports for a batch of studies
+    (``encoder-decoder`` or ``decoder-only`` bundles)."""
 
     def __init__(
         self,
@@ -206,11 +257,10 @@ class ReportGenerator:
         beam_size: int = 3,
     ):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-        if self.bundle.architecture != "encoder-decoder":
-            raise BundleError(
-                f"{self.bundle.path}: architecture {self.bundle.architecture!r} is a valid bundle "
-                "format but this runtime only executes 'encoder-decoder' bundles"
-            )
+        if self.bundle.architecture not in ("encoder-decoder", "decoder-only"):
+            raise BundleError(f"{self.bundle.path}: this runtime cannot execute architecture "
+                              f"{self.bundle.architecture!r}")
+        self._prefix_lm = self.bundle.architecture == "decoder-only"
         m = self.bundle.manifest
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
@@ -225,6 +275,10 @@ class ReportGenerator:
                 str(self.bundle.graph(role)), sess_options=opts, providers=wanted
             )
         self.providers: list[str] = list(self._sessions["decoder"].get_providers())
+        #: (layers, heads, head_dim) of the self-attention cache (decoder-only bundles)
+        self._kv_dims = (0, 0, 0)
+        if self._prefix_lm:
+            self._check_decoder_only()
         _log_once(logging.INFO, f"model {self.name} {self.version}: ONNX Runtime providers {self.providers}")
         self.tokenizer = Tokenizer.from_file(str(self.bundle.file(m["tokenizer"]["file"])))
         t = m["tokenizer"]
@@ -248,12 +302,13 @@ class ReportGenerator:
         self.no_repeat_ngram_size = int(m["generation"].get("no_repeat_ngram_size", 0))
         self.length_penalty = float(m["generation"].get("length_penalty", 1.0))
         self.beam_size = int(beam_size or m["generation"].get("beam_size", 3))
-        self.observation_names: list[str] = list(m["observations"]["names"])
-        self.thresholds = np.asarray(m["observations"]["thresholds"], dtype=np.float32)
+        obs = m.get("observations", {}) if self._prefix_lm else m["observations"]
+        self.observation_names: list[str] = list(obs.get("names", []))
+        self.thresholds = np.asarray(obs.get("thresholds", [0.5] * len(self.observation_names)), dtype=np.float32)
         #: optional separate findings classifier (``observations.classifier``): its
         #: probabilities replace the encoder's ``obs_logits`` (``combine: "replace"``) or are
         #: averaged with them (``"mean"``) for the prompts and the grounding
-        clf = m["observations"].get("classifier")
+        clf = obs.get("classifier")
         self._clf: tuple[str, int, float, float] | None = None
         self._clf_combine = "replace"
         if clf:
@@ -294,8 +349,14 @@ class ReportGenerator:
 
     def embed_images(self, studies: list[StudyInput]) -> np.ndarray:
         """One vector per study: the encoder's image tokens mean-pooled over tokens and real
-        views (used by the nearest-report baseline and for retrieval)."""
+        views (used by the nearest-report baseline and for retrieval); for a decoder-only
+        bundle the ``image_embeds`` mean-pooled over the tokens (``image_mask`` if given)."""
         images, view_ids, view_mask = self._pixels(studies)
+        if self._prefix_lm:
+            out = self._run_encoder(images, view_ids, view_mask)
+            embeds = out["image_embeds"]
+            w = out.get("image_mask", np.ones(embeds.shape[:2], dtype=np.float32))[:, :, None]
+            return (embeds * w).sum(axis=1) / np.maximum(w.sum(axis=1), 1.0)
         tokens, _ = self._sessions["encoder"].run(
             None, {"images": images, "view_ids": view_ids, "view_mask": view_mask}
         )
@@ -321,11 +382,11 @@ class ReportGenerator:
         beam = int(beam_size if beam_size is not None else self.beam_size)
         max_len = int(max_tokens if max_tokens is not None else self.max_tokens)
         ngram = self.no_repeat_ngram_size if no_repeat_ngram_size is None else int(no_repeat_ngram_size)
-        probs, ck, cv, mm, cond = self._encode(studies)
+        probs, state = self._encode(studies)
         if beam <= 1:
-            seqs = self._greedy(ck, cv, mm, cond, max_len, ngram)
+            seqs = self._greedy(state, max_len, ngram)
         else:
-            seqs = self._beam(ck, cv, mm, cond, max_len, ngram, beam)
+            seqs = self._beam(state, max_len, ngram, beam)
         elapsed = (time.perf_counter() - t0) * 1000.0 / len(studies)
         ground = self.grounding
         if ground is not None and not (ground.enabled if grounding is None else grounding):
@@ -368,15 +429,35 @@ class ReportGenerator:
                 view_mask[i, j] = 1.0
         return images, view_ids, view_mask
 
-    def _encode(
-        self, studies: list[StudyInput]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        b = len(studies)
-        images, view_ids, view_mask = self._pixels(studies)
-        tokens, obs_logits = self._sessions["encoder"].run(
-            None, {"images": images, "view_ids": view_ids, "view_mask": view_mask}
-        )
-        probs = 1.0 / (1.0 + np.exp(-obs_logits))
+    def _check_decoder_only(self) -> None:
+        """The graph contract of a decoder-only bundle (README.md), checked once at load."""
+        want = {"encoder": ({"images"}, {"image_embeds"}),  # view_ids/view_mask if it uses them
+                "embed": ({"input_ids"}, {"inputs_embeds"}),
+                "decoder": ({"inputs_embeds", "attention_mask", "past_k", "past_v"},
+                            {"logits", "present_k", "present_v"})}
+        for role, (inputs, outputs) in want.items():
+            sess = self._sessions[role]
+            missing = (inputs - {i.name for i in sess.get_inputs()}) | (outputs - {o.name for o in sess.get_outputs()})
+            if missing:
+                raise BundleError(f"{self.bundle.path}: decoder-only graph {role!r} lacks {sorted(missing)}")
+        dec = self.bundle.manifest.get("decoder", {})
+        try:
+            self._kv_dims = (int(dec["layers"]), int(dec["heads"]), int(dec["head_dim"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{self.bundle.path}: decoder-only bundle needs decoder.layers, "
+                              "decoder.heads and decoder.head_dim in the manifest") from exc
+
+    def _run_encoder(self, images: np.ndarray, view_ids: np.ndarray, view_mask: np.ndarray) -> dict[str, np.ndarray]:
+        sess = self._sessions["encoder"]
+        feed = {"images": images, "view_ids": view_ids, "view_mask": view_mask}
+        outs = sess.run(None, {i.name: feed[i.name] for i in sess.get_inputs()})
+        return {o.name: v for o, v in zip(sess.get_outputs(), outs, strict=True)}
+
+    def _observation_probs(self, studies: list[StudyInput], view_ids: np.ndarray, view_mask: np.ndarray,
+                           obs_logits: np.ndarray | None) -> np.ndarray:
+        """Observation probabilities [batch, 13] (encoder head and/or ``observations.classifier``),
+        or [batch, 0] when the bundle has neither."""
+        probs = None if obs_logits is None else 1.0 / (1.0 + np.exp(-obs_logits))
         if self._clf is not None:
             graph, size, mean, std = self._clf
             big, _, _ = self._pixels(studies, size, mean, std)
@@ -384,7 +465,19 @@ class ReportGenerator:
                 None, {"images": big, "view_ids": view_ids, "view_mask": view_mask}
             )
             clf_probs = 1.0 / (1.0 + np.exp(-clf_logits))
-            probs = clf_probs if self._clf_combine == "replace" else (probs + clf_probs) / 2.0
+            probs = clf_probs if self._clf_combine == "replace" or probs is None else (probs + clf_probs) / 2.0
+        return np.zeros((len(studies), 0), dtype=np.float32) if probs is None else probs
+
+    def _encode(self, studies: list[StudyInput]) -> tuple[np.ndarray, _State]:
+        """Observation probabilities and the decoding state for the studies' first step."""
+        if self._prefix_lm:
+            return self._encode_prefix(studies)
+        b = len(studies)
+        images, view_ids, view_mask = self._pixels(studies)
+        tokens, obs_logits = self._sessions["encoder"].run(
+            None, {"images": images, "view_ids": view_ids, "view_mask": view_mask}
+        )
+        probs = self._observation_probs(studies, view_ids, view_mask, obs_logits)
         states = (probs >= self.thresholds[None, :]).astype(np.int64)
         ind_ids = [self._indication_ids(st.indication) for st in studies]
         li = max(len(x) for x in ind_ids)
@@ -398,23 +491,60 @@ class ReportGenerator:
             {"image_tokens": tokens, "view_mask": view_mask, "obs_states": states,
              "indication_ids": ind, "indication_mask": ind_mask},
         )
-        return probs, ck, cv, mm, cond
+        return probs, _CrossState(ck, cv, mm, cond)
+
+    def _encode_prefix(self, studies: list[StudyInput]) -> tuple[np.ndarray, _PrefixState]:
+        """Decoder-only: prefix = ``[image_embeds ; embed(indication ids, left-padded)]``; the
+        first decoding step appends ``[BOS]``. Padding has attention mask 0, as have the image
+        embeddings the encoder's optional ``image_mask`` marks 0 (padded views)."""
+        b = len(studies)
+        images, view_ids, view_mask = self._pixels(studies)
+        out = self._run_encoder(images, view_ids, view_mask)
+        probs = self._observation_probs(studies, view_ids, view_mask, out.get("obs_logits"))
+        embeds = out["image_embeds"].astype(np.float32)
+        img_mask = out.get("image_mask", np.ones(embeds.shape[:2], dtype=np.float32)).astype(np.float32)
+        ind_ids = [self._indication_ids(st.indication) for st in studies]
+        li = max(len(x) for x in ind_ids)
+        ind = np.full((b, li), self._pad, dtype=np.int64)
+        ind_mask = np.zeros((b, li), dtype=np.float32)
+        for i, ids in enumerate(ind_ids):
+            ind[i, li - len(ids) :] = ids
+            ind_mask[i, li - len(ids) :] = 1.0
+        (text,) = self._sessions["embed"].run(None, {"input_ids": ind})
+        prefix = np.concatenate([embeds, text.astype(np.float32)], axis=1)
+        return probs, _PrefixState(prefix, np.concatenate([img_mask, ind_mask], axis=1))
 
     def _indication_ids(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text or "").ids[: self._max_ind] if (text or "").strip() else []
         return ids or [self._none]
 
-    def _step(self, ids: np.ndarray, mm: np.ndarray, ck: np.ndarray, cv: np.ndarray,
-              pk: np.ndarray, pv: np.ndarray, cond: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _step(self, ids: np.ndarray, st: _State, pk: np.ndarray,
+              pv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, _State]:
+        """One decoder call for ``ids`` [rows, seq] -> last logits, present K/V, next state."""
+        if isinstance(st, _CrossState):
+            logits, pk, pv = self._sessions["decoder"].run(
+                None,
+                {"input_ids": ids, "memory_mask": st.memory_mask, "cross_k": st.cross_k, "cross_v": st.cross_v,
+                 "past_k": pk, "past_v": pv, "cond": st.cond},
+            )
+            return logits[:, -1, :], pk, pv, st
+        (emb,) = self._sessions["embed"].run(None, {"input_ids": ids})
+        if st.prefix is not None:
+            emb = np.concatenate([st.prefix, emb], axis=1)
+        mask = np.concatenate([st.mask, np.ones(ids.shape, dtype=np.float32)], axis=1)
         logits, pk, pv = self._sessions["decoder"].run(
-            None,
-            {"input_ids": ids, "memory_mask": mm, "cross_k": ck, "cross_v": cv,
-             "past_k": pk, "past_v": pv, "cond": cond},
+            None, {"inputs_embeds": emb, "attention_mask": mask, "past_k": pk, "past_v": pv}
         )
-        return logits[:, -1, :], pk, pv
+        return logits[:, -1, :], pk, pv, _PrefixState(None, mask)
 
-    def _empty_past(self, n: int, like: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        shape = (like.shape[0], n, like.shape[2], 0, like.shape[4])
+    def _empty_past(self, st: _State) -> tuple[np.ndarray, np.ndarray]:
+        n = st.rows
+        if isinstance(st, _CrossState):
+            like = st.cross_k
+            shape = (like.shape[0], n, like.shape[2], 0, like.shape[4])
+        else:
+            layers, heads, head_dim = self._kv_dims
+            shape = (layers, n, heads, 0, head_dim)
         return np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
 
     def _log_probs(self, logits: np.ndarray, histories: list[list[int]], ngram: int) -> np.ndarray:
@@ -429,16 +559,15 @@ class ReportGenerator:
         lse = mx + np.log(np.exp(logits - mx).sum(axis=1, keepdims=True))
         return logits - lse
 
-    def _greedy(self, ck: np.ndarray, cv: np.ndarray, mm: np.ndarray, cond: np.ndarray, max_len: int,
-                ngram: int) -> list[tuple[list[int], list[float]]]:
-        b = mm.shape[0]
-        pk, pv = self._empty_past(b, ck)
+    def _greedy(self, st: _State, max_len: int, ngram: int) -> list[tuple[list[int], list[float]]]:
+        b = st.rows
+        pk, pv = self._empty_past(st)
         cur = np.full((b, 1), self._bos, dtype=np.int64)
         hist: list[list[int]] = [[] for _ in range(b)]
         probs: list[list[float]] = [[] for _ in range(b)]
         done = np.zeros(b, dtype=bool)
         for _ in range(max_len):
-            logits, pk, pv = self._step(cur, mm, ck, cv, pk, pv, cond)
+            logits, pk, pv, st = self._step(cur, st, pk, pv)
             lp = self._log_probs(logits, hist, ngram)
             nxt = lp.argmax(axis=1)
             for i in range(b):
@@ -454,12 +583,10 @@ class ReportGenerator:
             cur = nxt.astype(np.int64)[:, None]
         return list(zip(hist, probs, strict=True))
 
-    def _beam(self, ck: np.ndarray, cv: np.ndarray, mm: np.ndarray, cond: np.ndarray, max_len: int,
-              ngram: int, k: int) -> list[tuple[list[int], list[float]]]:
-        b = mm.shape[0]
-        rep = np.repeat(np.arange(b), k)
-        ck, cv, mm, cond = ck[:, rep], cv[:, rep], mm[rep], cond[rep]
-        pk, pv = self._empty_past(b * k, ck)
+    def _beam(self, st: _State, max_len: int, ngram: int, k: int) -> list[tuple[list[int], list[float]]]:
+        b = st.rows
+        st = st.expand(np.repeat(np.arange(b), k))
+        pk, pv = self._empty_past(st)
         scores = np.full((b, k), -np.inf)
         scores[:, 0] = 0.0
         hist: list[list[int]] = [[] for _ in range(b * k)]
@@ -469,7 +596,7 @@ class ReportGenerator:
         cur = np.full((b * k, 1), self._bos, dtype=np.int64)
         lp_pen = self.length_penalty
         for _ in range(max_len):
-            logits, pk, pv = self._step(cur, mm, ck, cv, pk, pv, cond)
+            logits, pk, pv, st = self._step(cur, st, pk, pv)
             lp = self._log_probs(logits, hist, ngram)
             vocab = lp.shape[1]
             cand = (scores[:, :, None] + lp.reshape(b, k, vocab)).reshape(b, k * vocab)
@@ -508,7 +635,7 @@ class ReportGenerator:
                     done[i] = True
             if done.all():
                 break
-            pk, pv = pk[:, new_rows], pv[:, new_rows]
+            pk, pv, st = pk[:, new_rows], pv[:, new_rows], st.reorder(new_rows)
             scores, hist, tprobs = new_scores, new_hist, new_probs
             cur = new_tok[:, None]
         out = []
@@ -528,7 +655,7 @@ class ReportGenerator:
         pairs = [(w, p) for w, i, p in zip(words, ids, tok_probs, strict=True) if i != self._sep]
         cut = ids.index(self._sep) if self._sep in ids else len(ids)
         findings, impression = pairs[:cut], pairs[cut:]
-        observations = {n: float(p) for n, p in zip(self.observation_names, obs, strict=True)}
+        observations = {n: float(p) for n, p in zip(self.observation_names, obs, strict=True)} if len(obs) else {}
         sentences: list[tuple[str, float]] = []
         if grounding is not None:
             text = detokenize([w for w, _ in findings]) + " " + detokenize([w for w, _ in impression])

@@ -70,18 +70,20 @@ def test_foreign_and_future_bundles_are_rejected(copy: Path, tmp_path: Path) -> 
         load_bundle("no-such-bundle")
 
 
-def test_decoder_only_bundle_validates_but_runtime_refuses(copy: Path) -> None:
-    from onnx_models.runtime import ReportGenerator
-
+def test_decoder_only_needs_embed_and_unknown_architecture_is_refused(copy: Path) -> None:
+    """A decoder-only bundle needs encoder, embed and decoder graphs (runnable bundles:
+    test_decoder_only.py); an unknown architecture is refused."""
     m = json.loads((copy / "manifest.json").read_text())
     m["architecture"] = "decoder-only"
     del m["graphs"]["bridge"]
     (copy / "bridge.onnx").unlink()
     write_manifest(copy, m)
-    b = load_bundle(copy)
-    assert b.architecture == "decoder-only"
-    with pytest.raises(BundleError, match="only executes 'encoder-decoder'"):
-        ReportGenerator(copy)
+    with pytest.raises(BundleError, match="decoder-only bundle lacks the 'embed' graph"):
+        load_bundle(copy)
+    m["graphs"]["embed"] = {"file": "embed.onnx"}
+    (copy / "embed.onnx").write_bytes(b"")
+    write_manifest(copy, m)
+    assert load_bundle(copy).architecture == "decoder-only"
     m["architecture"] = "diffusion"
     write_manifest(copy, m)
     with pytest.raises(BundleError, match="architecture 'diffusion' unknown"):

@@ -82,7 +82,8 @@ def test_export_parity(tiny_checkpoint: Path, tiny_bundle: Path, tiny_data: Path
     inputs = [StudyInput(views=[(read_image(im.path), im.view) for im in s.images], indication=s.indication)
               for s in studies]
     images, view_ids, view_mask = gen._pixels(inputs)
-    probs, ck_ort, cv_ort, mm_ort, cond_ort = gen._encode(inputs)
+    probs, state = gen._encode(inputs)
+    ck_ort, cv_ort, mm_ort, cond_ort = state.cross_k, state.cross_v, state.memory_mask, state.cond
     with torch.no_grad():
         t_img, t_view, t_mask = (torch.from_numpy(x) for x in (images, view_ids, view_mask))
         tokens, obs = model.encode_images(t_img, t_view, t_mask)
@@ -114,7 +115,7 @@ def test_export_parity(tiny_checkpoint: Path, tiny_bundle: Path, tiny_data: Path
         # greedy: identical token sequences
         t_out = model.greedy(t_img, t_view, t_mask, torch.from_numpy(gen.thresholds), ind_ids, ind_mask,
                              gen._bos, gen._eos, 20, banned=tuple(gen._banned), sep=gen._sep)
-    o_out = gen._greedy(ck_ort, cv_ort, mm_ort, cond_ort, 20, 0)
+    o_out = gen._greedy(state, 20, 0)
     assert [ids for ids, _ in o_out] == t_out
 
 
