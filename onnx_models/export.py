@@ -253,7 +253,7 @@ GROUNDING: dict[str, Any] = {
                          r"(?:mildly |stably |slightly )?(?:enlarged|widened|prominent)",
                          r"hilar (?:prominence|fullness|enlargement)|enlarged hil"]},
         "Cardiomegaly": {
-            "sentence": "Cardiomegaly.",
+            "sentence": "The heart is enlarged.",
             "mentions": [r"cardiomegaly", r"(?:enlarged|large) (?:heart|cardiac)",
                          r"(?:heart|cardiac silhouette|cardiac size)(?: size)? (?:is |are |appears |remains )?"
                          r"(?:again )?(?:mildly |moderately |markedly |slightly )?(?:enlarged|large)"]},
@@ -261,27 +261,27 @@ GROUNDING: dict[str, Any] = {
             "sentence": "Pulmonary nodule.",
             "mentions": [r"nodul", r"\bmass", r"\blesion", r"\btumou?r", r"neoplas", r"metasta", r"\bcavit"]},
         "Lung Opacity": {
-            "sentence": "Patchy airspace opacity.",
+            "sentence": "There is patchy airspace opacity.",
             "mentions": [r"opaci", r"infiltrat", r"air ?-?space disease", r"interstitial (?:marking|opaci|prominence)",
                          r"reticula", r"\bscar", r"fibros|fibrotic", r"\bdensit"]},
         "Edema": {
-            "sentence": "Pulmonary edema.",
+            "sentence": "There is pulmonary edema.",
             "mentions": [r"edema", r"vascular congestion", r"heart failure", r"cephalization",
                          r"vascular (?:prominence|engorgement)"]},
         "Consolidation": {
-            "sentence": "Focal airspace consolidation.",
+            "sentence": "There is focal airspace consolidation.",
             "mentions": [r"consolidat"]},
         "Pneumonia": {
             "sentence": "Findings may represent pneumonia.",
             "mentions": [r"pneumoni", r"infecti"]},
         "Atelectasis": {
-            "sentence": "Basilar atelectasis.",
+            "sentence": "There is basilar atelectasis.",
             "mentions": [r"atelecta", r"collapse"]},
         "Pneumothorax": {
             "sentence": "Small pneumothorax.",
             "mentions": [r"pneumothora"]},
         "Pleural Effusion": {
-            "sentence": "Small pleural effusion.",
+            "sentence": "There is a small pleural effusion.",
             "mentions": [r"(?<!pericardial )effusion", r"pleural fluid", r"costophrenic"]},
         "Pleural Other": {
             "sentence": "Pleural thickening.",

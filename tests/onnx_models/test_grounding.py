@@ -51,7 +51,7 @@ def test_every_sentence_is_in_the_vocabulary() -> None:
 def test_added_when_positive_and_missing(grounding: Grounding) -> None:
     text = "The heart is normal in size. The lungs are clear. No acute cardiopulmonary abnormality."
     added = grounding.additions(text, _probs(Pleural_Effusion=0.9, Atelectasis=0.2), _thresholds())
-    assert added == [("Pleural Effusion", "Small pleural effusion.", 0.9)]
+    assert added == [("Pleural Effusion", "There is a small pleural effusion.", 0.9)]
 
 
 def test_not_added_when_already_mentioned(grounding: Grounding) -> None:
