@@ -40,6 +40,7 @@ import contextvars
 import ipaddress
 import logging
 import os
+import select as io_select
 import socket
 import socketserver
 import ssl
@@ -134,6 +135,39 @@ def install_spooling() -> None:
         _dimse_messages.NamedTemporaryFile = _spool_factory  # type: ignore[attr-defined]
         AssociationSocket.recv = _recv_exactly  # type: ignore[method-assign]
         _installed = True
+
+
+_READY_WAIT_S = 0.001
+
+
+class _WaitingSocket(AssociationSocket):
+    """The socket of an accepted association. pynetdicom's DUL loop checks ``ready`` with an
+    instant ``select`` and, when nothing is there, sleeps a fixed 1 ms: while a large data set
+    streams in, that sleep fires whenever the sender is a moment behind (about 7 ms per 8 MB
+    image here). This ``ready`` instead waits up to 1 ms for data and returns as soon as some
+    arrives; the loop's own sleep is set to 0, so an idle association still wakes about once a
+    millisecond, as before, and outgoing messages wait no longer than before."""
+
+    @property
+    def ready(self) -> bool:
+        sock = self.socket
+        if sock is None or self._is_connected is False:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():  # buffered TLS data select() cannot see
+            return True
+        try:
+            readable, _, _ = io_select.select([sock], [], [], _READY_WAIT_S)
+        except (OSError, TimeoutError, ValueError):
+            self.event_queue.put("Evt17")  # transport connection closed, as pynetdicom does
+            return False
+        return bool(readable)
+
+
+def _wait_for_data(assoc: Association) -> None:
+    dul: Any = assoc.dul
+    if type(dul.socket) is AssociationSocket:
+        dul.socket.__class__ = _WaitingSocket
+        dul._run_loop_delay = 0.0
 
 
 def _recv_exactly(self: AssociationSocket, nr_bytes: int) -> bytearray:
@@ -439,6 +473,7 @@ class StorageSCP:
         with self._lock:
             self.stats.associations += 1
         a = event.assoc
+        _wait_for_data(a)
         log.info("association accepted from %s (%s:%s)", a.requestor.ae_title, a.requestor.address, a.requestor.port)
 
     def _handle_rejected(self, event: evt.Event) -> None:

@@ -73,3 +73,28 @@ def test_recv_exactly_reads_across_partial_sends_and_stops_at_close() -> None:
     assert bytes(_recv_exactly(_Sock(b), 100)) == b"tail"  # type: ignore[arg-type]  # peer closed: what there is
     t.join()
     b.close()
+
+
+def test_waiting_socket_returns_as_soon_as_data_arrives() -> None:
+    """The SCP's association sockets wait (up to 1 ms) for data instead of pynetdicom's
+    instant check followed by a fixed 1 ms sleep."""
+    import queue
+    import time
+    from types import SimpleNamespace
+
+    from dicom_node.scp import _READY_WAIT_S, _WaitingSocket
+
+    a, b = socket.socketpair()
+    events: queue.Queue[str] = queue.Queue()
+    assoc = SimpleNamespace(dul=SimpleNamespace(event_queue=events))
+    ws = _WaitingSocket(assoc, client_socket=b)  # type: ignore[arg-type]
+    while not events.empty():  # the constructor announces the connection (Evt5)
+        events.get_nowait()
+    t0 = time.perf_counter()
+    assert ws.ready is False  # nothing there: waited, then no
+    assert time.perf_counter() - t0 >= _READY_WAIT_S * 0.9
+    a.sendall(b"x")
+    assert ws.ready is True
+    b.close()
+    assert ws.ready is False and events.get_nowait() == "Evt17"  # a dead socket is a closed transport
+    a.close()
