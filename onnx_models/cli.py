@@ -8,14 +8,21 @@ import logging
 import sys
 
 
-def add_subcommands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train the reference report model (needs the [train] extra)")
+def _training_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
+    """The options every training command shares."""
     p.add_argument("--data", required=True, help="dataset folder (studies.jsonl or the Kaggle/Open-i layout)")
     p.add_argument("--out", required=True, help="run folder (checkpoints; re-run to resume)")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--max-train-studies", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--max-steps", type=int, default=0, help=argparse.SUPPRESS)
+
+
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the reference report model (needs the [train] extra)")
+    _training_args(p, epochs=8, lr=5e-4)
     p.add_argument("--head-epochs", type=int, default=4,
                    help="stage 2: epochs of encoder + observation head training with the decoder frozen")
     p.add_argument("--threads", type=int, default=1,
@@ -23,23 +30,14 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init-from", default="", help="start from the weights of this checkpoint")
     p.add_argument("--freeze-image", action="store_true",
                    help="train only the text side (bridge + decoder); image encoder and head frozen")
-    p.add_argument("--max-train-studies", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--max-val-studies", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--max-steps", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--bundle", default="", help="also export the best checkpoint to this bundle folder")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("train-findings",
                        help="train the bundle's 256 px findings classifier (needs the [train] extra)")
-    p.add_argument("--data", required=True, help="dataset folder (studies.jsonl or the Kaggle/Open-i layout)")
-    p.add_argument("--out", required=True, help="run folder (checkpoints; re-run to resume)")
-    p.add_argument("--epochs", type=int, default=14)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=13)
+    _training_args(p, epochs=14, lr=2e-3)
     p.add_argument("--threads", type=int, default=2, help="torch threads")
-    p.add_argument("--max-train-studies", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--max-steps", type=int, default=0, help=argparse.SUPPRESS)
     p.set_defaults(func=_train_findings)
 
     p = sub.add_parser("export", help="export a checkpoint to an ONNX model bundle")
