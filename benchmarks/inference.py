@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
 
             out = model.greedy(torch.from_numpy(images), torch.from_numpy(view_ids), torch.from_numpy(view_mask),
                                thr, torch.tensor([ids]), torch.ones(1, len(ids)), gen._bos, gen._eos,
-                               gen.max_tokens, banned=tuple(gen._banned), sep=gen._sep, probs_hook=hook)[0]
+                               gen.max_tokens, banned=tuple(gen._banned), sep=gen._sep, probs_hook=hook,
+                               eos_penalty=gen.eos_penalty)[0]
             return [gen.tokenizer.id_to_token(i) for i in out if i != gen._sep]
 
         with torch.inference_mode():

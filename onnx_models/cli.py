@@ -59,6 +59,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
                    help="grounding: drop sentences that negate a positive observation and add its sentence")
     p.add_argument("--drop-below", type=float, default=None,
                    help="grounding: drop sentences affirming an observation whose probability is below this")
+    p.add_argument("--eos-penalty", type=float, default=0.0,
+                   help="subtract this from the end-of-report log-probability at every decoding step (longer reports)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("eval", help="evaluate a bundle on a dataset split (NLG + clinical efficacy)")
@@ -118,7 +120,7 @@ def _export(args: argparse.Namespace) -> int:
     out = export_bundle(args.checkpoint, args.out, name=args.name, version=args.version, model_card=card,
                         findings=args.findings or None, combine=args.combine, prompt_scale=args.prompt_scale,
                         grounding_threshold=args.grounding_threshold, replace_negated=args.replace_negated,
-                        drop_below=args.drop_below)
+                        drop_below=args.drop_below, eos_penalty=args.eos_penalty)
     print(f"bundle: {out}")
     return 0
 

@@ -223,8 +223,9 @@ def add_findings(manifest: dict[str, Any], fck: dict[str, Any], combine: str = "
 
 
 def apply_options(manifest: dict[str, Any], prompt_scale: float = 1.0, grounding_threshold: float | None = None,
-                  replace_negated: bool = False, drop_below: float | None = None) -> None:
+                  replace_negated: bool = False, drop_below: float | None = None, eos_penalty: float = 0.0) -> None:
     """Decoding choices recorded in the manifest (see ``cxrnode export --help``)."""
+    manifest["generation"]["eos_penalty"] = float(eos_penalty)
     obs = manifest["observations"]
     obs["thresholds"] = [round(float(t) * prompt_scale, 4) for t in obs["thresholds"]]
     g = manifest["generation"]["grounding"]
@@ -344,7 +345,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, name: str = "default"
                   version: str = "0.1.0", model_card: str | None = None,
                   findings: str | Path | None = None, combine: str = "replace", prompt_scale: float = 1.0,
                   grounding_threshold: float | None = None, replace_negated: bool = False,
-                  drop_below: float | None = None) -> Path:
+                  drop_below: float | None = None, eos_penalty: float = 0.0) -> Path:
     """Checkpoint (from ``train``) -> bundle folder (replaced if it exists). ``findings``: a
     checkpoint from ``train-findings`` whose classifier then drives the observations (see
     :func:`add_findings`); the other options: :func:`apply_options`."""
@@ -369,7 +370,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, name: str = "default"
         clf.load_state_dict(fck["model"])
         export_findings(clf, tmp / "findings.onnx", int(fck["config"]["image_size"]))
         add_findings(manifest, fck, combine)
-    apply_options(manifest, prompt_scale, grounding_threshold, replace_negated, drop_below)
+    apply_options(manifest, prompt_scale, grounding_threshold, replace_negated, drop_below, eos_penalty)
     write_manifest(tmp, manifest)
     if out.exists():
         # keep a hand-edited model card if the caller did not pass one

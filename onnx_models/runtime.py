@@ -301,6 +301,10 @@ class ReportGenerator:
         self.max_tokens = int(m["generation"]["max_tokens"])
         self.no_repeat_ngram_size = int(m["generation"].get("no_repeat_ngram_size", 0))
         self.length_penalty = float(m["generation"].get("length_penalty", 1.0))
+        #: subtracted from the end-of-report log-probability at every step (``generation.eos_penalty``):
+        #: a small model trained with label smoothing stops early; this lengthens the reports
+        #: without changing the probabilities reported for the words
+        self.eos_penalty = float(m["generation"].get("eos_penalty", 0.0))
         self.beam_size = int(beam_size or m["generation"].get("beam_size", 3))
         obs = m.get("observations", {}) if self._prefix_lm else m["observations"]
         self.observation_names: list[str] = list(obs.get("names", []))
@@ -557,7 +561,10 @@ class ReportGenerator:
                 logits[r, t] = -np.inf
         mx = logits.max(axis=1, keepdims=True)
         lse = mx + np.log(np.exp(logits - mx).sum(axis=1, keepdims=True))
-        return logits - lse
+        out = logits - lse
+        if self.eos_penalty:
+            out[:, self._eos] -= self.eos_penalty
+        return out
 
     def _greedy(self, st: _State, max_len: int, ngram: int) -> list[tuple[list[int], list[float]]]:
         b = st.rows

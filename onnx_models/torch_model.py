@@ -322,6 +322,7 @@ class ReportModel(nn.Module):
         banned: tuple[int, ...] = (),
         sep: int | None = None,
         probs_hook: Callable[[Tensor], Tensor] | None = None,
+        eos_penalty: float = 0.0,
     ) -> list[list[int]]:
         """Greedy decoding with the KV cache in torch eager (for parity tests and benchmarks);
         ``banned`` tokens are never chosen and ``sep`` at most once, as in the ONNX runtime.
@@ -343,6 +344,9 @@ class ReportModel(nn.Module):
             last = logits[:, -1].clone()
             if banned:
                 last[:, list(banned)] = float("-inf")
+            if eos_penalty:  # as the runtime's generation.eos_penalty (same argmax as on log-probs)
+                last = torch.log_softmax(last, dim=-1)
+                last[:, eos] -= eos_penalty
             if sep is not None:
                 for i in range(b):
                     if sep in out[i]:

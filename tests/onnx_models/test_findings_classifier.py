@@ -92,15 +92,18 @@ def test_mean_combination_and_export_options(tiny_checkpoint: Path, findings_ckp
     from onnx_models.export import export_bundle
 
     out = export_bundle(tiny_checkpoint, tmp_path / "mean", findings=findings_ckpt, combine="mean",
-                        prompt_scale=0.5, grounding_threshold=0.4, replace_negated=True, drop_below=0.3)
+                        prompt_scale=0.5, grounding_threshold=0.4, replace_negated=True, drop_below=0.3,
+                        eos_penalty=1.5)
     m = load_bundle(out).manifest
     ck = torch.load(tiny_checkpoint, map_location="cpu", weights_only=False)
     assert m["observations"]["classifier"]["combine"] == "mean"
     assert m["observations"]["thresholds"] == pytest.approx([0.5 * t for t in ck["thresholds"]], abs=1e-4)
     g = m["generation"]["grounding"]
     assert g["thresholds"] == [0.4] * 13 and g["replace_negated"] is True and g["drop_below"] == 0.3
+    assert m["generation"]["eos_penalty"] == 1.5
     gen = ReportGenerator(out, threads=1)
     assert gen.grounding is not None and gen.grounding.replace_negated and gen.grounding.drop_below == 0.3
+    assert gen.eos_penalty == 1.5
     studies = load_studies(tiny_data, ["val"])
     inputs = [StudyInput(views=[(read_image(im.path), im.view) for im in s.images], indication=s.indication)
               for s in studies]

@@ -79,3 +79,21 @@ def test_runtime_does_not_import_torch() -> None:
     code = ("import sys, onnx_models.runtime, onnx_models.bundle, onnx_models.evaluate; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_eos_penalty_lengthens_without_changing_word_probabilities() -> None:
+    """``generation.eos_penalty`` only lowers the end-of-report score: greedy text is the same
+    up to where the unpenalised report ended, with the same word probabilities, then goes on."""
+    studies = [StudyInput(views=[(synthetic_image(False, s, 200), "PA"), (synthetic_image(True, s + 1, 200), "LATERAL")],
+                          indication=ind) for s, ind in ((11, "Cough."), (21, ""), (31, "Chest pain, fever."))]
+    plain = ReportGenerator("default", threads=1)
+    assert plain.eos_penalty == 2.0  # the shipped setting (model card)
+    plain.eos_penalty = 0.0
+    longer = ReportGenerator("default", threads=1)
+    longer.eos_penalty = 4.0
+    a = plain.generate(studies, beam_size=1, grounding=False)
+    b = longer.generate(studies, beam_size=1, grounding=False)
+    for x, y in zip(a, b, strict=True):
+        assert len(y.tokens) >= len(x.tokens)
+        assert y.tokens[: len(x.tokens)] == x.tokens
+    assert sum(len(y.tokens) for y in b) > sum(len(x.tokens) for x in a)
