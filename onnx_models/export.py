@@ -235,6 +235,9 @@ def apply_options(manifest: dict[str, Any], prompt_scale: float = 1.0, grounding
     g["drop_below"] = drop_below
 
 
+#: "the lungs are clear": a normal statement about every lung-parenchyma observation
+_LUNGS_CLEAR = r"\blungs? (?:are |is |appear |remain )?(?:now )?(?:clear|well aerated|well expanded and clear)"
+
 #: The grounding step shipped in ``manifest["generation"]["grounding"]`` (see README.md and
 #: ``runtime.Grounding``): per observation a generic sentence in the style of the IU X-ray
 #: training reports and the patterns that count as an affirmed mention of it.
@@ -248,12 +251,18 @@ GROUNDING: dict[str, Any] = {
     "clause_break": r"\b(?:but|however|although|except|with|there is|there are)\b|[:]",
     "observations": {
         "Enlarged Cardiomediastinum": {
+            "normal": [r"(?:cardio)?mediastin\w* (?:silhouette |contours? |size )?(?:is |are |appears? |remains? )?"
+                       r"(?:normal|unremarkable|within normal limits)", r"normal (?:cardio)?mediastin"],
             "sentence": "Enlarged cardiomediastinal silhouette.",
             "mentions": [r"(?:enlarged|widened|prominent) (?:cardio)?mediastin", r"mediastin\w* (?:widening|enlargement)",
                          r"(?:cardio)?mediastin\w* (?:silhouette |contours? )?(?:is |are |appears )?"
                          r"(?:mildly |stably |slightly )?(?:enlarged|widened|prominent)",
                          r"hilar (?:prominence|fullness|enlargement)|enlarged hil"]},
         "Cardiomegaly": {
+            "normal": [r"\bheart (?:size )?(?:is |appears |remains )?(?:normal|within normal limits)",
+                       r"normal (?:heart|cardiac) size",
+                       r"cardiac (?:silhouette|contours?|size) (?:is |are |appears? )?(?:normal|within normal limits|unremarkable)",
+                       r"heart and (?:mediastinum|lungs) (?:are |appear )?(?:normal|unremarkable)"],
             "sentence": "The heart is enlarged.",
             "mentions": [r"cardiomegaly", r"(?:enlarged|large) (?:heart|cardiac)",
                          r"(?:heart|cardiac silhouette|cardiac size)(?: size)? (?:is |are |appears |remains )?"
@@ -262,32 +271,41 @@ GROUNDING: dict[str, Any] = {
             "sentence": "Pulmonary nodule.",
             "mentions": [r"nodul", r"\bmass", r"\blesion", r"\btumou?r", r"neoplas", r"metasta", r"\bcavit"]},
         "Lung Opacity": {
+            "normal": [_LUNGS_CLEAR],
             "sentence": "There is patchy airspace opacity.",
             "mentions": [r"opaci", r"infiltrat", r"air ?-?space disease", r"interstitial (?:marking|opaci|prominence)",
                          r"reticula", r"\bscar", r"fibros|fibrotic", r"\bdensit"]},
         "Edema": {
+            "normal": [_LUNGS_CLEAR],
             "sentence": "There is pulmonary edema.",
             "mentions": [r"edema", r"vascular congestion", r"heart failure", r"cephalization",
                          r"vascular (?:prominence|engorgement)"]},
         "Consolidation": {
+            "normal": [_LUNGS_CLEAR],
             "sentence": "There is focal airspace consolidation.",
             "mentions": [r"consolidat"]},
         "Pneumonia": {
+            "normal": [_LUNGS_CLEAR],
             "sentence": "Findings may represent pneumonia.",
             "mentions": [r"pneumoni", r"infecti"]},
         "Atelectasis": {
+            "normal": [_LUNGS_CLEAR],
             "sentence": "There is basilar atelectasis.",
             "mentions": [r"atelecta", r"collapse"]},
         "Pneumothorax": {
             "sentence": "Small pneumothorax.",
             "mentions": [r"pneumothora"]},
         "Pleural Effusion": {
+            "normal": [r"(?:pleural spaces?|costophrenic (?:angles?|sulci|recesses)) (?:are |is )?(?:clear|sharp|normal)"],
             "sentence": "There is a small pleural effusion.",
-            "mentions": [r"(?<!pericardial )effusion", r"pleural fluid", r"costophrenic"]},
+            "mentions": [r"(?<!pericardial )effusion", r"pleural fluid",
+                         r"blunt\w* (?:of )?(?:the )?(?:\w+ )?costophrenic", r"costophrenic (?:angles? |sulcus )?blunt"]},
         "Pleural Other": {
             "sentence": "Pleural thickening.",
             "mentions": [r"pleural (?:thickening|plaque|calcification|scarring)", r"apical (?:pleural )?(?:cap|thickening)"]},
         "Fracture": {
+            "normal": [r"(?:osseous|bony|skeletal) structures? (?:are |is |appears? )?(?:grossly )?"
+                       r"(?:intact|unremarkable|normal)"],
             "sentence": "Rib fracture.",
             "mentions": [r"fractur"]},
         "Support Devices": {

@@ -124,6 +124,9 @@ class Grounding:
     thresholds: list[float] | None = None
     replace_negated: bool = False
     drop_below: float | None = None
+    #: per observation, phrasings that state it is absent without a negation word ("heart size
+    #: is normal", "the lungs are clear"): they count as negated mentions
+    normal: dict[str, list[re.Pattern[str]]] = field(default_factory=dict)
 
     @classmethod
     def from_manifest(cls, generation: dict[str, Any]) -> Grounding | None:
@@ -138,6 +141,7 @@ class Grounding:
             clause_break=re.compile(g.get("clause_break", r"[;:]")),
             sentences={o: str(v["sentence"]) for o, v in g["observations"].items()},
             mentions={o: [re.compile(p) for p in v["mentions"]] for o, v in g["observations"].items()},
+            normal={o: [re.compile(p) for p in v.get("normal", [])] for o, v in g["observations"].items()},
             thresholds=[float(t) for t in g["thresholds"]] if g.get("thresholds") else None,
             replace_negated=bool(g.get("replace_negated", False)),
             drop_below=float(g["drop_below"]) if g.get("drop_below") is not None else None,
@@ -185,6 +189,8 @@ class Grounding:
                         state = "negated"
                     else:
                         return "positive"
+            if any(pat.search(sent) for pat in self.normal.get(observation, [])):
+                state = "negated"
         return state
 
     def additions(self, text: str, probs: dict[str, float],
@@ -661,7 +667,7 @@ class ReportGenerator:
         words = [self.tokenizer.id_to_token(i) or "" for i in ids]
         pairs = [(w, p) for w, i, p in zip(words, ids, tok_probs, strict=True) if i != self._sep]
         cut = ids.index(self._sep) if self._sep in ids else len(ids)
-        findings, impression = pairs[:cut], pairs[cut:]
+        findings, impression = _drop_repeated_sentences(pairs[:cut]), _drop_repeated_sentences(pairs[cut:])
         observations = {n: float(p) for n, p in zip(self.observation_names, obs, strict=True)} if len(obs) else {}
         sentences: list[tuple[str, float]] = []
         if grounding is not None:
@@ -691,6 +697,24 @@ class ReportGenerator:
             duration_ms=elapsed,
             grounded=sentences,
         )
+
+
+def _drop_repeated_sentences(tokens: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """A section's tokens without a sentence that repeats an earlier one word for word (a
+    decoding artefact: a report never needs the same sentence twice in one section)."""
+    out: list[tuple[str, float]] = []
+    seen: set[str] = set()
+    sentence: list[tuple[str, float]] = []
+    for tok in [*tokens, ("", 0.0)]:
+        if tok[0]:
+            sentence.append(tok)
+        if tok[0] in (".", ";", "!", "?", "") and sentence:
+            key = " ".join(w.lower() for w, _ in sentence if w not in (".", ";", "!", "?"))
+            if key not in seen:
+                out += sentence
+                seen.add(key)
+            sentence = []
+    return out
 
 
 def _banned_ngram_tokens(hist: list[int], n: int) -> list[int]:

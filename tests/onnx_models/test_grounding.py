@@ -64,7 +64,7 @@ def test_not_added_when_already_mentioned(grounding: Grounding) -> None:
 def test_negated_mention(grounding: Grounding) -> None:
     """Documented choice: an explicit negation by the decoder is kept and nothing is added (no
     "No pleural effusion. Small pleural effusion." drafts); ``skip_if_negated: false`` adds."""
-    text = "No focal consolidation, pneumothorax or pleural effusion. Heart size is normal."
+    text = "No focal consolidation, pneumothorax or pleural effusion. Mild degenerative changes of the spine."
     assert grounding.mention("Pleural Effusion", text) == "negated"
     assert grounding.mention("Cardiomegaly", text) is None
     probs = _probs(Pleural_Effusion=0.9, Cardiomegaly=0.9)
@@ -175,3 +175,27 @@ def test_checksums_still_verify(tmp_path: Path) -> None:
     (copy / "tokenizer.json").write_text("{}")
     with pytest.raises(BundleError, match="checksum mismatch"):
         load_bundle(copy)
+
+
+def test_normal_phrasings_count_as_negations(grounding: Grounding) -> None:
+    """"Heart size is normal." negates cardiomegaly as "no cardiomegaly" does, so the classifier
+    winning over it never leaves "The heart is enlarged." next to "Heart size is normal."."""
+    for obs, text in (("Cardiomegaly", "Heart size is normal."), ("Cardiomegaly", "The heart is normal in size."),
+                      ("Lung Opacity", "The lungs are clear."), ("Atelectasis", "Right lung clear."),
+                      ("Pleural Effusion", "The costophrenic angles are sharp."),
+                      ("Fracture", "The osseous structures are intact.")):
+        assert grounding.mention(obs, text) == "negated", (obs, text)
+    assert grounding.mention("Pleural Effusion", "Blunting of the left costophrenic angle.") == "positive"
+    g = dataclasses.replace(grounding, replace_negated=True)
+    text = "Heart size is normal. The lungs are clear."
+    probs = _probs(Cardiomegaly=0.9)
+    kept = g.drop_sentences(_tokens(text), g.contradicted(text, probs, _thresholds()), set())
+    assert detokenize([w for w, _ in kept]) == "The lungs are clear."
+
+
+def test_repeated_sentences_are_dropped() -> None:
+    from onnx_models.runtime import _drop_repeated_sentences
+
+    toks = _tokens("Right lung clear. Minimal atelectasis. Right lung clear. Minimal atelectasis. No effusion.")
+    assert detokenize([w for w, _ in _drop_repeated_sentences(toks)]) == "Right lung clear. Minimal atelectasis. No effusion."
+    assert _drop_repeated_sentences([]) == []
