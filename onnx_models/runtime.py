@@ -93,6 +93,7 @@ def choose_providers(requested: Sequence[str] = ()) -> list[str]:
 
 _WORDS = re.compile(r"\w+|[^\w\s]")
 _SENTENCE_END = re.compile(r"[.;!?]+")
+_SENTENCE_ENDS = (".", ";", "!", "?")
 
 
 @dataclass(frozen=True)
@@ -163,16 +164,11 @@ class Grounding:
         """``tokens`` without the sentences that negate one of ``negated`` or affirm one of
         ``affirmed``."""
         out: list[tuple[str, float]] = []
-        sentence: list[tuple[str, float]] = []
-        for tok in [*tokens, ("", 0.0)]:
-            if tok[0]:
-                sentence.append(tok)
-            if tok[0] in (".", ";", "!", "?", "") and sentence:
-                text = detokenize([w for w, _ in sentence])
-                if not (any(self.mention(o, text) == "negated" for o in negated)
-                        or any(self.mention(o, text) == "positive" for o in affirmed)):
-                    out += sentence
-                sentence = []
+        for sentence in _sentences(tokens):
+            text = detokenize([w for w, _ in sentence])
+            if not (any(self.mention(o, text) == "negated" for o in negated)
+                    or any(self.mention(o, text) == "positive" for o in affirmed)):
+                out += sentence
         return out
 
     def mention(self, observation: str, text: str) -> str | None:
@@ -704,17 +700,25 @@ def _drop_repeated_sentences(tokens: list[tuple[str, float]]) -> list[tuple[str,
     decoding artefact: a report never needs the same sentence twice in one section)."""
     out: list[tuple[str, float]] = []
     seen: set[str] = set()
-    sentence: list[tuple[str, float]] = []
-    for tok in [*tokens, ("", 0.0)]:
-        if tok[0]:
-            sentence.append(tok)
-        if tok[0] in (".", ";", "!", "?", "") and sentence:
-            key = " ".join(w.lower() for w, _ in sentence if w not in (".", ";", "!", "?"))
-            if key not in seen:
-                out += sentence
-                seen.add(key)
-            sentence = []
+    for sentence in _sentences(tokens):
+        key = " ".join(w.lower() for w, _ in sentence if w not in _SENTENCE_ENDS)
+        if key not in seen:
+            out += sentence
+            seen.add(key)
     return out
+
+
+def _sentences(tokens: list[tuple[str, float]]) -> list[list[tuple[str, float]]]:
+    """``tokens`` cut after each sentence-ending token (the last piece may lack one); empty
+    words are left out."""
+    out: list[list[tuple[str, float]]] = [[]]
+    for tok in tokens:
+        if not tok[0]:
+            continue
+        out[-1].append(tok)
+        if tok[0] in _SENTENCE_ENDS:
+            out.append([])
+    return [s for s in out if s]
 
 
 def _banned_ngram_tokens(hist: list[int], n: int) -> list[int]:
