@@ -709,14 +709,13 @@ def _drop_repeated_sentences(tokens: list[tuple[str, float]]) -> list[tuple[str,
 
 
 def _sentences(tokens: list[tuple[str, float]]) -> list[list[tuple[str, float]]]:
-    """``tokens`` cut after each sentence-ending token (the last piece may lack one); empty
-    words are left out."""
+    """``tokens`` cut after each sentence-ending token (the last piece may lack one); an empty
+    word also ends a sentence and is left out."""
     out: list[list[tuple[str, float]]] = [[]]
     for tok in tokens:
-        if not tok[0]:
-            continue
-        out[-1].append(tok)
-        if tok[0] in _SENTENCE_ENDS:
+        if tok[0]:
+            out[-1].append(tok)
+        if tok[0] in _SENTENCE_ENDS or not tok[0]:
             out.append([])
     return [s for s in out if s]
 
