@@ -21,7 +21,13 @@ from tqdm import tqdm
 
 from .bundle import FORMAT_NAME, FORMAT_VERSION, write_manifest
 from .data import VIEWS
-from .torch_model import FindingsClassifier, ModelConfig, ReportModel, ViewClassifier
+from .torch_model import (
+    FindingsClassifier,
+    ModelConfig,
+    ReportModel,
+    ViewClassifier,
+    load_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 OPSET = 17
@@ -367,12 +373,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, name: str = "default"
     """Checkpoint (from ``train``) -> bundle folder (replaced if it exists). ``findings``: a
     checkpoint from ``train-findings`` whose classifier then drives the observations (see
     :func:`add_findings`); the other options: :func:`apply_options`."""
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    cfg = ModelConfig.from_dict(ckpt["config"])
-    model = ReportModel(cfg)
-    model.load_state_dict(ckpt["model"])
-    view_clf = ViewClassifier()
-    view_clf.load_state_dict(ckpt["view_classifier"])
+    ckpt, model, view_clf = load_checkpoint(checkpoint)
+    cfg = model.cfg
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

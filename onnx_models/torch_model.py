@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -379,6 +380,16 @@ class ViewClassifier(nn.Module):
 
     def probs(self, x: Tensor) -> Tensor:
         return F.softmax(self.net(x), dim=-1)
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict, ReportModel, ViewClassifier]:
+    """A checkpoint written by ``train`` and its report model and view classifier, loaded."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    model = ReportModel(ModelConfig.from_dict(ck["config"]))
+    model.load_state_dict(ck["model"])
+    view_clf = ViewClassifier()
+    view_clf.load_state_dict(ck["view_classifier"])
+    return ck, model, view_clf
 
 
 class FindingsClassifier(nn.Module):

@@ -32,7 +32,7 @@ from plugin.findings import ABNORMAL_OBSERVATIONS, binary_vector, label
 from .data import VIEWS, Study, load_studies, read_image
 from .imaging import resize
 from .tokenizer import build_tokenizer
-from .torch_model import ModelConfig, ReportModel, ViewClassifier
+from .torch_model import ModelConfig, ReportModel, ViewClassifier, load_checkpoint
 
 log = logging.getLogger(__name__)
 UNKNOWN = VIEWS.index("UNKNOWN")
@@ -444,12 +444,8 @@ def finetune_head(tc: TrainConfig, tr: Encoded, va: Encoded, out: Path, mean: fl
     trained on the BCE loss alone for ``head_epochs`` epochs; the epoch with the best validation
     mean AUROC is kept (stage 1 stays in ``best_stage1.pt``)."""
     stage1 = out / "best_stage1.pt"
-    ck = torch.load(stage1, map_location="cpu", weights_only=False)
-    cfg = ModelConfig.from_dict(ck["config"])
-    model = ReportModel(cfg)
-    model.load_state_dict(ck["model"])
-    view_clf = ViewClassifier()
-    view_clf.load_state_dict(ck["view_classifier"])
+    ck, model, view_clf = load_checkpoint(stage1)
+    cfg = model.cfg
     torch.manual_seed(tc.seed + 1)
     trainable = [model.encoder, model.view_emb, model.enc_ln, model.head]
     for p_ in model.parameters():
