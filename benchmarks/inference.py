@@ -7,7 +7,8 @@
 - latency of one 2-view study (batch 1), greedy decoding: p50/p90 for ORT and torch eager
   (same preprocessing, same KV-cache decoding loop, same banned tokens, no n-gram block);
 - ORT beam-3 p50 (the default decoding) for reference;
-- the fraction of studies whose greedy token sequences are identical (ORT vs torch);
+- the fraction of studies whose greedy token sequences are identical (ORT vs torch; the
+  decoder's ids, before the runtime drops repeated sentences);
 - peak RSS after the ORT part (torch not yet imported) and after the torch part.
 The torch part needs ``--checkpoint`` (the checkpoint the bundle was exported from; with a
 bundle that has a findings classifier also ``--findings``, its checkpoint) and the ``[train]``
@@ -69,11 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     studies, source = _studies(args.data or None, args.studies)
     for s in studies[: args.warmup]:
         gen.generate([s], beam_size=1)
-    ort_greedy, ort_tokens = [], []
+    ort_greedy, ort_tokens, ort_ids = [], [], []
     for s in studies:
         t0 = time.perf_counter()
         r = gen.generate([s], beam_size=1, no_repeat_ngram_size=0, grounding=False)[0]  # the decoder alone, as torch
         ort_greedy.append((time.perf_counter() - t0) * 1000)
+        # for the parity count: the decoder's own ids, before the runtime's text clean-up
+        ort_ids.append(gen._greedy(gen._encode([s])[1], gen.max_tokens, 0)[0][0])
         ort_tokens.append([w for w, _ in r.tokens])
     ort_beam = []
     for s in studies:
@@ -91,12 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint:
         import torch
 
-        from onnx_models.torch_model import ModelConfig, ReportModel
+        from onnx_models.torch_model import load_checkpoint
 
         torch.set_num_threads(args.threads)
-        ck = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-        model = ReportModel(ModelConfig.from_dict(ck["config"]))
-        model.load_state_dict(ck["model"])
+        _, model, _ = load_checkpoint(args.checkpoint)
         model.eval()
         thr = torch.from_numpy(gen.thresholds)
         clf_spec = gen.bundle.manifest["observations"].get("classifier")
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             clf.load_state_dict(torch.load(args.findings, map_location="cpu", weights_only=False)["model"])
             clf.eval()
 
-        def torch_generate(s: StudyInput) -> list[str]:
+        def torch_generate(s: StudyInput) -> list[int]:
             images, view_ids, view_mask = gen._pixels([s])
             ids = gen._indication_ids(s.indication)
             hook = None
@@ -127,17 +128,17 @@ def main(argv: list[str] | None = None) -> int:
                                thr, torch.tensor([ids]), torch.ones(1, len(ids)), gen._bos, gen._eos,
                                gen.max_tokens, banned=tuple(gen._banned), sep=gen._sep, probs_hook=hook,
                                eos_penalty=gen.eos_penalty)[0]
-            return [gen.tokenizer.id_to_token(i) for i in out if i != gen._sep]
+            return out
 
         with torch.inference_mode():
             for s in studies[: args.warmup]:
                 torch_generate(s)
             torch_ms, same = [], 0
-            for s, o in zip(studies, ort_tokens, strict=True):
+            for s, o in zip(studies, ort_ids, strict=True):
                 t0 = time.perf_counter()
-                words = torch_generate(s)
+                ids = torch_generate(s)
                 torch_ms.append((time.perf_counter() - t0) * 1000)
-                same += int(words == o)
+                same += int(ids == o)
         result["torch_eager"] = {"greedy_p50_ms": _pct(torch_ms, 50), "greedy_p90_ms": _pct(torch_ms, 90)}
         result["speedup_ort_vs_torch_p50"] = round(_pct(torch_ms, 50) / _pct(ort_greedy, 50), 2)
         result["greedy_identical_fraction"] = same / len(studies)
