@@ -213,7 +213,8 @@ def _run(ctx: JobContext, generator: Callable[[Config], Any]) -> DraftOutcome | 
     by_uid = {li.header.sop_instance_uid: li for li in loaded}
     t = lap("headers", t_start)
     gen = generator(cfg)
-    options = PixelOptions(voi_window_index=cfg.pipeline.voi_window_index, size=int(gen.image_size))
+    # native size: the runtime alone resizes and normalises (onnx_models.runtime.StudyInput)
+    options = PixelOptions(voi_window_index=cfg.pipeline.voi_window_index)
     images: list[tuple[LoadedInstance, Any, np.ndarray]] = []
     for h in selection.images:
         li = by_uid[h.sop_instance_uid]
@@ -322,7 +323,7 @@ def _commit(ctx: JobContext, study_id: int, draft_ds: Any, indication: str, find
             superseded = s.execute(
                 update(Draft)
                 .where(Draft.study_id == study_id, Draft.sop_instance_uid != uid,
-                       Draft.state == DraftState.NEW)
+                       Draft.state.in_((DraftState.NEW, DraftState.IN_REVIEW)))
                 .values(state=DraftState.SUPERSEDED)
                 .execution_options(synchronize_session=False)
             )
