@@ -4,7 +4,7 @@
   ROUGE-L and CIDEr from ``pycocoevalcap`` (the implementations R2Gen and its successors use),
   on lower-cased text with words and punctuation separated; the report is
   ``findings + " " + impression``.
-- Clinical efficacy: ``plugin.findings.label`` on the reference and on the generated text,
+- Clinical efficacy: ``onnx_models.labels.label`` on the reference and on the generated text,
   U-ones (uncertain = positive); micro/macro precision, recall and F1 over the 14
   observations and over the 13 abnormal ones (No Finding excluded).
 - Baselines on the same split: the nearest training report by image embedding (mean-pooled
@@ -26,9 +26,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from plugin.findings import ABNORMAL_OBSERVATIONS, OBSERVATIONS, binary_vector, label
-
 from .data import FRONTAL_VIEWS, LATERAL_VIEWS, Study, load_studies, read_image
+from .labels import ABNORMAL_OBSERVATIONS, OBSERVATIONS, binary_vector, label
 from .runtime import ReportGenerator, StudyInput
 from .tokenizer import normalise_text
 
@@ -198,7 +197,7 @@ def evaluate(
                      else no_repeat_ngram_size, "max_tokens": gen.max_tokens,
                      "providers": gen.providers},
         "text": "findings + ' ' + impression, lower-cased, words and punctuation split",
-        "labeller": "plugin.findings (U-ones)",
+        "labeller": "onnx_models.labels (U-ones)",
         "systems": systems,
         "per_observation_f1": {k: {o: round(v["f1"], 4) for o, v in d.items()} for k, d in per_obs.items()},
         "per_observation_support": {o: v["support"] for o, v in per_obs["model"].items()},

@@ -27,10 +27,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from plugin.findings import ABNORMAL_OBSERVATIONS, binary_vector, label
-
 from .data import VIEWS, Study, load_studies, read_image
 from .imaging import resize
+from .labels import ABNORMAL_OBSERVATIONS, binary_vector, label
 from .tokenizer import build_tokenizer
 from .torch_model import ModelConfig, ReportModel, ViewClassifier, load_checkpoint
 

@@ -28,10 +28,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from plugin.findings import ABNORMAL_OBSERVATIONS, binary_vector, label
-
 from .data import VIEWS, Study, is_tune, load_studies, read_image
 from .imaging import resize
+from .labels import ABNORMAL_OBSERVATIONS, binary_vector, label
 from .torch_model import FindingsClassifier
 from .train import _augment, auroc, best_thresholds
 

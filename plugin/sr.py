@@ -117,7 +117,7 @@ class CodedObservation:
 
 def coded_observations(text: str) -> tuple[CodedObservation, ...]:
     """The observations ``plugin.findings.label`` finds in ``text``, in CheXpert order."""
-    from plugin import findings as labeller
+    from onnx_models import labels as labeller
 
     labels = labeller.label(text)
     out = []

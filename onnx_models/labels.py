@@ -10,6 +10,9 @@ Used by
 - the model training (targets for the multi-label observation head),
 - the SR builder, which codes findings with ``SNOMED`` (DICOM PS3.16 coding scheme ``SCT``).
 
+It imports only the standard library, so every layer (runtime, offline tooling, ``plugin``) may
+use it.
+
 Aggregation over several mentions of one observation: PRESENT wins over UNCERTAIN, which wins
 over ABSENT. ``No Finding`` is derived: PRESENT when none of the 12 pathologies (everything but
 ``No Finding`` and ``Support Devices``) is PRESENT or UNCERTAIN, else ABSENT. Observations that

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from plugin.findings import (
+from onnx_models.labels import (
     ABNORMAL_OBSERVATIONS,
     OBSERVATIONS,
     PATHOLOGIES,
