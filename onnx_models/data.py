@@ -23,10 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-#: view vocabulary of the model (ViewPosition-style, PS3.3 C.8.11.5 for DX; LL = left lateral)
-VIEWS: tuple[str, ...] = ("PA", "AP", "LATERAL", "LL", "UNKNOWN")
-FRONTAL_VIEWS = ("PA", "AP")
-LATERAL_VIEWS = ("LATERAL", "LL")
+from .views import VIEWS, projection, view_from_position
+
+__all__ = ["VIEWS", "ImageRef", "Study", "is_tune", "load_studies", "read_image", "to_unit_range"]
 
 
 @dataclass(frozen=True)
@@ -40,14 +39,13 @@ class ImageRef:
     def view(self) -> str:
         """The view used for the model: the tag when it agrees with the curated projection,
         otherwise the projection's default view (PA / LATERAL); UNKNOWN when neither is known."""
-        tag = self.view_position.strip().upper()
-        tag = {"LAT": "LATERAL", "RL": "LATERAL", "LARGE LATERAL": "LATERAL"}.get(tag, tag)
+        tag = view_from_position(self.view_position)
         proj = self.projection.strip().lower()
         if proj == "frontal":
-            return tag if tag in FRONTAL_VIEWS else "PA"
+            return tag if projection(tag) == "FRONTAL" else "PA"
         if proj == "lateral":
-            return tag if tag in LATERAL_VIEWS else "LATERAL"
-        return tag if tag in VIEWS else "UNKNOWN"
+            return tag if projection(tag) == "LATERAL" else "LATERAL"
+        return tag or "UNKNOWN"
 
 
 @dataclass(frozen=True)
@@ -160,10 +158,23 @@ def load_studies(root: str | Path, splits: Sequence[str] | None = None) -> list[
     return studies
 
 
+def to_unit_range(values: np.ndarray, top: float) -> np.ndarray:
+    """Display values ``0..top`` -> float32 [0, 1]. The one scaling of 8-bit display-ready pixels:
+    an image file (:func:`read_image`) and an 8-bit MONOCHROME2 DICOM image without a window
+    (``plugin.pixels.prepare``) both go through it, so eval and the node feed the model the same
+    array for the same pixels."""
+    if top <= 0:
+        raise ValueError(f"top must be positive, got {top}")
+    return np.clip(np.asarray(values, dtype=np.float64) / float(top), 0.0, 1.0).astype(np.float32)
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    """Decode an 8-bit grayscale image file to float32 [0, 1] (MONOCHROME2)."""
+    """Decode an 8-bit grayscale image file to float32 [0, 1] (MONOCHROME2), at its own size.
+
+    Exactly what the node yields for a DICOM image carrying the same 8-bit pixels (MONOCHROME2,
+    no window): ``value / 255`` (:func:`to_unit_range`); resizing is the runtime's."""
     from PIL import Image
 
     with Image.open(path) as im:
-        arr = np.asarray(im.convert("L"), dtype=np.float32)
-    return arr / 255.0
+        arr = np.asarray(im.convert("L"))
+    return to_unit_range(arr, 255.0)

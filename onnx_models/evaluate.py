@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .data import FRONTAL_VIEWS, LATERAL_VIEWS, Study, load_studies, read_image
+from .data import Study, load_studies, read_image
 from .labels import ABNORMAL_OBSERVATIONS, OBSERVATIONS, binary_vector, label
 from .runtime import ReportGenerator, StudyInput
 from .tokenizer import normalise_text
+from .views import order, resolve, view_from_position
 
 log = logging.getLogger(__name__)
 
@@ -98,25 +99,25 @@ def clinical_metrics(refs: Sequence[str], hyps: Sequence[str]) -> dict[str, Any]
 
 
 def views_for(gen: ReportGenerator, study: Study, pixels: list[np.ndarray]) -> list[str]:
-    """Views as the node would use them: the view classifier decides frontal vs lateral; the
-    DICOM ViewPosition tag only refines it (PA/AP, LATERAL/LL) when it agrees."""
-    views = []
-    for (kind, _), im in zip(gen.classify_views(pixels), study.images, strict=True):
-        tag = im.view_position.strip().upper()
-        if kind == "FRONTAL":
-            views.append(tag if tag in FRONTAL_VIEWS else "PA")
-        else:
-            views.append(tag if tag in LATERAL_VIEWS else "LATERAL")
-    return views
+    """Views as the node decides them (:func:`onnx_models.views.resolve`): the view classifier
+    decides frontal vs lateral; the ViewPosition tag only refines it (PA/AP, LATERAL/LL) when
+    it agrees."""
+    labels = gen.classify_views(pixels)
+    return [resolve(view_from_position(im.view_position), label).view
+            for label, im in zip(labels, study.images, strict=True)]
 
 
 def _inputs(gen: ReportGenerator, studies: Sequence[Study]) -> tuple[list[StudyInput], list[list[str]]]:
+    """The generator's input for each study exactly as the node builds it from DICOM: pixels as
+    the node prepares an 8-bit MONOCHROME2 image (:func:`onnx_models.data.read_image`), views
+    from :func:`views_for`, in the node's order (:func:`onnx_models.views.order`)."""
     inputs, views = [], []
     for s in studies:
         px = [read_image(im.path) for im in s.images]
         v = views_for(gen, s, px)
-        inputs.append(StudyInput(views=list(zip(px, v, strict=True)), indication=s.indication))
-        views.append(v)
+        idx = order(v)
+        inputs.append(StudyInput(views=[(px[i], v[i]) for i in idx], indication=s.indication))
+        views.append([v[i] for i in idx])
     return inputs, views
 
 

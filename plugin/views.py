@@ -9,7 +9,8 @@ Pure functions over frozen dataclasses; no I/O. Two steps:
 2. :func:`view_from_tags` reads the view from ViewPosition (0018,5101), ViewCodeSequence
    (0054,0220, CID 4010 "DX View") and PatientOrientation (0020,0020, PS3.3 C.7.6.1.1.1);
    :func:`resolve_view` then lets the bundle's view classifier decide when the tags are
-   missing or disagree with it (real archives often tag laterals "PA"), and says why.
+   missing or disagree with it (real archives often tag laterals "PA"), and says why. The rule
+   itself is :func:`onnx_models.views.resolve`, the one ``cxrnode eval`` and ``doctor`` use.
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# The views the report generator understands (onnx_models.runtime.StudyInput).
-VIEWS = ("PA", "AP", "LATERAL", "LL", "UNKNOWN")
-FRONTAL_VIEWS = frozenset({"PA", "AP"})
-LATERAL_VIEWS = frozenset({"LATERAL", "LL"})
+# the view vocabulary (VIEWS, VIEW_POSITIONS) and the resolution rule live in onnx_models.views
+from onnx_models.views import projection, resolve, view_from_position
 
 CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -69,11 +68,6 @@ VIEW_CODES = {
     "399198007": "LATERAL",  # right lateral (left-right lateral)
     "399067008": "LATERAL",  # lateral
     "49370004": "LATERAL",  # lateral
-}
-VIEW_POSITIONS = {
-    "PA": "PA", "AP": "AP", "LL": "LL", "RL": "LATERAL", "LAT": "LATERAL", "LATERAL": "LATERAL",
-    "L": "LATERAL", "LLAT": "LL", "RLAT": "LATERAL", "PA LAT": "LATERAL", "AP SUPINE": "AP",
-    "APS": "AP", "AP ERECT": "AP", "PA ERECT": "PA",
 }
 
 
@@ -211,7 +205,7 @@ def select_images(headers: Iterable[InstanceHeader]) -> Selection:
 class TagView:
     """The view the header claims, and from which attribute ("" when nothing says)."""
 
-    view: str  # one of VIEWS
+    view: str  # one of onnx_models.views.VIEWS
     source: str  # "ViewPosition", "ViewCodeSequence", "PatientOrientation" or ""
     conflict: str = ""  # the attributes disagree with each other
 
@@ -250,18 +244,10 @@ def _view_from_orientation(orientation: Sequence[str]) -> str:
     return ""
 
 
-def _projection(view: str) -> str:
-    if view in FRONTAL_VIEWS or view == "FRONTAL":
-        return "FRONTAL"
-    if view in LATERAL_VIEWS:
-        return "LATERAL"
-    return ""
-
-
 def view_from_tags(h: InstanceHeader) -> TagView:
     """The view the header states: ViewPosition, then ViewCodeSequence, then PatientOrientation."""
     candidates: list[tuple[str, str]] = []
-    vp = VIEW_POSITIONS.get(h.view_position, "")
+    vp = view_from_position(h.view_position)
     if vp:
         candidates.append((vp, "ViewPosition"))
     vc = _view_from_code(h.view_codes)
@@ -273,7 +259,7 @@ def view_from_tags(h: InstanceHeader) -> TagView:
     if not candidates:
         return TagView("UNKNOWN", "")
     view, source = candidates[0]
-    conflicts = [f"{s} says {v}" for v, s in candidates[1:] if _projection(v) != _projection(view)]
+    conflicts = [f"{s} says {v}" for v, s in candidates[1:] if projection(v) != projection(view)]
     if view == "FRONTAL":  # only the orientation spoke: frontal, PA or AP unknown
         view = "UNKNOWN"
         source = "PatientOrientation (frontal)"
@@ -284,7 +270,7 @@ def view_from_tags(h: InstanceHeader) -> TagView:
 @dataclass(frozen=True)
 class ResolvedView:
     sop_instance_uid: str
-    view: str  # one of VIEWS: what the generator is told
+    view: str  # one of onnx_models.views.VIEWS: what the generator is told
     source: str  # "tags" (classifier agrees), "classifier" (tags missing or overruled)
     tag_view: str
     tag_source: str
@@ -311,29 +297,14 @@ def resolve_view(sop_instance_uid: str, tags: TagView, classifier: tuple[str, fl
     FRONTAL or LATERAL. When the tags agree with it, the tags' more specific view (PA/AP/LL) is
     kept. A classifier FRONTAL with no frontal tag becomes PA (the usual erect chest view).
     """
-    label, prob = classifier[0].upper(), float(classifier[1])
-    if label not in ("FRONTAL", "LATERAL"):
-        raise ValueError(f"view classifier label must be FRONTAL or LATERAL, got {classifier[0]!r}")
-    tag_proj = _projection(tags.view)
-    default = "PA" if label == "FRONTAL" else "LATERAL"
-    if not tag_proj:
-        view, source = default, "classifier"
-        note = f"no view in the tags; classifier says {label} ({prob:.2f}): using {view}"
-    elif tag_proj == label:
-        view, source = tags.view, "tags"
-        note = f"{tags.source} {tags.view} agrees with the classifier ({label} {prob:.2f})"
-    else:
-        view, source = default, "classifier"
-        note = f"{tags.source} says {tags.view} but the classifier says {label} ({prob:.2f}): using {view}"
-    if tags.conflict:
-        note += f" (tags disagree: {tags.conflict})"
+    d = resolve(tags.view, classifier, tags.source, tags.conflict)
     return ResolvedView(
         sop_instance_uid=sop_instance_uid,
-        view=view,
-        source=source,
+        view=d.view,
+        source=d.source,
         tag_view=tags.view,
         tag_source=tags.source,
-        classifier_label=label,
-        classifier_probability=prob,
-        note=note,
+        classifier_label=str(classifier[0]).upper(),
+        classifier_probability=float(classifier[1]),
+        note=d.note,
     )
