@@ -17,9 +17,29 @@ node's machine (SQLite) and for several reviewer desktops sharing one PostgreSQL
   reviewer's update can match; the loser's transaction is rolled back and its file removed.
 
 The verifying observer (PS3.3 C.17.2.1, Verifying Observer Sequence; TID 2000 verification) is
-the authenticated OS account (or database role) mapped through the config's ``[[reviewers]]``
-table to a display name and organisation. There is no free-text name at signing time: an
-account that is not configured cannot claim, sign or reject.
+the authenticated OS account mapped through the ``[[reviewers]]`` table of the *installed*
+configuration to a display name and organisation. There is no free-text name at signing time: an
+account that is not configured cannot claim, sign or reject. Neither half can be spoofed by the
+person at the keyboard (docs/SECURITY.md):
+
+* :func:`current_user` is the *effective* OS account (``pwd.getpwuid(os.geteuid())``), never
+  ``$USER``/``$LOGNAME``, which anyone can set;
+* reviewers are read only from an *installed configuration* (:func:`installed_reviewers`): the
+  config file is a regular file owned by root that neither its group nor others may write,
+  reached through folders only root can change (root-owned, not group/other-writable unless
+  sticky like ``/tmp``). That is what the installer writes (``/etc/cxrnode/cxrnode.toml``,
+  0640 root:cxrnode). A file any other account could have written (``CXRNODE_CONFIG`` or
+  ``--config`` pointing at a private TOML) still opens the worklist, but names no signer:
+  :class:`UntrustedConfigError`. The ``[[reviewers]]`` are parsed from the very bytes whose
+  file was checked (no window between the check and the read).
+
+A draft is signed only if it still describes its study: :meth:`ReviewService.sign` commits
+only while the study has no instance newer than its latest finished drafting job
+(``Study.generation`` against ``Job.study_generation``, checked in the same transaction as the
+state change, with the study row locked on PostgreSQL). A superseded draft raises
+:class:`SupersededError` (naming the draft that replaces it); a study that gained images whose new
+draft is not made yet raises :class:`StudyChangedError`. Renewing the claim refuses the same
+way, so the reviewer holding such a draft is told at the next heartbeat, not only at Sign.
 
 Nothing unsigned is presented as final: :attr:`DraftDetail.is_final` is true only for a signed
 draft, and every worklist row carries its state.
@@ -29,9 +49,12 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
-import getpass
 import json
 import logging
+import os
+import pwd
+import stat
+import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +95,11 @@ class UnknownReviewerError(ReviewError):
     """The account is not in the config's ``[[reviewers]]``: it cannot claim, sign or reject."""
 
 
+class UntrustedConfigError(UnknownReviewerError):
+    """The config file is not an installed (root-owned, root-only-writable) configuration, so its
+    ``[[reviewers]]`` name nobody: anyone able to write it could make themselves a signer."""
+
+
 class ClaimConflictError(ReviewError):
     """Another reviewer holds the draft."""
 
@@ -84,9 +112,119 @@ class NotReviewableError(ReviewError):
     """The draft is signed, rejected or superseded (or does not exist)."""
 
 
+class SupersededError(NotReviewableError):
+    """The study gained images and a newer draft replaces this one; ``newer_draft_id`` is it."""
+
+    def __init__(self, message: str, newer_draft_id: int | None = None) -> None:
+        super().__init__(message)
+        self.newer_draft_id = newer_draft_id
+
+
+class StudyChangedError(ReviewError):
+    """The study gained images after this draft was made and no newer draft exists yet: the draft
+    does not describe the whole study, so it cannot be signed (a new draft is on its way)."""
+
+
 def current_user() -> str:
-    """The authenticated OS account running this process."""
-    return getpass.getuser()
+    """The effective OS account of this process (``pwd.getpwuid(os.geteuid())``).
+
+    Not ``getpass.getuser()``: that believes ``$LOGNAME``/``$USER``, which anyone can set.
+    """
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        raise ReviewError(f"the effective user id {uid} has no account name (no passwd entry); "
+                          "it cannot review or sign") from None
+
+
+#: what the refusal says an installed configuration is
+INSTALLED_CONFIG_RULE = (
+    "reviewers are read only from the installed configuration: a regular file owned by root that "
+    "neither its group nor others may write, in folders only root can change (the installer writes "
+    "/etc/cxrnode/cxrnode.toml, mode 0640 root:cxrnode)"
+)
+
+
+def _untrusted_reason(st: os.stat_result, what: str) -> str:
+    if st.st_uid != 0:
+        try:
+            owner = f"{pwd.getpwuid(st.st_uid).pw_name} (uid {st.st_uid})"
+        except KeyError:
+            owner = f"uid {st.st_uid}"
+        return f"{what} is owned by {owner}, not root"
+    if st.st_mode & stat.S_IWOTH and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
+        return f"{what} is writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
+    if st.st_mode & stat.S_IWGRP and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
+        return f"{what} is writable by its group (mode {stat.S_IMODE(st.st_mode):04o})"
+    return ""
+
+
+def read_installed_config(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of ``path`` if it is an installed configuration, else :class:`UntrustedConfigError`.
+
+    Installed = a regular file owned by uid 0, not writable by group or others, whose real path
+    runs through folders owned by uid 0 and not writable by group or others (a sticky folder such
+    as ``/tmp`` is allowed: others cannot rename or remove root's entries in it). The file is
+    opened once; its ownership is checked on that descriptor and the bytes are read from it.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise UntrustedConfigError(f"cannot read the configuration {path}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UntrustedConfigError(f"the configuration {path} is not a regular file; {INSTALLED_CONFIG_RULE}")
+        why = _untrusted_reason(st, f"the configuration file {path}")
+        real = Path(os.path.realpath(path))
+        if not why:
+            try:
+                rst = os.stat(real)
+            except OSError:
+                rst = None
+            if rst is None or (rst.st_dev, rst.st_ino) != (st.st_dev, st.st_ino):
+                why = f"the configuration {path} changed while it was being checked"
+        if not why:
+            for folder in real.parents:
+                why = _untrusted_reason(os.stat(folder), f"its folder {folder}")
+                if why:
+                    break
+        if why:
+            raise UntrustedConfigError(f"{why}: nobody can sign with it. {INSTALLED_CONFIG_RULE}.")
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def installed_reviewers(config: Config) -> tuple[Reviewer, ...]:
+    """The ``[[reviewers]]`` of ``config``'s file, if it is an installed configuration.
+
+    ``()`` when the config came from no file (defaults only: nobody is a reviewer);
+    :class:`UntrustedConfigError` when the file is not installed (see :func:`read_installed_config`).
+    The reviewers are parsed from the checked bytes, not taken from ``config``.
+    """
+    if not config.source:
+        return ()
+    raw = read_installed_config(config.source)
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UntrustedConfigError(f"the configuration {config.source} changed and is no longer valid TOML: {exc}") from None
+    items = data.get("reviewers", [])
+    fields = ("username", "display_name", "organisation")
+    out: list[Reviewer] = []
+    for i, item in enumerate(items if isinstance(items, list) else [None]):
+        if (not isinstance(item, dict) or set(item) - set(fields)
+                or not all(isinstance(item.get(k, ""), str) for k in fields)
+                or not item.get("username") or not item.get("display_name")):
+            raise UntrustedConfigError(f"{config.source}: reviewers[{i}]: expected username, display_name "
+                                       "and organisation (strings)")
+        out.append(Reviewer(**{k: item[k] for k in fields if k in item}))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -279,24 +417,62 @@ class ReviewService:
         self.store = store
         self.claim_timeout_s = float(claim_timeout_s)
         self.clock = clock
+        self._reviewers: tuple[Reviewer, ...] | None = None  # checked once, on first use
 
     # -- identity ---------------------------------------------------------------------------
 
+    def reviewers(self) -> tuple[Reviewer, ...]:
+        """The reviewers of the installed configuration (:func:`installed_reviewers`);
+        :class:`UntrustedConfigError` if the config file is not an installed one."""
+        if self._reviewers is None:
+            self._reviewers = installed_reviewers(self.config)
+        return self._reviewers
+
     def reviewer(self, user: str) -> Reviewer:
-        """The configured reviewer for an account, or :class:`UnknownReviewerError`."""
-        found = self.config.reviewer(user)
+        """The reviewer for an account, from the installed configuration only.
+
+        Raises :class:`UntrustedConfigError` (the config file could have been written by someone
+        other than root) or :class:`UnknownReviewerError` (the account is not listed).
+        """
+        try:
+            found = next((r for r in self.reviewers() if r.username == user), None)
+        except UntrustedConfigError as exc:
+            raise UntrustedConfigError(f"account {user!r} cannot sign: {exc}") from None
         if found is None:
-            where = f" in {self.config.source}" if self.config.source else ""
+            where = f" in {self.config.source}" if self.config.source else " in the installed configuration"
             raise UnknownReviewerError(
                 f"account {user!r} is not a configured reviewer: add a [[reviewers]] entry with "
                 f"username = {user!r}, display_name and organisation{where}"
             )
         return found
 
+    def find_reviewer(self, user: str) -> Reviewer | None:
+        """The reviewer for ``user`` (installed configuration only), or None."""
+        try:
+            return self.reviewer(user)
+        except UnknownReviewerError:
+            return None
+
     def is_reviewer(self, user: str) -> bool:
-        return self.config.reviewer(user) is not None
+        return self.find_reviewer(user) is not None
 
     # -- worklist ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _study_unchanged() -> Any:
+        """SQL condition on a Draft: its study has no instance newer than the latest *finished*
+        drafting job (``Job.study_generation`` of a ``done`` job >= ``Study.generation``).
+
+        A draft whose study gained images is either superseded by the next job's draft, or (the
+        new images changed nothing the pipeline reads) confirmed by that job finishing at the new
+        generation; until then it is not signable."""
+        covered = (
+            select(func.max(Job.study_generation))
+            .where(Job.study_id == Draft.study_id, Job.state == JobState.DONE)
+            .scalar_subquery()
+        )
+        current = select(Study.generation).where(Study.id == Draft.study_id).scalar_subquery()
+        return func.coalesce(covered, -1) >= current
 
     def _claim_cutoff(self, now: dt.datetime) -> dt.datetime:
         return now - dt.timedelta(seconds=self.claim_timeout_s)
@@ -509,12 +685,41 @@ class ReviewService:
         if d.state == DraftState.REJECTED:
             return NotReviewableError(f"draft {draft_id} was rejected: {d.reject_reason}")
         if d.state == DraftState.SUPERSEDED:
-            return NotReviewableError(
-                f"draft {draft_id} is superseded: the study gained images and a newer draft replaces it"
+            newer = s.scalars(
+                select(Draft.id)
+                .where(Draft.study_id == d.study_id, Draft.id != d.id, Draft.state != DraftState.SUPERSEDED)
+                .order_by(Draft.id.desc())
+                .limit(1)
+            ).first()
+            which = f"draft {newer}" if newer is not None else "a newer draft"
+            return SupersededError(
+                f"draft {draft_id} is superseded: the study gained images and {which} replaces it; "
+                f"nothing was signed; review {which} instead",
+                newer_draft_id=newer,
             )
         holder = d.claimed_by or ""
         if holder and holder != user:
             return ClaimConflictError(f"draft {draft_id} is in review by {holder}", holder=holder)
+        if not s.scalar(select(self._study_unchanged()).where(Draft.id == draft_id)):
+            failed = s.scalars(
+                select(Job.last_error)
+                .where(Job.study_id == d.study_id, Job.state == JobState.FAILED)
+                .order_by(Job.id.desc())
+                .limit(1)
+            ).first()
+            pending = s.scalar(
+                select(func.count(Job.id)).where(Job.study_id == d.study_id,
+                                                 Job.state.in_((JobState.PENDING, JobState.RUNNING)))
+            )
+            if failed is not None and not pending:
+                return StudyChangedError(
+                    f"draft {draft_id} cannot be signed: the study gained images after it was drafted and "
+                    f"drafting the new images failed ({failed}); reject this draft and report the study manually"
+                )
+            return StudyChangedError(
+                f"draft {draft_id} cannot be signed: the study gained images after it was drafted; "
+                "a new draft is being made and will replace it in the worklist; nothing was signed"
+            )
         return ReviewError(f"draft {draft_id} is not claimed by {user}; open it again")
 
     def claim(self, draft_id: int, user: str) -> DraftDetail:
@@ -528,7 +733,8 @@ class ReviewService:
         with self.sessions() as s, s.begin():
             renewed = s.execute(
                 update(Draft)
-                .where(Draft.id == draft_id, Draft.state == DraftState.IN_REVIEW, Draft.claimed_by == user)
+                .where(Draft.id == draft_id, Draft.state == DraftState.IN_REVIEW, Draft.claimed_by == user,
+                       self._study_unchanged())
                 .values(claimed_at=now)
                 .execution_options(synchronize_session=False)
             )
@@ -540,6 +746,7 @@ class ReviewService:
                 .where(
                     Draft.id == draft_id,
                     self._claimable_by(user, now),
+                    self._study_unchanged(),
                 )
                 .values(state=DraftState.IN_REVIEW, claimed_by=user, claimed_at=now)
                 .execution_options(synchronize_session=False)
@@ -576,10 +783,12 @@ class ReviewService:
     def sign(self, draft_id: int, user: str, findings: str, impression: str) -> Draft:
         """Write the verified SR, store and index it, mark the draft signed, audit, enqueue.
 
-        The verifying observer is ``user``'s configured reviewer (display name, organisation).
-        ``user`` must hold (or be able to take) the claim. Raises :class:`UnknownReviewerError`,
-        :class:`ClaimConflictError` or :class:`NotReviewableError`; on any error nothing is
-        committed and no file is left behind.
+        The verifying observer is ``user``'s reviewer in the installed configuration (display
+        name, organisation). ``user`` must hold (or be able to take) the claim, and the study must
+        not have gained images since the draft was made (checked again in the committing
+        transaction). Raises :class:`UnknownReviewerError` (or :class:`UntrustedConfigError`),
+        :class:`ClaimConflictError`, :class:`SupersededError` / :class:`NotReviewableError` or
+        :class:`StudyChangedError`; on any error nothing is committed and no file is left behind.
         """
         reviewer = self.reviewer(user)
         findings = findings.strip()
@@ -620,6 +829,12 @@ class ReviewService:
         now = self.clock()
         try:
             with self.sessions() as s, s.begin():
+                # lock the study row first (PostgreSQL; SQLite has one writer anyway): an instance
+                # registered now waits for this transaction, so the generation checked below is the
+                # one committed with the signature
+                s.execute(
+                    select(Study.id).where(Study.study_instance_uid == study_uid).with_for_update()
+                ).first()
                 res = s.execute(
                     update(Draft)
                     .where(
@@ -627,6 +842,7 @@ class ReviewService:
                             Draft.id == draft_id,
                             Draft.state == DraftState.IN_REVIEW,
                             Draft.claimed_by == user,
+                            self._study_unchanged(),
                         )
                     )
                     .values(
@@ -751,10 +967,15 @@ __all__ = [
     "NotReviewableError",
     "ReviewError",
     "ReviewService",
+    "StudyChangedError",
+    "SupersededError",
     "UnknownReviewerError",
+    "UntrustedConfigError",
     "ViewRef",
     "WorklistRow",
     "current_user",
+    "installed_reviewers",
+    "read_installed_config",
     "parse_grounded",
     "parse_token_info",
     "sort_rows",
