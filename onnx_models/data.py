@@ -158,14 +158,16 @@ def load_studies(root: str | Path, splits: Sequence[str] | None = None) -> list[
     return studies
 
 
-def to_unit_range(values: np.ndarray, top: float) -> np.ndarray:
+def to_unit_range(values: np.ndarray, top: float, dtype: type = np.float32) -> np.ndarray:
     """Display values ``0..top`` -> float32 [0, 1]. The one scaling of 8-bit display-ready pixels:
     an image file (:func:`read_image`) and an 8-bit MONOCHROME2 DICOM image without a window
     (``plugin.pixels.prepare``) both go through it, so eval and the node feed the model the same
-    array for the same pixels."""
+    array for the same pixels. Computed in float64 (``dtype`` float64 keeps that precision for
+    further steps, e.g. MONOCHROME1 inversion); float32 rounding of ``v / 255`` equals float32
+    division for every 8-bit ``v``."""
     if top <= 0:
         raise ValueError(f"top must be positive, got {top}")
-    return np.clip(np.asarray(values, dtype=np.float64) / float(top), 0.0, 1.0).astype(np.float32)
+    return np.clip(np.asarray(values, dtype=np.float64) / float(top), 0.0, 1.0).astype(dtype)
 
 
 def read_image(path: str | Path) -> np.ndarray:

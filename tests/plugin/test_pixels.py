@@ -18,7 +18,7 @@ from pydicom.uid import (
 )
 from synth import SC, gradient, image, jpeg_baseline
 
-from plugin.pixels import PixelError, PixelOptions, prepare, window
+from plugin.pixels import PixelError, PixelOptions, prepare, voi, window
 
 SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "data" / "dicom_samples"
 
@@ -154,10 +154,9 @@ def test_rgb_secondary_capture_becomes_luminance() -> None:
     assert_air_dark_on_left(prepare(roundtrip(ds)).array)
 
 
-def test_resize_to_bundle_input() -> None:
-    out = prepare(roundtrip(image(gradient(rows=300, cols=200), WindowCenter=2048, WindowWidth=4096)),
-                  PixelOptions(size=64))
-    assert out.array.shape == (64, 64) and out.original_shape == (300, 200)
+def test_native_size_the_runtime_alone_resizes() -> None:
+    out = prepare(roundtrip(image(gradient(rows=300, cols=200), WindowCenter=2048, WindowWidth=4096)))
+    assert out.array.shape == (300, 200) and out.original_shape == (300, 200)
     assert_air_dark_on_left(out.array)
 
 
@@ -181,8 +180,9 @@ def test_real_samples(name: str) -> None:
     path = SAMPLES / name
     if not path.exists():
         pytest.skip(f"{path} not available")
-    out = prepare(dcmread(path), PixelOptions(size=224))
-    assert out.array.shape == (224, 224)
+    ds = dcmread(path)
+    out = prepare(ds)
+    assert out.array.shape == (ds.Rows, ds.Columns)
     assert 0.1 < float(out.array.mean()) < 0.9 and float(out.array.std()) > 0.05
 
 
@@ -214,9 +214,129 @@ def test_every_accepted_transfer_syntax_decodes(syntax: str, name: str) -> None:
         pytest.skip(f"{name} not shipped with this pydicom")
     ds = dcmread(path)
     assert ds.file_meta.TransferSyntaxUID == syntax
-    out = prepare(ds, PixelOptions(size=32))
-    assert out.array.shape == (32, 32) and out.array.dtype == np.float32
+    out = prepare(ds)
+    assert out.array.shape == (ds.Rows, ds.Columns) and out.array.dtype == np.float32
     assert 0.0 <= float(out.array.min()) and float(out.array.max()) <= 1.0 and float(out.array.std()) > 0.01
     if name in LOSSLESS_OF_MR_SMALL:
-        ref = prepare(dcmread(get_testdata_file("MR_small.dcm")), PixelOptions(size=32)).array
+        ref = prepare(dcmread(get_testdata_file("MR_small.dcm"))).array
         assert np.array_equal(out.array, ref)
+
+
+# --- the LUT stage is pydicom's; these pin it to PS3.3 C.11 and cover what pydicom lacks --------
+
+def reference_window(x: np.ndarray, c: float, w: float, function: str) -> np.ndarray:
+    """PS3.3 C.11.2.1.2 / C.11.2.1.3, written out, output in [0, 1]."""
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (x - c) / w))
+    if function == "LINEAR_EXACT":
+        return np.clip((x - (c - w / 2)) / w, 0.0, 1.0)
+    if w == 1:
+        return (x > c - 0.5).astype(np.float64)
+    return np.clip((x - (c - 0.5)) / (w - 1) + 0.5, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+@pytest.mark.parametrize(("center", "width"), [(2048, 4096), (1000, 400), (2040.5, 4081), (100, 1)])
+def test_windows_follow_the_standard(function: str, center: float, width: float) -> None:
+    stored = np.random.default_rng(0).integers(0, 4096, size=(40, 30))
+    ds = roundtrip(image(stored, bits=12, WindowCenter=center, WindowWidth=width, VOILUTFunction=function))
+    out = prepare(ds)
+    np.testing.assert_array_equal(out.array, reference_window(stored, center, width, function).astype(np.float32))
+    assert f"window 0 center {center:g} width {width:g} {function}" in out.steps
+
+
+def test_unusable_window_falls_back_to_the_data_range() -> None:
+    out = prepare(roundtrip(image(gradient(top=1000) + 500, bits=12, WindowCenter=800, WindowWidth=0)))
+    assert out.array.min() == 0.0 and out.array.max() == 1.0
+    assert any("full range 500..1500" in s for s in out.steps)
+
+
+def lut_item(n: int, first: int, bits: int, data: list[int], vr: str, big_endian: bool = False) -> Dataset:
+    item = Dataset()
+    item.LUTDescriptor = [n, first, bits]
+    item["LUTDescriptor"].VR = "US"
+    if vr == "OW":
+        item.add_new(0x00283006, "OW", np.asarray(data, dtype=">u2" if big_endian else "<u2").tobytes())
+    else:
+        item.LUTData = data
+        item["LUTData"].VR = "US"
+    return item
+
+
+def saved(ds: Dataset, big_endian: bool) -> Dataset:
+    """Write in Explicit VR Little or Big Endian (pixel words in that byte order) and read back."""
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
+
+    if big_endian:
+        ds.PixelData = np.frombuffer(ds.PixelData, dtype="<u2").astype(">u2").tobytes()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian if big_endian else ExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True, little_endian=not big_endian, implicit_vr=False)
+    buf.seek(0)
+    return dcmread(buf)
+
+
+@pytest.mark.parametrize("big_endian", [False, True])
+@pytest.mark.parametrize("vr", ["US", "OW"])
+@pytest.mark.parametrize("bits", [16, 12, 8])
+def test_voi_lut_sequence_in_either_byte_order(vr: str, big_endian: bool, bits: int) -> None:
+    """OW LUT Data is read in the dataset's byte order (the hand-written code assumed little
+    endian); an 8-bit LUT with 4,096 entries does not wrap (pydicom indexes with its entries' width)."""
+    stored = np.random.default_rng(1).integers(0, 4096, size=(40, 30))
+    top = 2**bits - 1
+    table = [round(top * (i / 4095) ** 0.5) for i in range(4096)]
+    ds = saved(image(stored, bits=12, VOILUTSequence=[lut_item(4096, 0, bits, table, vr, big_endian)]), big_endian)
+    expected = (np.asarray(table, dtype=np.float64)[stored] / top).astype(np.float32)
+    np.testing.assert_array_equal(prepare(ds).array, expected)
+
+
+@pytest.mark.parametrize("big_endian", [False, True])
+@pytest.mark.parametrize("vr", ["US", "OW"])
+def test_modality_lut_sequence_in_either_byte_order(vr: str, big_endian: bool) -> None:
+    stored = np.random.default_rng(2).integers(0, 4096, size=(40, 30))
+    table = [3 * i for i in range(3000)]  # first mapped value 500: below clamps to entry 0
+    ds = saved(image(stored, bits=12, ModalityLUTSequence=[lut_item(3000, 500, 16, table, vr, big_endian)]),
+               big_endian)
+    modality = np.asarray(table, dtype=np.float64)[np.clip(stored - 500, 0, 2999)]
+    expected = (modality - modality.min()) / (modality.max() - modality.min())
+    np.testing.assert_array_equal(prepare(ds).array, expected.astype(np.float32))
+
+
+def test_lut_quirks_pydicom_lacks() -> None:
+    """A 12-bit-entry Modality LUT (PS3.3 allows 8 or 16; archives send 12) and a signed image's
+    LUT whose first mapped value is written as US (63536 = -2000) are read as meant."""
+    stored = np.random.default_rng(3).integers(0, 4096, size=(40, 30))
+    table = [4095 - i for i in range(4096)]
+    out = prepare(roundtrip(image(stored, bits=12, ModalityLUTSequence=[lut_item(4096, 0, 12, table, "US")])))
+    np.testing.assert_array_equal(out.array, ((4095 - stored - (4095 - stored).min())
+                                              / np.ptp(4095 - stored)).astype(np.float32))
+    signed = np.random.default_rng(4).integers(-2000, 2000, size=(40, 30))
+    voi = [16 * i for i in range(4000)]
+    ds = roundtrip(image(signed, bits=16, signed=True, VOILUTSequence=[lut_item(4000, 63536, 16, voi, "US")]))
+    np.testing.assert_array_equal(prepare(ds).array, ((signed + 2000) * 16 / (16 * 3999)).astype(np.float32))
+
+
+def test_voi_on_a_header_copied_without_file_meta() -> None:
+    """The reviewer windows a header copied without its file meta (gui.imaging): OW LUT Data is
+    then taken as little endian, as the node stores it."""
+    ds = roundtrip(image(gradient(top=4095), VOILUTSequence=[lut_item(4096, 0, 16, [4095 - i for i in range(4096)], "OW")]))
+    header = Dataset()
+    for elem in ds:
+        if elem.tag != 0x7FE00010:
+            header.add(elem)
+    display, how = voi(np.array([0.0, 4095.0]), header)
+    assert how == "VOI LUT 0" and display.tolist() == [1.0, 0.0]
+
+
+def test_8bit_monochrome2_equals_what_eval_reads(tmp_path: Path) -> None:
+    """An 8-bit MONOCHROME2 image without a window gives exactly ``onnx_models.data.read_image``
+    of an image file with the same pixels (value / 255): eval measures what the node reads."""
+    from PIL import Image
+
+    from onnx_models.data import read_image
+
+    pixels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    Image.fromarray(pixels, mode="L").save(tmp_path / "a.png")
+    out = prepare(roundtrip(image(pixels, bits=8)))
+    np.testing.assert_array_equal(out.array, read_image(tmp_path / "a.png"))
+    assert out.array.dtype == np.float32 and "nominal range 0..255 (no window)" in out.steps
