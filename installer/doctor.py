@@ -250,7 +250,10 @@ def check_inference(ctx: Context) -> list[Check]:
         import pydicom
 
         from onnx_models.runtime import StudyInput
+        from onnx_models.views import order
+        from plugin import indication as indication_mod
         from plugin.pixels import PixelOptions, prepare
+        from plugin.views import InstanceHeader, resolve_view, view_from_tags
     except ImportError as exc:
         return [Check("inference", FAIL, _missing(getattr(exc, "name", None) or "the runtime", exc),
                       "install a complete cxrnode bundle (onnx_models.runtime and plugin are needed)")]
@@ -262,14 +265,16 @@ def check_inference(ctx: Context) -> list[Check]:
     try:
         gen = _generator(ctx)
         load_s = ctx.generator_load_s
-        views = []
-        indication = ""
-        for f in files:
-            ds = pydicom.dcmread(f)
-            img = prepare(ds, PixelOptions(voi_window_index=ctx.config.pipeline.voi_window_index))
-            view = str(ds.get("ViewPosition", "") or "UNKNOWN").upper()
-            views.append((img.array, view if view in ("PA", "AP", "LATERAL", "LL") else "UNKNOWN"))
-            indication = indication or str(ds.get("ReasonForTheRequestedProcedure", "") or "")
+        # the node's own functions (plugin.pipeline): pixels, views (tags + classifier), order, indication
+        datasets = [pydicom.dcmread(f) for f in files]
+        pixels = [prepare(ds, PixelOptions(voi_window_index=ctx.config.pipeline.voi_window_index)).array
+                  for ds in datasets]
+        decided = [resolve_view(str(ds.get("SOPInstanceUID", "")), view_from_tags(InstanceHeader.from_dataset(ds)),
+                                label).view
+                   for ds, label in zip(datasets, gen.classify_views(pixels), strict=True)]
+        views = [(pixels[i], decided[i]) for i in order(decided)]
+        indication = indication_mod.extract(datasets, ctx.config.pipeline.indication_sources,
+                                            ctx.config.pipeline.indication_max_chars).text
         t0 = time.perf_counter()
         reports = gen.generate([StudyInput(views=views, indication=indication)],
                                max_tokens=m.max_report_tokens or None)
