@@ -70,6 +70,16 @@ from dicom_node.config import Config, Reviewer
 from dicom_node.db import Draft, DraftState, Instance, Job, JobState, Study, StudyState, utcnow
 from dicom_node.store import Store
 from plugin import sr
+from plugin.draft_info import (
+    InputCheck,
+    ObservationCall,
+    ViewCheck,
+    bundle_thresholds,
+    observation_calls,
+    parse_input_check,
+    parse_observations,
+    parse_thresholds,
+)
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +255,11 @@ class WorklistRow:
     model_name: str = ""
     model_version: str = ""
     detail: str = ""  # for failed: the job's last error; for rejected: the reason
+    #: the input gate's outcome (passed, partial, withheld, warned, off; "" = not checked: a
+    #: draft made before the gate) and its plain reason; the views it did not use
+    input_outcome: str = ""
+    input_reason: str = ""
+    views_not_used: tuple[str, ...] = ()
 
     @property
     def state_label(self) -> str:
@@ -261,6 +276,8 @@ class ViewRef:
     view: str  # PA, AP, LATERAL, LL, UNKNOWN
     source: str  # where the view label came from (tag, model, ...)
     path: Path | None  # absolute path in the store; None if the instance is not indexed
+    #: the input gate's verdict on this view (None: not checked)
+    check: ViewCheck | None = None
 
 
 @dataclass(frozen=True)
@@ -297,6 +314,16 @@ class DraftDetail:
     reject_reason: str = ""
     #: sentences the model's grounding step added, with the observation probability behind each
     grounded: tuple[tuple[str, float], ...] = ()
+    #: the observation probabilities (``token_info["observations"]``) with their decision
+    #: thresholds, most probable first
+    observations: tuple[ObservationCall, ...] = ()
+    #: the input gate's outcome; None for a draft made before the gate (not checked)
+    input_check: InputCheck | None = None
+
+    @property
+    def withheld(self) -> bool:
+        """The gate withheld the AI draft: no generated text, the radiologist reports from scratch."""
+        return self.input_check is not None and self.input_check.withheld
 
     @property
     def is_final(self) -> bool:
@@ -374,6 +401,15 @@ def text_diff(before: str, after: str, before_name: str = "AI draft", after_name
             lineterm="\n",
         )
     )
+
+
+def _gate_fields(token_info: str | None) -> dict[str, Any]:
+    """The worklist fields of the input gate's outcome (empty for a draft made before the gate)."""
+    gate = parse_input_check(token_info)
+    if gate is None:
+        return {}
+    return {"input_outcome": gate.outcome, "input_reason": gate.reason,
+            "views_not_used": tuple(v.view for v in gate.failed_views)}
 
 
 def _views_of(raw: str | None) -> list[dict[str, str]]:
@@ -565,6 +601,7 @@ class ReviewService:
                         model_name=d.model_name,
                         model_version=d.model_version,
                         detail=d.reject_reason or "",
+                        **_gate_fields(d.token_info),
                     )
                 )
             if STATE_FAILED in wanted:
@@ -625,6 +662,11 @@ class ReviewService:
             raise NotReviewableError(f"draft {draft_id} does not exist")
         st = d.study
         refs = _views_of(d.views)
+        gate = parse_input_check(d.token_info)
+        if gate is not None:  # views the gate did not let through are shown too, with its verdict
+            known = {r.get("sop_instance_uid") for r in refs}
+            refs += [{"sop_instance_uid": v.sop_instance_uid, "view": v.view, "source": "input check"}
+                     for v in gate.views if v.sop_instance_uid and v.sop_instance_uid not in known]
         uids = [r.get("sop_instance_uid", "") for r in refs]
         paths: dict[str, str] = {
             uid: path
@@ -638,9 +680,12 @@ class ReviewService:
                 view=r.get("view", "UNKNOWN"),
                 source=r.get("source", ""),
                 path=self.store.abspath(paths[r["sop_instance_uid"]]) if r.get("sop_instance_uid") in paths else None,
+                check=gate.for_view(r.get("sop_instance_uid", "")) if gate is not None else None,
             )
             for r in refs
         )
+        thresholds = parse_thresholds(d.token_info) or bundle_thresholds(
+            self.config.model.bundle, d.model_name or "", d.model_version or "")
         state, holder = self._row_state(d, self.clock())
         return DraftDetail(
             draft_id=d.id,
@@ -672,6 +717,8 @@ class ReviewService:
             signed_findings=d.signed_findings or "",
             signed_impression=d.signed_impression or "",
             reject_reason=d.reject_reason or "",
+            observations=observation_calls(parse_observations(d.token_info), thresholds),
+            input_check=gate,
         )
 
     # -- the lock ---------------------------------------------------------------------------
