@@ -138,7 +138,37 @@ def render(manifest: dict[str, Any], evals: list[dict[str, Any]], bench: dict[st
         "- Every draft must be checked and signed by a radiologist; the SR marks it UNVERIFIED until then.",
         "",
     ]
+    if manifest.get("input_check"):
+        out.append(gate_section(manifest["input_check"]))
     return "\n".join(out)
+
+
+CARD_GATE_HEADING = "## Input gate"
+
+
+def gate_section(section: dict[str, Any]) -> str:
+    """The model card's ``## Input gate`` section, written from the manifest section."""
+    share = section.get("val_rejected_share")
+    measured = (f"{share:.1%} of the {section['val_views']} val views are rejected" if share is not None
+                else "the share of val views rejected was not measured")
+    return f"""{CARD_GATE_HEADING}
+
+Before drafting, every view is scored against the training images (`input_check` in the manifest,
+statistics in `{section['statistics']}`; method in `onnx_models/input_gate.py`): the Mahalanobis
+distance of the encoder's view embedding (class-conditional means per view position, tied
+covariance) plus the Mahalanobis distance of model-free appearance statistics (intensity
+quantiles, gradient and fine-detail energy, an 8 x 8 layout thumbnail), each divided by its
+median on a training hold-out. A view fails above {section['limit']:.4g}, the {section['quantile']:.1%}
+quantile of that hold-out ({section['limit_from_views']} views; statistics fitted on
+{section['fitted_on_views']} others); {measured}. Blank images fail without the model; a failing
+view that passes once inverted or rotated is reported as such. When no view of a study passes,
+the node withholds the draft and says why in the SR (`pipeline.input_check = "enforce"`).
+
+What it means: this model has seen only simulated radiographs, so the gate rejects real
+radiographs (all nine real chest films the project tests with are rejected), CT and MR images,
+photographs and noise. It cannot tell a good draft from a bad one on images like the training
+data; it only refuses images unlike them. Data: {"; ".join(f"{k}: {v}" for k, v in section.get("data", {}).items())}.
+"""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,6 +63,20 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
                    help="subtract this from the end-of-report log-probability at every decoding step (longer reports)")
     p.set_defaults(func=_export)
 
+    p = sub.add_parser(
+        "calibrate-gate",
+        help="compute a bundle's input gate (out-of-distribution limits) from its training images",
+        description="Fit the input gate's statistics on the train split (less its tune hold-out), set "
+                    "the limits on the hold-out, measure the share of val views rejected, and write "
+                    "input_check.npz and the manifest's input_check section into the bundle folder.")
+    p.add_argument("--bundle", required=True, help="bundle folder (changed in place) or name")
+    p.add_argument("--data", required=True, help="dataset folder (studies.jsonl or the Kaggle/Open-i layout)")
+    p.add_argument("--quantile", type=float, default=0.99,
+                   help="limit = this quantile of the hold-out's distances (default 0.99)")
+    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (default 2)")
+    p.add_argument("--version", default="", help="also set the bundle's version (the bundle changes)")
+    p.set_defaults(func=_calibrate_gate)
+
     p = sub.add_parser("eval", help="evaluate a bundle on a dataset split (NLG + clinical efficacy)")
     p.add_argument("--bundle", default="default")
     p.add_argument("--data", required=True)
@@ -122,6 +136,15 @@ def _export(args: argparse.Namespace) -> int:
                         grounding_threshold=args.grounding_threshold, replace_negated=args.replace_negated,
                         drop_below=args.drop_below, eos_penalty=args.eos_penalty)
     print(f"bundle: {out}")
+    return 0
+
+
+def _calibrate_gate(args: argparse.Namespace) -> int:
+    from .gate_calibration import calibrate_bundle
+
+    section = calibrate_bundle(args.bundle, args.data, quantile=args.quantile, threads=args.threads,
+                               version=args.version)
+    print(json.dumps(section, indent=2))
     return 0
 
 

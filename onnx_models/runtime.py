@@ -34,12 +34,13 @@ from tokenizers import Tokenizer
 
 from .bundle import Bundle, BundleError, load_bundle
 from .imaging import prepare
+from .input_gate import STATS_FILE, GateStatistics, InputGate, ViewCheck
 from .tokenizer import detokenize
 
 log = logging.getLogger(__name__)
 _LOGGED: set[str] = set()
 
-__all__ = ["ReportGenerator", "StudyInput", "GeneratedReport", "Grounding", "choose_providers"]
+__all__ = ["ReportGenerator", "StudyInput", "GeneratedReport", "Grounding", "ViewCheck", "choose_providers"]
 
 
 def _log_once(level: int, message: str) -> None:
@@ -326,6 +327,8 @@ class ReportGenerator:
                                   f"'replace' or 'mean', not {self._clf_combine!r}")
         #: the manifest's grounding step (None when the bundle has none); see :class:`Grounding`
         self.grounding = Grounding.from_manifest(m["generation"])
+        #: the input gate (``manifest["input_check"]``), None when the bundle has none
+        self.input_gate = self._load_gate()
         vc = m.get("view_classifier", {})
         self._vc_size = int(vc.get("image_size", 64))
         self._vc_labels: list[str] = list(vc.get("labels", ["FRONTAL", "LATERAL"]))
@@ -353,20 +356,53 @@ class ReportGenerator:
             out.append((self._vc_labels[i], float(p[i])))
         return out
 
+    def check_inputs(self, images: Sequence[np.ndarray], views: Sequence[str]) -> list[ViewCheck] | None:
+        """The input gate's verdict on each view (2-D MONOCHROME2 images in [0, 1] at any size,
+        each with the view position the model will read it as), or None when the bundle has no
+        ``input_check`` (the gate is off; logged once). See :mod:`onnx_models.input_gate`."""
+        if self.input_gate is None:
+            return None
+        return self.input_gate.check(list(images), list(views), self.view_embeddings)
+
+    def view_embeddings(self, images: list[np.ndarray], views: list[str]) -> np.ndarray:
+        """One vector per view, each read alone as a one-view study: the encoder's image tokens
+        mean-pooled (``encoder-decoder``) or its ``image_embeds`` mean-pooled (``decoder-only``)."""
+        studies = [StudyInput(views=[(im, v)]) for im, v in zip(images, views, strict=True)]
+        return self._pooled(studies, per_view=True)[:, 0]
+
+    def _load_gate(self) -> InputGate | None:
+        section = self.bundle.manifest.get("input_check")
+        if not section:
+            _log_once(logging.WARNING, f"model {self.name} {self.version}: the bundle has no input_check "
+                      "section: the input gate is off (drafts are written for any image)")
+            return None
+        try:
+            stats = GateStatistics.load(self.bundle.file(str(section.get("statistics", STATS_FILE))))
+            return InputGate(section, stats)
+        except (OSError, KeyError, ValueError) as exc:
+            raise BundleError(f"{self.bundle.path}: input_check is unusable: {exc}") from exc
+
     def embed_images(self, studies: list[StudyInput]) -> np.ndarray:
         """One vector per study: the encoder's image tokens mean-pooled over tokens and real
         views (used by the nearest-report baseline and for retrieval); for a decoder-only
         bundle the ``image_embeds`` mean-pooled over the tokens (``image_mask`` if given)."""
+        return self._pooled(studies, per_view=False)
+
+    def _pooled(self, studies: list[StudyInput], per_view: bool) -> np.ndarray:
+        """Mean-pooled encoder output per study [B, D] (or per view [B, V, D])."""
         images, view_ids, view_mask = self._pixels(studies)
         if self._prefix_lm:
             out = self._run_encoder(images, view_ids, view_mask)
             embeds = out["image_embeds"]
             w = out.get("image_mask", np.ones(embeds.shape[:2], dtype=np.float32))[:, :, None]
-            return (embeds * w).sum(axis=1) / np.maximum(w.sum(axis=1), 1.0)
+            pooled_all = (embeds * w).sum(axis=1) / np.maximum(w.sum(axis=1), 1.0)
+            return pooled_all[:, None] if per_view else pooled_all
         tokens, _ = self._sessions["encoder"].run(
             None, {"images": images, "view_ids": view_ids, "view_mask": view_mask}
         )
         pooled = tokens.mean(axis=2)  # B, V, D
+        if per_view:
+            return pooled
         m = view_mask[:, :, None]
         return (pooled * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1.0)
 
