@@ -53,11 +53,26 @@ class NodeConfig:
         "",
     )
     max_associations: int = _doc("Maximum concurrent associations.", 16)
+    max_pending_associations: int = _doc(
+        "Connections still negotiating (TCP/TLS open, A-ASSOCIATE-RQ not yet answered) allowed at once; "
+        "they do not count against max_associations. Past this the oldest is closed; each is closed "
+        "after acse_timeout_s in any case.", 8
+    )
+    max_inflated_mb: int = _doc(
+        "Refuse (0xA700) a Deflated Explicit VR Little Endian data set that inflates beyond this many MB "
+        "(checked while streaming, before it is parsed).", 256
+    )
     min_free_space_mb: int = _doc("Refuse new instances (0xA700) when free space in storage_dir falls below this.", 500)
     fsync: bool = _doc("fsync every received file and its folder before answering success. Turn off only for tests.", True)
-    acse_timeout_s: float = _doc("Association negotiation timeout.", 30.0)
+    acse_timeout_s: float = _doc(
+        "Association negotiation timeout: a connection that has not completed its A-ASSOCIATE "
+        "(TLS handshake included) this long after it was accepted is closed.", 30.0
+    )
     dimse_timeout_s: float = _doc("DIMSE message timeout.", 60.0)
-    network_timeout_s: float = _doc("Idle network timeout of an association.", 120.0)
+    network_timeout_s: float = _doc(
+        "Idle network timeout of an association; also the longest an accepted association may "
+        "take to deliver one PDU once it has started.", 120.0
+    )
     log_level: str = _doc("Logging level: DEBUG, INFO, WARNING, ERROR.", "INFO")
 
     def resolved_database_url(self) -> str:
@@ -119,6 +134,10 @@ class PipelineConfig:
     indication_max_chars: int = _doc("The indication is cut to this many characters.", 300)
     voi_window_index: int = _doc("Which VOI window to apply when an image has several (0 = first).", 0)
     render_report: str = _doc('Also send a rendering of the report for viewers without SR: "none", "pdf" or "sc".', "none")
+    input_check: str = _doc(
+        'The model\'s input gate: "enforce" drafts only from views like the training images and withholds '
+        'the draft (saying why) when none is; "warn" drafts from every view and marks the draft; "off" '
+        "skips the check.", "enforce")
 
 
 @dataclass(frozen=True)
@@ -318,6 +337,8 @@ def validate(c: Config) -> None:
     _check_ae("node.ae_title", c.node.ae_title)
     _check_range("node.port", c.node.port, 0, 65535)
     _check_range("node.max_associations", c.node.max_associations, 1, 1000)
+    _check_range("node.max_pending_associations", c.node.max_pending_associations, 1, 1000)
+    _check_range("node.max_inflated_mb", c.node.max_inflated_mb, 1, 65536)
     _check_range("node.min_free_space_mb", c.node.min_free_space_mb, 0)
     for k in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
         _check_range(f"node.{k}", getattr(c.node, k), 0.1)
@@ -357,6 +378,8 @@ def validate(c: Config) -> None:
             raise ConfigError(f"pipeline.indication_sources[{i}]: expected a DICOM attribute keyword, got {name!r}")
     _check_range("pipeline.indication_max_chars", c.pipeline.indication_max_chars, 1)
     _check_range("pipeline.voi_window_index", c.pipeline.voi_window_index, 0)
+    if c.pipeline.input_check not in {"enforce", "warn", "off"}:
+        raise ConfigError(f'pipeline.input_check: expected "enforce", "warn" or "off", got {c.pipeline.input_check!r}')
     if c.pipeline.render_report not in {"none", "pdf", "sc"}:
         raise ConfigError(f'pipeline.render_report: expected "none", "pdf" or "sc", got {c.pipeline.render_report!r}')
     _check_range("outbound.max_attempts", c.outbound.max_attempts, 1)

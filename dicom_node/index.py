@@ -5,6 +5,12 @@ every *new* received instance bumps it (so a study that gains images after its j
 processed again); re-sending an instance that is already indexed with the same content is a
 no-op, and objects the node wrote itself (``generated=True``, e.g. our SRs) never bump it.
 
+A received instance never replaces or removes one the node generated: ``register_instance``
+raises :class:`InstanceConflict` for it, and :func:`check_received` (used by the Storage SCP
+inside the same transaction) also refuses a received instance whose SOP Instance UID is
+already indexed with other content or in another study/series. An identical re-send is not a
+conflict.
+
 The caller owns the transaction: call ``session.commit()`` after these functions. Concurrent
 first instances of one study may race on the unique Study/Series UIDs; :func:`register_with_retry`
 retries such an :class:`~sqlalchemy.exc.IntegrityError`.
@@ -24,6 +30,46 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.db import AuditEvent, Instance, Series, Study, StudyState, utcnow
 
 log = logging.getLogger(__name__)
+
+
+class InstanceConflict(Exception):
+    """A received instance clashes with the one already indexed under its SOP Instance UID.
+
+    ``node_object`` is true when the indexed one is an object this node generated (an SR);
+    ``study_uid`` is the study of the indexed one. The message carries UIDs only, no PHI.
+    """
+
+    def __init__(self, sop_uid: str, reason: str, node_object: bool, study_uid: str = "") -> None:
+        super().__init__(f"SOP Instance UID {sop_uid!r} {reason}")
+        self.sop_uid = sop_uid
+        self.reason = reason
+        self.node_object = node_object
+        self.study_uid = study_uid
+
+
+def check_received(session: Session, sop_uid: str, relpath: str, sha256: str) -> bool:
+    """Decide what to do with a received instance whose file is (or would be) at ``relpath``.
+
+    Returns ``False`` when the SOP Instance UID is new, ``True`` when the same content is
+    already indexed at the same place (an identical re-send: nothing to do). Raises
+    :class:`InstanceConflict` when the UID belongs to an object the node generated (whatever
+    was sent), or is indexed with other content or under another study/series.
+    """
+    row = session.execute(
+        select(Instance.path, Instance.sha256, Instance.generated, Study.study_instance_uid)
+        .join(Study, Study.id == Instance.study_id)
+        .where(Instance.sop_instance_uid == sop_uid)
+    ).one_or_none()
+    if row is None:
+        return False
+    path, sha, generated, study_uid = row
+    if path == relpath and sha == sha256:
+        return True
+    if generated:
+        raise InstanceConflict(sop_uid, "belongs to an object this node generated", True, study_uid)
+    if path != relpath:
+        raise InstanceConflict(sop_uid, "is already stored in another study or series", False, study_uid)
+    raise InstanceConflict(sop_uid, "is already stored with different content", False, study_uid)
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str:
@@ -100,6 +146,11 @@ def register_instance(
         session.add(inst)
     else:
         changed = inst.sha256 != sha256 or inst.path != relpath
+        if inst.generated and not generated:  # the node's own object is never taken over
+            if changed:
+                raise InstanceConflict(sop_uid, "belongs to an object this node generated", True,
+                                       inst.study.study_instance_uid)
+            return inst
     inst.study_id = study.id
     inst.series_id = series.id
     inst.sop_class_uid = str(ds.SOPClassUID)

@@ -233,11 +233,17 @@ class Store:
     def new_spool(self) -> SpoolFile:
         return SpoolFile(self.tmp_dir, writeback=self.fsync)
 
-    def commit_spool(self, spool: SpoolFile, relpath: str) -> tuple[int, str]:
-        """Make a finished spool file durable at ``relpath``; return ``(size, sha256)``."""
+    def commit_spool(self, spool: SpoolFile, relpath: str, replace: bool = True) -> tuple[int, str]:
+        """Make a finished spool file durable at ``relpath``; return ``(size, sha256)``.
+
+        With ``replace=False`` an existing file at ``relpath`` is never touched: the call
+        raises :class:`FileExistsError` (and the spool file is discarded). The check and the
+        placing are one atomic step (a hard link), so two receivers of the same SOP Instance
+        UID, or a receiver and the node writing its own SR, cannot overwrite each other.
+        """
         try:
             spool.finish(self.fsync)
-            self._place(Path(spool.name), relpath)
+            self._place(Path(spool.name), relpath, replace=replace)
         except BaseException:
             spool.discard()
             raise
@@ -278,7 +284,7 @@ class Store:
         spool.write(buf.getbuffer())
         return self.commit_spool(spool, relpath)
 
-    def _place(self, src: Path, relpath: str) -> None:
+    def _place(self, src: Path, relpath: str, replace: bool = True) -> None:
         dest = self.abspath(relpath)
         created: list[Path] = []
         parent = dest.parent
@@ -286,12 +292,24 @@ class Store:
             created.append(parent)
             parent = parent.parent
         dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(src, dest)
+        if replace:
+            os.replace(src, dest)
+        else:
+            os.link(src, dest)  # FileExistsError if anything is there: never replaces
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(src)
         if self.fsync:
             fsync_dir(dest.parent)
             # new folders must be durable in their parents too
             for d in created:
                 fsync_dir(d.parent)
+
+    def file_sha256(self, relpath: str) -> str | None:
+        """SHA-256 of the stored file at ``relpath``, or None if there is none."""
+        try:
+            return _hash_file(self.abspath(relpath))[0]
+        except FileNotFoundError:
+            return None
 
     def remove(self, relpath: str) -> None:
         with contextlib.suppress(FileNotFoundError):

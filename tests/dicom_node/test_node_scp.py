@@ -192,7 +192,8 @@ def test_parallel_senders(node, tmp_path: Path) -> None:  # type: ignore[no-unty
         assert sorted(s.scalars(select(Study.generation))) == [6, 6, 6, 6]
 
 
-def test_resend_is_idempotent_and_new_content_bumps_generation(node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_resend_is_idempotent_and_clashing_content_is_refused(node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 13: a received instance never replaces a stored one (see test_node_security.py)."""
     study, sop = generate_uid(), generate_uid()
     series = generate_uid()
     f = make_instance(tmp_path / "a.dcm", study, series, sop)
@@ -200,20 +201,17 @@ def test_resend_is_idempotent_and_new_content_bumps_generation(node, tmp_path: P
     assert count(node, Instance) == 1
     with node.sessions() as s:
         assert s.scalars(select(Study.generation)).one() == 1
-    # same SOP Instance UID, corrected content: replaces the file, study must be read again
+    # same SOP Instance UID, other content: refused (a corrected image needs a new UID, PS3.4)
     g = make_instance(tmp_path / "b.dcm", study, series, sop, ImageComments="corrected")
-    assert send_raw(node.port, [g]) == [0]
-    rows = instances(node)
-    assert len(rows) == 1
-    assert dataset_bytes(node.store.abspath(rows[0].path)) == dataset_bytes(g)
-    with node.sessions() as s:
-        assert s.scalars(select(Study.generation)).one() == 2
-    # same SOP Instance UID moved to another series: one row, one file
+    assert send_raw(node.port, [g]) == [0xC214]
+    # same SOP Instance UID in another series: refused too; the stored file is untouched
     h = make_instance(tmp_path / "c.dcm", study, generate_uid(), sop)
-    assert send_raw(node.port, [h]) == [0]
+    assert send_raw(node.port, [h]) == [0xC214]
     rows = instances(node)
     assert len(rows) == 1 and len(list((node.store.root / "instances").rglob("*.dcm"))) == 1
-    assert dataset_bytes(node.store.abspath(rows[0].path)) == dataset_bytes(h)
+    assert dataset_bytes(node.store.abspath(rows[0].path)) == dataset_bytes(f)
+    with node.sessions() as s:
+        assert s.scalars(select(Study.generation)).one() == 1
 
 
 # -- refusals: specific status, no file, no row ----------------------------------------------
