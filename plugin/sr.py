@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,17 @@ from pydicom.valuerep import DT
 
 CONTAINS = RelationshipTypeValues.CONTAINS
 HAS_CONCEPT_MOD = RelationshipTypeValues.HAS_CONCEPT_MOD
+
+def _quiet_person_name_warning() -> None:
+    """highdicom warns about a one-component person name by quoting it whole (the patient's
+    name, to stderr, at any log level): drop that warning (issue 13, no PHI in logs). A filter,
+    not ``catch_warnings``, which is process-global and not thread-safe; re-installed before
+    each build because another thread's ``catch_warnings`` exit may have dropped it."""
+    warnings.filterwarnings("ignore", message=r"(?s)The string .* is unlikely to represent the intended person name",
+                            category=UserWarning)
+
+
+_quiet_person_name_warning()
 
 UID_NAMESPACE = uuid.UUID("4f6d1a52-8c1e-5b8e-9a43-6e0c2d7f1b11")  # cxrnode's uuid5 namespace
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
@@ -309,6 +321,7 @@ def build_draft_sr(sources: Sequence[Any], content: DraftContent) -> Dataset:
     """
     if not sources:
         raise SRError("a draft needs at least one source image")
+    _quiet_person_name_warning()
     studies = {str(s.StudyInstanceUID) for s in sources}
     if len(studies) != 1:
         raise SRError(f"source images belong to {len(studies)} studies; a report covers one study")
@@ -397,6 +410,7 @@ def build_signed_sr(
     """
     if str(draft.get("SOPClassUID", "")) != COMPREHENSIVE_SR or "ContentSequence" not in draft:
         raise SRError("the draft is not a Comprehensive SR document")
+    _quiet_person_name_warning()
     if not verifier_name or not verifier_name.strip():
         raise SRError("the verifying observer's name is required")
     if not verifier_org or not verifier_org.strip():
