@@ -313,24 +313,69 @@ def write_sha256sums(folder: Path) -> None:
 
 
 def verify_folder(folder: Path) -> dict[str, object]:
-    """Check an unpacked bundle against its SHA256SUMS; return BUNDLE.json."""
+    """Check an unpacked bundle against its SHA256SUMS; return BUNDLE.json.
+
+    Every file must be listed with its digest, and every listed file present: a file that is not
+    in the list (an extra wheel that pip would pick up from the wheelhouse, a second cxrnode
+    wheel...) is refused, as are symbolic links and listed paths that leave the folder.
+    """
     sums = folder / "SHA256SUMS"
     info_path = folder / "BUNDLE.json"
     if not sums.is_file() or not info_path.is_file():
         raise BundleError(f"{folder}: not a cxrnode bundle (no SHA256SUMS or BUNDLE.json)")
+    listed: set[str] = set()
     for line in sums.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
         digest, _, rel = line.partition("  ")
+        parts = Path(rel).parts
+        if not rel or Path(rel).is_absolute() or ".." in parts or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise BundleError(f"{folder}: SHA256SUMS has a malformed line {line[:200]!r}")
         p = folder / rel
+        if p.is_symlink():
+            raise BundleError(f"{folder}: {rel} is a symbolic link; a bundle holds plain files only")
         if not p.is_file():
             raise BundleError(f"{folder}: {rel} is missing (the bundle is incomplete; copy it again)")
         if sha256_file(p) != digest:
             raise BundleError(f"{folder}: {rel} does not match its SHA-256 (the bundle is damaged; copy it again)")
+        listed.add(Path(rel).as_posix())
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath) / name
+            rel = p.relative_to(folder).as_posix()
+            if p.is_symlink():
+                raise BundleError(f"{folder}: {rel} is a symbolic link; a bundle holds plain files only")
+            if name in filenames and rel != "SHA256SUMS" and rel not in listed:
+                raise BundleError(f"{folder}: {rel} is not in SHA256SUMS (not part of the bundle as built); "
+                                  "remove it or copy the bundle again")
     info = json.loads(info_path.read_text(encoding="utf-8"))
     if info.get("format") != BUNDLE_FORMAT or info.get("name") != "cxrnode":
         raise BundleError(f"{folder}: BUNDLE.json has format {info.get('format')!r}; this installer reads {BUNDLE_FORMAT}")
     return dict(info)
+
+
+def _others_can_change(folder: Path) -> str:
+    """Why an account other than root could change files of ``folder`` ("" if none could):
+    an entry of the tree, or a folder above it, owned by someone else or writable by group or
+    others (sticky folders such as /tmp excepted above the bundle)."""
+    import stat
+
+    def weak(p: Path, st: os.stat_result, sticky_ok: bool) -> str:
+        if st.st_uid != 0:
+            return f"{p} is owned by uid {st.st_uid}"
+        if st.st_mode & 0o022 and not (sticky_ok and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
+            return f"{p} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+        return ""
+
+    for parent in folder.parents:
+        if why := weak(parent, os.stat(parent), True):
+            return why
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in [".", *dirnames, *filenames]:
+            p = Path(dirpath) / name if name != "." else Path(dirpath)
+            if why := weak(p, os.lstat(p), False):
+                return why
+    return ""
 
 
 def safe_extract(archive: Path, dest: Path) -> None:
@@ -354,6 +399,12 @@ def open_bundle(path: str | os.PathLike[str], workdir: Path, progress: Progress 
     """An unpacked, verified bundle folder for ``path`` (a folder or a ``.tar.gz``)."""
     p = Path(path).resolve()
     if p.is_dir():
+        if os.geteuid() == 0 and (why := _others_can_change(p)):
+            # what pip installs later must be what was verified: take a private copy first
+            progress(f"note: {why}; installing from a private copy of the bundle")
+            copy = workdir / p.name
+            shutil.copytree(p, copy, symlinks=True)
+            return copy, verify_folder(copy)
         return p, verify_folder(p)
     if not p.is_file():
         raise BundleError(f"bundle {p}: not found")

@@ -7,7 +7,8 @@ config, storage writable, storage free space, database (reachable, at the migrat
 model bundle (sha256 of every file), ONNX Runtime providers (GPU used or not, and why),
 inference (one run on the shipped sample study, with its latency), listening port (bindable,
 or the running node answers C-ECHO), C-ECHO to each destination, TLS certificate/key (readable,
-matching, days to expiry), queue health (failed jobs, waiting transfers, oldest age).
+the key private to its owner (mode 0600), matching, days to expiry), queue health (failed jobs,
+waiting transfers, oldest age).
 
 DICOM traffic goes through :mod:`dicom_node.scu` (only dicom_node speaks DIMSE); the model
 through :mod:`onnx_models`; the sample study through :mod:`plugin`. A piece that is missing
@@ -25,6 +26,7 @@ import os
 import shutil
 import socket
 import ssl
+import stat
 import sys
 import tempfile
 import time
@@ -385,8 +387,15 @@ def check_tls(ctx: Context) -> list[Check]:
             try:
                 Path(p).read_bytes()
             except OSError as exc:
-                return [Check("tls", FAIL, f"security.{key} {p}: not readable ({exc.strerror or exc})",
-                              "the service user must be able to read it (chmod 0640, group cxrnode)")]
+                hint = (f"only the service user may read the private key: chown cxrnode {p} && chmod 600 {p}"
+                        if key == "tls_private_key" else "the service user must be able to read it (chmod 644)")
+                return [Check("tls", FAIL, f"security.{key} {p}: not readable ({exc.strerror or exc})", hint)]
+    key_mode = stat.S_IMODE(os.stat(sec.tls_private_key).st_mode)
+    if key_mode & 0o077:
+        return [Check("tls", FAIL, f"security.tls_private_key {sec.tls_private_key}: mode {key_mode:04o}, "
+                      "readable or writable by accounts other than its owner (whoever reads it can impersonate "
+                      "this node)", f"chmod 600 {sec.tls_private_key} (owned by the service user: "
+                      f"chown cxrnode {sec.tls_private_key})", data={"mode": f"{key_mode:04o}"})]
     try:
         ctx_ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx_ssl.load_cert_chain(sec.tls_certificate, sec.tls_private_key)

@@ -248,17 +248,39 @@ def prompt_answers(values: dict[str, dict[str, Any]]) -> None:
                 print(f"  expected {conv.__name__}")
 
 
+def write_private(path: Path, text: str, mode: int, group: str | None = None) -> None:
+    """Write ``path`` atomically with exactly ``mode`` (whatever the umask), owned by root and
+    ``group`` when running as root. The temporary file is created fresh (``O_EXCL``, never
+    through a symlink) and its mode and owner are set on the descriptor before any content."""
+    tmp = path.with_name(path.name + ".new")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        os.fchmod(fd, mode)
+        if group and is_root():
+            import grp
+
+            os.fchown(fd, 0, grp.getgrnam(group).gr_gid)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            fd = -1
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
 def write_config(layout: Layout, text: str, group: str | None) -> Path:
+    """The configuration, 0640 root:``group``: the installed configuration, the only one whose
+    ``[[reviewers]]`` may sign (plugin.review.read_installed_config)."""
     path = layout.config
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".new")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o640)
-    if group and is_root():
-        shutil.chown(tmp, user=0, group=group)
-    os.replace(tmp, path)
+    write_private(path, text, 0o640, group)
     return path
 
 
@@ -322,9 +344,22 @@ def check_interpreter_for_services() -> None:
             "or --no-user to run the node as the installing user")
 
 
-def chown_tree(path: Path, user: str) -> None:
-    for p in [path, *path.rglob("*")]:
-        shutil.chown(p, user=user, group=user)
+def chown_nofollow(path: Path, user: str, group: str | None = None) -> None:
+    """chown that never follows a symlink: a link planted in a folder the service user can write
+    (``cxrnode.db-x -> /etc/shadow``) gets the new owner itself, its target stays root's."""
+    import grp
+    import pwd
+
+    os.chown(path, pwd.getpwnam(user).pw_uid, grp.getgrnam(group or user).gr_gid, follow_symlinks=False)
+
+
+def chown_tree(path: Path, user: str, group: str | None = None) -> None:
+    """Give ``path`` and everything below it to ``user`` (and ``group``, default the user's own
+    group); symlinks are neither followed nor descended into."""
+    chown_nofollow(path, user, group)
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
+        for name in dirnames + filenames:
+            chown_nofollow(Path(dirpath) / name, user, group)
 
 
 # --- the program: one virtual environment per version ----------------------------------------
@@ -351,7 +386,8 @@ def create_venv(bundle: Path, info: dict[str, Any], target: Path) -> Path:
     if (sys.version_info.major, sys.version_info.minor) != (3, 11) and info.get("python") == "cp311":
         say(f"note: the bundle's wheels are for CPython 3.11; this is {sys.version.split()[0]}")
     env = _clean_pip_env()
-    subprocess.run([_base_python(), "-m", "venv", "--without-pip", str(target)], check=True, env=env)
+    # -I: the working directory (wherever root ran install.sh from) is not on sys.path
+    subprocess.run([_base_python(), "-I", "-m", "venv", "--without-pip", str(target)], check=True, env=env)
     py = target / "bin" / "python"
     pip = [str(py), str(pip_wheels[-1] / "pip"), "install", "--isolated", "--no-index",
            "--find-links", str(wheelhouse), "--no-cache-dir", "--progress-bar", "off", "-q"]
@@ -466,10 +502,19 @@ def read_manifest(layout: Layout, allow_removed: bool = False) -> dict[str, Any]
     return dict(json.loads(layout.manifest.read_text(encoding="utf-8")))
 
 
-def write_manifest(layout: Layout, manifest: dict[str, Any]) -> None:
-    tmp = layout.manifest.with_name("install.json.new")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, layout.manifest)
+def redact_url(url: str) -> str:
+    """A database URL without its password (``postgresql+psycopg://user:***@host/db``)."""
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/@]*)@(.*)$", url)
+    if not m or ":" not in m[2]:
+        return url
+    return f"{m[1]}{m[2].split(':', 1)[0]}:***@{m[3]}"
+
+
+def write_manifest(layout: Layout, manifest: dict[str, Any], path: Path | None = None) -> None:
+    """install.json: mode 0600 whatever the umask, and without the database password (the
+    configuration file, 0640 root:cxrnode, is the one place it is kept)."""
+    manifest = {**manifest, "database_url": redact_url(str(manifest.get("database_url", "")))}
+    write_private(path or layout.manifest, json.dumps(manifest, indent=2) + "\n", 0o600)
 
 
 def detect_layout(prefix: str | None) -> Layout:
@@ -693,11 +738,12 @@ def _rerender_unit(py: Path, manifest: dict[str, Any]) -> None:
             systemctl("daemon-reload")
 
 
-def _chown_database(manifest: dict[str, Any]) -> None:
-    """Files a root-run migration created in storage belong to the service user."""
+def _chown_database(manifest: dict[str, Any], group: str | None = None) -> None:
+    """Files a root-run migration created in storage belong to the service user (a symlink the
+    service user planted there is changed itself, never its target)."""
     if is_root() and manifest.get("created_user"):
         for p in Path(manifest["storage_dir"]).glob("cxrnode.db*"):
-            shutil.chown(p, user=manifest["user"], group=manifest["user"])
+            chown_nofollow(p, manifest["user"], group)
 
 
 def _restart(manifest: dict[str, Any]) -> None:
@@ -756,7 +802,7 @@ def uninstall(args: argparse.Namespace) -> int:
             say(f"removed system user {manifest['user']!r}")
     else:
         if config.parent.is_dir():  # remember what to purge later (`cxrnode uninstall --purge`)
-            (config.parent / "install.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            write_manifest(layout, manifest, config.parent / "install.json")
         say(f"kept the configuration {config} and the data in {storage}; "
             f"remove them with `cxrnode uninstall --purge{' --prefix ' + str(layout.prefix) if layout.prefix else ''}`")
     return 0

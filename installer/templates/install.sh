@@ -9,12 +9,19 @@
 # Needs Python 3.11 or newer (set PYTHON=/path/to/python3 to choose one).
 set -eu
 
-HERE=$(cd "$(dirname "$0")" && pwd)
+# Everything below runs from this bundle's own folder, never from the working directory: a
+# root shell in someone else's folder (`cd /home/x && sh /media/bundle/install.sh`) must not
+# import their installer/ or venv.py. Hence the absolute bundle path, python -I for the probe,
+# -P (no working directory on sys.path) and -s (no user site) for the installer, and no
+# inherited PYTHON* variables but the wheel on PYTHONPATH.
+HERE=$(CDPATH='' cd -P -- "$(dirname -- "$0")" && pwd -P)
+unset PYTHONHOME PYTHONSTARTUP PYTHONINSPECT PYTHONUSERBASE PYTHONEXECUTABLE PYTHONPLATLIBDIR \
+    PYTHONSAFEPATH PYTHONNOUSERSITE PYTHONWARNINGS PYTHONBREAKPOINT
 
 find_python() {
     for candidate in ${PYTHON:-} python3.13 python3.12 python3.11 python3; do
         if command -v "$candidate" >/dev/null 2>&1 &&
-            "$candidate" -c 'import sys, venv; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+            "$candidate" -I -c 'import sys, venv; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
             command -v "$candidate"
             return 0
         fi
@@ -37,5 +44,11 @@ if [ -z "$WHEEL" ]; then
     exit 2
 fi
 
-# The installer itself runs from the project's wheel (pure Python, standard library only).
-PYTHONPATH="$WHEEL" PYTHONNOUSERSITE=1 exec "$PY" -m installer.install --bundle "$HERE" "$@"
+# The installer itself runs from the project's wheel (pure Python, standard library only); it
+# checks every file of the bundle against SHA256SUMS before using any of them.
+case "$WHEEL" in
+    *:*) echo "install.sh: the bundle path may not contain ':' ($HERE)" >&2; exit 2 ;;
+    /*) ;;
+    *) echo "install.sh: cannot resolve the bundle folder ($HERE)" >&2; exit 2 ;;
+esac
+PYTHONPATH="$WHEEL" exec "$PY" -P -s -m installer.install --bundle "$HERE" "$@"

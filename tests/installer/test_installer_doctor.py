@@ -218,6 +218,7 @@ def _openssl_cert(tmp: Path, days: int) -> tuple[Path, Path]:
     cert, key = tmp / f"c{days}.pem", tmp / f"k{days}.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=cxrnode-test",
                     "-days", str(days), "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    key.chmod(0o600)  # as a site should keep it (doctor FAILs a key others can read)
     return cert, key
 
 
@@ -235,6 +236,18 @@ def test_tls_days_to_expiry_and_unreadable_key(site: dict[str, Any]) -> None:
     missing = [f'security.tls_certificate="{cert}"', f'security.tls_private_key="{site["tmp"] / "nokey.pem"}"']
     r = by_name(run_checks(str(site["config"]), missing, inference=False))
     assert r["tls"].status == FAIL and "not readable" in r["tls"].detail
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="openssl command not installed")
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_a_private_key_readable_by_group_or_others_fails_with_a_chmod_600_hint(site: dict[str, Any], mode: int) -> None:
+    cert, key = _openssl_cert(site["tmp"], 400)
+    sets = [f'security.tls_certificate="{cert}"', f'security.tls_private_key="{key}"']
+    assert by_name(run_checks(str(site["config"]), sets, inference=False))["tls"].status == OK
+    key.chmod(mode)
+    tls = by_name(run_checks(str(site["config"]), sets, inference=False))["tls"]
+    assert tls.status == FAIL and f"mode {mode:04o}" in tls.detail, tls
+    assert tls.hint.startswith(f"chmod 600 {key}") and "0640" not in tls.hint and "group" not in tls.hint, tls.hint
 
 
 def test_queue_health_reports_failed_jobs(site: dict[str, Any]) -> None:
