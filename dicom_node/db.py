@@ -2,7 +2,8 @@
 
 Tables: studies, series, instances (what the SCP stored), jobs (the report-drafting queue),
 drafts (each SR we wrote for a study: the draft and, once signed, the verified SR), outbound
-(C-STORE transfers to destinations, with retries) and audit_events.
+(C-STORE transfers to destinations, with retries) and audit_events (append-only: the database
+itself refuses UPDATE and DELETE on it, see migration 0002).
 
 The schema is created and upgraded only by Alembic (``dicom_node/migrations``); call
 :func:`migrate` at start. SQLite runs in WAL mode with a busy timeout so the SCP, workers and
@@ -220,6 +221,9 @@ class Transfer(Base):
 
 
 class AuditEvent(Base):
+    """One line of the audit trail. Append-only: the database refuses UPDATE and DELETE
+    (triggers of migration 0002 on SQLite and PostgreSQL), so rows are only ever added."""
+
     __tablename__ = "audit_events"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
