@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 __all__ = [
     "OBSERVATIONS",
@@ -33,7 +34,10 @@ __all__ = [
     "Presence",
     "SNOMED",
     "SNOMED_UNVERIFIED",
+    "Mention",
     "label",
+    "mentions",
+    "sentences",
     "binary_vector",
 ]
 
@@ -255,7 +259,10 @@ def _classify(sentence: str, start: int, end: int) -> Presence:
     cleaned = _NEG_EXCEPTIONS.sub(" ", scope)
     if _NEG_THEN_SUGGEST.search(cleaned):  # "no focal opacity to suggest pneumonia"
         return Presence.ABSENT
-    if _UNC_PRE.search(scope) or _UNC_POST.search(after_scope):
+    unc = _UNC_PRE.search(scope)
+    if unc and unc.group(0) == "suspicious" and _NEG_PRE.search(_NEG_EXCEPTIONS.sub(" ", scope[: unc.start()])):
+        unc = None  # "no focal consolidation, suspicious pulmonary opacity or effusion": negated list
+    if unc or _UNC_POST.search(after_scope):
         return Presence.UNCERTAIN
     if _NEG_PRE.search(cleaned) or _NEG_POST.search(after_scope):
         return Presence.ABSENT
@@ -263,6 +270,39 @@ def _classify(sentence: str, start: int, end: int) -> Presence:
 
 
 _RANK = {Presence.ABSENT: 0, Presence.UNCERTAIN: 1, Presence.PRESENT: 2}
+
+
+@dataclass(frozen=True)
+class Mention:
+    """One mention of an observation in a sentence: ``sentence[start:end]`` matched one of the
+    observation's patterns (``normal``: one of its normal phrasings, always ABSENT)."""
+
+    observation: str
+    presence: Presence
+    start: int
+    end: int
+    text: str
+    normal: bool = False
+
+
+def sentences(text: str) -> list[str]:
+    """``text`` as the labeller reads it: lower-cased sentences, list numbers removed."""
+    return list(_sentences(text))
+
+
+def mentions(sentence: str) -> list[Mention]:
+    """Every mention in one lower-cased sentence (see :func:`sentences`), in pattern order."""
+    out: list[Mention] = []
+    for obs, pats in _COMPILED_NORMAL.items():
+        for pat in pats:
+            m = pat.search(sentence)
+            if m:
+                out.append(Mention(obs, Presence.ABSENT, m.start(), m.end(), m.group(0), normal=True))
+    for obs, pats in _COMPILED.items():
+        for pat in pats:
+            for m in pat.finditer(sentence):
+                out.append(Mention(obs, _classify(sentence, m.start(), m.end()), m.start(), m.end(), m.group(0)))
+    return out
 
 
 def label(text: str) -> dict[str, Presence]:
@@ -274,21 +314,11 @@ def label(text: str) -> dict[str, Presence]:
     result: dict[str, Presence] = {}
     if not text or not text.strip():
         return result
-
-    def put(obs: str, state: Presence) -> None:
-        old = result.get(obs)
-        if old is None or _RANK[state] > _RANK[old]:
-            result[obs] = state
-
     for sentence in _sentences(text):
-        for obs, pats in _COMPILED_NORMAL.items():
-            for pat in pats:
-                if pat.search(sentence):
-                    put(obs, Presence.ABSENT)
-        for obs, pats in _COMPILED.items():
-            for pat in pats:
-                for m in pat.finditer(sentence):
-                    put(obs, _classify(sentence, m.start(), m.end()))
+        for mention in mentions(sentence):
+            old = result.get(mention.observation)
+            if old is None or _RANK[mention.presence] > _RANK[old]:
+                result[mention.observation] = mention.presence
     positive = any(
         result.get(o) in (Presence.PRESENT, Presence.UNCERTAIN) for o in PATHOLOGIES
     )

@@ -33,6 +33,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from .bundle import Bundle, BundleError, load_bundle
+from .consistency import make_consistent, split_sentences
 from .imaging import prepare
 from .input_gate import STATS_FILE, GateStatistics, InputGate, ViewCheck
 from .tokenizer import detokenize
@@ -694,6 +695,17 @@ class ReportGenerator:
             out.append((best[1], best[2]))
         return out
 
+    #: apply the consistency rules (:func:`onnx_models.consistency.make_consistent`) to every
+    #: draft after decoding and grounding; off only to measure what they change
+    consistency: bool = True
+
+    def _decision_thresholds(self) -> dict[str, float]:
+        """Per observation, the probability at which it counts as present: the grounding's
+        thresholds when the bundle has a grounding step, else the prompt thresholds."""
+        g = self.grounding
+        thr = g.thresholds if g is not None and g.thresholds is not None else self.thresholds
+        return {n: float(t) for n, t in zip(self.observation_names, thr, strict=True)}
+
     def _to_report(self, ids: list[int], tok_probs: list[float], obs: np.ndarray, elapsed: float,
                    grounding: Grounding | None = None) -> GeneratedReport:
         words = [self.tokenizer.id_to_token(i) or "" for i in ids]
@@ -721,6 +733,13 @@ class ReportGenerator:
                 impression = impression + added
             else:
                 findings = findings + added
+        if self.consistency:
+            findings, impression, edits = make_consistent(findings, impression, observations,
+                                                          self._decision_thresholds())
+            if edits:
+                log.debug("consistency rules: %s", "; ".join(f"{e.action} ({e.reason})" for e in edits))
+            kept = {" ".join(w for w, _ in s) for s in split_sentences(findings + impression)}
+            sentences = [(s, p) for s, p in sentences if " ".join(_WORDS.findall(s.lower())) in kept]
         return GeneratedReport(
             findings=detokenize([w for w, _ in findings]),
             impression=detokenize([w for w, _ in impression]),
@@ -744,16 +763,8 @@ def _drop_repeated_sentences(tokens: list[tuple[str, float]]) -> list[tuple[str,
     return out
 
 
-def _sentences(tokens: list[tuple[str, float]]) -> list[list[tuple[str, float]]]:
-    """``tokens`` cut after each sentence-ending token (the last piece may lack one); an empty
-    word also ends a sentence and is left out."""
-    out: list[list[tuple[str, float]]] = [[]]
-    for tok in tokens:
-        if tok[0]:
-            out[-1].append(tok)
-        if tok[0] in _SENTENCE_ENDS or not tok[0]:
-            out.append([])
-    return [s for s in out if s]
+#: the one sentence splitter (grounding, the repeat filter and the consistency rules)
+_sentences = split_sentences
 
 
 def _banned_ngram_tokens(hist: list[int], n: int) -> list[int]:
