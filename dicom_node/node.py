@@ -7,12 +7,22 @@ ephemeral) and starts the threads; ``stop()`` stops accepting associations, lets
 ones finish (up to ``node.network_timeout_s``), then stops the threads (a job in progress is
 given up to ``grace_s`` to finish; otherwise its lease expires and it is reclaimed later).
 Without ``job_handler`` workers use the ``draft`` entry point of ``cxrnode.job_handlers``.
+
+Whatever the umask it inherits (``cxrnode serve`` outside the systemd unit), the node gives
+others no access to what it creates or holds: it sets the process umask to the inherited one
+plus ``027`` (folders 0750, the SQLite index 0640) and takes the "other" bits off the storage
+folder, its spool folder and the SQLite files. In the installed layout (a setgid storage
+folder, group = the service and the reviewers on this machine) the group keeps write access
+(umask plus ``007``: folders 2770, the index 0660), which the desktop reviewer needs to sign.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import threading
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -29,13 +39,52 @@ from dicom_node.store import Store
 log = logging.getLogger(__name__)
 
 
+def shared_with_group(storage_dir: str | os.PathLike[str]) -> bool:
+    """True for the installed layout: a storage folder with the setgid bit (group = the service
+    and the reviewers on this machine)."""
+    try:
+        return bool(os.stat(storage_dir).st_mode & stat.S_ISGID)
+    except OSError:
+        return False
+
+
+def private_umask(inherited: int, shared: bool) -> int:
+    """The umask the node runs with: never any access for others; group write only if shared."""
+    return inherited | (0o007 if shared else 0o027)
+
+
+def restrict_path(path: Path, shared: bool, folder: bool) -> None:
+    """Take the access of others off ``path`` (and group write unless shared; a shared SQLite
+    file gets group read-write); only for paths this process owns, never through a symlink."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid():
+        return
+    mode = stat.S_IMODE(st.st_mode)
+    want = mode & ~(0o007 if shared else 0o027)
+    if shared and not folder:
+        want |= 0o060
+    if want != mode:
+        os.chmod(path, want)
+        log.info("%s: mode %04o -> %04o (no access for others)", path, mode, want)
+
+
 class Node:
     def __init__(self, config: Config, job_handler: JobHandler | None = None, sender: Sender | None = None) -> None:
         self.config = config
         self.job_handler = job_handler
         self.sender = sender
-        self.store = Store(config.node.storage_dir, fsync=config.node.fsync,
-                           min_free_space_mb=config.node.min_free_space_mb)
+        self._shared = shared_with_group(config.node.storage_dir)
+        self._umask_before: int | None = None  # the inherited umask while the node runs
+        before = os.umask(0o077)
+        try:
+            os.umask(private_umask(before, self._shared))
+            self.store = Store(config.node.storage_dir, fsync=config.node.fsync,
+                               min_free_space_mb=config.node.min_free_space_mb)
+        finally:
+            os.umask(before)
         self.engine: Engine | None = None
         self.sessions: sessionmaker | None = None
         self.scp: StorageSCP | None = None
@@ -53,10 +102,14 @@ class Node:
 
     def start(self) -> Node:
         url = self.config.node.resolved_database_url()
+        if self._umask_before is None:  # process-wide, from start() to stop()
+            self._umask_before = os.umask(0o077)
+            os.umask(private_umask(self._umask_before, self._shared))
         removed = self.store.clean_spool()
         if removed:
             log.warning("removed %d incomplete spool file(s) left by an earlier run", removed)
         migrate(url)
+        self._restrict(url)
         self.engine = make_engine(url)
         self.sessions = session_factory(self.engine)
         self._stop.clear()
@@ -75,6 +128,16 @@ class Node:
                  self._port, self.config.jobs.workers, len(self.config.destinations))
         return self
 
+    def _restrict(self, url: str) -> None:
+        """No access for others on the storage folder, the spool and the SQLite index, also when
+        an earlier run (or another umask) created them open."""
+        restrict_path(self.store.root, self._shared, folder=True)
+        restrict_path(self.store.tmp_dir, self._shared, folder=True)
+        if url.startswith("sqlite:///"):
+            db = Path(url.removeprefix("sqlite:///"))
+            for p in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+                restrict_path(p, self._shared, folder=False)
+
     def stop(self, grace_s: float | None = None) -> None:
         if self.scp is not None:
             self.scp.stop(grace_s)
@@ -90,6 +153,9 @@ class Node:
         if self.engine is not None:
             self.engine.dispose()
             self.engine = None
+        if self._umask_before is not None:
+            os.umask(self._umask_before)
+            self._umask_before = None
         log.info("node stopped")
 
     def __enter__(self) -> Node:
