@@ -481,10 +481,18 @@ def render_template(name: str, **values: str) -> str:
     return string.Template(template_text(name)).substitute(values)
 
 
+#: resource ceilings of the unit (MemoryHigh throttles, MemoryMax kills; TasksMax counts threads).
+#: The node measures ~150-300 MB RSS (README); a study's pixels and the model add a few hundred MB.
+UNIT_MEMORY_HIGH = "3G"
+UNIT_MEMORY_MAX = "4G"
+UNIT_TASKS_MAX = 512
+
+
 def render_unit(bin_path: Path, config: Path, storage: Path, user: str, port: int) -> str:
     caps = "CAP_NET_BIND_SERVICE" if port and port < 1024 else ""
     return render_template("cxrnode.service", bin=str(bin_path), config=str(config), storage_dir=str(storage),
-                           user=user, group=user, capabilities=caps)
+                           user=user, group=user, capabilities=caps, memory_high=UNIT_MEMORY_HIGH,
+                           memory_max=UNIT_MEMORY_MAX, tasks_max=str(UNIT_TASKS_MAX))
 
 
 def systemctl(*args: str) -> None:

@@ -106,6 +106,12 @@ def test_unit_is_hardened(tmp_path: Path) -> None:
     assert svc["Restart"] == "on-failure"
     assert svc["ExecStart"].endswith(f"serve --config {tmp_path / 'etc' / 'cxrnode.toml'}")
     assert svc["CapabilityBoundingSet"] == "" and svc["AmbientCapabilities"] == ""
+    # issue 13: system calls, /proc and resources bounded
+    assert svc["SystemCallFilter"] == "@system-service" and svc["SystemCallErrorNumber"] == "EPERM"
+    assert svc["ProtectProc"] == "invisible"
+    assert svc["MemoryMax"] == inst.UNIT_MEMORY_MAX and svc["MemoryHigh"] == inst.UNIT_MEMORY_HIGH
+    assert int(svc["TasksMax"]) == inst.UNIT_TASKS_MAX
+    assert svc["UMask"] == "0007"
     low = _unit(tmp_path, port=104)
     assert "AmbientCapabilities=CAP_NET_BIND_SERVICE" in low, "port 104 needs the bind capability"
 
