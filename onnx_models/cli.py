@@ -77,7 +77,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--version", default="", help="also set the bundle's version (the bundle changes)")
     p.set_defaults(func=_calibrate_gate)
 
-    p = sub.add_parser("eval", help="evaluate a bundle on a dataset split (NLG + clinical efficacy)")
+    p = sub.add_parser("eval", help="evaluate a bundle on a dataset split (NLG, clinical efficacy, consistency)")
     p.add_argument("--bundle", default="default")
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="val")
@@ -162,6 +162,9 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         for system, m in res["systems"].items():
             print(system, " ".join(f"{k}={v:.3f}" for k, v in m.items() if isinstance(v, float)))
+        # the consistency checker on the reference reports: the baseline for the rates above
+        refs = res["consistency"]["reference_reports"]
+        print("reference_reports", " ".join(f"{k}={v:.3f}" for k, v in refs.items()))
     return 0
 
 

@@ -10,6 +10,9 @@
 - Baselines on the same split: the nearest training report by image embedding (mean-pooled
   ``encoder`` tokens of the same bundle, cosine similarity) and the most common training
   report.
+- Consistency (:func:`onnx_models.consistency.rates`): contradictions, duplicates and fragments
+  per 100 reports, for every system and for the reference reports themselves (the baseline a
+  careful radiologist sets), in ``systems`` and in ``consistency``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from .consistency import rates as consistency_rates
 from .data import Study, load_studies, read_image
 from .labels import ABNORMAL_OBSERVATIONS, OBSERVATIONS, binary_vector, label
 from .runtime import ReportGenerator, StudyInput
@@ -171,23 +175,30 @@ def evaluate(
     systems: dict[str, dict[str, Any]] = {}
     per_obs: dict[str, Any] = {}
 
-    def score(name: str, texts: list[str]) -> None:
+    consistency: dict[str, dict[str, float]] = {
+        "reference_reports": consistency_rates((s.findings, s.impression) for s in studies)}
+
+    def score(name: str, texts: list[str], sections: list[tuple[str, str]]) -> None:
         ce = clinical_metrics(refs, texts)
         per_obs[name] = ce.pop("per_observation")
-        systems[name] = {**nlg_metrics(refs, texts, meteor=meteor), **ce}
+        consistency[name] = consistency_rates(sections)
+        systems[name] = {**nlg_metrics(refs, texts, meteor=meteor), **ce, **consistency[name]}
 
-    score("model", hyps)
+    score("model", hyps, [(str(r["findings"]), str(r["impression"])) for r in rows])
     notes = []
     if baselines:
         train = load_studies(train_data or data, ["train"])
         if train:
             common = Counter(normalise_text(s.report) for s in train).most_common(1)[0][0]
             common_text = next(s.report for s in train if normalise_text(s.report) == common)
-            score("most_common_train_report", [common_text] * len(studies))
+            common_study = next(s for s in train if s.report == common_text)
+            score("most_common_train_report", [common_text] * len(studies),
+                  [(common_study.findings, common_study.impression)] * len(studies))
             e_train = embed(gen, train, 16, "embed train")
             e_eval = embed(gen, studies, 16, f"embed {split}")
             nn = (e_eval @ e_train.T).argmax(axis=1)
-            score("nearest_train_report", [train[int(j)].report for j in nn])
+            score("nearest_train_report", [train[int(j)].report for j in nn],
+                  [(train[int(j)].findings, train[int(j)].impression) for j in nn])
         else:
             notes.append("no train split in the data folder: baselines skipped")
     return {
@@ -200,6 +211,7 @@ def evaluate(
         "text": "findings + ' ' + impression, lower-cased, words and punctuation split",
         "labeller": "onnx_models.labels (U-ones)",
         "systems": systems,
+        "consistency": consistency,
         "per_observation_f1": {k: {o: round(v["f1"], 4) for o, v in d.items()} for k, d in per_obs.items()},
         "per_observation_support": {o: v["support"] for o, v in per_obs["model"].items()},
         "seconds_per_study": seconds / len(studies),

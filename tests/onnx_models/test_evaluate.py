@@ -51,6 +51,14 @@ def test_eval_command(tiny_bundle: Path, tiny_data: Path, tmp_path: Path, capsys
     for m in res["systems"].values():
         for k in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr", "CE14_micro_F1", "CE13_micro_F1", "CE13_macro_F1"):
             assert 0.0 <= m[k] <= 10.0
+    # consistency rates beside the metrics, the reference reports as the baseline; the rules leave
+    # no contradiction or fragment in the drafts
+    assert set(res["consistency"]) == {"reference_reports", *res["systems"]}
+    for k in ("contradiction_per_100", "duplicate_per_100", "fragment_per_100"):
+        assert res["systems"]["model"][k] == res["consistency"]["model"][k]
+        assert 0.0 <= res["consistency"]["reference_reports"][k]
+    assert res["consistency"]["model"]["contradiction_per_100"] == 0.0
+    assert res["consistency"]["model"]["fragment_per_100"] == 0.0
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
     assert len(rows) == 6
     for row in rows:
