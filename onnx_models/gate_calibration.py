@@ -3,8 +3,8 @@
 Fits the statistics on the train split less its ``tune`` hold-out, sets the limits on the
 hold-out, measures the share of val views rejected, and writes ``input_check.npz`` and the
 manifest's ``input_check`` section into the bundle (re-checksummed). See
-:mod:`onnx_models.input_gate` for the method. Views are read as the training data labels
-them (:attr:`onnx_models.data.ImageRef.view`).
+:mod:`onnx_models.input_gate` for the method. Views are resolved as the node resolves
+them (view classifier + ViewPosition tag).
 """
 
 from __future__ import annotations
@@ -19,12 +19,20 @@ from tqdm import tqdm
 from .bundle import resolve
 from .card import CARD_GATE_HEADING, gate_section
 from .data import is_tune, load_studies, read_image
+from .evaluate import views_for
 from .input_gate import calibrate, write_input_check
 from .runtime import ReportGenerator
 
 
-def _views(studies: list[Any]) -> list[tuple[np.ndarray, str]]:
-    return [(read_image(im.path), im.view) for s in studies for im in s.images]
+def study_views(gen: ReportGenerator, studies: list[Any]) -> list[tuple[np.ndarray, str]]:
+    """Every view of ``studies`` with the view position the node would read it as (the view
+    classifier and the tag, :func:`onnx_models.evaluate.views_for`), so the gate is fitted on
+    the embeddings the node computes."""
+    out = []
+    for s in studies:
+        px = [read_image(im.path) for im in s.images]
+        out += list(zip(px, views_for(gen, s, px), strict=True))
+    return out
 
 
 def _update_card(path: Path, section: dict[str, Any]) -> None:
@@ -48,7 +56,7 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, quantile: float = 0.9
     train = [s for s in load_studies(data, ["train"]) if not is_tune(s.study_id)]
     tune = load_studies(data, ["tune"])
     val = load_studies(data, ["val"])
-    fit, hold_out, measure = _views(train), _views(tune), _views(val)
+    fit, hold_out, measure = (study_views(gen, s) for s in (train, tune, val))
     with tqdm(total=len(fit) + len(hold_out) + len(measure), desc="calibrate gate", unit="view",
               file=sys.stderr) as bar:
         stats, section = calibrate(gen.view_embeddings, fit, hold_out, measure, quantile=quantile,

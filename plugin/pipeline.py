@@ -41,6 +41,7 @@ from dicom_node.config import Config
 from dicom_node.db import Draft, DraftState, Instance, Study
 from dicom_node.jobs import JobContext, JobResult
 from plugin import indication as indication_mod
+from plugin import input_check as gate_mod
 from plugin import sr as sr_mod
 from plugin.pixels import PixelError, PixelOptions, prepare
 from plugin.views import InstanceHeader, ResolvedView, resolve_view, select_images, view_from_tags
@@ -112,6 +113,8 @@ class DraftOutcome:
     generation_ms: float
     model_name: str
     model_version: str
+    #: ``token_info["input_check"]``: the input gate's outcome (``outcome`` "withheld": no findings)
+    input_check: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _load_instances(ctx: JobContext) -> tuple[int, list[LoadedInstance], list[str]]:
@@ -253,6 +256,29 @@ def _run(ctx: JobContext, generator: Callable[[Config], Any]) -> DraftOutcome | 
     order = sorted(range(len(images)), key=lambda i: (VIEW_ORDER.get(resolved[i].view, 9), i))
     images = [images[i] for i in order]
     resolved = [resolved[i] for i in order]
+
+    t_gate = time.perf_counter()
+    decision = _input_check(cfg.pipeline.input_check, gen, images, resolved)
+    t = lap("input check", t_gate)
+    ctx.log(f"input check ({decision.mode}): {decision.outcome}: {decision.reason}")
+    for note in (*decision.notes(), *decision.study):
+        ctx.log(f"input check: {note}")
+    if decision.withheld:
+        draft_ds = sr_mod.build_draft_sr([full for _, full, _ in images], sr_mod.DraftContent(
+            findings="", impression="", indication=ind.text, model_name=gen.name, model_version=gen.version,
+            institution_name=str(images[0][1].get("InstitutionName", "") or ""),
+            withheld_reason=decision.reason, notes=decision.study,
+        ))
+        t = lap("sr", t)
+        info = {"tokens": [], "observations": {}, "grounded": [], "duration_ms": 0.0,
+                "input_check": decision.as_json()}
+        outcome = _commit(ctx, study_id, draft_ds, ind.text, "", "", info, resolved, gen, 0.0)
+        if isinstance(outcome, DraftOutcome):
+            ctx.log(f"draft SR {outcome.sop_instance_uid} (withheld) stored in "
+                    f"{(time.perf_counter() - t_start) * 1000:.0f} ms")
+        return outcome
+    images = [images[i] for i in decision.use]
+    resolved = [resolved[i] for i in decision.use]
     max_views = _max_views(gen)
     if len(images) > max_views:
         for rv in resolved[max_views:]:
@@ -283,9 +309,17 @@ def _run(ctx: JobContext, generator: Callable[[Config], Any]) -> DraftOutcome | 
         findings=findings, impression=impression, indication=ind.text,
         model_name=gen.name, model_version=gen.version, observations=observations,
         institution_name=str(sources[0].get("InstitutionName", "") or ""),
+        notes=(*decision.notes(), *decision.study),
     ))
     t = lap("sr", t)
-    outcome = _commit(ctx, study_id, draft_ds, ind.text, findings, impression, report, resolved, gen, gen_ms)
+    info = {
+        "tokens": [[w, round(float(p), 4)] for w, p in report.tokens],
+        "observations": {k: round(float(v), 4) for k, v in report.observations.items()},
+        "grounded": [[t, round(float(p), 4)] for t, p in getattr(report, "grounded", [])],
+        "duration_ms": round(gen_ms, 1),
+        "input_check": decision.as_json(),
+    }
+    outcome = _commit(ctx, study_id, draft_ds, ind.text, findings, impression, info, resolved, gen, gen_ms)
     if isinstance(outcome, JobResult):
         return outcome
     t = lap("store+index", t)
@@ -297,8 +331,18 @@ def _run(ctx: JobContext, generator: Callable[[Config], Any]) -> DraftOutcome | 
     return outcome
 
 
+def _input_check(mode: str, gen: Any, images: list[tuple[LoadedInstance, Any, np.ndarray]],
+                 resolved: list[ResolvedView]) -> gate_mod.GateDecision:
+    """Run the bundle's input gate (unless ``mode`` is off) and the header checks on every view."""
+    views = [rv.view for rv in resolved]
+    uids = [rv.sop_instance_uid for rv in resolved]
+    checks = None if mode == "off" else gen.check_inputs([arr for _, _, arr in images], views)
+    header = [[p] if (p := gate_mod.field_of_view_problem(full)) else [] for _, full, _ in images]
+    return gate_mod.decide(mode, uids, views, checks, header)
+
+
 def _commit(ctx: JobContext, study_id: int, draft_ds: Any, indication: str, findings: str, impression: str,
-            report: Any, resolved: list[ResolvedView], gen: Any, gen_ms: float) -> DraftOutcome | JobResult:
+            info: dict[str, Any], resolved: list[ResolvedView], gen: Any, gen_ms: float) -> DraftOutcome | JobResult:
     uid = str(draft_ds.SOPInstanceUID)
     relpath = ctx.store.instance_relpath(str(draft_ds.StudyInstanceUID), str(draft_ds.SeriesInstanceUID), uid)
     with ctx.sessions() as s:
@@ -310,12 +354,7 @@ def _commit(ctx: JobContext, study_id: int, draft_ds: Any, indication: str, find
                              model_name=gen.name, model_version=gen.version)
     existed = ctx.store.abspath(relpath).exists()
     size, sha256 = ctx.store.write_dataset(draft_ds, relpath)
-    token_info = json.dumps({
-        "tokens": [[w, round(float(p), 4)] for w, p in report.tokens],
-        "observations": {k: round(float(v), 4) for k, v in report.observations.items()},
-        "grounded": [[t, round(float(p), 4)] for t, p in getattr(report, "grounded", [])],
-        "duration_ms": round(gen_ms, 1),
-    })
+    token_info = json.dumps(info)
     views_json = json.dumps([rv.as_json() for rv in resolved])
     try:
         with ctx.sessions() as s, s.begin():
@@ -346,7 +385,8 @@ def _commit(ctx: JobContext, study_id: int, draft_ds: Any, indication: str, find
             draft_id = d.id
             index.audit(s, ACTOR, "drafted", ctx.study_instance_uid, uid,
                         json.dumps({"job": ctx.job_id, "model": f"{gen.name} {gen.version}",
-                                    "views": len(resolved), "superseded": n_superseded}))
+                                    "views": len(resolved), "superseded": n_superseded,
+                                    "input_check": info.get("input_check", {}).get("outcome", "")}))
             transfers = outbound.enqueue(s, ctx.config, uid, relpath, kind="draft")
     except BaseException:
         if not existed:
@@ -357,7 +397,7 @@ def _commit(ctx: JobContext, study_id: int, draft_ds: Any, indication: str, find
     if transfers:
         ctx.log(f"queued the draft to {len(transfers)} destination(s)")
     return DraftOutcome(draft_id, uid, relpath, findings, impression, indication, tuple(resolved), gen_ms,
-                        gen.name, gen.version)
+                        gen.name, gen.version, dict(info.get("input_check", {})))
 
 
 def _render(ctx: JobContext, draft_ds: Any, kind: str) -> None:

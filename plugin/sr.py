@@ -87,6 +87,9 @@ PRESENCE_CODES = {
     "uncertain": CodedConcept("82334004", "SCT", "Indeterminate"),
 }
 
+#: the coded statement of a withheld draft (private scheme, PS3.16 8.2: "99" prefix)
+DRAFT_WITHHELD = CodedConcept("CXRN-WITHHELD", "99CXRNODE", "AI draft withheld")
+
 MANUFACTURER = "cxrnode"
 DRAFT_SERIES_NUMBER = 9901
 SIGNED_SERIES_NUMBER = 9902
@@ -152,6 +155,11 @@ class DraftContent:
     observations: tuple[CodedObservation, ...] = ()
     institution_name: str = ""
     created_at: dt.datetime | None = None  # ContentDate/Time; None = now
+    #: the input gate withheld the draft: no generated findings; the Findings section says
+    #: so (coded DRAFT_WITHHELD + this sentence as a Comment)
+    withheld_reason: str = ""
+    #: plain sentences about the input (views not used and why), Comments in Findings
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -177,6 +185,12 @@ def draft_notice(model_name: str, model_version: str) -> str:
     who = f"{model_name} {model_version}".strip() or "an AI model"
     return (f"AI-GENERATED DRAFT by {who}: UNVERIFIED, PRELIMINARY. Not reviewed by a radiologist; "
             "not for clinical use until verified. Research use only.")
+
+
+def withheld_notice(reason: str) -> str:
+    """The plain sentence of a withheld draft (the reviewer reports from scratch)."""
+    return (f"AI draft withheld: {reason.rstrip('.')}. No findings were generated; "
+            "a radiologist must report this study.")
 
 
 def _device_context(model_name: str, model_version: str) -> ObserverContext:
@@ -213,6 +227,7 @@ def _content_tree(
     impression: str,
     comments: Sequence[str],
     observations: Sequence[CodedObservation],
+    withheld: bool = False,
     images: Sequence[tuple[str, str]],
     model_name: str,
     model_version: str,
@@ -233,6 +248,8 @@ def _content_tree(
 
     section = ContainerContentItem(name=FINDINGS, relationship_type=CONTAINS)
     children: list[Any] = [_text(COMMENT, c) for c in comments if c]
+    if withheld:
+        children.insert(0, CodeContentItem(name=FINDING, value=DRAFT_WITHHELD, relationship_type=CONTAINS))
     if findings:
         children.append(_text(FINDING, findings))
     for obs in observations:
@@ -328,19 +345,25 @@ def build_draft_sr(sources: Sequence[Any], content: DraftContent) -> Dataset:
     findings = _check_text("findings", content.findings)
     impression = _check_text("impression", content.impression)
     indication = _check_text("indication", content.indication)
-    if not findings and not impression:
+    withheld = _check_text("withheld reason", content.withheld_reason)
+    if withheld and (findings or impression):
+        raise SRError("a withheld draft carries no generated findings or impression")
+    if not findings and not impression and not withheld:
         raise SRError("the generated report is empty (no findings, no impression)")
     study_uid = studies.pop()
     source_uids = sorted(str(s.SOPInstanceUID) for s in sources)
-    sop_uid = deterministic_uid("draft", study_uid, content.model_name, content.model_version, *source_uids)
+    sop_uid = deterministic_uid("draft", study_uid, content.model_name, content.model_version, *source_uids,
+                                *(["withheld"] if withheld else []))
     series_uid = deterministic_uid("draft-series", study_uid)
     evidence = [_evidence_stub(s, i == 0) for i, s in enumerate(sources)]
     images = [(str(s.SOPClassUID), str(s.SOPInstanceUID)) for s in sources]
     tree = _content_tree(
         indication=indication, findings=findings, impression=impression,
-        comments=[draft_notice(content.model_name, content.model_version)],
-        observations=content.observations, images=images,
+        comments=[withheld_notice(withheld) if withheld else draft_notice(content.model_name, content.model_version),
+                  *(_check_text("note", n) for n in content.notes)],
+        observations=() if withheld else content.observations, images=images,
         model_name=content.model_name, model_version=content.model_version, verifier=None,
+        withheld=bool(withheld),
     )
     created = content.created_at or dt.datetime.now(dt.UTC).astimezone()
     sr = hd.sr.ComprehensiveSR(
