@@ -21,9 +21,10 @@ from typing import Any
 from onnx_models.input_gate import ViewCheck
 
 MODES = ("enforce", "warn", "off")
-#: plausible longer side of an adult chest radiograph's field of view, in mm (detectors are
-#: 35 x 43 cm or 43 x 43 cm; collimated paediatric films are smaller: not for this model)
-FIELD_OF_VIEW_MM = (200.0, 550.0)
+#: plausible longer side of a chest radiograph's field of view, in mm. Detectors are 35 x 43
+#: or 43 x 43 cm; the floor is generous because secondary captures often keep the spacing of
+#: the original after downsampling (the SIIM sample: 1,024 px x 0.168 mm = 172 mm)
+FIELD_OF_VIEW_MM = (150.0, 600.0)
 FRONTAL = ("PA", "AP")
 LATERAL = ("LATERAL", "LL")
 
