@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -275,6 +276,74 @@ def test_a_draft_under_review_is_not_signable_once_the_study_changed(node: synth
     signed = svc.sign(new, "alice", "Findings on two views.", "Impression.")
     assert signed.state == DraftState.SIGNED and len(_verified(node)) == 1
     assert len(svc.detail(new).views) == 2
+
+
+def _image_arrives_while_signing(node: synthetic.NodeFixture, svc: ReviewService, draft_id: int) -> None:
+    """Sign, with a new image of the study registered after the claim was renewed and the
+    verified SR written, just before the signature commits: the committing transaction must see it."""
+    real = svc.store.write_dataset
+
+    def write_then_receive(ds: pydicom.Dataset, relpath: str) -> tuple[int, str]:
+        out = real(ds, relpath)
+        if ds.get("VerificationFlag") == "VERIFIED":
+            _send_more(node, draft_id)
+        return out
+
+    svc.store.write_dataset = write_then_receive  # type: ignore[method-assign]
+    try:
+        with pytest.raises(StudyChangedError, match="gained images"):
+            svc.sign(draft_id, "alice", "Findings.", "Impression.")
+    finally:
+        svc.store.write_dataset = real  # type: ignore[method-assign]
+    assert _state(node, draft_id) == DraftState.IN_REVIEW
+    assert not _verified(node), "the verified SR of the refused signature was left in the index"
+    assert not [p for p in node.store.root.rglob("*.dcm")
+                if pydicom.dcmread(p, stop_before_pixels=True).get("VerificationFlag") == "VERIFIED"]
+
+
+def test_an_image_arriving_during_the_signature_is_seen_by_its_transaction(node: synthetic.NodeFixture) -> None:
+    svc = ReviewService(node.config, node.sessions, node.store)
+    draft_id = svc.worklist()[0].draft_id
+    assert draft_id is not None
+    _image_arrives_while_signing(node, svc, draft_id)
+
+
+@pytest.mark.postgres
+def test_superseded_and_changed_studies_on_postgresql(tmp_path: Path) -> None:
+    base = os.environ.get("CXRNODE_TEST_POSTGRES_URL")
+    if not base:
+        pytest.skip("CXRNODE_TEST_POSTGRES_URL is not set")
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"cxrnode_sec_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    node = None
+    try:
+        url = make_url(base).set(database=name).render_as_string(hide_password=False)
+        specs = [synthetic.SyntheticStudy(key=f"sec-{i}", patient_name=f"Test^Patient{i}", patient_id=f"SEC-{i}",
+                                          views=("PA",), size=128, seed=i) for i in range(2)]
+        node = synthetic.build_node(tmp_path / "pg", specs, database_url=url)
+        svc = ReviewService(node.config, node.sessions, node.store)
+        first, second = (r.draft_id for r in svc.worklist())
+        assert first is not None and second is not None
+        _image_arrives_while_signing(node, svc, first)  # the FOR UPDATE path
+        new = synthetic.run_draft_job(node, svc.detail(first).study_instance_uid)
+        with pytest.raises(SupersededError):
+            svc.sign(first, "alice", "F.", "I.")
+        assert svc.sign(new, "alice", "F.", "I.").state == DraftState.SIGNED
+        svc.claim(second, "bob")
+        _send_more(node, second)
+        with pytest.raises(StudyChangedError):
+            svc.sign(second, "bob", "F.", "I.")
+    finally:
+        if node is not None:
+            node.engine.dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 def test_a_new_image_the_pipeline_does_not_read_leaves_the_draft_signable(node: synthetic.NodeFixture) -> None:
