@@ -417,3 +417,71 @@ def sr_text(ds: Dataset) -> str:
 
     walk(ds.get("ContentSequence"))
     return "\n".join(out)
+
+
+def set_input_check(
+    node: NodeFixture,
+    draft_id: int,
+    outcome: str,
+    reason: str = "",
+    failed: dict[str, list[str]] | None = None,
+    mode: str = "enforce",
+    study_notes: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Record an input-gate outcome on a stored draft, as ``plugin.pipeline`` writes it
+    (``token_info["input_check"]``, docs/TEAM_CONTRACTS.md), for reviewer tests and screenshots.
+
+    ``failed`` maps a view (``PA``, ``LATERAL``...) to the gate's reasons for it; the other
+    views passed. A ``withheld`` outcome also empties the draft's text and tokens, as the
+    pipeline does when no view passes. Returns the ``input_check`` object written.
+    """
+    from dicom_node.db import Draft
+
+    failed = failed or {}
+    with node.sessions() as s, s.begin():
+        d = s.get(Draft, draft_id)
+        if d is None:
+            raise ValueError(f"draft {draft_id} does not exist")
+        info = json.loads(d.token_info or "{}")
+        views = []
+        for v in json.loads(d.views or "[]"):
+            reasons = failed.get(v.get("view", ""), [])
+            score = 41.2 if any("out of distribution" in r for r in reasons) else 6.3
+            views.append({"sop_instance_uid": v.get("sop_instance_uid", ""), "view": v.get("view", "UNKNOWN"),
+                          "passed": not reasons, "reasons": list(reasons), "ood_score": score, "ood_limit": 18.0})
+        check = {"mode": mode, "outcome": outcome, "reason": reason, "views": views, "study": list(study_notes)}
+        info["input_check"] = check
+        if outcome == "withheld":
+            info["tokens"], info["grounded"] = [], []
+            d.findings, d.impression = "", ""
+        d.token_info = json.dumps(info)
+    return check
+
+
+def real_film_study(spec: SyntheticStudy) -> list[Dataset]:
+    """A study of real chest radiographs (the two public samples in ``shared/data/dicom_samples``,
+    see its README), relabelled with ``spec``'s fictitious patient, accession, indication and
+    deterministic UIDs. The shipped bundle was trained on simulated views only, so its input gate
+    withholds the draft of such a study. Empty when the samples are not there."""
+    from pydicom import dcmread
+
+    root = shared_data_dir()
+    folder = root / "dicom_samples" if root is not None else Path("/nonexistent")
+    files = [folder / "siim_chestxray14_pa_jpeg_baseline.dcm", folder / "nih_chestxray_dx_implicit_le.dcm"]
+    if not all(f.exists() for f in files):
+        return []
+    out: list[Dataset] = []
+    for i, f in enumerate(files, start=1):
+        ds = dcmread(f)
+        ds.StudyInstanceUID = spec.study_instance_uid
+        ds.SeriesInstanceUID = uid_from(spec.key, "series", str(i))
+        ds.SOPInstanceUID = uid_from(spec.key, "image", str(i))
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.PatientName, ds.PatientID = spec.patient_name, spec.patient_id
+        ds.PatientBirthDate, ds.PatientSex = spec.patient_birth_date, spec.patient_sex
+        ds.AccessionNumber, ds.StudyDate, ds.StudyTime = spec.accession_number, spec.study_date, spec.study_time
+        ds.StudyDescription = "XR CHEST 2 VIEWS"
+        ds.ReasonForTheRequestedProcedure = spec.indication
+        ds.SeriesNumber, ds.InstanceNumber = i, 1
+        out.append(ds)
+    return out

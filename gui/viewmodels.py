@@ -9,7 +9,6 @@ database or files are marked *blocking*: the window runs them off the GUI thread
 from __future__ import annotations
 
 import datetime as dt
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -17,6 +16,19 @@ import pydicom.errors
 
 from dicom_node.db import Draft, DraftState
 from gui import imaging
+from gui.highlight import DEFAULT_POLICY, HighlightPolicy, highlight
+from gui.highlight import Span as Span  # re-exported for the widgets
+from gui.highlight import grounded_spans as grounded_spans  # re-exported
+from plugin.draft_info import (
+    OUTCOME_OFF,
+    OUTCOME_PARTIAL,
+    OUTCOME_PASSED,
+    OUTCOME_WARNED,
+    OUTCOME_WITHHELD,
+    InputCheck,
+    ObservationCall,
+    ViewCheck,
+)
 from plugin.review import (
     OPEN_STATES,
     STATE_FAILED,
@@ -33,7 +45,7 @@ from plugin.review import (
 )
 
 AI_DRAFT_LABEL = "AI DRAFT — UNVERIFIED"
-DEFAULT_LOW_CONFIDENCE = 0.4
+NOT_DRAFTED_LABEL = "NOT DRAFTED"
 
 # -- formatting -------------------------------------------------------------------------------
 
@@ -119,7 +131,28 @@ COLUMNS = (
     Column("", "Views"),
     Column("age", "Draft age"),
     Column("state", "State"),
+    Column("", "AI draft"),
 )
+
+
+def draft_status(row: WorklistRow) -> str:
+    """What the input gate let the model do for this row: ``not drafted: <reason>`` for a withheld
+    study, the views left out of a partial draft, ``not checked`` for a draft made before the gate."""
+    if row.draft_id is None:
+        return ""
+    outcome, reason = row.input_outcome, row.input_reason
+    if outcome == OUTCOME_WITHHELD:
+        return f"not drafted: {reason or 'the input check withheld the draft'}"
+    if outcome == OUTCOME_PARTIAL:
+        unused = " + ".join(row.views_not_used) or "some views"
+        return f"drafted without {unused}" + (f": {reason}" if reason else "")
+    if outcome == OUTCOME_WARNED:
+        return "drafted despite the input check" + (f": {reason}" if reason else "")
+    if outcome == OUTCOME_PASSED:
+        return "drafted"
+    if outcome == OUTCOME_OFF:
+        return "drafted (input check off)"
+    return "drafted (input not checked)"
 
 
 def cell_text(row: WorklistRow, column: int, user: str = "") -> str:
@@ -138,6 +171,9 @@ def cell_text(row: WorklistRow, column: int, user: str = "") -> str:
         return format_age(row.age_s)
     if key == "State":
         return "in review by you" if user and row.state == STATE_IN_REVIEW and row.claimed_by == user else row.state_label
+    if key == "AI draft":
+        status = draft_status(row)
+        return status if len(status) <= 110 else status[:109].rstrip() + "…"  # all of it in the tooltip
     raise IndexError(column)
 
 
@@ -147,6 +183,9 @@ def row_tooltip(row: WorklistRow) -> str:
         lines.append(f"Model {row.model_name} {row.model_version}".rstrip())
     if row.detail:
         lines.append(("Failed: " if row.state == STATE_FAILED else "Reason: ") + row.detail)
+    status = draft_status(row)
+    if status:
+        lines.append("AI draft: " + status)
     return "\n".join(lines)
 
 
@@ -195,52 +234,45 @@ class WorklistModel:
 
 # -- one review ---------------------------------------------------------------------------------
 
-_WORD = re.compile(r"\w+(?:[-']\w+)*", re.UNICODE)
+def gate_view_text(check: ViewCheck | None) -> tuple[str, bool | None]:
+    """(line shown beside a view, passed?) for the input gate's verdict on it; None: not checked."""
+    if check is None:
+        return "input not checked", None
+    if check.passed:
+        return "input check passed", True
+    return "NOT USED — " + ("; ".join(check.reasons) or "failed the input check"), False
 
 
 @dataclass(frozen=True)
-class Span:
-    start: int
-    end: int
+class ObservationRow:
+    """One line of the probabilities panel."""
+
+    name: str
     probability: float
+    threshold: float | None
+    called: bool | None  # the classifier's call (p >= threshold); None without a threshold
+    uncertain: bool  # within the policy's margin of its threshold
+
+    def text(self) -> tuple[str, str, str]:
+        thr = "—" if self.threshold is None else f"{self.threshold:.2f}"
+        return self.name, f"{self.probability:.2f}", thr
+
+    def tooltip(self) -> str:
+        if self.threshold is None:
+            return f"{self.name}: probability {self.probability:.2f} (no threshold recorded for this model)"
+        call = "called present" if self.called else "called absent"
+        near = "; close to its threshold: an uncertain call" if self.uncertain else ""
+        return f"{self.name}: probability {self.probability:.2f}, threshold {self.threshold:.2f}: {call}{near}"
 
 
-def low_confidence_spans(text: str, tokens: Sequence[tuple[str, float]], threshold: float = DEFAULT_LOW_CONFIDENCE) -> list[Span]:
-    """Character spans of ``text`` holding words the model gave a probability below ``threshold``.
-
-    The model's words are aligned with the text in order, looking a few words ahead, so the
-    highlighting survives edits: a word the radiologist deleted is skipped, inserted words are
-    stepped over. Matching is case-insensitive and on whole words; punctuation is ignored.
-    """
-    words = [(m.start(), m.end(), m.group(0).lower()) for m in _WORD.finditer(text)]
-    spans: list[Span] = []
-    wi = 0
-    for raw, p in tokens:
-        found = _WORD.findall(raw.lower())
-        if not found:
-            continue
-        piece = found[0]
-        for j in range(wi, min(len(words), wi + 8)):
-            if words[j][2] == piece:
-                if p < threshold:
-                    spans.append(Span(words[j][0], words[j][1], p))
-                wi = j + 1
-                break
-    return spans
-
-
-def grounded_spans(text: str, sentences: Sequence[tuple[str, float]]) -> list[Span]:
-    """Spans of ``text`` where the added ``sentences`` still stand (case-insensitive; an
-    edited sentence is no longer marked)."""
-    low = text.lower()
-    spans = []
-    for sentence, p in sentences:
-        needle = sentence.strip().lower()
-        start = low.find(needle) if needle else -1
-        while start >= 0:
-            spans.append(Span(start, start + len(needle), p))
-            start = low.find(needle, start + len(needle))
-    return sorted(spans, key=lambda s: s.start)
+def observation_rows(calls: Sequence[ObservationCall], policy: HighlightPolicy = DEFAULT_POLICY) -> list[ObservationRow]:
+    """The probabilities panel: every observation, most probable first, with its threshold and call."""
+    rows = []
+    for c in calls:
+        distance = c.log_odds_from_threshold()
+        rows.append(ObservationRow(c.name, c.probability, c.threshold, c.called,
+                                   distance is not None and abs(distance) < policy.call_margin))
+    return rows
 
 
 @dataclass
@@ -257,6 +289,7 @@ class ReviewModel:
     pictures: list[imaging.Picture] = field(default_factory=list)
     view_errors: list[str] = field(default_factory=list)  # views that could not be shown, and why
     signed: Draft | None = None
+    policy: HighlightPolicy = DEFAULT_POLICY
 
     def __post_init__(self) -> None:
         if not self.findings and not self.impression:
@@ -302,9 +335,64 @@ class ReviewModel:
             return "blocked", f"REJECTED: {d.reject_reason} — {AI_DRAFT_LABEL} ({model}), not a report."
         if d.state == DraftState.SUPERSEDED:
             return "blocked", f"SUPERSEDED by a newer draft — {AI_DRAFT_LABEL} ({model}), cannot be signed."
+        if d.withheld:
+            reason = self.gate.reason if self.gate and self.gate.reason else "the images failed the input check"
+            head = f"{NOT_DRAFTED_LABEL} — the AI draft was withheld: {reason}."
+            if self.notice:
+                return "blocked", f"{head} {self.notice}"
+            return "withheld", f"{head} Write the report from the images, then sign as usual."
         if self.notice:
             return "blocked", f"{AI_DRAFT_LABEL} ({model}) — {self.notice}"
+        g = self.gate
+        if g is not None and g.outcome == OUTCOME_WARNED:
+            return "draft", (f"{AI_DRAFT_LABEL} — drafted by {model} although the input check failed "
+                             f"({g.reason or 'see below'}); read it with extra care, edit, then sign.")
+        if g is not None and g.outcome == OUTCOME_PARTIAL:
+            unused = ", ".join(view_label(v.view) for v in g.failed_views) or "some views"
+            return "draft", f"{AI_DRAFT_LABEL} — drafted by {model} without {unused}; edit, then sign to make it a report."
         return "draft", f"{AI_DRAFT_LABEL} — drafted by {model}; edit, then sign to make it a report."
+
+    @property
+    def gate(self) -> InputCheck | None:
+        return self.detail.input_check
+
+    def gate_lines(self) -> list[str]:
+        """What the input gate did, in plain lines: the outcome, each view left out and why, the
+        study-level notes. A draft made before the gate says it was not checked."""
+        g = self.gate
+        if g is None:
+            return ["Input check: not checked (drafted before the input gate existed)."]
+        mode = f" (mode {g.mode})" if g.mode else ""
+        lines: list[str] = []
+        if g.outcome == OUTCOME_WITHHELD:
+            lines.append(f"Input check{mode}: withheld — {g.reason or 'no view passed'}.")
+        elif g.outcome == OUTCOME_PARTIAL:
+            unused = ", ".join(view_label(v.view) for v in g.failed_views) or "some views"
+            lines.append(f"Input check{mode}: partial — drafted without {unused}" + (f": {g.reason}." if g.reason else "."))
+        elif g.outcome == OUTCOME_WARNED:
+            lines.append(f"Input check{mode}: WARNING — drafted although the check failed"
+                         + (f": {g.reason}." if g.reason else ".") + " Read this draft with extra care.")
+        elif g.outcome == OUTCOME_OFF:
+            lines.append("Input check: off for this node (the images were not checked).")
+        else:
+            lines.append(f"Input check{mode}: every view passed.")
+        for v in g.views:
+            if not v.passed:
+                verb = "read anyway" if g.outcome == OUTCOME_WARNED else "not used"
+                lines.append(f"{view_label(v.view)} {verb}: " + ("; ".join(v.reasons) or "failed the check") + ".")
+        lines += [f"Study: {note}." for note in g.study]
+        return lines
+
+    def view_gate(self, sop_instance_uid: str) -> tuple[str, bool | None]:
+        """The line shown beside one view: the gate's verdict on it."""
+        g = self.gate
+        return gate_view_text(g.for_view(sop_instance_uid) if g is not None else None)
+
+    def observation_rows(self) -> list[ObservationRow]:
+        """The probabilities panel (empty for a withheld draft: the model's output is not shown)."""
+        if self.detail.withheld:
+            return []
+        return observation_rows(self.detail.observations, self.policy)
 
     def model_line(self) -> str:
         d = self.detail
@@ -351,21 +439,25 @@ class ReviewModel:
                 out.append(("+", " ".join(after[b0:b1])))
         return out
 
-    def highlights(self, section: str, threshold: float = DEFAULT_LOW_CONFIDENCE) -> list[Span]:
-        """Low-probability words of one section (``findings`` or ``impression``) as spans in it,
-        and the sentences the grounding step added (they come from the observation classifier,
-        not from the decoder, whatever their probability).
+    def highlights(self, section: str) -> list[Span]:
+        """The marks of one section (``findings`` or ``impression``), as spans in it: uncertain
+        observation calls, the words the decoder was least sure of, and the sentences the
+        grounding step added (:func:`gui.highlight.highlight`, the policy the benchmark measures).
 
-        The model's words run through findings then impression, so they are aligned with both
-        sections joined, and the spans of the asked section are returned relative to it.
+        The model's words run through findings then impression, so both sections are joined
+        (as drafted and as they stand now) and the spans of the asked one are returned relative
+        to it. Nothing the radiologist typed is marked.
         """
+        d = self.detail
+        draft = d.findings + "\n" + d.impression
         joined = self.findings + "\n" + self.impression
         cut = len(self.findings) + 1
-        spans = low_confidence_spans(joined, self.detail.tokens, threshold)
-        spans += grounded_spans(joined, self.detail.grounded)
+        observations = {c.name: c.probability for c in d.observations}
+        thresholds = {c.name: c.threshold for c in d.observations if c.threshold is not None}
+        spans = highlight(draft, joined, d.tokens, observations, thresholds, d.grounded, self.policy)
         if section == "findings":
             return [s for s in spans if s.end <= len(self.findings)]
-        return [Span(s.start - cut, s.end - cut, s.probability) for s in spans if s.start >= cut]
+        return [Span(s.start - cut, s.end - cut, s.probability, s.kind, s.note) for s in spans if s.start >= cut]
 
     # -- actions (blocking) ----------------------------------------------------------------
     def needs_confirmation(self) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from PyQt6.QtCore import (
     QAbstractTableModel,
+    QEvent,
     QModelIndex,
     QObject,
     QPointF,
@@ -26,6 +27,7 @@ from PyQt6.QtCore import (
 from PyQt6.QtGui import (
     QColor,
     QFont,
+    QHelpEvent,
     QImage,
     QKeySequence,
     QMouseEvent,
@@ -43,11 +45,12 @@ from PyQt6.QtWidgets import (
     QPlainTextEdit,
     QSizePolicy,
     QToolButton,
+    QToolTip,
     QVBoxLayout,
     QWidget,
 )
 
-from gui import imaging, viewmodels
+from gui import highlight, imaging, viewmodels
 from plugin.review import (
     STATE_FAILED,
     STATE_IN_REVIEW,
@@ -142,7 +145,8 @@ def qimage_from(gray: np.ndarray) -> QImage:
 
 class ImageView(QWidget):
     """One radiograph: left-drag window/level, right- (or Ctrl-) drag pan, wheel zoom at the
-    cursor, double-click fit. Labelled with its view (PA, AP, LATERAL) in the corner."""
+    cursor, double-click fit. Labelled with its view (PA, AP, LATERAL) in the corner and, under
+    it, the input gate's verdict on the view (``gate``: text and passed / failed / not checked)."""
 
     changed = pyqtSignal()
     painted = pyqtSignal()
@@ -155,6 +159,7 @@ class ImageView(QWidget):
         self._qimage: QImage | None = None
         self._drag: tuple[str, QPointF] | None = None
         self._fresh = False
+        self.gate: tuple[str, bool | None] = ("", None)
         self.setMinimumSize(200, 200)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
         self.setFocusPolicy(Qt.FocusPolicy.ClickFocus)
@@ -162,7 +167,8 @@ class ImageView(QWidget):
         self.setToolTip("Drag: window/level · Right-drag or Ctrl-drag: pan · Wheel: zoom · Double-click: fit")
 
     # -- content ----------------------------------------------------------------------------
-    def set_picture(self, picture: imaging.Picture | None) -> None:
+    def set_picture(self, picture: imaging.Picture | None, gate: tuple[str, bool | None] = ("", None)) -> None:
+        self.gate = gate
         self.state = imaging.ViewState(picture) if picture is not None else None
         if picture is not None:
             self.transform = imaging.ViewTransform((picture.columns, picture.rows), (self.width(), self.height()))
@@ -281,6 +287,25 @@ class ImageView(QWidget):
             self._fresh = False
             self.painted.emit()
 
+    def _gate_overlay(self, p: QPainter, top: float) -> None:
+        """The input gate's verdict under the view label: green passed, red not used, grey unknown."""
+        text, passed = self.gate
+        if not text:
+            return
+        f = QFont(self.font())
+        f.setPointSizeF(max(9.5, self.font().pointSizeF() * 1.05))
+        f.setBold(passed is False)
+        p.setFont(f)
+        metrics = p.fontMetrics()
+        width = min(self.width() - 20, metrics.horizontalAdvance(text) + 14)
+        flags = Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter | Qt.TextFlag.TextWordWrap
+        bound = metrics.boundingRect(0, 0, int(width) - 14, 400, int(flags.value), text)
+        box = QRectF(10, top, width, bound.height() + 8)
+        bg = {True: QColor(17, 99, 41, 200), False: QColor(160, 20, 30, 225), None: QColor(60, 60, 60, 190)}[passed]
+        p.fillRect(box, bg)
+        p.setPen(QColor(255, 255, 255))
+        p.drawText(box.adjusted(7, 4, -7, -4), flags, text)
+
     def _overlay(self, p: QPainter) -> None:
         assert self.state is not None
         margin = 10
@@ -294,6 +319,7 @@ class ImageView(QWidget):
         p.fillRect(box, QColor(0, 0, 0, 170))
         p.setPen(QColor(255, 214, 10))
         p.drawText(box, Qt.AlignmentFlag.AlignCenter, label)
+        self._gate_overlay(p, box.bottom() + 4)
         small = QFont(self.font())
         small.setPointSizeF(max(9.0, self.font().pointSizeF()))
         p.setFont(small)
@@ -361,8 +387,10 @@ class StudyViewer(QWidget):
         for v in self.views:
             fn(v)
 
-    def set_pictures(self, pictures: list[imaging.Picture]) -> None:
-        """Show the pictures side by side (reusing widgets); ``all_painted`` once all are drawn."""
+    def set_pictures(self, pictures: list[imaging.Picture],
+                     gates: list[tuple[str, bool | None]] | None = None) -> None:
+        """Show the pictures side by side (reusing widgets), each with its input-gate line;
+        ``all_painted`` once all are drawn."""
         while len(self.views) > len(pictures):
             v = self.views.pop()
             self.row.removeWidget(v)
@@ -375,8 +403,9 @@ class StudyViewer(QWidget):
             self.row.addWidget(v, 1)
         self.placeholder.setVisible(not pictures)
         self._waiting = set(range(len(pictures)))
-        for v, pic in zip(self.views, pictures, strict=True):
-            v.set_picture(pic)
+        gates = gates if gates is not None and len(gates) == len(pictures) else [("", None)] * len(pictures)
+        for v, pic, gate in zip(self.views, pictures, gates, strict=True):
+            v.set_picture(pic, gate)
         if not pictures:
             self.all_painted.emit()
 
@@ -389,22 +418,46 @@ class StudyViewer(QWidget):
     def labels(self) -> list[str]:
         return [v.label() for v in self.views]
 
+    def gate_texts(self) -> list[str]:
+        return [v.gate[0] for v in self.views]
+
 
 # -- the report editor --------------------------------------------------------------------------
 
 
+def _mark_format(background: QColor, underline: QColor, style: QTextCharFormat.UnderlineStyle) -> QTextCharFormat:
+    fmt = QTextCharFormat()
+    fmt.setBackground(background)
+    fmt.setUnderlineStyle(style)
+    fmt.setUnderlineColor(underline)
+    return fmt
+
+
+#: how each kind of mark looks (gui.highlight): an uncertain call is a whole sentence in amber,
+#: an unsure word is orange with a wavy underline, a sentence added by the classifier is blue
+MARK_COLOURS = {
+    highlight.KIND_CALL: ("#ffe082", "#c87800"),
+    highlight.KIND_WORD: ("#ffc58a", "#d1242f"),
+    highlight.KIND_GROUNDED: ("#ddf4ff", "#0969da"),
+}
+
+
 class UncertainWords(QSyntaxHighlighter):
-    """Highlights the words the model was unsure of (``spans(text)`` gives the spans)."""
+    """Marks what the policy says is worth a second look (``spans(text)`` gives the spans; each
+    kind of :class:`gui.highlight.Span` has its own format, see :data:`MARK_COLOURS`)."""
 
     def __init__(self, editor: QPlainTextEdit, spans: Callable[[str], list[viewmodels.Span]]) -> None:
         super().__init__(editor.document())
         self.editor = editor
         self.spans = spans
         self.enabled = True
-        self.fmt = QTextCharFormat()
-        self.fmt.setBackground(QColor(255, 224, 130))
-        self.fmt.setUnderlineStyle(QTextCharFormat.UnderlineStyle.DotLine)
-        self.fmt.setUnderlineColor(QColor(200, 120, 0))
+        styles = {
+            highlight.KIND_CALL: QTextCharFormat.UnderlineStyle.NoUnderline,
+            highlight.KIND_WORD: QTextCharFormat.UnderlineStyle.WaveUnderline,
+            highlight.KIND_GROUNDED: QTextCharFormat.UnderlineStyle.DotLine,
+        }
+        self.formats = {k: _mark_format(QColor(bg), QColor(ul), styles[k]) for k, (bg, ul) in MARK_COLOURS.items()}
+        self.fmt = self.formats[highlight.KIND_CALL]
         self._cache: tuple[str, list[viewmodels.Span]] = ("\x00", [])
 
     def refresh(self, enabled: bool) -> None:
@@ -419,15 +472,42 @@ class UncertainWords(QSyntaxHighlighter):
             self._cache = (text, self.spans(text))
         return self._cache[1]
 
+    def span_at(self, position: int) -> viewmodels.Span | None:
+        """The mark under a character position (innermost: a word inside a sentence), or None."""
+        inside = [s for s in self.current_spans() if s.start <= position < s.end]
+        return min(inside, key=lambda s: s.end - s.start) if inside else None
+
     def highlightBlock(self, text: str | None) -> None:  # noqa: N802 (Qt name)
         if not self.enabled or not text:
             return
         start = self.currentBlock().position()
         end = start + len(text)
-        for s in self.current_spans():
+        # provenance first, then uncertain calls over it, then the words on top
+        order = {highlight.KIND_GROUNDED: 0, highlight.KIND_CALL: 1, highlight.KIND_WORD: 2}
+        for s in sorted(self.current_spans(), key=lambda s: (order.get(s.kind, 3), -(s.end - s.start))):
             if s.end > start and s.start < end:
                 a = max(s.start, start) - start
-                self.setFormat(a, min(s.end, end) - start - a, self.fmt)
+                self.setFormat(a, min(s.end, end) - start - a, self.formats.get(s.kind, self.fmt))
+
+
+class MarkedEditor(QPlainTextEdit):
+    """The report editor: hovering a mark shows why it is marked."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.marks: UncertainWords | None = None
+
+    def event(self, e: QEvent | None) -> bool:
+        if e is not None and e.type() == QEvent.Type.ToolTip and self.marks is not None and isinstance(e, QHelpEvent):
+            cursor = self.cursorForPosition(self.viewport().mapFromGlobal(e.globalPos()))  # type: ignore[union-attr]
+            span = self.marks.span_at(cursor.position()) if self.marks.enabled else None
+            if span is not None and span.note:
+                QToolTip.showText(e.globalPos(), span.note, self)
+            else:
+                QToolTip.hideText()
+                e.ignore()
+            return True
+        return super().event(e)
 
 
 def diff_html(parts: list[tuple[str, str]]) -> str:
@@ -452,6 +532,13 @@ STATE_COLOURS = {
     STATE_SIGNED: QColor(26, 127, 55),
     STATE_REJECTED: QColor(110, 119, 129),
     STATE_FAILED: QColor(207, 34, 46),
+}
+
+
+GATE_COLOURS = {
+    "withheld": QColor(130, 80, 223),
+    "partial": QColor(154, 103, 0),
+    "warned": QColor(207, 34, 46),
 }
 
 
@@ -485,6 +572,8 @@ class WorklistTable(QAbstractTableModel):
             return viewmodels.row_tooltip(row)
         if role == Qt.ItemDataRole.ForegroundRole and viewmodels.COLUMNS[index.column()].title == "State":
             return STATE_COLOURS.get(row.state)
+        if role == Qt.ItemDataRole.ForegroundRole and viewmodels.COLUMNS[index.column()].title == "AI draft":
+            return GATE_COLOURS.get(row.input_outcome)
         if role == Qt.ItemDataRole.FontRole and row.state == STATE_NEW:
             f = QFont()
             f.setBold(True)

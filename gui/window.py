@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from PyQt6.QtCore import QEvent, QItemSelectionModel, QObject, QSize, Qt, QTimer, pyqtSignal
-from PyQt6.QtGui import QCloseEvent, QKeySequence, QShortcut
+from PyQt6.QtGui import QBrush, QCloseEvent, QColor, QFont, QKeySequence, QShortcut
 from PyQt6.QtWidgets import (
     QAbstractItemView,
     QApplication,
@@ -26,12 +26,13 @@ from PyQt6.QtWidgets import (
     QLineEdit,
     QMainWindow,
     QMessageBox,
-    QPlainTextEdit,
     QProgressBar,
     QPushButton,
     QSplitter,
     QStackedWidget,
     QTableView,
+    QTableWidget,
+    QTableWidgetItem,
     QTextBrowser,
     QToolButton,
     QVBoxLayout,
@@ -39,7 +40,15 @@ from PyQt6.QtWidgets import (
 )
 
 from gui import viewmodels
-from gui.widgets import StudyViewer, TaskRunner, UncertainWords, WorklistTable, diff_html
+from gui.widgets import (
+    MARK_COLOURS,
+    MarkedEditor,
+    StudyViewer,
+    TaskRunner,
+    UncertainWords,
+    WorklistTable,
+    diff_html,
+)
 from plugin.review import ClaimConflictError, ReviewError, ReviewService
 
 log = logging.getLogger(__name__)
@@ -53,6 +62,13 @@ QLabel#banner_final { background: #dafbe1; color: #116329; border: 1px solid #4a
     border-radius: 4px; padding: 6px 8px; font-weight: 700; }
 QLabel#banner_blocked { background: #ffebe9; color: #82071e; border: 1px solid #ff8182;
     border-radius: 4px; padding: 6px 8px; font-weight: 700; }
+QLabel#banner_withheld { background: #fbefff; color: #512a97; border: 2px solid #8250df;
+    border-radius: 4px; padding: 8px; font-weight: 700; font-size: 14px; }
+QLabel#gate { color: #57606a; }
+QLabel#gate_alert { background: #fff1e5; color: #762c00; border: 1px solid #fb8f44; border-radius: 4px;
+    padding: 4px 6px; }
+QLabel#legend { color: #57606a; font-size: 11px; }
+QTableWidget#probabilities { font-size: 12px; }
 QLabel#section { font-weight: 700; color: #57606a; text-transform: uppercase; margin-top: 6px; }
 QLabel#indication { background: #ffffff; border: 1px solid #d0d7de; border-radius: 4px; padding: 6px; }
 QLabel#model { color: #57606a; }
@@ -158,6 +174,11 @@ class ReportPane(QWidget):
         self.model_line = QLabel("", self)
         self.model_line.setObjectName("model")
         lay.addWidget(self.model_line)
+        self.gate = QLabel("", self)
+        self.gate.setObjectName("gate")
+        self.gate.setWordWrap(True)
+        self.gate.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        lay.addWidget(self.gate)
 
         lay.addWidget(self._section("Indication"))
         self.indication = QLabel("", self)
@@ -167,13 +188,21 @@ class ReportPane(QWidget):
         lay.addWidget(self.indication)
 
         tools = QHBoxLayout()
-        self.highlight = QCheckBox("Highlight uncertain words", self)
+        self.highlight = QCheckBox("Highlight", self)
         self.highlight.setChecked(True)
         self.highlight.setToolTip(
-            f"Words the model gave a probability below {viewmodels.DEFAULT_LOW_CONFIDENCE:.0%} are marked, and "
-            "sentences added from the observation classifier (not written by the decoder)"
+            "Amber sentence: an observation whose probability is close to its threshold (an uncertain call), "
+            "or stated against the classifier. Orange word: one the model was least sure of. Blue: a sentence "
+            "added from the findings classifier. Hover a mark for the numbers; your own typing is never marked."
         )
         tools.addWidget(self.highlight)
+        legend = " ".join(
+            f"<span style='background:{MARK_COLOURS[k][0]}'>&nbsp;{t}&nbsp;</span>"
+            for k, t in (("call", "uncertain call"), ("word", "unsure word"), ("grounded", "added by classifier"))
+        )
+        self.legend = QLabel(legend, self)
+        self.legend.setObjectName("legend")
+        tools.addWidget(self.legend)
         tools.addStretch(1)
         self.diff_button = QPushButton("Changes vs AI draft (Ctrl+D)", self)
         self.diff_button.setCheckable(True)
@@ -185,20 +214,58 @@ class ReportPane(QWidget):
         el = QVBoxLayout(editors)
         el.setContentsMargins(0, 0, 0, 0)
         el.addWidget(self._section("Findings"))
-        self.findings = QPlainTextEdit(editors)
+        self.findings = MarkedEditor(editors)
         self.findings.setTabChangesFocus(True)
         el.addWidget(self.findings, 3)
         el.addWidget(self._section("Impression"))
-        self.impression = QPlainTextEdit(editors)
+        self.impression = MarkedEditor(editors)
         self.impression.setTabChangesFocus(True)
         el.addWidget(self.impression, 1)
-        self.stack.addWidget(editors)
+        # the observation probabilities beside the text, each with its threshold
+        side = QWidget(self)
+        sl = QVBoxLayout(side)
+        sl.setContentsMargins(0, 0, 0, 0)
+        sl.addWidget(self._section("Observations"))
+        self.probabilities = QTableWidget(0, 3, side)
+        self.probabilities.setObjectName("probabilities")
+        self.probabilities.setHorizontalHeaderLabels(["Observation", "p", "thr"])
+        self.probabilities.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.probabilities.setSelectionMode(QTableWidget.SelectionMode.NoSelection)
+        self.probabilities.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        self.probabilities.setShowGrid(False)
+        self.probabilities.setWordWrap(False)
+        vh = self.probabilities.verticalHeader()
+        if vh is not None:
+            vh.setVisible(False)
+            vh.setDefaultSectionSize(20)
+        hh = self.probabilities.horizontalHeader()
+        if hh is not None:
+            hh.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+            hh.setSectionResizeMode(1, QHeaderView.ResizeMode.ResizeToContents)
+            hh.setSectionResizeMode(2, QHeaderView.ResizeMode.ResizeToContents)
+        self.probabilities.setToolTip("The model's observation probabilities and the thresholds that decide "
+                                      "what the draft states. Bold: called present; amber: close to the "
+                                      "threshold (an uncertain call).")
+        sl.addWidget(self.probabilities, 1)
+        self.probabilities_note = QLabel("", side)
+        self.probabilities_note.setObjectName("legend")
+        self.probabilities_note.setWordWrap(True)
+        sl.addWidget(self.probabilities_note)
+        page = QSplitter(Qt.Orientation.Horizontal, self)
+        page.addWidget(editors)
+        page.addWidget(side)
+        page.setStretchFactor(0, 3)
+        page.setStretchFactor(1, 2)
+        page.setSizes([380, 230])
+        page.setChildrenCollapsible(False)
+        self.stack.addWidget(page)
         self.diff_view = QTextBrowser(self)
         self.stack.addWidget(self.diff_view)
         lay.addWidget(self.stack, 1)
 
         self.hl_findings = UncertainWords(self.findings, lambda t: self._spans("findings", t))
         self.hl_impression = UncertainWords(self.impression, lambda t: self._spans("impression", t))
+        self.findings.marks, self.impression.marks = self.hl_findings, self.hl_impression
 
         buttons = QHBoxLayout()
         self.reject_button = QPushButton("Reject…", self)
@@ -237,7 +304,8 @@ class ReportPane(QWidget):
             return []
         f = text if section == "findings" else self.findings.toPlainText()
         i = text if section == "impression" else self.impression.toPlainText()
-        probe = viewmodels.ReviewModel(self.vm.service, self.vm.user, self.vm.detail, False, findings=f, impression=i)
+        probe = viewmodels.ReviewModel(self.vm.service, self.vm.user, self.vm.detail, False, findings=f, impression=i,
+                                       policy=self.vm.policy)
         return probe.highlights(section)
 
     def _toggle_highlight(self, on: bool) -> None:
@@ -266,6 +334,38 @@ class ReportPane(QWidget):
         if self.diff_button.isChecked() != on:
             self.diff_button.setChecked(on)
 
+    def show_probabilities(self, vm: viewmodels.ReviewModel | None) -> None:
+        """Fill the observations panel: name, probability, threshold; bold when called present,
+        amber when close to the threshold."""
+        rows = vm.observation_rows() if vm is not None else []
+        t = self.probabilities
+        t.setRowCount(len(rows))
+        bold = QFont(t.font())
+        bold.setBold(True)
+        amber = QBrush(QColor(MARK_COLOURS["call"][0]))
+        for i, r in enumerate(rows):
+            for j, text in enumerate(r.text()):
+                item = QTableWidgetItem(text)
+                item.setToolTip(r.tooltip())
+                if j:
+                    item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                if r.called:
+                    item.setFont(bold)
+                if r.uncertain:
+                    item.setBackground(amber)
+                t.setItem(i, j, item)
+        if vm is None:
+            note = ""
+        elif vm.detail.withheld:
+            note = "Withheld: the model's output on these images is not shown."
+        elif not rows:
+            note = "No observation probabilities were recorded with this draft."
+        elif all(r.threshold is None for r in rows):
+            note = "Thresholds unknown: the model that drafted this is not the one installed."
+        else:
+            note = "Bold: called present (p ≥ threshold). Amber: close to the threshold."
+        self.probabilities_note.setText(note)
+
     def _update_buttons(self) -> None:
         vm = self.vm
         self.sign_button.setEnabled(bool(vm and vm.can_sign))
@@ -278,6 +378,9 @@ class ReportPane(QWidget):
         if vm is None:
             self.patient.setText("No study open")
             self.banner.setVisible(False)
+            self.gate.setText("")
+            self.gate.setVisible(False)
+            self.show_probabilities(None)
             self.model_line.setText("")
             self.indication.setText("")
             self.findings.setPlainText("")
@@ -297,9 +400,22 @@ class ReportPane(QWidget):
             style.unpolish(self.banner)
             style.polish(self.banner)
         self.model_line.setText(vm.model_line())
+        gate = vm.gate
+        alert = gate is not None and gate.outcome in ("partial", "warned")
+        self.gate.setObjectName("gate_alert" if alert else "gate")
+        self.gate.setText("\n".join(vm.gate_lines()))
+        self.gate.setVisible(not vm.detail.withheld or bool(gate and (gate.views or gate.study)))
+        gstyle = self.gate.style()
+        if gstyle is not None:
+            gstyle.unpolish(self.gate)
+            gstyle.polish(self.gate)
+        self.show_probabilities(vm)
         self.indication.setText(vm.detail.indication or "(no indication in the request)")
         self.findings.setPlainText(vm.findings)
         self.impression.setPlainText(vm.impression)
+        withheld = vm.detail.withheld and not vm.is_final
+        self.findings.setPlaceholderText("No AI draft: write the findings here." if withheld else "")
+        self.impression.setPlaceholderText("Write the impression here." if withheld else "")
         for e in (self.findings, self.impression):
             e.setReadOnly(vm.read_only)
             e.setProperty("readOnly", vm.read_only)
@@ -603,7 +719,7 @@ class ReviewerWindow(QMainWindow):
             return
         self.review = vm
         self.report.show_review(vm, self._signer_text())
-        self.study.set_pictures(vm.pictures)
+        self.study.set_pictures(vm.pictures, [vm.view_gate(p.sop_instance_uid) for p in vm.pictures])
         self.worklist.select_draft(vm.detail.draft_id)
         self.say(vm.banner()[1])
         if vm.view_errors:

@@ -9,7 +9,8 @@ from sqlalchemy import select
 
 from dicom_node.db import AuditEvent, DraftState
 from gui import synthetic, viewmodels
-from gui.viewmodels import ReviewModel, WorklistModel, low_confidence_spans, open_review
+from gui.viewmodels import ReviewModel, WorklistModel, open_review
+from plugin.draft_info import InputCheck, ObservationCall, ViewCheck
 from plugin.review import DraftDetail, ReviewError, ReviewService, WorklistRow
 
 
@@ -41,7 +42,8 @@ def row(i: int, state: str = "new", **kw: object) -> WorklistRow:
 def test_cells_and_next_open_row() -> None:
     r = row(1, "in_review", claimed_by="bob")
     texts = [viewmodels.cell_text(r, c) for c in range(len(viewmodels.COLUMNS))]
-    assert texts == ["P, 1", "ID1", "2026-11-24", "A1", "PA + LATERAL", "1 min", "in review by bob"]
+    assert texts == ["P, 1", "ID1", "2026-11-24", "A1", "PA + LATERAL", "1 min", "in review by bob",
+                     "drafted (input not checked)"]
     assert viewmodels.cell_text(r, 6, user="bob") == "in review by you"
     assert viewmodels.cell_text(r, 6, user="alice") == "in review by bob"
     assert "Reason: too dark" in viewmodels.row_tooltip(row(2, "rejected", detail="too dark"))
@@ -55,19 +57,6 @@ def test_cells_and_next_open_row() -> None:
     assert nxt is not None and nxt.draft_id == 1  # wraps around
     assert vm.sort_by(4, False) is False  # Views cannot be sorted
     assert vm.sort_by(0, True) is True and vm.sort_column == 0 and vm.descending
-
-
-def test_low_confidence_spans_follow_the_text_through_edits() -> None:
-    tokens = [("The", 0.9), ("heart", 0.3), ("is", 0.9), ("enlarged", 0.2), (".", 0.4), ("No", 0.95), ("effusion", 0.45)]
-    text = "The heart is enlarged. No effusion."
-    spans = low_confidence_spans(text, tokens, threshold=0.5)
-    assert [text[s.start:s.end] for s in spans] == ["heart", "enlarged", "effusion"]
-    assert spans[0].probability == 0.3
-    edited = "The heart is mildly enlarged. No pleural effusion."
-    assert [edited[s.start:s.end] for s in low_confidence_spans(edited, tokens, 0.5)] == ["heart", "enlarged", "effusion"]
-    removed = "The heart is normal. No effusion."
-    assert [removed[s.start:s.end] for s in low_confidence_spans(removed, tokens, 0.5)] == ["heart", "effusion"]
-    assert low_confidence_spans(text, tokens, threshold=0.1) == []
 
 
 def detail(**kw: object) -> DraftDetail:
@@ -92,10 +81,10 @@ def test_grounded_sentences_are_marked_whatever_their_probability() -> None:
     vm = ReviewModel(service=None, user="alice", detail=d, holds_claim=True)  # type: ignore[arg-type]
     spans = vm.highlights("findings")
     assert [vm.findings[s.start:s.end] for s in spans] == ["Small pleural effusion."]
-    assert spans[0].probability == 0.8
+    assert spans[0].probability == 0.8 and spans[0].kind == "grounded"
     vm.set_text("Heart size normal. Moderate pleural effusion.", "Normal chest.")  # edited: no longer marked
     assert vm.highlights("findings") == []
-    assert viewmodels.grounded_spans("a. b. A.", (("a.", 0.5),)) == [viewmodels.Span(0, 2, 0.5), viewmodels.Span(6, 8, 0.5)]
+    assert [(s.start, s.end) for s in viewmodels.grounded_spans("a. b. A.", (("a.", 0.5),))] == [(0, 2), (6, 8)]
 
 
 def test_review_model_states_and_banner() -> None:
@@ -108,7 +97,7 @@ def test_review_model_states_and_banner() -> None:
     assert vm.edited and not vm.needs_confirmation()
     assert "-No effusion." in vm.diff() and "+Small left effusion." in vm.diff()
     assert ("-", "No") in vm.word_diff("findings") and ("+", "Small left") in vm.word_diff("findings")
-    assert [vm.findings[s.start:s.end] for s in vm.highlights("findings")] == ["size"]
+    assert vm.highlights("findings") == []  # no observation, no word below the cut-off ('size' 0.3, 'Normal' is gone)
     vm.set_text("", "")
     assert not vm.can_sign  # an empty report cannot be signed
 
@@ -189,3 +178,157 @@ def test_after_signing_the_model_shows_what_was_signed(service: ReviewService) -
     vm.sign()
     assert (vm.findings, vm.impression) == ("Findings with spaces.", "Impression.")
     assert vm.banner()[0] == "final"
+
+
+# -- the input gate, the probabilities, the calibrated marks (issue 11) --------------------------
+
+WITHHELD_REASON = "every view is unlike the images the model was trained on"
+
+
+def test_worklist_says_what_the_gate_let_the_model_do() -> None:
+    status = viewmodels.draft_status
+    assert status(row(1, input_outcome="withheld", input_reason=WITHHELD_REASON)) == f"not drafted: {WITHHELD_REASON}"
+    assert status(row(1, input_outcome="withheld")) == "not drafted: the input check withheld the draft"
+    assert status(row(2, input_outcome="partial", input_reason="the lateral view is unlike the training images",
+                      views_not_used=("LL",))) == "drafted without LL: the lateral view is unlike the training images"
+    assert status(row(3, input_outcome="warned", input_reason="blank image")) == "drafted despite the input check: blank image"
+    assert status(row(4, input_outcome="passed")) == "drafted"
+    assert status(row(5, input_outcome="off")) == "drafted (input check off)"
+    assert status(row(6)) == "drafted (input not checked)"  # a draft made before the gate
+    assert status(row(7, draft_id=None, state="failed")) == ""
+    last = len(viewmodels.COLUMNS) - 1
+    assert viewmodels.cell_text(row(1, input_outcome="withheld", input_reason="x"), last) == "not drafted: x"
+    assert "AI draft: not drafted: x" in viewmodels.row_tooltip(row(1, input_outcome="withheld", input_reason="x"))
+
+
+def gate(outcome: str, reason: str = "", failed: tuple[str, ...] = (), study: tuple[str, ...] = ()) -> InputCheck:
+    views = tuple(ViewCheck(f"1.2.{v}", v, v not in failed,
+                            ("out of distribution (score 41.2 > limit 18.0)",) if v in failed else (), 41.2, 18.0)
+                  for v in ("PA", "LL"))
+    return InputCheck("enforce", outcome, reason, views, study)
+
+
+def test_withheld_draft_opens_empty_with_a_banner_and_can_be_signed_once_written() -> None:
+    d = detail(findings="", impression="", tokens=(), input_check=gate("withheld", WITHHELD_REASON, ("PA", "LL")),
+               observations=(ObservationCall("Cardiomegaly", 0.9, 0.4),))
+    assert d.withheld
+    vm = ReviewModel(service=None, user="alice", detail=d, holds_claim=True)  # type: ignore[arg-type]
+    assert (vm.findings, vm.impression) == ("", "")
+    kind, text = vm.banner()
+    assert kind == "withheld" and text.startswith("NOT DRAFTED — the AI draft was withheld: " + WITHHELD_REASON)
+    assert "sign as usual" in text and "UNVERIFIED" not in text
+    assert vm.gate_lines() == [f"Input check (mode enforce): withheld — {WITHHELD_REASON}.",
+                               "PA not used: out of distribution (score 41.2 > limit 18.0).",
+                               "LATERAL (LL) not used: out of distribution (score 41.2 > limit 18.0)."]
+    assert vm.observation_rows() == []  # the model's output on unreadable images is not shown
+    assert not vm.can_sign and vm.highlights("findings") == []
+    vm.set_text("Heart size normal. Lungs clear.", "Normal chest.")
+    assert vm.can_sign and vm.edited and not vm.needs_confirmation()
+    assert vm.highlights("findings") == [] and vm.highlights("impression") == []  # typed text is never marked
+    held = ReviewModel(service=None, user="bob", detail=d, holds_claim=False, notice="read-only: in review by alice")  # type: ignore[arg-type]
+    assert held.banner()[0] == "blocked" and "NOT DRAFTED" in held.banner()[1] and "in review by alice" in held.banner()[1]
+
+
+def test_partial_and_warned_drafts_say_which_views_were_not_used_and_why() -> None:
+    vm = ReviewModel(service=None, user="alice", holds_claim=True,  # type: ignore[arg-type]
+                     detail=detail(input_check=gate("partial", "the lateral view is unlike the training images", ("LL",),
+                                                    ("frontal-only study",))))
+    assert vm.gate_lines() == [
+        "Input check (mode enforce): partial — drafted without LATERAL (LL): the lateral view is unlike the training images.",
+        "LATERAL (LL) not used: out of distribution (score 41.2 > limit 18.0).",
+        "Study: frontal-only study."]
+    assert vm.banner() == ("draft", "AI DRAFT — UNVERIFIED — drafted by cxr-tiny 1.0 without LATERAL (LL); edit, then "
+                                    "sign to make it a report.")
+    assert vm.view_gate("1.2.PA") == ("input check passed", True)
+    assert vm.view_gate("1.2.LL") == ("NOT USED — out of distribution (score 41.2 > limit 18.0)", False)
+    assert vm.view_gate("9.9") == ("input not checked", None)
+    warned = ReviewModel(service=None, user="alice", holds_claim=True,  # type: ignore[arg-type]
+                         detail=detail(input_check=InputCheck("warn", "warned", "blank image",
+                                                              (ViewCheck("1.2.PA", "PA", False, ("blank image",)),))))
+    assert "although the input check failed (blank image)" in warned.banner()[1]
+    assert warned.gate_lines()[1] == "PA read anyway: blank image."
+    old = ReviewModel(service=None, user="alice", holds_claim=True, detail=detail())  # type: ignore[arg-type]
+    assert old.gate_lines() == ["Input check: not checked (drafted before the input gate existed)."]
+    assert old.view_gate("1.2.PA") == ("input not checked", None)
+
+
+def test_probabilities_panel_rows() -> None:
+    calls = (ObservationCall("Cardiomegaly", 0.93, 0.4), ObservationCall("Pleural Effusion", 0.43, 0.4),
+             ObservationCall("Edema", 0.02, 0.4), ObservationCall("Fracture", 0.3, None))
+    vm = ReviewModel(service=None, user="alice", holds_claim=True, detail=detail(observations=calls))  # type: ignore[arg-type]
+    rows = vm.observation_rows()
+    assert [(r.text(), r.called, r.uncertain) for r in rows] == [
+        (("Cardiomegaly", "0.93", "0.40"), True, False),
+        (("Pleural Effusion", "0.43", "0.40"), True, True),
+        (("Edema", "0.02", "0.40"), False, False),
+        (("Fracture", "0.30", "—"), None, False)]
+    assert "close to its threshold" in rows[1].tooltip() and "no threshold" in rows[3].tooltip()
+
+
+def test_review_model_marks_with_the_shared_policy() -> None:
+    d = detail(findings="The heart is enlarged. Mild degenerative changes.", impression="Cardiomegaly.",
+               tokens=(("the", 0.9), ("heart", 0.9), ("is", 0.9), ("enlarged", 0.9), (".", 0.9), ("mild", 0.05),
+                       ("degenerative", 0.9), ("changes", 0.9), (".", 0.9), ("cardiomegaly", 0.9), (".", 0.9)),
+               observations=(ObservationCall("Cardiomegaly", 0.41, 0.4),))
+    vm = ReviewModel(service=None, user="alice", detail=d, holds_claim=True)  # type: ignore[arg-type]
+    f = vm.highlights("findings")
+    assert [(vm.findings[s.start:s.end], s.kind) for s in f] == [("The heart is enlarged.", "call"), ("Mild", "word")]
+    i = vm.highlights("impression")
+    assert [(vm.impression[s.start:s.end], s.kind) for s in i] == [("Cardiomegaly.", "call")]
+    vm.set_text("The heart is mildly enlarged. Mild degenerative changes.", "Cardiomegaly.")
+    assert [s.kind for s in vm.highlights("findings")] == ["word"]  # edited: no longer the model's call
+
+
+def test_service_detail_reads_the_gate_and_the_thresholds(service: ReviewService, node: synthetic.NodeFixture) -> None:
+    import json
+
+    from dicom_node.db import Draft
+
+    rows = service.worklist()
+    plain = service.detail(rows[0].draft_id or 0)
+    assert plain.input_check is not None and plain.input_check.outcome == "passed"  # the real gate
+    assert all(v.check is not None and v.check.passed for v in plain.views)
+    with node.sessions() as s, s.begin():  # a draft made before the gate has no input_check
+        d0 = s.get(Draft, rows[0].draft_id)
+        assert d0 is not None
+        d0.token_info = json.dumps({k: v for k, v in json.loads(d0.token_info or "{}").items() if k != "input_check"})
+    plain = service.detail(rows[0].draft_id or 0)
+    assert plain.input_check is None and not plain.withheld and all(v.check is None for v in plain.views)
+    assert viewmodels.draft_status(next(r for r in service.worklist() if r.draft_id == plain.draft_id)) == (
+        "drafted (input not checked)")
+    assert plain.observations and all(c.threshold is not None for c in plain.observations)
+    assert [c.probability for c in plain.observations] == sorted((c.probability for c in plain.observations), reverse=True)
+    draft_id = rows[1].draft_id or 0
+    synthetic.set_input_check(node, draft_id, "partial", "the lateral view is unlike the training images",
+                              failed={"LL": ["out of distribution (score 41.2 > limit 18.0)"]})
+    d = service.detail(draft_id)
+    assert d.input_check is not None and d.input_check.outcome == "partial"
+    checks = {v.view: v.check for v in d.views}
+    assert checks["PA"] is not None and checks["PA"].passed
+    assert checks["LL"] is not None and not checks["LL"].passed and checks["LL"].ood_score == 41.2
+    row = next(r for r in service.worklist() if r.draft_id == draft_id)
+    assert (row.input_outcome, row.views_not_used) == ("partial", ("LL",))
+
+
+def test_signing_a_withheld_study_written_from_scratch(service: ReviewService, node: synthetic.NodeFixture) -> None:
+    import pydicom
+
+    from plugin import sr
+
+    draft_id = service.worklist()[2].draft_id or 0
+    synthetic.set_input_check(node, draft_id, "withheld", WITHHELD_REASON,
+                              failed={"PA": ["out of distribution (score 41.2 > limit 18.0)"],
+                                      "LL": ["out of distribution (score 39.0 > limit 18.0)"]})
+    row = next(r for r in service.worklist() if r.draft_id == draft_id)
+    assert viewmodels.draft_status(row) == f"not drafted: {WITHHELD_REASON}"
+    vm = open_review(service, "alice", draft_id, load_views=False)
+    assert vm.detail.withheld and (vm.findings, vm.impression) == ("", "") and not vm.can_sign
+    with pytest.raises(ReviewError, match="empty"):
+        service.sign(draft_id, "alice", "  ", "")
+    vm.set_text("Heart size normal. No pleural effusion.", "No acute cardiopulmonary abnormality.")
+    signed = vm.sign()
+    assert signed.state == DraftState.SIGNED and signed.signed_findings == "Heart size normal. No pleural effusion."
+    report = sr.read_report(pydicom.dcmread(node.store.abspath(signed.signed_path or "")))
+    assert report.verification_flag == "VERIFIED"
+    assert (report.findings, report.impression) == ("Heart size normal. No pleural effusion.",
+                                                    "No acute cardiopulmonary abnormality.")

@@ -13,7 +13,7 @@ from PyQt6.QtWidgets import QApplication
 from sqlalchemy import select
 
 from dicom_node.db import AuditEvent, Draft, DraftState, Transfer
-from gui import synthetic
+from gui import synthetic, viewmodels
 from gui.widgets import ImageView
 from gui.window import ReviewerWindow
 from plugin import sr
@@ -293,22 +293,138 @@ def test_image_view_window_level_zoom_pan_invert(qtbot, make_window) -> None:  #
     assert view.transform.scale == pytest.approx(1.0)
 
 
-def test_uncertain_words_are_highlighted(qtbot, make_window) -> None:  # type: ignore[no-untyped-def]
+def formats_of(editor) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+    """(marked text, background colour) of every highlight in an editor's first block."""
+    doc = editor.document()
+    text = doc.firstBlock().text()
+    return [(text[f.start:f.start + f.length], f.format.background().color().name())
+            for f in doc.firstBlock().layout().formats()]
+
+
+def test_uncertain_calls_and_words_are_highlighted(qtbot, make_window) -> None:  # type: ignore[no-untyped-def]
+    from plugin.draft_info import ObservationCall
+
     w = make_window("alice")
     open_row(qtbot, w, "CXR-10001")
     assert w.review is not None
     tokens = w.review.detail.tokens
     assert tokens, "the pipeline stores token probabilities"
-    w.review.detail = type(w.review.detail)(**{**w.review.detail.__dict__, "tokens": tuple((t, 0.01) for t, _ in tokens)})
+    d = w.review.detail
+    # every word nearly certain, and no observation probabilities (so no calls): nothing is marked
+    calm: list[ObservationCall] = []
+    w.review.detail = type(d)(**{**d.__dict__, "tokens": tuple((t, 0.99) for t, _ in tokens), "grounded": (),
+                                 "observations": tuple(calm)})
     w.report.show_review(w.review, "")
     editor = w.report.findings if w.review.findings.strip() else w.report.impression
-    doc = editor.document()
-    assert doc is not None
-    formats = doc.firstBlock().layout().formats()  # type: ignore[union-attr]
-    assert formats, "low-probability words carry a highlight format"
-    assert formats[0].format.background().color().name() == "#ffe082"
+    assert formats_of(editor) == []
+    # every word unsure: the content words are marked (orange), the function words are not
+    w.review.detail = type(d)(**{**d.__dict__, "tokens": tuple((t, 0.01) for t, _ in tokens), "grounded": (),
+                                 "observations": tuple(calm)})
+    w.report.show_review(w.review, "")
+    marks = formats_of(editor)
+    assert marks and all(colour == "#ffc58a" for _, colour in marks)
+    assert not {m.lower() for m, _ in marks} & {"the", "is", "are", "of", "no"}
     w.report.highlight.setChecked(False)
-    assert not doc.firstBlock().layout().formats()  # type: ignore[union-attr]
+    assert formats_of(editor) == []
+    w.report.highlight.setChecked(True)
+    # an observation the text states, at its threshold: the sentence is an uncertain call (amber)
+    w.review.set_text("There is a small pleural effusion.", w.review.impression)
+    synthetic_draft = type(d)(**{**d.__dict__, "findings": "There is a small pleural effusion.",
+                                 "tokens": tuple((t, 0.99) for t in "there is a small pleural effusion .".split()),
+                                 "grounded": (), "observations": (ObservationCall("Pleural Effusion", 0.41, 0.4),)})
+    w.review.detail = synthetic_draft
+    w.report.show_review(w.review, "")
+    assert formats_of(w.report.findings) == [("There is a small pleural effusion.", "#ffe082")]
+    # what the radiologist types is never marked
+    w.report.findings.moveCursor(w.report.findings.textCursor().MoveOperation.End)
+    qtbot.keyClicks(w.report.findings, " Small effusion likely.")
+    assert formats_of(w.report.findings) == [("There is a small pleural effusion.", "#ffe082")]
+
+
+def add_real_film_study(node: synthetic.NodeFixture) -> tuple[str, int]:
+    """A study of the two real radiographs, drafted by the real pipeline: the gate withholds it.
+    Without the shared samples, a drafted study marked withheld the way the pipeline writes it."""
+    spec = synthetic.sample_studies(4, size=256, prefix="real")[3]
+    datasets = synthetic.real_film_study(spec) or synthetic.make_study(spec)
+    synthetic.store_study(node.sessions, node.store, datasets)
+    draft_id = synthetic.run_draft_job(node, spec.study_instance_uid)
+    if not synthetic.real_film_study(spec):
+        synthetic.set_input_check(node, draft_id, "withheld", "no view can be read by the model",
+                                  failed={"PA": ["unlike the images the model was trained on"],
+                                          "LL": ["unlike the images the model was trained on"]})
+    return spec.patient_id, draft_id
+
+
+def test_withheld_study_not_drafted_empty_editor_signed_from_scratch(qtbot, make_window, node: synthetic.NodeFixture) -> None:  # type: ignore[no-untyped-def]
+    patient_id, draft_id = add_real_film_study(node)
+    w = make_window("alice")
+    wait_refreshed(qtbot, w)
+    i = row_of(w, patient_id)
+    status = w.worklist.model.index(i, len(viewmodels.COLUMNS) - 1).data()
+    assert status.startswith("not drafted: ") and "model" in status
+    assert w.worklist.model.index(i, 6).data() == "new"  # it waits for a report like any other study
+    assert open_row(qtbot, w, patient_id) == draft_id
+    pane = w.report
+    assert pane.banner.objectName() == "banner_withheld"
+    assert pane.banner.text().startswith("NOT DRAFTED — the AI draft was withheld: ")
+    assert "UNVERIFIED" not in pane.banner.text()
+    assert pane.findings.toPlainText() == "" and pane.impression.toPlainText() == ""
+    assert "write the findings" in pane.findings.placeholderText()
+    assert not pane.findings.isReadOnly() and not pane.sign_button.isEnabled()
+    assert pane.probabilities.rowCount() == 0 and "not shown" in pane.probabilities_note.text()
+    assert all(t.startswith("NOT USED — ") for t in w.study.gate_texts()) and w.study.gate_texts()
+    assert "withheld" in pane.gate.text()
+    # the radiologist reports from scratch and signs as usual
+    pane.findings.setFocus()
+    qtbot.keyClicks(pane.findings, "Heart size normal. Lungs clear.")
+    qtbot.keyClicks(pane.impression, "Normal chest radiograph.")
+    assert pane.sign_button.isEnabled()
+    with qtbot.waitSignal(w.signed, timeout=WAIT):
+        pane.sign_button.click()
+    assert w.errors == []
+    with node.sessions() as s:
+        d = s.get(Draft, draft_id)
+        assert d is not None and d.state == DraftState.SIGNED
+        ds = pydicom.dcmread(node.store.abspath(d.signed_path or ""))
+    report = sr.read_report(ds)
+    assert report.verification_flag == "VERIFIED"
+    assert (report.findings, report.impression) == ("Heart size normal. Lungs clear.", "Normal chest radiograph.")
+
+
+def test_partial_draft_says_which_view_was_not_used(qtbot, make_window, node: synthetic.NodeFixture, service: ReviewService) -> None:  # type: ignore[no-untyped-def]
+    draft_id = next(r.draft_id for r in service.worklist() if r.patient_id == "CXR-10003")
+    synthetic.set_input_check(node, draft_id or 0, "partial", "the lateral view is unlike the training images",
+                              failed={"LL": ["unlike the images the model was trained on (score 7.2 > limit 5.1)"]})
+    w = make_window("alice")
+    wait_refreshed(qtbot, w)
+    assert w.worklist.model.index(row_of(w, "CXR-10003"), 7).data() == (
+        "drafted without LL: the lateral view is unlike the training images")
+    open_row(qtbot, w, "CXR-10003")
+    pane = w.report
+    assert "without LATERAL (LL)" in pane.banner.text() and pane.banner.objectName() == "banner_draft"
+    assert pane.gate.objectName() == "gate_alert"
+    assert "LATERAL (LL) not used: unlike the images the model was trained on (score 7.2 > limit 5.1)." in pane.gate.text()
+    gates = dict(zip(w.study.labels(), w.study.gate_texts(), strict=True))
+    assert gates == {"PA": "input check passed",
+                     "LATERAL (LL)": "NOT USED — unlike the images the model was trained on (score 7.2 > limit 5.1)"}
+
+
+def test_observation_probabilities_beside_the_text(qtbot, make_window) -> None:  # type: ignore[no-untyped-def]
+    w = make_window("alice")
+    open_row(qtbot, w, "CXR-10001")
+    assert w.review is not None
+    calls = w.review.detail.observations
+    table = w.report.probabilities
+    assert table.isVisible() and table.rowCount() == len(calls) == 13
+    editor = w.report.findings
+    assert table.mapTo(w, QPoint(0, 0)).x() >= editor.mapTo(w, QPoint(0, 0)).x() + editor.width()  # beside the text
+    shown = [tuple(table.item(i, j).text() for j in range(3)) for i in range(table.rowCount())]
+    assert shown == [(c.name, f"{c.probability:.2f}", f"{c.threshold:.2f}") for c in calls]
+    for i, c in enumerate(calls):
+        item = table.item(i, 0)
+        assert item.font().bold() == (c.probability >= (c.threshold or 1.0))
+        assert f"threshold {c.threshold:.2f}" in item.toolTip()
+    assert "Bold: called present" in w.report.probabilities_note.text()
 
 
 def test_claim_is_kept_alive_while_working_and_lost_claim_turns_read_only(qtbot, make_window, node: synthetic.NodeFixture) -> None:  # type: ignore[no-untyped-def]
