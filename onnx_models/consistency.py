@@ -66,7 +66,9 @@ _ENDS = frozenset(".;!?")
 _WORDS = re.compile(r"\w+|[^\w\s]")
 
 # --- normal phrasings that cover observations (in one clause) ------------------------------------
-_NOT_NORMAL = re.compile(r"\b(?:enlarge\w*|large|cardiomegaly|widen\w*|prominen\w*|abnormal\b|increased)")
+_NOT_NORMAL = re.compile(r"\b(?:enlarge\w*|large|cardiomegaly|widen\w*|prominen\w*|abnormal\b|increased|"
+                         r"upper limits? of normal|top normal|high normal|borderline)")
+_BONE = re.compile(r"\b(?:osseous|bony|bone|bones|skeletal|osseus|ribs?|spine|thoracic spine)\b")
 _COVER: list[tuple[re.Pattern[str], tuple[str, ...]]] = [
     (re.compile(r"\b(?:heart|cardiac)\b.*\b(?:normal|within normal limits|unremarkable|not enlarged)\b"
                 r"|\bnormal (?:heart|cardiac)\b"), ("Cardiomegaly",)),
@@ -85,7 +87,7 @@ _COVER: list[tuple[re.Pattern[str], tuple[str, ...]]] = [
     (re.compile(r"\b(?:normal|negative|unremarkable|clear) (?:chest|exam\w*|study|radiograph\w*)\b"
                 r"|^(?:normal|negative)(?: chest)?$"), _ALL),
     (re.compile(r"\b(?:no|without|negative for|free of)\b(?: \w+){0,3}? (?:acute|active)\b(?! (?:bony|osseous|osseus|bone|skeletal))"
-                r"(?: \w+){0,4}? (?:abnormalit\w*|disease|process\w*|findings?|patholog\w*|changes?|infiltrates?)\b"),
+                r"(?: \w+){0,4}? (?:abnormalit\w*|disease|process\w*|findings?|patholog\w*|changes?)\b"),
      ACUTE),
 ]
 _CLAUSES = re.compile(r"[,;:]|\b(?:but|however|although|except|with|which|without evidence)\b")
@@ -229,10 +231,12 @@ def _covered(text: str) -> set[str]:
         if not clause:
             continue
         for pat, observations in _COVER:
+            if observations == ACUTE and _BONE.search(clause):
+                continue  # "osseous structures are without acute abnormality": the bones only
             if pat.search(clause) and (observations == ACUTE or not _NOT_NORMAL.search(clause)):
                 out.update(o for o in observations if o not in _MULTIPLE)
                 if "Lung Opacity" in observations:
-                    out.add("Lung Opacity:acute")
+                    out.update(("Lung Opacity:acute", "Lung Opacity:infil"))
                 if "Fracture" in observations:
                     out.add("Fracture:fract")
     return out
@@ -247,7 +251,9 @@ def _key(observation: str, mention_text: str, sentence: str) -> str:
     if _CHRONIC.search(sentence):
         return f"{observation}:chronic"
     if observation == "Lung Opacity" and _ACUTE_OPACITY.search(mention_text):
-        return f"{observation}:acute"
+        # "opacity" is wider than "infiltrate": "no acute infiltrate" beside "basilar opacities"
+        # (atelectasis, scarring) is how radiologists write, not a contradiction
+        return f"{observation}:infil" if "infiltrat" in mention_text else f"{observation}:acute"
     stem = re.sub(r"[^a-z]", "", mention_text.split()[-1] if mention_text.split() else mention_text)
     return f"{observation}:{stem[:5]}"
 
@@ -283,7 +289,7 @@ def _analyse(section: str, index: int, tokens: list[Token]) -> _Sentence:
     s.negated -= set(s.affirmed)
     s.covered = _covered(s.text) - set(s.affirmed)
     s.twice = {k.split("|")[0] for k, spans in seen_keys.items() if len(spans) > 1}
-    content = [w for w in body if w.isalpha() and len(w) > 2 and w not in _STOP]
+    content = [w for w in body if w.isalpha() and len(w) > 2 and w not in _STOP and w not in _MODIFIERS]
     s.repeats = bool(s.twice) or len(content) != len(set(content))
     return s
 
@@ -480,7 +486,7 @@ def make_consistent(
             break
         by_ref = {s.ref: s for s in sents}
         drop: dict[tuple[str, int], str] = {}
-        replace: dict[tuple[str, int], list[list[Token]]] = {}
+        replace: dict[tuple[str, int], tuple[str, str, list[list[Token]]]] = {}
         fixed: dict[tuple[str, int], list[Token]] = {}
         for issue in issues:
             if issue.kind == "fragment":
@@ -505,8 +511,9 @@ def make_consistent(
         new: dict[str, list[list[Token]]] = {sec: [] for sec in SECTIONS}
         for s in sents:
             if s.ref in replace:
-                edits.append(Edit("summarise", s.section, _detok(s.words), "no acute abnormality under supported acute findings"))
-                new[s.section] += replace[s.ref]
+                action, reason, pieces = replace[s.ref]
+                edits.append(Edit(action, s.section, _detok(s.words), reason))
+                new[s.section] += pieces
             elif s.ref in drop:
                 edits.append(Edit("drop", s.section, _detok(s.words), drop[s.ref]))
             elif s.ref in fixed:
@@ -538,33 +545,81 @@ def _supported(obs: str, probs: Mapping[str, float], thr: Mapping[str, float]) -
 
 def _resolve_contradiction(issue: Issue, by_ref: dict[tuple[str, int], _Sentence], probs: Mapping[str, float],
                            thr: Mapping[str, float], sents: list[_Sentence],
-                           drop: dict[tuple[str, int], str], replace: dict[tuple[str, int], list[list[Token]]]) -> None:
+                           drop: dict[tuple[str, int], str],
+                           replace: dict[tuple[str, int], tuple[str, str, list[list[Token]]]]) -> None:
     obs, key = issue.observation, issue.key
     group = [by_ref[r] for r in issue.sentences]
     pro = [s for s in group if key in s.affirmed]
     con = [s for s in group if s not in pro]
-    if _supported(obs, probs, thr):
-        for s in con:
-            if s.ref in drop or s.ref in replace:
+    p = probs.get(obs, float("nan"))
+    supported = _supported(obs, probs, thr)
+    why = (f"negates {obs} (probability {p:.2f} supports it)" if supported
+           else f"affirms {obs} (probability {p:.2f} does not support it)")
+    for s in con if supported else pro:
+        if s.ref in drop or s.ref in replace:
+            continue
+        if supported and s.section == "impression" and obs in ACUTE and key not in s.negated and key in s.covered:
+            # keep what else the sentence says ("Mild cardiomegaly, no acute findings."), then
+            # summarise the findings it denied
+            rest = _trim(s, key, negating=True)
+            said = _analyse(s.section, s.index, rest).affirmed_obs if rest else set()
+            summary = _summary(sents, drop, said)
+            if summary or rest:
+                replace[s.ref] = ("summarise", "no acute abnormality under supported acute findings",
+                                  ([rest] if rest else []) + summary)
                 continue
-            if s.section == "impression" and obs in ACUTE and key not in s.negated and key in s.covered:
-                summary = _summary(sents, drop)
-                if summary:
-                    replace[s.ref] = summary
-                    continue
-            drop[s.ref] = f"negates {obs} (probability {probs.get(obs, float('nan')):.2f} supports it)"
-    else:
-        for s in pro:
-            if s.ref not in replace:
-                drop.setdefault(s.ref, f"affirms {obs} (probability {probs.get(obs, float('nan')):.2f} does not support it)")
+        trimmed = _trim(s, key, negating=supported)
+        if trimmed:
+            replace[s.ref] = ("trim", why, [trimmed])
+        else:
+            drop[s.ref] = why
 
 
-def _summary(sents: list[_Sentence], drop: Mapping[tuple[str, int], str]) -> list[list[Token]]:
+def _trim(s: _Sentence, key: str, negating: bool) -> list[Token]:
+    """``s`` without its comma-separated clauses that (read alone) negate ``key`` (``negating``)
+    or affirm it; empty when that leaves nothing, or a clause that says nothing by itself
+    ("Stable cardiomegaly, mediastinal contours.": no)."""
+    clauses: list[list[Token]] = [[]]
+    for tok in s.tokens:
+        if tok[0] == ",":
+            clauses.append([])
+        elif tok[0] not in _ENDS:
+            clauses[-1].append(tok)
+    if len(clauses) < 2:
+        return []
+    kept, removed = [], False
+    for clause in clauses:
+        a = _analyse(s.section, s.index, clause)
+        hit = _negates(a, key) if negating else key in a.affirmed
+        if hit:
+            removed = True
+        elif clause:
+            if not (a.affirmed or a.negated or a.covered):
+                return []
+            # read alone, the clause must say what it said in the sentence ("without evidence of
+            # focal airspace disease, pleural effusion, or pneumothorax": "pleural effusion" alone
+            # would affirm it)
+            if not (set(a.affirmed) <= set(s.affirmed) and a.negated <= s.negated | s.covered
+                    and a.covered <= s.negated | s.covered):
+                return []
+            kept.append(clause)
+    if not removed or not kept:
+        return []
+    out: list[Token] = []
+    for clause in kept:
+        if out:
+            out.append((",", clause[0][1]))
+        out += clause
+    return [*out, (".", s.tokens[-1][1])]
+
+
+def _summary(sents: list[_Sentence], drop: Mapping[tuple[str, int], str],
+             said: Iterable[str] = ()) -> list[list[Token]]:
     """The impression that summarises the findings: each findings sentence that affirms a
-    pathology, as a short phrase ("There is a small right pleural effusion." -> "Small right
-    pleural effusion.")."""
+    pathology not in ``said``, as a short phrase ("There is a small right pleural effusion." ->
+    "Small right pleural effusion.")."""
     out: list[list[Token]] = []
-    seen: set[str] = set()
+    seen: set[str] = set(said)
     for s in sents:
         if s.section != "findings" or s.ref in drop or s.marker is not None:
             continue
@@ -613,12 +668,14 @@ def _resolve_duplicate(issue: Issue, by_ref: dict[tuple[str, int], _Sentence], s
         return
     if len(group) < 2:
         return
-    best = max(group, key=lambda s: s.specificity)
+    # a sentence that says something no other sentence says stays; of the others the most
+    # specific stays unless one that must stay already says it
+    anchored = [s for s in group if not _said_elsewhere(s, sents, drop)]
+    best = max(anchored or group, key=lambda s: s.specificity)
     for s in group:
-        if s is best or s.ref in drop:
+        if s is best or s.ref in drop or s in anchored:
             continue
-        if _said_elsewhere(s, sents, drop):
-            drop[s.ref] = f"{issue.observation} is stated more specifically in another sentence"
+        drop[s.ref] = f"{issue.observation} is stated more specifically in another sentence"
 
 
 def _said_elsewhere(s: _Sentence, sents: list[_Sentence], drop: Mapping[tuple[str, int], str],

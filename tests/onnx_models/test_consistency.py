@@ -143,3 +143,12 @@ def test_a_consistent_report_is_left_alone() -> None:
     toks = c.text_tokens(f, 0.5)
     out_f, out_i, edits = c.make_consistent(toks, c.text_tokens("No acute disease.", 0.5), {}, {})
     assert out_f == toks and edits == []
+
+
+def test_only_the_clause_that_contradicts_is_removed() -> None:
+    f = "Right upper lobe airspace opacity, there is no pneumothorax or large pleural effusion. Small left pleural effusion."
+    assert fix(f, Pleural_Effusion=0.7, Lung_Opacity=0.6) == (
+        "Right upper lobe airspace opacity. Small left pleural effusion.", "")
+    # a clause that says nothing by itself is not left behind: the whole sentence goes
+    assert fix("Stable cardiomegaly, mediastinal contours. The heart is normal in size.", Cardiomegaly=0.1) == (
+        "The heart is normal in size.", "")
