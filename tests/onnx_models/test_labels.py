@@ -83,3 +83,20 @@ def test_binary_vector_u_ones() -> None:
     assert vec[OBSERVATIONS.index("Pleural Effusion")] == 0
     assert vec[OBSERVATIONS.index("No Finding")] == 0
     assert binary_vector(got, ABNORMAL_OBSERVATIONS) == vec[1:]
+
+
+def test_negated_list_with_suspicious_is_absent() -> None:
+    # "suspicious" qualifies an item of a negated list; it does not make the list uncertain
+    out = label("No focal consolidation, suspicious pulmonary opacity, pleural effusion, or pneumothorax.")
+    assert out["Lung Opacity"] is A and out["Pleural Effusion"] is A and out["Pneumothorax"] is A
+    assert label("Suspicious pulmonary nodule.")["Lung Lesion"] is U
+
+
+def test_mentions_give_positions_and_normal_phrasings() -> None:
+    from onnx_models.labels import mentions, sentences
+
+    [s] = sentences("Heart size is normal, there is a small right pleural effusion.")
+    found = {(m.observation, m.presence, m.normal) for m in mentions(s)}
+    assert ("Cardiomegaly", A, True) in found and ("Pleural Effusion", P, False) in found
+    m = next(m for m in mentions(s) if m.observation == "Pleural Effusion")
+    assert s[m.start : m.end] == m.text == "effusion"
