@@ -1,9 +1,11 @@
-"""``cxrnode demo``: the whole flow on the shipped sample study, in one command.
+"""``cxrnode demo``: the whole flow on the shipped sample study (or your files), in one command.
 
 Starts the node on its embedded defaults (SQLite, the shipped model bundle, an ephemeral port
 on loopback, a 1 s quiet period) in a fresh folder, sends the sample study (PA + lateral CR,
 with an indication) to it over DICOM with C-STORE, waits for the draft SR while showing the
-job's progress, prints the report and where the SR file is, and stops the node. Needs no
+job's progress, prints the report and where the SR file is, and stops the node. Given DICOM
+files of one study instead (``cxrnode demo FILE...``), it sends those: a film the model cannot
+read (the input gate) shows the withheld draft and why. Needs no
 configuration, no network and no screen. The folder is kept so the SR can be inspected
 (``dsrdump <path>``); delete it when done.
 """
@@ -64,7 +66,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir).resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="cxrnode-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     config = demo_config(workdir, args)
-    files = samples.sample_files()
+    files = [Path(f) for f in args.files] or samples.sample_files()
+    problem = _check_files(files)
+    if problem:
+        print(f"cxrnode demo: {problem}", file=sys.stderr)
+        return 2
     say = lambda m: _progress(m, args.quiet)  # noqa: E731
     say(f"working folder {workdir}")
     t0 = time.perf_counter()
@@ -108,6 +114,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
         node.stop(grace_s=10)
 
 
+def _check_files(files: list[Path]) -> str:
+    """One line when the given files are not DICOM images of one study, else ''."""
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    studies = set()
+    for f in files:
+        try:
+            ds = dcmread(f, stop_before_pixels=True)
+        except (OSError, InvalidDicomError) as exc:
+            return f"{f}: not a readable DICOM file ({exc})"
+        if "StudyInstanceUID" not in ds or "SOPInstanceUID" not in ds:
+            return f"{f}: no Study/SOP Instance UID"
+        studies.add(str(ds.StudyInstanceUID))
+    if len(studies) > 1:
+        return f"the files belong to {len(studies)} studies; give the files of one study"
+    return ""
+
+
 def _wait_for_draft(node: Any, study_uid: str, timeout: float, say: Any) -> tuple[dict[str, Any], str] | str:
     deadline = time.monotonic() + timeout
     last = ""
@@ -136,6 +161,7 @@ def _wait_for_draft(node: Any, study_uid: str, timeout: float, say: Any) -> tupl
                     "views": json.loads(draft.views or "[]"),
                     "model": f"{draft.model_name} {draft.model_version}",
                     "job_ms": job.duration_ms,
+                    "input_check": json.loads(draft.token_info or "{}").get("input_check", {}),
                 }, job.log or "")
             if job is not None and job.state in ("skipped", "failed"):
                 return f"the job ended {job.state}: {job.last_error}\n{job.log}"
@@ -145,15 +171,26 @@ def _wait_for_draft(node: Any, study_uid: str, timeout: float, say: Any) -> tupl
 
 def _format(draft: dict[str, Any], sr_path: Path, elapsed: float, quiet: float, workdir: Path, job_log: str) -> str:
     views = ", ".join(f"{v['view']} ({v['source']})" for v in draft["views"])
-    lines = [
-        "",
-        "AI-GENERATED DRAFT - UNVERIFIED (research use only; a radiologist must review and sign)",
-        f"model      : {draft['model']}",
-        f"views      : {views}",
-        f"INDICATION : {draft['indication'] or '(none)'}",
-        f"FINDINGS   : {draft['findings']}",
-        f"IMPRESSION : {draft['impression']}",
-        "",
+    gate = draft.get("input_check") or {}
+    failed = [f"             {v['view']} {v['sop_instance_uid']}: {'; '.join(v['reasons'])}"
+              for v in gate.get("views", []) if not v.get("passed")]
+    if gate.get("outcome") == "withheld":
+        head = ["AI DRAFT WITHHELD - NOT DRAFTED (the model cannot read these images; a radiologist "
+                "reports from scratch)",
+                f"model      : {draft['model']}",
+                f"views      : {views}",
+                f"INDICATION : {draft['indication'] or '(none)'}",
+                f"WITHHELD   : {gate.get('reason', '')}"]
+    else:
+        head = ["AI-GENERATED DRAFT - UNVERIFIED (research use only; a radiologist must review and sign)",
+                f"model      : {draft['model']}",
+                f"views      : {views}",
+                f"input check: {gate.get('outcome', 'not recorded')}"
+                + (f" ({gate['reason']})" if gate.get("outcome") not in (None, "passed") else ""),
+                f"INDICATION : {draft['indication'] or '(none)'}",
+                f"FINDINGS   : {draft['findings']}",
+                f"IMPRESSION : {draft['impression']}"]
+    lines = ["", *head, *(["not used   :", *failed] if failed else []), "",
         f"draft SR   : {sr_path}",
         f"             (Comprehensive SR, TID 2000; try: dsrdump {sr_path})",
         f"timing     : draft committed {elapsed:.2f} s after the last instance "
@@ -167,11 +204,15 @@ def _format(draft: dict[str, Any], sr_path: Path, elapsed: float, quiet: float, 
 
 def add_subcommands(subparsers: Any) -> None:
     demo = subparsers.add_parser(
-        "demo", help="run the node on the shipped sample study and print the AI draft",
+        "demo", help="run the node on the shipped sample study (or your DICOM files) and print the AI draft",
         description="Start the node (SQLite, shipped model, ephemeral port, 1 s quiet period) in a temporary "
-                    "folder, send the shipped 2-view sample study over DICOM, wait for the draft SR, print it "
-                    "and where the SR file is, and stop. Needs no configuration and no screen.",
+                    "folder, send the shipped 2-view sample study (or the FILEs given: DICOM images of one "
+                    "study) over DICOM, wait for the draft SR, print it and where the SR file is, and stop. "
+                    "A film the model cannot read is shown as withheld, with the reason. Needs no "
+                    "configuration and no screen.",
     )
+    demo.add_argument("files", nargs="*", metavar="FILE",
+                      help="DICOM files of one study to send instead of the shipped sample")
     demo.add_argument("--workdir", metavar="DIR", help="folder for the store and database (default: a new temporary folder)")
     demo.add_argument("--bundle", default="default", help="model bundle name or folder (default: the shipped one)")
     demo.add_argument("--beam-size", type=int, default=0, metavar="N", help="beam width (default: the config default)")

@@ -114,7 +114,7 @@ def decide(mode: str, sop_instance_uids: Sequence[str], views: Sequence[str],
     if not passed:
         reasons = sorted({reason for r in failed for reason in r["reasons"]})
         why = reasons[0] if len(reasons) == 1 else "; ".join(f"{r['view']}: {r['reasons'][0]}" for r in failed)
-        return GateDecision(mode, "withheld", f"no view can be read by the model ({why})", (), tuple(rows),
+        return GateDecision(mode, "withheld", f"no view can be read by the model: {why}", (), tuple(rows),
                             _study_notes(views))
     return GateDecision(mode, "partial", f"{len(failed)} of {n} view(s) not used: "
                         + "; ".join(f"{r['view']}: {r['reasons'][0]}" for r in failed),

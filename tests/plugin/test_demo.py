@@ -65,3 +65,37 @@ def test_demo_with_a_missing_bundle_fails_clearly(tmp_path: Path, capsys: pytest
     assert code == 1
     err = capsys.readouterr().err
     assert "cannot load the model bundle" in err and "nope" in err
+
+
+def test_demo_on_a_real_film_shows_the_withheld_draft(tmp_path: Path) -> None:
+    import contextlib
+    import io
+
+    from support.gate_images import REAL_DICOM
+
+    from plugin.cli import main
+
+    film = [p for p in REAL_DICOM if p.name.startswith("nih_")][0]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["demo", str(film), "--workdir", str(tmp_path / "d"), "--quiet"])
+    text = out.getvalue()
+    assert code == 0, text
+    assert "AI DRAFT WITHHELD - NOT DRAFTED" in text and "AI-GENERATED DRAFT" not in text
+    assert "WITHHELD   : no view can be read by the model: unlike the images the model was trained on" in text
+    assert "FINDINGS" not in text
+    path = Path(text.split("draft SR   : ")[1].splitlines()[0].strip())
+    check_sr_file(path)
+    assert sr.read_report(dcmread(path)).findings == ""
+
+
+def test_demo_refuses_files_of_two_studies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from support.gate_images import REAL_DICOM
+
+    from plugin.cli import main
+
+    code = main(["demo", *map(str, REAL_DICOM[:2]), "--workdir", str(tmp_path / "d"), "--quiet"])
+    assert code == 2 and "belong to 2 studies" in capsys.readouterr().err
+    (tmp_path / "x.dcm").write_text("not dicom")
+    code = main(["demo", str(tmp_path / "x.dcm"), "--workdir", str(tmp_path / "d"), "--quiet"])
+    assert code == 2 and "not a readable DICOM file" in capsys.readouterr().err
