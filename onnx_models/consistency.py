@@ -505,7 +505,7 @@ def make_consistent(
             if not drop and not replace:
                 for issue in issues:
                     if issue.kind == "duplicate":
-                        _resolve_duplicate(issue, by_ref, sents, drop)
+                        _resolve_duplicate(issue, by_ref, sents, drop, replace)
         if not drop and not fixed and not replace:
             break  # what is left cannot be fixed by dropping (e.g. a repeat inside a kept sentence)
         new: dict[str, list[list[Token]]] = {sec: [] for sec in SECTIONS}
@@ -656,10 +656,21 @@ def _phrase(tokens: list[Token]) -> list[Token]:
 
 
 def _resolve_duplicate(issue: Issue, by_ref: dict[tuple[str, int], _Sentence], sents: list[_Sentence],
-                       drop: dict[tuple[str, int], str]) -> None:
+                       drop: dict[tuple[str, int], str],
+                       replace: dict[tuple[str, int], tuple[str, str, list[list[Token]]]]) -> None:
     group = [by_ref[r] for r in issue.sentences]
     if issue.detail == "repeated sentence":
         drop.setdefault(group[-1].ref, "repeats an earlier sentence")
+        return
+    if issue.detail == "stated twice in one sentence":
+        s = group[0]
+        if s.ref in drop or s.ref in replace:
+            return
+        cut = _cut_repeat(s.tokens)
+        if cut and not _analyse(s.section, s.index, cut).twice:
+            replace[s.ref] = ("trim", f"{issue.observation} stated twice in the sentence", [cut])
+        elif _said_elsewhere(s, sents, drop):
+            drop[s.ref] = f"{issue.observation} stated twice in the sentence and said elsewhere"
         return
     if issue.detail.startswith("impression disagrees"):
         s = group[-1]
@@ -676,6 +687,30 @@ def _resolve_duplicate(issue: Issue, by_ref: dict[tuple[str, int], _Sentence], s
         if s is best or s.ref in drop or s in anchored:
             continue
         drop[s.ref] = f"{issue.observation} is stated more specifically in another sentence"
+
+
+def _cut_repeat(tokens: list[Token]) -> list[Token]:
+    """The sentence up to where it starts repeating itself ("left lower lobe airspace disease
+    with left lower lobe airspace disease with ..." -> "left lower lobe airspace disease."), with
+    trailing function and qualifier words removed; empty when there is no such repeat."""
+    words = [w.lower() for w, _ in tokens]
+    seen: dict[tuple[str, str], int] = {}
+    for i in range(len(words) - 1):
+        pair = (words[i], words[i + 1])
+        if not any(w.isalpha() and w not in _STOP and w not in _MODIFIERS for w in pair):
+            continue
+        j = seen.setdefault(pair, i)
+        if j < i - 1:
+            # back up over the qualifiers that start the repeat ("... with left lower lobe")
+            k = i
+            while k > j + 2 and (words[k - 1] in _MODIFIERS or words[k - 1] in _STOP or words[k - 1] == ","):
+                k -= 1
+            out = list(tokens[:k])
+            while out and (out[-1][0].lower() in _DANGLING or out[-1][0].lower() in _STOP
+                           or out[-1][0] in (",", "-")):
+                out.pop()
+            return [*out, (".", tokens[-1][1])] if out else []
+    return []
 
 
 def _said_elsewhere(s: _Sentence, sents: list[_Sentence], drop: Mapping[tuple[str, int], str],

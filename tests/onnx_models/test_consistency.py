@@ -152,3 +152,10 @@ def test_only_the_clause_that_contradicts_is_removed() -> None:
     # a clause that says nothing by itself is not left behind: the whole sentence goes
     assert fix("Stable cardiomegaly, mediastinal contours. The heart is normal in size.", Cardiomegaly=0.1) == (
         "The heart is normal in size.", "")
+
+
+def test_a_sentence_that_repeats_itself_is_cut_where_the_repeat_starts() -> None:
+    i = ("Left lower lobe airspace disease with left lower lobe airspace disease with left lower lobe "
+         "airspace disease with left lower lobe pneumonia.")
+    assert kinds("", i) == ["duplicate"]
+    assert fix("", i, Lung_Opacity=0.6) == ("", "Left lower lobe airspace disease.")
