@@ -101,18 +101,17 @@ def _lut_view(ds: Any, keyword: str = "", index: int = 0) -> Any:
     - the first mapped value of a signed image's LUT written as US (C.11.1.1: it is SS when
       Pixel Representation is 1) is read as signed.
     """
-    known = (getattr(ds, "file_meta", None) is not None and "TransferSyntaxUID" in ds.file_meta) or (
-        getattr(ds, "original_encoding", (None, None))[1] is not None)
-    if known and not keyword:
+    meta = getattr(ds, "file_meta", None)
+    has_syntax = meta is not None and "TransferSyntaxUID" in meta
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if (has_syntax or little is not None) and not keyword:
         return ds
     view = Dataset()
     view.update(ds)
-    if getattr(ds, "file_meta", None) is not None:
+    if has_syntax:  # pydicom takes the byte order from the file meta when there is one
         view.file_meta = ds.file_meta
-    if not known:
-        view.set_original_encoding(False, True)
-    elif getattr(ds, "original_encoding", (None, None))[1] is not None:
-        view.set_original_encoding(*ds.original_encoding)
+    else:
+        view.set_original_encoding(bool(implicit), True if little is None else bool(little))
     if keyword:
         item = ds[keyword].value[index]
         n, first, _bits = (int(v) for v in item.LUTDescriptor)
