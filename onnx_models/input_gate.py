@@ -46,10 +46,15 @@ import numpy as np
 
 from .imaging import resize
 
-__all__ = ["ViewCheck", "InputGate", "GateStatistics", "appearance_features", "fit_gaussian",
+__all__ = ["ViewCheck", "InputGate", "GateDecision", "decide", "MODES", "GateStatistics", "appearance_features", "fit_gaussian",
            "physical_problems", "calibrate", "write_input_check", "STATS_FILE"]
 
 STATS_FILE = "input_check.npz"
+#: ``pipeline.input_check``: ``enforce`` drafts from the views that pass (none: withheld),
+#: ``warn`` drafts from every view and marks the draft, ``off`` checks nothing
+MODES = ("enforce", "warn", "off")
+FRONTAL = ("PA", "AP")
+LATERAL = ("LATERAL", "LL")
 METHOD = "mahalanobis"
 APPEARANCE_SIZE = 128
 #: a view whose intensities span less than this (1st to 99th percentile) is blank
@@ -292,3 +297,75 @@ def write_input_check(bundle_dir: Path, stats: GateStatistics, section: dict[str
     if version:
         manifest["version"] = version
     return write_manifest(bundle_dir, manifest)
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """What the pipeline does with the study's views and what it records."""
+
+    mode: str
+    outcome: str  # passed | partial | withheld | warned | off
+    reason: str
+    use: tuple[int, ...]  # indexes of the views the model reads
+    views: tuple[dict[str, Any], ...] = ()
+    study: tuple[str, ...] = field(default=())
+
+    @property
+    def withheld(self) -> bool:
+        return self.outcome == "withheld"
+
+    def notes(self) -> tuple[str, ...]:
+        """Sentences for the SR: the views not used (or used despite failing) and why."""
+        out = []
+        for v in self.views:
+            if not v["passed"]:
+                verb = "read despite failing the input check" if self.outcome == "warned" else "not used"
+                out.append(f"View {v['view']} ({v['sop_instance_uid']}) {verb}: {'; '.join(v['reasons'])}.")
+        return tuple(out)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"mode": self.mode, "outcome": self.outcome, "reason": self.reason,
+                "views": [dict(v) for v in self.views], "study": list(self.study)}
+
+
+def _study_notes(views: Sequence[str]) -> tuple[str, ...]:
+    if views and all(v in FRONTAL for v in views):
+        return ("frontal-only study (no lateral view)",)
+    if views and all(v in LATERAL for v in views):
+        return ("lateral-only study (no frontal view)",)
+    return ()
+
+
+def decide(mode: str, sop_instance_uids: Sequence[str], views: Sequence[str],
+           checks: Sequence[ViewCheck] | None, header_problems: Sequence[Sequence[str]]) -> GateDecision:
+    """Combine the model's verdicts (``checks``; None when the bundle has no gate or the mode is
+    ``off``) with the header problems per view into a :class:`GateDecision`."""
+    if mode not in MODES:
+        raise ValueError(f"input_check mode must be one of {MODES}, got {mode!r}")
+    n = len(views)
+    if mode == "off" or checks is None:
+        why = "pipeline.input_check is off" if mode == "off" else "the model bundle has no input gate"
+        return GateDecision(mode, "off", f"not checked: {why}", tuple(range(n)), study=_study_notes(views))
+    rows: list[dict[str, Any]] = []
+    for uid, view, check, extra in zip(sop_instance_uids, views, checks, header_problems, strict=True):
+        reasons = [*extra, *check.reasons]
+        rows.append({"sop_instance_uid": uid, "view": view, "passed": not reasons, "reasons": reasons,
+                     "ood_score": round(check.scores["score"], 3) if "score" in check.scores else None,
+                     "ood_limit": round(check.limits["score"], 3) if "score" in check.limits else None})
+    passed = tuple(i for i, r in enumerate(rows) if r["passed"])
+    failed = [r for r in rows if not r["passed"]]
+    if not failed:
+        return GateDecision(mode, "passed", "every view is like the images the model was trained on",
+                            tuple(range(n)), tuple(rows), _study_notes(views))
+    if mode == "warn":
+        return GateDecision(mode, "warned", f"{len(failed)} of {n} view(s) failed the input check; drafted "
+                            "from every view anyway (pipeline.input_check = warn)",
+                            tuple(range(n)), tuple(rows), _study_notes(views))
+    if not passed:
+        reasons = sorted({reason for r in failed for reason in r["reasons"]})
+        why = reasons[0] if len(reasons) == 1 else "; ".join(f"{r['view']}: {r['reasons'][0]}" for r in failed)
+        return GateDecision(mode, "withheld", f"no view can be read by the model: {why}", (), tuple(rows),
+                            _study_notes(views))
+    return GateDecision(mode, "partial", f"{len(failed)} of {n} view(s) not used: "
+                        + "; ".join(f"{r['view']}: {r['reasons'][0]}" for r in failed),
+                        passed, tuple(rows), _study_notes([views[i] for i in passed]))
