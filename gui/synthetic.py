@@ -298,6 +298,7 @@ SAMPLE_PATIENTS = (
     ("Nakamura^Yui", "CXR-10003", "ACC10003", "19890125", "F", "Cough and fever. Evaluate for consolidation."),
     ("Adeyemi^Tunde", "CXR-10004", "ACC10004", "19450611", "M", "Chest pain after a fall. Rib fracture?"),
     ("Rossi^Giulia", "CXR-10005", "ACC10005", "19661230", "F", "Follow-up of a right pleural effusion."),
+    ("Haddad^Samir", "CXR-10006", "ACC10006", "19510904", "M", "Fever and productive cough. Pneumonia?"),
 )
 
 

@@ -135,12 +135,24 @@ COLUMNS = (
 )
 
 
-def draft_status(row: WorklistRow) -> str:
+def short_reason(reason: str, limit: int = 90) -> str:
+    """The gate's reason without its parenthesised detail when it is long (the per-view detail is
+    shown beside each view): ``no view can be read by the model (PA: ...)`` -> ``no view can be
+    read by the model``."""
+    reason = reason.strip().rstrip(".")
+    if len(reason) > limit and " (" in reason:
+        head = reason.split(" (", 1)[0].strip()
+        if head:
+            return head
+    return reason
+
+
+def draft_status(row: WorklistRow, full: bool = False) -> str:
     """What the input gate let the model do for this row: ``not drafted: <reason>`` for a withheld
     study, the views left out of a partial draft, ``not checked`` for a draft made before the gate."""
     if row.draft_id is None:
         return ""
-    outcome, reason = row.input_outcome, row.input_reason
+    outcome, reason = row.input_outcome, row.input_reason if full else short_reason(row.input_reason)
     if outcome == OUTCOME_WITHHELD:
         return f"not drafted: {reason or 'the input check withheld the draft'}"
     if outcome == OUTCOME_PARTIAL:
@@ -183,7 +195,7 @@ def row_tooltip(row: WorklistRow) -> str:
         lines.append(f"Model {row.model_name} {row.model_version}".rstrip())
     if row.detail:
         lines.append(("Failed: " if row.state == STATE_FAILED else "Reason: ") + row.detail)
-    status = draft_status(row)
+    status = draft_status(row, full=True)
     if status:
         lines.append("AI draft: " + status)
     return "\n".join(lines)
@@ -336,7 +348,7 @@ class ReviewModel:
         if d.state == DraftState.SUPERSEDED:
             return "blocked", f"SUPERSEDED by a newer draft — {AI_DRAFT_LABEL} ({model}), cannot be signed."
         if d.withheld:
-            reason = self.gate.reason if self.gate and self.gate.reason else "the images failed the input check"
+            reason = short_reason(self.gate.reason) if self.gate and self.gate.reason else "the images failed the input check"
             head = f"{NOT_DRAFTED_LABEL} — the AI draft was withheld: {reason}."
             if self.notice:
                 return "blocked", f"{head} {self.notice}"
@@ -346,7 +358,7 @@ class ReviewModel:
         g = self.gate
         if g is not None and g.outcome == OUTCOME_WARNED:
             return "draft", (f"{AI_DRAFT_LABEL} — drafted by {model} although the input check failed "
-                             f"({g.reason or 'see below'}); read it with extra care, edit, then sign.")
+                             f"({short_reason(g.reason) or 'see below'}); read it with extra care, edit, then sign.")
         if g is not None and g.outcome == OUTCOME_PARTIAL:
             unused = ", ".join(view_label(v.view) for v in g.failed_views) or "some views"
             return "draft", f"{AI_DRAFT_LABEL} — drafted by {model} without {unused}; edit, then sign to make it a report."
@@ -365,13 +377,15 @@ class ReviewModel:
         mode = f" (mode {g.mode})" if g.mode else ""
         lines: list[str] = []
         if g.outcome == OUTCOME_WITHHELD:
-            lines.append(f"Input check{mode}: withheld — {g.reason or 'no view passed'}.")
+            lines.append(f"Input check{mode}: withheld — {short_reason(g.reason) or 'no view passed'}.")
         elif g.outcome == OUTCOME_PARTIAL:
             unused = ", ".join(view_label(v.view) for v in g.failed_views) or "some views"
-            lines.append(f"Input check{mode}: partial — drafted without {unused}" + (f": {g.reason}." if g.reason else "."))
+            reason = short_reason(g.reason)
+            lines.append(f"Input check{mode}: partial — drafted without {unused}" + (f": {reason}." if reason else "."))
         elif g.outcome == OUTCOME_WARNED:
+            reason = short_reason(g.reason)
             lines.append(f"Input check{mode}: WARNING — drafted although the check failed"
-                         + (f": {g.reason}." if g.reason else ".") + " Read this draft with extra care.")
+                         + (f": {reason}." if reason else ".") + " Read this draft with extra care.")
         elif g.outcome == OUTCOME_OFF:
             lines.append("Input check: off for this node (the images were not checked).")
         else:

@@ -425,20 +425,22 @@ class StudyViewer(QWidget):
 # -- the report editor --------------------------------------------------------------------------
 
 
-def _mark_format(background: QColor, underline: QColor, style: QTextCharFormat.UnderlineStyle) -> QTextCharFormat:
+def _mark_format(background: str, underline: str, style: QTextCharFormat.UnderlineStyle) -> QTextCharFormat:
     fmt = QTextCharFormat()
-    fmt.setBackground(background)
+    if background:
+        fmt.setBackground(QColor(background))
     fmt.setUnderlineStyle(style)
-    fmt.setUnderlineColor(underline)
+    fmt.setUnderlineColor(QColor(underline))
     return fmt
 
 
-#: how each kind of mark looks (gui.highlight): an uncertain call is a whole sentence in amber,
-#: an unsure word is orange with a wavy underline, a sentence added by the classifier is blue
+#: how each kind of mark looks (gui.highlight), (background, underline): an uncertain call is a
+#: whole sentence in amber, an unsure word orange with a wavy underline; a sentence added by the
+#: classifier is only underlined in blue (where it came from, not a highlight: no background)
 MARK_COLOURS = {
     highlight.KIND_CALL: ("#ffe082", "#c87800"),
     highlight.KIND_WORD: ("#ffc58a", "#d1242f"),
-    highlight.KIND_GROUNDED: ("#ddf4ff", "#0969da"),
+    highlight.KIND_GROUNDED: ("", "#0969da"),
 }
 
 
@@ -456,7 +458,7 @@ class UncertainWords(QSyntaxHighlighter):
             highlight.KIND_WORD: QTextCharFormat.UnderlineStyle.WaveUnderline,
             highlight.KIND_GROUNDED: QTextCharFormat.UnderlineStyle.DotLine,
         }
-        self.formats = {k: _mark_format(QColor(bg), QColor(ul), styles[k]) for k, (bg, ul) in MARK_COLOURS.items()}
+        self.formats = {k: _mark_format(bg, ul, styles[k]) for k, (bg, ul) in MARK_COLOURS.items()}
         self.fmt = self.formats[highlight.KIND_CALL]
         self._cache: tuple[str, list[viewmodels.Span]] = ("\x00", [])
 

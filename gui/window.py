@@ -192,14 +192,14 @@ class ReportPane(QWidget):
         self.highlight.setChecked(True)
         self.highlight.setToolTip(
             "Amber sentence: an observation whose probability is close to its threshold (an uncertain call), "
-            "or stated against the classifier. Orange word: one the model was least sure of. Blue: a sentence "
-            "added from the findings classifier. Hover a mark for the numbers; your own typing is never marked."
+            "or stated against the classifier. Orange word: one the model was least sure of. Blue underline: a "
+            "sentence added from the findings classifier (where it came from, not a doubt). Hover a mark for the numbers; your own typing is never marked."
         )
         tools.addWidget(self.highlight)
         legend = " ".join(
             f"<span style='background:{MARK_COLOURS[k][0]}'>&nbsp;{t}&nbsp;</span>"
-            for k, t in (("call", "uncertain call"), ("word", "unsure word"), ("grounded", "added by classifier"))
-        )
+            for k, t in (("call", "uncertain call"), ("word", "unsure word"))
+        ) + f" <span style='color:{MARK_COLOURS['grounded'][1]}; text-decoration:underline'>added by classifier</span>"
         self.legend = QLabel(legend, self)
         self.legend.setObjectName("legend")
         tools.addWidget(self.legend)
@@ -251,6 +251,7 @@ class ReportPane(QWidget):
         self.probabilities_note.setObjectName("legend")
         self.probabilities_note.setWordWrap(True)
         sl.addWidget(self.probabilities_note)
+        self.side = side
         page = QSplitter(Qt.Orientation.Horizontal, self)
         page.addWidget(editors)
         page.addWidget(side)
@@ -381,6 +382,7 @@ class ReportPane(QWidget):
             self.gate.setText("")
             self.gate.setVisible(False)
             self.show_probabilities(None)
+            self.side.setVisible(True)
             self.model_line.setText("")
             self.indication.setText("")
             self.findings.setPlainText("")
@@ -414,6 +416,7 @@ class ReportPane(QWidget):
         self.findings.setPlainText(vm.findings)
         self.impression.setPlainText(vm.impression)
         withheld = vm.detail.withheld and not vm.is_final
+        self.side.setVisible(not withheld)  # no model output to show: the editors take the room
         self.findings.setPlaceholderText("No AI draft: write the findings here." if withheld else "")
         self.impression.setPlaceholderText("Write the impression here." if withheld else "")
         for e in (self.findings, self.impression):

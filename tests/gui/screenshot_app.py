@@ -1,8 +1,11 @@
-"""Run the real reviewer window on an X display and save a screenshot of the screen.
+"""Run the real reviewer window on an X display and save screenshots of the screen.
 
 Used by ``test_screenshot.py`` under its own Xvfb (``DISPLAY`` set, ``QT_QPA_PLATFORM=xcb``):
-``python tests/gui/screenshot_app.py WORKDIR OUT.png``. Five 2-view studies are stored and
-drafted by the real pipeline; bob holds one, one is signed; alice opens the oldest.
+``python tests/gui/screenshot_app.py WORKDIR DRAFTED.png [WITHHELD.png]``. Five 2-view studies
+are stored and drafted by the real pipeline; bob holds one, one is signed. A sixth study holds two
+real chest radiographs (``shared/data/dicom_samples``), which the shipped bundle's input gate
+withholds. Alice opens the oldest drafted study (``DRAFTED.png``), then the withheld one
+(``WITHHELD.png``).
 """
 
 from __future__ import annotations
@@ -25,11 +28,42 @@ def wait(signal: object, ms: int = 60000) -> None:
     loop.exec()
 
 
-def main(workdir: str, out: str) -> int:
+def grab(app: QApplication, out: str) -> bool:
+    for _ in range(20):
+        app.processEvents()
+    screen = app.primaryScreen()
+    assert screen is not None
+    pixmap = screen.grabWindow(0, 0, 0, 1600, 900)  # what the X server shows
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    if not pixmap.save(out, "PNG"):
+        print(f"could not save {out}", file=sys.stderr)
+        return False
+    return True
+
+
+def open_patient(w: ReviewerWindow, patient_id: str) -> None:
+    row = next(i for i, r in enumerate(w.worklist_vm.rows) if r.patient_id == patient_id)
+    w._row_chosen(row)
+    wait(w.review_shown)
+    w.tasks.wait()
+
+
+def main(workdir: str, out: str, out_withheld: str = "") -> int:
     root = Path(workdir)
-    node = synthetic.build_node(root / "node", synthetic.sample_studies(5, size=1024, prefix="shot"))
+    specs = synthetic.sample_studies(6, size=1024, prefix="shot")
+    node = synthetic.build_node(root / "node", specs[:5])
+    real = synthetic.real_film_study(specs[5])
+    if out_withheld and not real:
+        print("the real radiographs of shared/data/dicom_samples are needed for the withheld screenshot", file=sys.stderr)
+        return 1
+    if real:
+        synthetic.store_study(node.sessions, node.store, real)
+        synthetic.run_draft_job(node, specs[5].study_instance_uid)
     svc = ReviewService(node.config, node.sessions, node.store)
     rows = {r.patient_id: r.draft_id for r in svc.worklist()}
+    if real and not svc.detail(rows["CXR-10006"] or 0).withheld:
+        print("the input gate did not withhold the real radiographs", file=sys.stderr)
+        return 1
     svc.claim(rows["CXR-10004"] or 0, "bob")
     d5 = svc.detail(rows["CXR-10005"] or 0)
     svc.sign(d5.draft_id, "bob", d5.findings or "Small right pleural effusion, decreased.",
@@ -43,29 +77,24 @@ def main(workdir: str, out: str) -> int:
     wait(w.worklist_refreshed)
     w.worklist.state.setCurrentText("All")
     wait(w.worklist_refreshed)
-    first = next(i for i, r in enumerate(w.worklist_vm.rows) if r.patient_id == "CXR-10001")
-    w._row_chosen(first)
-    wait(w.review_shown)
+    open_patient(w, "CXR-10001")
     # a touch of real use: a narrower window on the frontal view, an edited impression
     if w.study.views:
         w.study.views[0].drag_window(-250, 60)
     imp = w.report.impression
-    imp.setPlainText(imp.toPlainText().replace("No acute cardiopulmonary abnormality.",
-                                               "No acute cardiopulmonary abnormality. No pneumonia."))
+    imp.setPlainText(imp.toPlainText().rstrip() + " Clinical correlation for pneumonia.")
     w.tasks.wait()
-    for _ in range(20):
-        app.processEvents()
-    screen = app.primaryScreen()
-    assert screen is not None
-    pixmap = screen.grabWindow(0, 0, 0, 1600, 900)  # what the X server shows
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    if not pixmap.save(out, "PNG"):
-        print(f"could not save {out}", file=sys.stderr)
+    if not grab(app, out):
         return 1
-    w.confirm = lambda title, text: True  # discard the demo edit on close
+    if out_withheld:
+        w.confirm = lambda title, text: True  # discard the demo edit
+        open_patient(w, "CXR-10006")
+        if not grab(app, out_withheld):
+            return 1
+    w.confirm = lambda title, text: True
     w.close()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(main(*sys.argv[1:]))

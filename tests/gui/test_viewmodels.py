@@ -332,3 +332,16 @@ def test_signing_a_withheld_study_written_from_scratch(service: ReviewService, n
     assert report.verification_flag == "VERIFIED"
     assert (report.findings, report.impression) == ("Heart size normal. No pleural effusion.",
                                                     "No acute cardiopulmonary abnormality.")
+
+
+def test_long_gate_reasons_are_shortened_where_space_is_short() -> None:
+    long = ("no view can be read by the model (PA: unlike the images the model was trained on (score 7.63 > limit "
+            "5.06; embedding distance 32.4, appearance distance 39.3))")
+    assert viewmodels.short_reason(long) == "no view can be read by the model"
+    assert viewmodels.short_reason("blank image (std 0.001)") == "blank image (std 0.001)"  # short: kept whole
+    r = row(1, input_outcome="withheld", input_reason=long)
+    assert viewmodels.draft_status(r) == "not drafted: no view can be read by the model"
+    assert long in viewmodels.row_tooltip(r)  # the whole reason on hover
+    vm = ReviewModel(service=None, user="alice", holds_claim=True,  # type: ignore[arg-type]
+                     detail=detail(findings="", impression="", input_check=gate("withheld", long, ("PA", "LL"))))
+    assert vm.banner()[1].startswith("NOT DRAFTED — the AI draft was withheld: no view can be read by the model. Write")

@@ -372,6 +372,7 @@ def test_withheld_study_not_drafted_empty_editor_signed_from_scratch(qtbot, make
     assert "write the findings" in pane.findings.placeholderText()
     assert not pane.findings.isReadOnly() and not pane.sign_button.isEnabled()
     assert pane.probabilities.rowCount() == 0 and "not shown" in pane.probabilities_note.text()
+    assert not pane.probabilities.isVisible()  # no model output: the editors take the room
     assert all(t.startswith("NOT USED — ") for t in w.study.gate_texts()) and w.study.gate_texts()
     assert "withheld" in pane.gate.text()
     # the radiologist reports from scratch and signs as usual
