@@ -46,7 +46,8 @@ def add_subcommands(subparsers: Any) -> None:
     w = subparsers.add_parser(
         "worklist",
         help="print the drafts waiting for review (no screen needed)",
-        description="Print the reviewer's worklist: drafts with their state, oldest first.",
+        description="Print the reviewer's worklist: drafts with their state and what the input gate let "
+        "the model do (drafted, drafted without some views, not drafted: <reason>), oldest first.",
     )
     _add_common(w)
     w.add_argument("--state", action="append", choices=WORKLIST_STATES,
@@ -93,6 +94,8 @@ def run_worklist(args: argparse.Namespace) -> int:
                 "patient_id": r.patient_id, "study_date": r.study_date, "accession_number": r.accession_number,
                 "views": list(r.views), "age_s": round(r.age_s, 1), "state": r.state, "claimed_by": r.claimed_by,
                 "model": f"{r.model_name} {r.model_version}".strip(), "detail": r.detail,
+                "input_check": r.input_outcome or None, "input_reason": r.input_reason,
+                "views_not_used": list(r.views_not_used), "ai_draft": viewmodels.draft_status(r, full=True),
             }
             for r in rows
         ], indent=2))

@@ -41,6 +41,22 @@ def test_worklist_runs_without_a_screen_or_qt(node: synthetic.NodeFixture) -> No
     rows = json.loads(res.stdout)
     assert [r["patient_id"] for r in rows] == ["CXR-10001", "CXR-10002", "CXR-10003"]
     assert all(r["state"] == "new" and r["views"] for r in rows)
+    assert all(r["input_check"] == "passed" and r["ai_draft"] == "drafted" for r in rows)  # the pipeline's gate
+
+
+def test_worklist_says_not_drafted(node: synthetic.NodeFixture, capsys: pytest.CaptureFixture[str]) -> None:
+    from plugin.review import ReviewService
+
+    rows = ReviewService(node.config, node.sessions, node.store).worklist()
+    synthetic.set_input_check(node, rows[1].draft_id or 0, "withheld", "every view is unlike the training images",
+                              failed={"PA": ["blank image"], "LL": ["blank image"]})
+    cfg = str(node.root / "cxrnode.toml")
+    assert cli.main(["worklist", "--config", cfg, "--search", "lindq"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[-2:] == ["AI", "draft"] and out[2].endswith("not drafted: every view is unlike the training images")
+    assert cli.main(["worklist", "--config", cfg, "--json", "--search", "lindq"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert (row["input_check"], row["views_not_used"]) == ("withheld", ["PA", "LL"])
 
 
 def test_worklist_table_text(node: synthetic.NodeFixture, capsys: pytest.CaptureFixture[str]) -> None:

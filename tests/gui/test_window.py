@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 
 import numpy as np
 import pydicom
@@ -390,6 +392,10 @@ def test_withheld_study_not_drafted_empty_editor_signed_from_scratch(qtbot, make
     report = sr.read_report(ds)
     assert report.verification_flag == "VERIFIED"
     assert (report.findings, report.impression) == ("Heart size normal. Lungs clear.", "Normal chest radiograph.")
+    if shutil.which("dciodvfy"):  # the verified SR of a withheld study is as valid as any other
+        out = subprocess.run(["dciodvfy", str(node.store.abspath(d.signed_path or ""))], capture_output=True,
+                             text=True, timeout=60)
+        assert not [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("Error")], out.stderr
 
 
 def test_partial_draft_says_which_view_was_not_used(qtbot, make_window, node: synthetic.NodeFixture, service: ReviewService) -> None:  # type: ignore[no-untyped-def]
