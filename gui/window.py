@@ -405,8 +405,11 @@ class ReportPane(QWidget):
         gate = vm.gate
         alert = gate is not None and gate.outcome in ("partial", "warned")
         self.gate.setObjectName("gate_alert" if alert else "gate")
-        self.gate.setText("\n".join(vm.gate_lines()))
-        self.gate.setVisible(not vm.detail.withheld or bool(gate and (gate.views or gate.study)))
+        lines = vm.gate_lines()
+        if vm.detail.withheld:
+            lines = lines[1:]  # the banner already says why; here what each view failed on
+        self.gate.setText("\n".join(lines))
+        self.gate.setVisible(bool(lines))
         gstyle = self.gate.style()
         if gstyle is not None:
             gstyle.unpolish(self.gate)
