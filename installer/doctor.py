@@ -76,9 +76,22 @@ def check_config(ctx: Context) -> list[Check]:
         return [Check("config", FAIL, str(exc), "fix the key named above; every key is documented in cxrnode.example.toml")]
     src = ctx.config.source or "(defaults only: no --config file and no CXRNODE_CONFIG)"
     c = ctx.config
-    return [Check("config", OK, f"{src}: valid; AE {c.node.ae_title} port {c.node.port}, "
-                  f"{len(c.destinations)} destination(s), {len(c.reviewers)} reviewer(s)",
-                  data={"source": c.source})]
+    detail = (f"{src}: valid; AE {c.node.ae_title} port {c.node.port}, "
+              f"{len(c.destinations)} destination(s), {len(c.reviewers)} reviewer(s)")
+    if c.reviewers:
+        try:
+            from plugin.review import UntrustedConfigError, read_installed_config
+        except ImportError as exc:
+            return [Check("config", WARN, detail + "; cannot check who may sign", _missing("plugin.review", exc),
+                          data={"source": c.source})]
+        try:
+            read_installed_config(c.source)
+        except UntrustedConfigError as exc:
+            return [Check("config", WARN, f"{detail}; the reviewers cannot sign: {exc}",
+                          f"make the file root's and writable by root only: chown root: {c.source} && "
+                          f"chmod 640 {c.source} (and its folders root-owned, not group/other-writable)",
+                          data={"source": c.source})]
+    return [Check("config", OK, detail, data={"source": c.source})]
 
 
 def check_storage(ctx: Context) -> list[Check]:

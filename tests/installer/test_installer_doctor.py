@@ -5,6 +5,7 @@ a corrupted model bundle, TLS certificates made by openssl."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -61,6 +62,18 @@ def test_invalid_config_fails_naming_the_key(tmp_path: Path) -> None:
     bad.write_text("[node]\nport = 99999\n")
     r = run_checks(str(bad), inference=False)
     assert [c.status for c in r] == [FAIL] and "node.port" in r[0].detail
+
+
+def test_reviewers_in_a_file_others_can_write_are_a_warning(site: dict[str, Any]) -> None:
+    cfg = site["config"]
+    cfg.write_text(cfg.read_text() + '\n[[reviewers]]\nusername = "jdoe"\ndisplay_name = "Doe^Jane"\n')
+    cfg.chmod(0o640)
+    if os.geteuid() == 0:
+        assert by_name(run_checks(str(cfg), inference=False))["config"].status == OK
+    cfg.chmod(0o666)
+    check = by_name(run_checks(str(cfg), inference=False))["config"]
+    assert check.status == WARN and "the reviewers cannot sign" in check.detail and "writable by others" in check.detail
+    assert check.hint.startswith(f"make the file root's and writable by root only: chown root: {cfg}")
 
 
 def test_database_not_migrated(tmp_path: Path) -> None:
