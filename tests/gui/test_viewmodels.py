@@ -308,6 +308,15 @@ def test_service_detail_reads_the_gate_and_the_thresholds(service: ReviewService
     assert checks["LL"] is not None and not checks["LL"].passed and checks["LL"].ood_score == 41.2
     row = next(r for r in service.worklist() if r.draft_id == draft_id)
     assert (row.input_outcome, row.views_not_used) == ("partial", ("LL",))
+    # the pipeline records only the views it used in Draft.views: the left-out one still shows
+    with node.sessions() as s, s.begin():
+        dd = s.get(Draft, draft_id)
+        assert dd is not None
+        dd.views = json.dumps([v for v in json.loads(dd.views or "[]") if v.get("view") == "PA"])
+    d = service.detail(draft_id)
+    assert [(v.view, v.check is not None and v.check.passed, v.path is not None) for v in d.views] == [
+        ("PA", True, True), ("LL", False, True)]
+    assert d.views[1].source == "input check"
 
 
 def test_signing_a_withheld_study_written_from_scratch(service: ReviewService, node: synthetic.NodeFixture) -> None:

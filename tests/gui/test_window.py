@@ -337,6 +337,8 @@ def test_uncertain_calls_and_words_are_highlighted(qtbot, make_window) -> None: 
     w.review.detail = synthetic_draft
     w.report.show_review(w.review, "")
     assert formats_of(w.report.findings) == [("There is a small pleural effusion.", "#ffe082")]
+    mark = w.report.hl_findings.span_at(3)  # what the tooltip says when hovering it
+    assert mark is not None and mark.note == "Pleural Effusion: p 0.41, above its threshold 0.40"
     # what the radiologist types is never marked
     w.report.findings.moveCursor(w.report.findings.textCursor().MoveOperation.End)
     qtbot.keyClicks(w.report.findings, " Small effusion likely.")
