@@ -568,11 +568,64 @@ def _resolve_contradiction(issue: Issue, by_ref: dict[tuple[str, int], _Sentence
                 replace[s.ref] = ("summarise", "no acute abnormality under supported acute findings",
                                   ([rest] if rest else []) + summary)
                 continue
-        trimmed = _trim(s, key, negating=supported)
+        trimmed = (_without_item(s, key) if supported else []) or _trim(s, key, negating=supported)
         if trimmed:
             replace[s.ref] = ("trim", why, [trimmed])
         else:
             drop[s.ref] = why
+
+
+_SEPARATORS = {",", "or", "and", "nor"}
+_CUES = {"no", "not", "without", "negative", "for", "free", "of", "evidence", "there", "is", "are", "any",
+         "specifically", "identified", "seen"}
+
+
+def _without_item(s: _Sentence, key: str) -> list[Token]:
+    """``s`` without the item of a negated list that negates ``key`` ("No pneumothorax or pleural
+    effusion." -> "No pneumothorax."), when everything else the sentence says stays as it was;
+    else empty."""
+    body = [t for t in s.tokens if t[0] not in _ENDS]
+    if key not in s.negated or not body:
+        return []
+    # items: runs between separators; item 0 starts with the negation cue
+    bounds, start = [], 0
+    for i, (w, _) in enumerate(body):
+        if w.lower() in _SEPARATORS:
+            bounds.append((start, i))
+            start = i + 1
+    bounds.append((start, len(body)))
+    if len(bounds) < 2:
+        return []
+    for n, (a, b) in enumerate(bounds):
+        if n == 0:
+            cue = a
+            while cue < b and body[cue][0].lower() in _CUES:
+                cue += 1
+            if cue == a or cue >= b:
+                continue
+            nxt = bounds[1][0]  # drop the item and the separator after it
+            out = body[:cue] + body[nxt:]
+        else:
+            out = body[: bounds[n - 1][1]] + body[b:]
+        while out and out[-1][0].lower() in _SEPARATORS:
+            out.pop()
+        if not out:
+            continue
+        words = [w.lower() for w, _ in out]
+        # "A, or B" with two items left -> "A or B"; a list that now ends "A, B" -> "A or B"
+        if words.count(",") == 1 and ", or" in " ".join(words):
+            out = [t for t in out if t[0] != ","]
+        elif n == len(bounds) - 1 and "or" not in words and "and" not in words and "," in words:
+            last = max(i for i, w in enumerate(words) if w == ",")
+            if any(w in ("no", "without", "negative") for w in words[:last]):  # a comma of the list
+                out[last] = ("or", out[last][1])
+        cand = [*out, (".", s.tokens[-1][1])]
+        a2 = _analyse(s.section, s.index, cand)
+        if (key in a2.negated or key in a2.covered or key in a2.affirmed or set(a2.affirmed) != set(s.affirmed)
+                or a2.negated != s.negated - {key} or not a2.negated):
+            continue
+        return cand
+    return []
 
 
 def _trim(s: _Sentence, key: str, negating: bool) -> list[Token]:

@@ -148,6 +148,9 @@ def test_a_consistent_report_is_left_alone() -> None:
 def test_only_the_clause_that_contradicts_is_removed() -> None:
     f = "Right upper lobe airspace opacity, there is no pneumothorax or large pleural effusion. Small left pleural effusion."
     assert fix(f, Pleural_Effusion=0.7, Lung_Opacity=0.6) == (
+        "Right upper lobe airspace opacity, there is no pneumothorax. Small left pleural effusion.", "")
+    f = "Right upper lobe airspace opacity, no pleural effusion. Small left pleural effusion."
+    assert fix(f, Pleural_Effusion=0.7, Lung_Opacity=0.6) == (
         "Right upper lobe airspace opacity. Small left pleural effusion.", "")
     # a clause that says nothing by itself is not left behind: the whole sentence goes
     assert fix("Stable cardiomegaly, mediastinal contours. The heart is normal in size.", Cardiomegaly=0.1) == (
@@ -159,3 +162,16 @@ def test_a_sentence_that_repeats_itself_is_cut_where_the_repeat_starts() -> None
          "airspace disease with left lower lobe pneumonia.")
     assert kinds("", i) == ["duplicate"]
     assert fix("", i, Lung_Opacity=0.6) == ("", "Left lower lobe airspace disease.")
+
+
+@pytest.mark.parametrize(("sentence", "kept"), [
+    ("No pneumothorax or pleural effusion.", "No pneumothorax."),
+    ("No pleural effusion or pneumothorax.", "No pneumothorax."),
+    ("No focal consolidation, pneumothorax, or pleural effusion.", "No focal consolidation or pneumothorax."),
+    ("The lungs are normally inflated without evidence of focal consolidation, pleural effusion, or pneumothorax.",
+     "The lungs are normally inflated without evidence of focal consolidation or pneumothorax."),
+    ("There is no pleural effusion.", ""),
+])
+def test_only_the_contradicted_item_of_a_negated_list_goes(sentence: str, kept: str) -> None:
+    out, _ = fix(f"{sentence} There is a small right pleural effusion.", Pleural_Effusion=0.7)
+    assert out == f"{kept} There is a small right pleural effusion.".strip()
