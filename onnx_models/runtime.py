@@ -279,6 +279,9 @@ class ReportGenerator:
                 str(self.bundle.graph(role)), sess_options=opts, providers=wanted
             )
         self.providers: list[str] = list(self._sessions["decoder"].get_providers())
+        #: the input names each graph declares: a graph that does not use an input (an imported
+        #: model's bridge ignores the indication, its decoder has no ``cond``) is not fed it
+        self._graph_inputs = {role: {i.name for i in s.get_inputs()} for role, s in self._sessions.items()}
         #: (layers, heads, head_dim) of the self-attention cache (decoder-only bundles)
         self._kv_dims = (0, 0, 0)
         if self._prefix_lm:
@@ -289,11 +292,18 @@ class ReportGenerator:
         self._bos = self._tok_id(t["bos"])
         self._eos = self._tok_id(t["eos"])
         self._pad = self._tok_id(t["pad"])
-        self._sep = self._tok_id(t["section_separator"])
-        self._none = self._tok_id(t["empty_indication"])
-        self._banned = [self._bos, self._pad, self._none]
+        # imported models (``cxrnode import-hf``) may have no section separator (one section,
+        # ``generation.section``) and no empty-indication token (the pad token stands for it);
+        # a start token that is also the end token (GPT-2 style) is never banned
+        self._sep = self._tok_id(t["section_separator"]) if t.get("section_separator") else -1
+        self._none = self._tok_id(t["empty_indication"]) if t.get("empty_indication") else self._pad
+        self._banned = [i for i in (self._bos, self._pad, self._none) if i != self._eos]
+        #: ``word``: a token is a word (joined by ``detokenize``); ``subword``: word pieces or
+        #: BPE joined by the tokenizer's own decoder (``_word_pairs``)
+        self._subword = t.get("level", "word") == "subword"
+        self._section = str(m["generation"].get("section", "findings"))
         unk = t.get("unk")
-        if unk is not None and self.tokenizer.token_to_id(unk) is not None:
+        if unk is not None and self.tokenizer.token_to_id(unk) is not None and self._tok_id(unk) != self._eos:
             self._banned.append(self._tok_id(unk))
         inp = m["input"]
         self.image_size: int = int(inp["image_size"])
@@ -398,9 +408,7 @@ class ReportGenerator:
             w = out.get("image_mask", np.ones(embeds.shape[:2], dtype=np.float32))[:, :, None]
             pooled_all = (embeds * w).sum(axis=1) / np.maximum(w.sum(axis=1), 1.0)
             return pooled_all[:, None] if per_view else pooled_all
-        tokens, _ = self._sessions["encoder"].run(
-            None, {"images": images, "view_ids": view_ids, "view_mask": view_mask}
-        )
+        tokens = self._run_encoder(images, view_ids, view_mask)["image_tokens"]
         pooled = tokens.mean(axis=2)  # B, V, D
         if per_view:
             return pooled
@@ -491,10 +499,36 @@ class ReportGenerator:
                               "decoder.heads and decoder.head_dim in the manifest") from exc
 
     def _run_encoder(self, images: np.ndarray, view_ids: np.ndarray, view_mask: np.ndarray) -> dict[str, np.ndarray]:
-        sess = self._sessions["encoder"]
-        feed = {"images": images, "view_ids": view_ids, "view_mask": view_mask}
-        outs = sess.run(None, {i.name: feed[i.name] for i in sess.get_inputs()})
+        return self._run("encoder", {"images": images, "view_ids": view_ids, "view_mask": view_mask})
+
+    def _run(self, role: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run graph ``role`` with the inputs of ``feed`` it declares; its outputs by name."""
+        sess = self._sessions[role]
+        outs = sess.run(None, {k: v for k, v in feed.items() if k in self._graph_inputs[role]})
         return {o.name: v for o, v in zip(sess.get_outputs(), outs, strict=True)}
+
+    def _word_pairs(self, ids: list[int], tok_probs: list[float]) -> tuple[list[tuple[str, float]], int]:
+        """(word, probability) pairs of a generated sequence without the section separator, and
+        where the impression starts in them. Word-level tokenizers: one token, one word. Subword
+        tokenizers: the tokenizer's decoder joins the pieces and each word (``\\w+`` or a
+        punctuation mark) gets the lowest probability of the pieces it is made of. Without a
+        separator the whole text is ``generation.section``."""
+        cut = ids.index(self._sep) if self._sep in ids else (len(ids) if self._section != "impression" else 0)
+        parts = [(ids[:cut], tok_probs[:cut]), (ids[cut + (self._sep in ids):], tok_probs[cut + (self._sep in ids):])]
+        out: list[list[tuple[str, float]]] = []
+        for part_ids, part_probs in parts:
+            if not self._subword:
+                out.append([(self.tokenizer.id_to_token(i) or "", p) for i, p in zip(part_ids, part_probs, strict=True)])
+                continue
+            ends = [len(self.tokenizer.decode(part_ids[: k + 1], skip_special_tokens=True))
+                    for k in range(len(part_ids))]
+            text = self.tokenizer.decode(part_ids, skip_special_tokens=True)
+            words = []
+            for m in _WORDS.finditer(text):
+                ps = [p for k, p in enumerate(part_probs) if (ends[k - 1] if k else 0) < m.end() and ends[k] > m.start()]
+                words.append((m.group(), min(ps) if ps else 1.0))
+            out.append(words)
+        return out[0] + out[1], len(out[0])
 
     def _observation_probs(self, studies: list[StudyInput], view_ids: np.ndarray, view_mask: np.ndarray,
                            obs_logits: np.ndarray | None) -> np.ndarray:
@@ -517,9 +551,8 @@ class ReportGenerator:
             return self._encode_prefix(studies)
         b = len(studies)
         images, view_ids, view_mask = self._pixels(studies)
-        tokens, obs_logits = self._sessions["encoder"].run(
-            None, {"images": images, "view_ids": view_ids, "view_mask": view_mask}
-        )
+        enc = self._run_encoder(images, view_ids, view_mask)
+        tokens, obs_logits = enc["image_tokens"], enc.get("obs_logits")
         probs = self._observation_probs(studies, view_ids, view_mask, obs_logits)
         states = (probs >= self.thresholds[None, :]).astype(np.int64)
         ind_ids = [self._indication_ids(st.indication) for st in studies]
@@ -529,12 +562,10 @@ class ReportGenerator:
         for i, ids in enumerate(ind_ids):
             ind[i, : len(ids)] = ids
             ind_mask[i, : len(ids)] = 1.0
-        ck, cv, mm, cond = self._sessions["bridge"].run(
-            None,
-            {"image_tokens": tokens, "view_mask": view_mask, "obs_states": states,
-             "indication_ids": ind, "indication_mask": ind_mask},
-        )
-        return probs, _CrossState(ck, cv, mm, cond)
+        br = self._run("bridge", {"image_tokens": tokens, "view_mask": view_mask, "obs_states": states,
+                                  "indication_ids": ind, "indication_mask": ind_mask})
+        cond = br.get("cond", np.zeros((b, 0), dtype=np.float32))
+        return probs, _CrossState(br["cross_k"], br["cross_v"], br["memory_mask"], cond)
 
     def _encode_prefix(self, studies: list[StudyInput]) -> tuple[np.ndarray, _PrefixState]:
         """Decoder-only: prefix = ``[image_embeds ; embed(indication ids, left-padded)]``; the
@@ -565,11 +596,11 @@ class ReportGenerator:
               pv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, _State]:
         """One decoder call for ``ids`` [rows, seq] -> last logits, present K/V, next state."""
         if isinstance(st, _CrossState):
+            feed = {"input_ids": ids, "memory_mask": st.memory_mask, "cross_k": st.cross_k, "cross_v": st.cross_v,
+                    "past_k": pk, "past_v": pv, "cond": st.cond}
+            names = self._graph_inputs["decoder"]
             logits, pk, pv = self._sessions["decoder"].run(
-                None,
-                {"input_ids": ids, "memory_mask": st.memory_mask, "cross_k": st.cross_k, "cross_v": st.cross_v,
-                 "past_k": pk, "past_v": pv, "cond": st.cond},
-            )
+                ["logits", "present_k", "present_v"], {k: v for k, v in feed.items() if k in names})
             return logits[:, -1, :], pk, pv, st
         (emb,) = self._sessions["embed"].run(None, {"input_ids": ids})
         if st.prefix is not None:
@@ -708,9 +739,7 @@ class ReportGenerator:
 
     def _to_report(self, ids: list[int], tok_probs: list[float], obs: np.ndarray, elapsed: float,
                    grounding: Grounding | None = None) -> GeneratedReport:
-        words = [self.tokenizer.id_to_token(i) or "" for i in ids]
-        pairs = [(w, p) for w, i, p in zip(words, ids, tok_probs, strict=True) if i != self._sep]
-        cut = ids.index(self._sep) if self._sep in ids else len(ids)
+        pairs, cut = self._word_pairs(ids, tok_probs)
         findings, impression = _drop_repeated_sentences(pairs[:cut]), _drop_repeated_sentences(pairs[cut:])
         observations = {n: float(p) for n, p in zip(self.observation_names, obs, strict=True)} if len(obs) else {}
         sentences: list[tuple[str, float]] = []
