@@ -76,7 +76,17 @@ def resolve(name_or_path: str | Path) -> Path:
         return p.resolve()
     if isinstance(name_or_path, str) and "/" not in name_or_path and (BUNDLES_DIR / name_or_path).is_dir():
         return (BUNDLES_DIR / name_or_path).resolve()
-    raise BundleError(f"model bundle {str(name_or_path)!r} not found (neither a folder nor a name in {BUNDLES_DIR})")
+    have = ", ".join(available_bundles()) or "none"
+    raise BundleError(f"model bundle {str(name_or_path)!r} not found (neither a folder nor a name in {BUNDLES_DIR}; "
+                      f"available: {have})")
+
+
+def available_bundles() -> list[str]:
+    """The names of the bundles installed in ``BUNDLES_DIR`` (folders with a manifest)."""
+    try:
+        return sorted(p.name for p in BUNDLES_DIR.iterdir() if (p / MANIFEST).is_file())
+    except OSError:
+        return []
 
 
 def _require(cond: bool, path: Path, message: str) -> None:
