@@ -1,4 +1,4 @@
-"""``cxrnode train | export | eval``: the model subcommands (torch only imported by train/export)."""
+"""``cxrnode train | export | import-hf | eval``: the model subcommands (torch only imported by train/export)."""
 
 from __future__ import annotations
 
@@ -77,6 +77,33 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--version", default="", help="also set the bundle's version (the bundle changes)")
     p.set_defaults(func=_calibrate_gate)
 
+    p = sub.add_parser(
+        "import-hf",
+        help="convert a local Hugging Face checkpoint folder into a model bundle (needs the [import] extra)",
+        description="Read a local transformers checkpoint folder (never the network; no remote code) and write "
+                    "a bundle the node runs: ONNX graphs on the encoder-decoder contract, tokenizer.json, the "
+                    "image processor's settings, a generated MODEL_CARD.md. Supported: VisionEncoderDecoderModel "
+                    "with a BERT decoder. The bundle is checked against transformers (logits, greedy text).")
+    p.add_argument("checkpoint", help="checkpoint folder (config.json, model.safetensors, preprocessor_config.json, "
+                                      "tokenizer.json)")
+    p.add_argument("--out", required=True, help="bundle folder (replaced)")
+    p.add_argument("--name", default="", help="bundle name (default: the checkpoint folder's name)")
+    p.add_argument("--version", default="", help="bundle version (default 0.0.0)")
+    p.add_argument("--views", choices=["first-frontal", "all"], default="first-frontal",
+                   help="first-frontal: read one view, the first frontal (default); all: up to 4 views, their "
+                        "tokens concatenated (only for models trained on several views)")
+    p.add_argument("--section", choices=["findings", "impression"], default="findings",
+                   help="the report section the model writes (default findings)")
+    speed = p.add_mutually_exclusive_group()
+    speed.add_argument("--int8", action="store_true", help="CPU: dynamic int8 quantisation of the linear layers")
+    speed.add_argument("--fp16", action="store_true", help="CUDA: float16 graphs (float32 inputs and outputs)")
+    p.add_argument("--prompt-template", default="",
+                   help="image-text-to-text models only (not supported yet): where the indication goes")
+    p.add_argument("--calibration-images", default="",
+                   help="not wired yet: run `cxrnode calibrate-gate` on the bundle instead")
+    p.add_argument("--no-check", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=_import_hf)
+
     p = sub.add_parser("eval", help="evaluate a bundle on a dataset split (NLG, clinical efficacy, consistency)")
     p.add_argument("--bundle", default="default")
     p.add_argument("--data", required=True)
@@ -145,6 +172,21 @@ def _calibrate_gate(args: argparse.Namespace) -> int:
     section = calibrate_bundle(args.bundle, args.data, quantile=args.quantile, threads=args.threads,
                                version=args.version)
     print(json.dumps(section, indent=2))
+    return 0
+
+
+def _import_hf(args: argparse.Namespace) -> int:
+    from .import_hf import ImportHFError, import_hf
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        out = import_hf(args.checkpoint, args.out, name=args.name, version=args.version, views=args.views,
+                        section=args.section, int8=args.int8, fp16=args.fp16, prompt_template=args.prompt_template,
+                        calibration_images=args.calibration_images or None, check=not args.no_check)
+    except ImportHFError as exc:
+        print(f"import-hf: {exc}", file=sys.stderr)
+        return 2
+    print(f"bundle: {out}")
     return 0
 
 

@@ -1,0 +1,51 @@
+"""Speed variants of an imported bundle (``cxrnode import-hf --int8 | --fp16``), in place.
+
+- ``--int8`` (CPU): ONNX Runtime dynamic quantisation of the encoder, bridge and decoder:
+  the weights of ``MatMul``/``Gemm`` (the linear layers) become int8 per output channel,
+  activations are quantised on the fly; inputs and outputs stay float32, so the runtime is
+  unchanged. The view classifier is left as it is.
+- ``--fp16`` (CUDA): every float32 weight and activation becomes float16, with casts at the
+  graph inputs and outputs (``keep_io_types``), so the runtime's float32 feeds and KV cache are
+  unchanged. Meant for ``CUDAExecutionProvider`` (chosen by ``runtime.choose_providers`` when
+  onnxruntime-gpu finds a GPU); on CPU ONNX Runtime lacks fast float16 kernels.
+
+The manifest records the precision (``import.precision``) and the providers the variant is
+for (``import.providers``). Offline tooling: onnx + onnxruntime's quantisation tools.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+QUANTISED_ROLES = ("encoder", "bridge", "decoder")
+
+
+def to_int8(bundle: Path, manifest: dict[str, Any]) -> None:
+    """Replace the graphs of ``QUANTISED_ROLES`` by their dynamically quantised versions."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    for role in QUANTISED_ROLES:
+        path = bundle / manifest["graphs"][role]["file"]
+        tmp = path.with_suffix(".int8.onnx")
+        quantize_dynamic(str(path), str(tmp), op_types_to_quantize=["MatMul", "Gemm"],
+                         weight_type=QuantType.QInt8, per_channel=True,
+                         extra_options={"MatMulConstBOnly": True})
+        tmp.replace(path)
+        manifest["graphs"][role]["precision"] = "int8 weights (dynamic quantisation), float32 I/O"
+    manifest["import"]["precision"] = "int8 (ONNX Runtime dynamic quantisation of the linear layers)"
+    manifest["import"]["providers"] = ["CPUExecutionProvider"]
+
+
+def to_fp16(bundle: Path, manifest: dict[str, Any]) -> None:
+    """Convert the graphs of ``QUANTISED_ROLES`` to float16 with float32 inputs and outputs."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    for role in QUANTISED_ROLES:
+        path = bundle / manifest["graphs"][role]["file"]
+        model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
+        onnx.save(model, str(path))
+        manifest["graphs"][role]["precision"] = "float16 weights and activations, float32 I/O"
+    manifest["import"]["precision"] = "fp16 (for CUDA)"
+    manifest["import"]["providers"] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
