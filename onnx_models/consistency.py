@@ -24,12 +24,16 @@ word keeps its probability:
 - fragments are dropped; agreement is fixed ("There is a ... effusions" -> "There are ...
   effusions"); list numbers are dropped where they are not allowed and renumbered where they are;
 - a contradiction keeps the side the observation probability supports (probability >= its
-  threshold: affirmed) and drops the sentences on the other side; an impression sentence that
-  says "no acute abnormality" under supported acute findings is replaced by a summary of the
-  findings ("Small right pleural effusion.");
+  threshold: affirmed) and removes the other side: the item of a negated list ("No pneumothorax
+  or pleural effusion." -> "No pneumothorax."), else the clause ("..., there is no effusion"),
+  else the sentence, whichever is the least that leaves everything else said as it was; an
+  impression sentence that says "no acute abnormality" under supported acute findings is
+  replaced by a summary of the findings ("Small right pleural effusion.");
 - of the sentences that affirm one observation in a section, the most specific one is kept
   (most size/side/location words, no repeated words, then the decoder's mean probability, then
-  the earliest); a sentence is only dropped when everything it affirms is said elsewhere;
+  the earliest); a sentence is only dropped when everything it affirms is said elsewhere; a
+  sentence that repeats itself ("airspace disease with left lower lobe airspace disease with
+  ...") is cut where the repeat starts;
 - an impression sentence whose side or size disagrees with the findings is dropped on the same
   condition.
 
@@ -45,7 +49,7 @@ from dataclasses import dataclass, field
 from . import labels
 from .labels import Presence
 
-__all__ = ["Issue", "KINDS", "check", "check_tokens", "rates", "make_consistent", "split_sentences",
+__all__ = ["Issue", "Edit", "KINDS", "check", "check_tokens", "rates", "make_consistent", "split_sentences",
            "text_tokens", "ACUTE"]
 
 Token = tuple[str, float]
