@@ -73,7 +73,7 @@ def render(manifest: dict[str, Any], evals: list[dict[str, Any]], bench: dict[st
         f"(defaults: {tr.get('epochs', '?')} epochs, batch {tr.get('batch_size', '?')}, AdamW lr "
         f"{tr.get('lr', '?')} with warm-up and cosine decay, seed {tr.get('seed', '?')}, one torch "
         f"thread, ~35-45 min on 2 shared CPU cores). Best checkpoint by validation loss: epoch "
-        f"{tr.get('epoch', '?')}. Labels for the observation head: `plugin.findings.label` on the "
+        f"{tr.get('epoch', '?')}. Labels for the observation head: `onnx_models.labels.label` on the "
         "reference report (uncertain = positive). Observation thresholds: "
         f"{tr.get('thresholds_from', 'val')}. Then `cxrnode export --checkpoint runs/x/best.pt "
         "--out onnx_models/bundles/default`.",
@@ -107,7 +107,7 @@ def render(manifest: dict[str, Any], evals: list[dict[str, Any]], bench: dict[st
             f"(beam {dec['beam_size']}, no-repeat n-gram {dec['no_repeat_ngram_size']}, max "
             f"{dec['max_tokens']} tokens; views from the bundle's view classifier). Text = findings + "
             "impression, lower-cased; NLG metrics from pycocoevalcap; clinical efficacy (CE) from "
-            "`plugin.findings` on reference vs. generated text (U-ones); CE14 = 14 CheXpert "
+            "`onnx_models.labels` on reference vs. generated text (U-ones); CE14 = 14 CheXpert "
             "observations, CE13 = without No Finding.",
             "",
             metrics_table(ev),

@@ -351,7 +351,7 @@ def build_manifest(cfg: ModelConfig, ckpt: dict[str, Any], name: str, version: s
             "max_report_tokens": cfg.max_report_tokens,
         },
         "observations": {"names": list(OBSERVATIONS_13), "thresholds": thresholds,
-                         "labeller": "plugin.findings (U-ones)"},
+                         "labeller": "onnx_models.labels (U-ones)"},
         "view_classifier": {"graph": "view_classifier", "image_size": cfg.view_image_size,
                             "labels": ["FRONTAL", "LATERAL"]},
         "decoder": {"layers": cfg.n_layers, "heads": cfg.n_heads,

@@ -114,7 +114,8 @@ class Grounding:
     head-positive observation are dropped and its templated sentence is added; with
     ``drop_below`` the sentences that affirm an observation whose head probability is below it
     are dropped too (the text may not claim what the classifier rules out). Otherwise the
-    impression is never edited. Deliberately small and separate from ``plugin.findings`` (the runtime may not import it).
+    impression is never edited. Its patterns come from the bundle; the consistency step that
+    follows (:mod:`onnx_models.consistency`) reads the result with ``onnx_models.labels``.
     """
 
     enabled: bool
