@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import errno
 import json
 import logging
 import signal
 import sys
 import threading
+import traceback
 from collections import Counter
 from typing import Any
 
@@ -47,7 +49,8 @@ from sqlalchemy.engine import make_url
 
 from dicom_node.config import Config, load_config
 
-CONFIG_HELP = "TOML configuration file (default: $CXRNODE_CONFIG, else built-in defaults)"
+CONFIG_HELP = ("TOML configuration file (default: $CXRNODE_CONFIG, else this installation's config "
+               "(/etc/cxrnode/cxrnode.toml or PREFIX/etc/cxrnode/cxrnode.toml), else built-in defaults)")
 SET_HELP = "override one setting, e.g. --set node.port=11113 (value in TOML syntax; repeatable)"
 
 
@@ -60,26 +63,50 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 
 
-def configure_logging(level: str) -> None:
-    """Log to stderr. pynetdicom's own chatter is kept at WARNING unless DEBUG is asked for."""
+# third-party loggers kept at WARNING unless DEBUG is asked for (highdicom alone writes seven
+# "copy attributes of module" INFO lines per draft)
+QUIET_LOGGERS = ("pynetdicom", "highdicom", "pydicom", "alembic", "sqlalchemy", "PIL", "urllib3", "onnxruntime")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``ts`` (UTC, ISO 8601), ``level``, ``logger``, ``message``,
+    ``exc`` (a traceback, when there is one). Messages are the node's own, which carry UIDs,
+    never patient names or IDs (house rule 10)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, Any] = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname, "logger": record.name, "message": record.getMessage(),
+        }
+        if record.exc_info:
+            obj["exc"] = self.formatException(record.exc_info)
+        return json.dumps(obj, ensure_ascii=False)
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Log to stderr, as text or one JSON object per line; third-party chatter at WARNING unless DEBUG."""
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if log_format == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level.upper())
-    quiet = "DEBUG" if level.upper() == "DEBUG" else "WARNING"
-    for name in ("pynetdicom", "alembic", "sqlalchemy"):
-        logging.getLogger(name).setLevel(quiet if name == "pynetdicom" else "WARNING")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel("DEBUG" if level.upper() == "DEBUG" and name == "pynetdicom" else "WARNING")
 
 
 # -- serve -----------------------------------------------------------------------------------
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Check everything a site can get wrong (see :mod:`dicom_node.startup`), then listen."""
+    from dicom_node.startup import EXIT_ERROR, StartupError, port_error, preflight
+
+    verbose = bool(getattr(args, "verbose", False))
     config = config_from_args(args)
-    configure_logging(config.node.log_level)
+    configure_logging(config.node.log_level, getattr(args, "log_format", "text"))
     from dicom_node.node import Node
 
     stop = threading.Event()
@@ -90,8 +117,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    node = Node(config)
-    node.start()
+    node: Node | None = None
+    try:
+        handler = preflight(config)
+        node = Node(config, job_handler=handler)
+        try:
+            node.start()
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL) and exc.filename is None:
+                raise port_error(config, exc) from exc
+            raise
+    except StartupError as exc:
+        print(exc.line(), file=sys.stderr, flush=True)
+        if verbose:
+            traceback.print_exc()
+        _stop_quietly(node)
+        return exc.code
+    except Exception as exc:
+        print(f"cxrnode serve: cannot start: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+              + ("" if verbose else " (run with --verbose for the traceback)") + f" (exit {EXIT_ERROR})",
+              file=sys.stderr, flush=True)
+        if verbose:
+            traceback.print_exc()
+        _stop_quietly(node)
+        return EXIT_ERROR
     print(f"cxrnode: {config.node.ae_title} listening on {config.node.host}:{node.port}", file=sys.stderr, flush=True)
     try:
         while not stop.wait(1.0):
@@ -99,6 +148,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         node.stop()
     return 0
+
+
+def _stop_quietly(node: Any) -> None:
+    if node is not None:
+        try:
+            node.stop(grace_s=1.0)
+        except Exception:
+            logging.getLogger(__name__).debug("stopping a node that did not start", exc_info=True)
 
 
 # -- status ----------------------------------------------------------------------------------
@@ -242,10 +299,18 @@ def add_subcommands(subparsers: Any) -> None:
     serve = subparsers.add_parser(
         "serve", help="run the node in the foreground (Storage SCP, job workers, outbound sender)",
         description="Run the Storage SCP, the quiet-study promoter, the report-drafting workers and the "
-                    "outbound sender in the foreground. Logs go to stderr. SIGTERM or SIGINT stop it "
-                    "cleanly: no new associations, in-flight ones finish.",
+                    "outbound sender in the foreground. Before it listens it checks the storage folder, "
+                    "free space, the database, the port and (with jobs.workers > 0) loads the model and runs "
+                    "one tiny generation; a problem is one line naming the config key. Logs go to stderr. "
+                    "SIGTERM or SIGINT stop it cleanly: no new associations, in-flight ones finish.",
+        epilog="exit status: 0 stopped cleanly; 1 unexpected error; 2 configuration (a key, model.bundle, "
+               "the plugin); 3 node.port/node.host cannot be bound; 4 node.storage_dir not writable; "
+               "5 free space below node.min_free_space_mb; 6 node.database_url unreachable",
     )
     add_config_arguments(serve)
+    serve.add_argument("--verbose", action="store_true", help="print the traceback when the node cannot start")
+    serve.add_argument("--log-format", choices=("text", "json"), default="text",
+                       help="text lines, or one JSON object per line for log shippers (default: text)")
     serve.set_defaults(func=cmd_serve)
 
     status = subparsers.add_parser(

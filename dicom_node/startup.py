@@ -1,0 +1,165 @@
+"""What ``cxrnode serve`` checks before it listens, so every mistake a site makes stops the
+node at start with one line naming the key and what to do.
+
+Exit codes of ``cxrnode serve`` (also in README.md, "Operations")::
+
+    0  stopped cleanly (SIGTERM / SIGINT)
+    1  unexpected error (one line; the traceback with --verbose)
+    2  configuration: an invalid key or value, the model bundle (model.bundle) missing or broken,
+       the job handler (the plugin) not installed
+    3  node.port / node.host: the port cannot be bound (in use, privileged, address not here)
+    4  node.storage_dir: the storage folder cannot be created or written
+    5  node.min_free_space_mb: free space on the storage volume is below the floor
+    6  node.database_url: the index database cannot be reached
+
+Order: storage, free space, database, port, model (the slowest last, so quick mistakes show at
+once); the port is bound for real only after the model loaded, so the PACS never sees a node
+that acknowledges images it cannot draft. The model is loaded through the job handler's
+``prepare(config)`` hook (the ``draft`` entry point): :mod:`dicom_node` never imports the plugin.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+import uuid
+from pathlib import Path
+
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from dicom_node.config import Config
+from dicom_node.jobs import HandlerUnavailable, JobHandler, load_handler
+
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_PORT, EXIT_STORAGE, EXIT_DISK, EXIT_DATABASE = 0, 1, 2, 3, 4, 5, 6
+
+
+class StartupError(Exception):
+    """A reason the node cannot start: ``key`` (the config key), ``what`` happened and ``todo``."""
+
+    def __init__(self, code: int, key: str, what: str, todo: str) -> None:
+        super().__init__(f"{key}: {what}; {todo}")
+        self.code, self.key, self.what, self.todo = code, key, what, todo
+
+    def line(self) -> str:
+        return f"cxrnode serve: {self} (exit {self.code})"
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return str(os.geteuid())
+
+
+def _first_line(exc: BaseException) -> str:
+    text_ = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text_[0] if text_ else ''}".rstrip(": ")
+
+
+def check_storage(config: Config) -> None:
+    root = Path(config.node.storage_dir)
+    key = "node.storage_dir"
+    try:
+        (root / "tmp").mkdir(parents=True, exist_ok=True)
+        probe = root / "tmp" / f".serve-{uuid.uuid4().hex}"
+        probe.write_bytes(b"cxrnode\n")
+        probe.unlink()
+    except OSError as exc:
+        where = exc.filename or root
+        raise StartupError(EXIT_STORAGE, key, f"{str(root)!r} cannot be created or written by {_user()} "
+                           f"({exc.strerror or exc} at {where})",
+                           f"give it to the service user (chown -R {_user()}: {root}), fix the mount, or set "
+                           f"{key} to a writable folder") from exc
+
+
+def check_free_space(config: Config) -> None:
+    root = Path(config.node.storage_dir)
+    floor = config.node.min_free_space_mb
+    free = shutil.disk_usage(root).free // (1024 * 1024)
+    if free < floor:
+        raise StartupError(EXIT_DISK, "node.min_free_space_mb",
+                           f"{free} MB free on the volume of {root}, below the floor of {floor} MB "
+                           "(every image would be refused with 0xA700)",
+                           "free space on that volume, move node.storage_dir to a larger one, or lower the floor")
+
+
+def check_database(config: Config) -> None:
+    from dicom_node.db import make_engine
+
+    url = config.node.resolved_database_url()
+    shown = make_url(url).render_as_string(hide_password=True)
+    try:
+        engine = make_engine(url)
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        finally:
+            engine.dispose()
+    except Exception as exc:  # driver errors vary: OperationalError, ImportError of the driver...
+        raise StartupError(EXIT_DATABASE, "node.database_url", f"{shown} cannot be reached ({_first_line(exc)})",
+                           "check that the database server runs and accepts this host, and the URL's "
+                           "host, port, user and password") from exc
+
+
+def check_port(config: Config) -> None:
+    host, port = config.node.host, config.node.port
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host or "0.0.0.0", port))
+    except OSError as exc:
+        raise port_error(config, exc) from exc
+    finally:
+        s.close()
+
+
+def port_error(config: Config, exc: OSError) -> StartupError:
+    host, port = config.node.host, config.node.port
+    if exc.errno == errno.EADDRINUSE:
+        return StartupError(EXIT_PORT, "node.port", f"{host}:{port} is already in use",
+                            f"stop the other program (see: ss -ltnp 'sport = :{port}'; another cxrnode serve?) "
+                            "or choose another node.port")
+    if exc.errno == errno.EACCES:
+        return StartupError(EXIT_PORT, "node.port", f"{host}:{port}: permission denied",
+                            "ports below 1024 need root or CAP_NET_BIND_SERVICE (the installed unit grants it); "
+                            "or choose node.port >= 1024")
+    return StartupError(EXIT_PORT, "node.host", f"cannot bind {host}:{port} ({exc.strerror or exc})",
+                        "set node.host to an address of this machine (0.0.0.0 = all)")
+
+
+def load_and_prepare_handler(config: Config) -> JobHandler | None:
+    """The ``draft`` handler, prepared (model loaded and one tiny generation run); ``None`` when
+    this node runs no workers (``jobs.workers = 0``: drafting happens elsewhere)."""
+    if config.jobs.workers == 0:
+        return None
+    try:
+        handler = load_handler("draft")
+    except HandlerUnavailable as exc:
+        raise StartupError(EXIT_CONFIG, "jobs.workers", str(exc),
+                           "install the complete cxrnode package, or set jobs.workers = 0 on a receive-only node") from exc
+    prepare = getattr(handler, "prepare", None)
+    if callable(prepare):
+        try:
+            prepare(config)
+        except Exception as exc:
+            raise StartupError(EXIT_CONFIG, "model.bundle", f"{config.model.bundle!r} cannot be used: {_first_line(exc)}",
+                               "set model.bundle to an installed bundle (a name or a folder) or reinstall it "
+                               "from the offline bundle") from exc
+    return handler
+
+
+def preflight(config: Config) -> JobHandler | None:
+    """Every check before the node listens; raises :class:`StartupError`; returns the handler."""
+    check_storage(config)
+    check_free_space(config)
+    check_database(config)
+    check_port(config)
+    return load_and_prepare_handler(config)
