@@ -11,8 +11,13 @@ to sign as someone else.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from dicom_node.config import load_config
@@ -113,8 +118,69 @@ def run_worklist(args: argparse.Namespace) -> int:
     return 0
 
 
+# libraries Qt's xcb platform plugin needs that desktops often lack: soname -> (Debian, RHEL package)
+XCB_PACKAGES = {
+    "libxcb-cursor.so.0": ("libxcb-cursor0", "xcb-util-cursor"),
+    "libxcb-icccm.so.4": ("libxcb-icccm4", "xcb-util-wm"),
+    "libxcb-image.so.0": ("libxcb-image0", "xcb-util-image"),
+    "libxcb-keysyms.so.1": ("libxcb-keysyms1", "xcb-util-keysyms"),
+    "libxcb-render-util.so.0": ("libxcb-render-util0", "xcb-util-renderutil"),
+    "libxkbcommon-x11.so.0": ("libxkbcommon-x11-0", "libxkbcommon-x11"),
+    "libxkbcommon.so.0": ("libxkbcommon0", "libxkbcommon"),
+    "libX11-xcb.so.1": ("libx11-xcb1", "libX11-xcb"),
+    "libEGL.so.1": ("libegl1", "libglvnd-egl"),
+    "libfontconfig.so.1": ("libfontconfig1", "fontconfig"),
+    "libdbus-1.so.3": ("libdbus-1-3", "dbus-libs"),
+}
+
+
+def missing_libraries(library: Path) -> list[str]:
+    """Shared libraries ``library`` needs that the dynamic loader cannot find (``ldd``)."""
+    ldd = shutil.which("ldd")
+    if not ldd or not library.is_file():
+        return []
+    out = subprocess.run([ldd, str(library)], capture_output=True, text=True, timeout=30).stdout
+    return sorted({ln.split("=>")[0].strip() for ln in out.splitlines() if "not found" in ln})
+
+
+def display_problem(env: Any = None, plugin: Path | None = None) -> str | None:
+    """Why Qt could not open a window here (``None``: it should), checked without importing Qt."""
+    env = os.environ if env is None else env
+    platform = env.get("QT_QPA_PLATFORM", "").split(":")[0]
+    if platform not in ("", "xcb", "wayland"):
+        return None  # offscreen, minimal, vnc...: no display needed
+    if not platform:
+        platform = "xcb" if env.get("DISPLAY") else "wayland" if env.get("WAYLAND_DISPLAY") else ""
+    if not platform:
+        return ("no display: neither DISPLAY nor WAYLAND_DISPLAY is set; run `cxrnode review` in the "
+                "reviewer's desktop session (or over ssh -X)")
+    needs = {"xcb": "DISPLAY", "wayland": "WAYLAND_DISPLAY"}[platform]
+    if not env.get(needs):
+        return f"QT_QPA_PLATFORM={platform} but {needs} is not set"
+    if platform == "wayland":
+        return None
+    if plugin is None:
+        spec = importlib.util.find_spec("PyQt6")
+        if spec is None or not spec.submodule_search_locations:
+            return "PyQt6 is not installed: install cxrnode with the reviewer extra"
+        plugin = Path(list(spec.submodule_search_locations)[0]) / "Qt6" / "plugins" / "platforms" / "libqxcb.so"
+    missing = missing_libraries(plugin)
+    if not missing:
+        return None
+    deb = [XCB_PACKAGES[m][0] for m in missing if m in XCB_PACKAGES]
+    rhel = [XCB_PACKAGES[m][1] for m in missing if m in XCB_PACKAGES]
+    return (f"Qt's xcb platform plugin cannot load: missing {', '.join(missing)}"
+            + (f"; install them: Debian/Ubuntu: apt install {' '.join(deb)}; RHEL/Fedora: dnf install "
+               f"{' '.join(rhel)}" if deb else ""))
+
+
 def run_review(args: argparse.Namespace) -> int:
-    """Open the reviewer window (imports PyQt6 here, not at module import)."""
+    """Open the reviewer window (imports PyQt6 here, not at module import), after checking that
+    Qt can open a window: exit 2 with one line saying what is missing otherwise."""
+    problem = display_problem()
+    if problem:
+        print(f"cxrnode review: {problem}", file=sys.stderr)
+        return 2
     svc = _service(args)
     user = current_user()
     from gui.app import run
