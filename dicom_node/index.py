@@ -39,19 +39,23 @@ class InstanceConflict(Exception):
     ``study_uid`` is the study of the indexed one. The message carries UIDs only, no PHI.
     """
 
-    def __init__(self, sop_uid: str, reason: str, node_object: bool, study_uid: str = "") -> None:
+    def __init__(self, sop_uid: str, reason: str, node_object: bool, study_uid: str = "",
+                 stored_path: str = "") -> None:
         super().__init__(f"SOP Instance UID {sop_uid!r} {reason}")
         self.sop_uid = sop_uid
         self.reason = reason
         self.node_object = node_object
         self.study_uid = study_uid
+        self.stored_path = stored_path  # where the indexed one is (relative to the store)
 
 
 def check_received(session: Session, sop_uid: str, relpath: str, sha256: str) -> bool:
     """Decide what to do with a received instance whose file is (or would be) at ``relpath``.
 
-    Returns ``False`` when the SOP Instance UID is new, ``True`` when the same content is
-    already indexed at the same place (an identical re-send: nothing to do). Raises
+    Returns ``False`` when the SOP Instance UID is new, ``True`` when the same file is
+    already indexed at the same place (an identical re-send: nothing to do). The comparison is
+    of whole files; the caller may still accept a conflict at the same place whose *data set*
+    is identical (a File Meta Information written by another sender). Raises
     :class:`InstanceConflict` when the UID belongs to an object the node generated (whatever
     was sent), or is indexed with other content or under another study/series.
     """
@@ -66,10 +70,10 @@ def check_received(session: Session, sop_uid: str, relpath: str, sha256: str) ->
     if path == relpath and sha == sha256:
         return True
     if generated:
-        raise InstanceConflict(sop_uid, "belongs to an object this node generated", True, study_uid)
+        raise InstanceConflict(sop_uid, "belongs to an object this node generated", True, study_uid, path)
     if path != relpath:
-        raise InstanceConflict(sop_uid, "is already stored in another study or series", False, study_uid)
-    raise InstanceConflict(sop_uid, "is already stored with different content", False, study_uid)
+        raise InstanceConflict(sop_uid, "is already stored in another study or series", False, study_uid, path)
+    raise InstanceConflict(sop_uid, "is already stored with different content", False, study_uid, path)
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str:

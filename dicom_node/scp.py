@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import ipaddress
 import logging
 import os
@@ -80,6 +81,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from pydicom import Dataset, dcmread
+from pydicom.filereader import read_file_meta_info
 from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import (
@@ -396,7 +398,7 @@ def _check_inflated_size(path: str | os.PathLike[str], offset: int, limit: int) 
         with open(path, "rb") as f:
             f.seek(offset)
             while not inflater.eof and (chunk := f.read(_INFLATE_CHUNK)):
-                while chunk:
+                while chunk and not inflater.eof:  # after the end, a pad byte stays in the tail
                     total += len(inflater.decompress(chunk, _INFLATE_CHUNK))
                     if total > limit:
                         raise Rejected(OUT_OF_RESOURCES, f"deflated data set inflates past node.max_inflated_mb "
@@ -408,6 +410,19 @@ def _check_inflated_size(path: str | os.PathLike[str], offset: int, limit: int) 
     if total > limit:
         raise Rejected(OUT_OF_RESOURCES, f"deflated data set inflates past node.max_inflated_mb ({limit // (1 << 20)} MB)")
     return total
+
+
+def _data_set_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a Part 10 file's data set: everything after its File Meta Information."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        head = f.read(144)
+        if len(head) < 144 or head[128:132] != b"DICM":
+            raise ValueError("not a Part 10 file")
+        f.seek(144 + int.from_bytes(head[140:144], "little"))
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _check_encoding(path: str | os.PathLike[str], ts: UID) -> tuple[int, bool]:
@@ -447,7 +462,8 @@ def inspect_received(path: str | os.PathLike[str], request_sop_class: str, reque
     """
     size = os.path.getsize(path)
     try:
-        meta_ts = UID(str(dcmread(path, stop_before_pixels=True, specific_tags=[]).file_meta.get("TransferSyntaxUID", "")))
+        # the File Meta Information only: dcmread(specific_tags=[]) would inflate a deflated body
+        meta_ts = UID(str(read_file_meta_info(path).get("TransferSyntaxUID", "")))
     except Exception as exc:
         log.debug("unreadable File Meta Information: %r", exc)
         raise Rejected(CANNOT_UNDERSTAND, f"unreadable File Meta Information ({type(exc).__name__})") from None
@@ -809,7 +825,7 @@ class StorageSCP:
         def place() -> None:
             self.store.commit_spool(spool, relpath, replace=False)
 
-        return self._accept(ds, relpath, spool.size, sha, calling, place)
+        return self._accept(ds, relpath, spool.size, sha, calling, place, spool.name)
 
     @property
     def _max_inflated(self) -> int:
@@ -837,19 +853,31 @@ class StorageSCP:
             raise
         try:
             return self._accept(ds, relpath, spool.size, spool.sha256.hexdigest(), calling,
-                                lambda: self.store.commit_spool(spool, relpath, replace=False))
+                                lambda: self.store.commit_spool(spool, relpath, replace=False), spool.name)
         finally:
             spool.discard()
 
+    def _same_data_set(self, relpath: str, received: str | os.PathLike[str]) -> bool:
+        """Whether the stored file at ``relpath`` and the received file hold the same data set
+        (File Meta Information aside: it names the sender, so an echo differs there)."""
+        try:
+            return _data_set_sha256(self.store.abspath(relpath)) == _data_set_sha256(received)
+        except (OSError, ValueError):
+            return False
+
     def _accept(self, ds: Dataset, relpath: str, size: int, sha: str, calling: str,
-                place: Callable[[], Any]) -> int:
+                place: Callable[[], Any], received: str | os.PathLike[str]) -> int:
         """Place and index a checked instance unless its SOP Instance UID is taken (see the
-        module docstring); ``place()`` puts the file at ``relpath`` or raises FileExistsError."""
+        module docstring); ``place()`` puts the file at ``relpath`` or raises FileExistsError.
+        ``received`` is the received file (still in tmp/)."""
         sop_uid = str(ds.SOPInstanceUID)
         try:
             with self.sessions() as s:
                 identical = check_received(s, sop_uid, relpath, sha)
         except InstanceConflict as exc:
+            if exc.stored_path == relpath and self._same_data_set(relpath, received):
+                log.info("instance %r re-sent by %r: identical data set, kept", sop_uid, calling)
+                return SUCCESS
             return self._refuse(ds, exc, calling)
         if identical and self.store.file_sha256(relpath) == sha:
             log.info("instance %r re-sent by %r: identical, kept", sop_uid, calling)
@@ -863,7 +891,7 @@ class StorageSCP:
             placed = False
             if self.store.file_sha256(relpath) != sha:
                 return self._refuse(ds, InstanceConflict(sop_uid, "is being stored with different content", False,
-                                                         str(ds.StudyInstanceUID)), calling)
+                                                         str(ds.StudyInstanceUID), relpath), calling)
         except OSError as exc:
             if is_enospc(exc):
                 log.error("C-STORE of %r refused: disk full (ENOSPC) while committing", sop_uid)
