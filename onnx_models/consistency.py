@@ -386,6 +386,9 @@ def _issues(sents: list[_Sentence]) -> list[Issue]:
             if s.twice:
                 issues.append(Issue("duplicate", "stated twice in one sentence", (s.ref,),
                                     s.affirmed[min(s.twice)].observation))
+            elif _side_clash(s.words) is not None and any(_observation(k) != "Support Devices" for k in s.affirmed):
+                issues.append(Issue("duplicate", "right and left for one finding in one sentence", (s.ref,),
+                                    next(iter(s.affirmed.values())).observation))
     # the impression against the findings: side and size
     fnd = _groups([s for s in live if s.section == "findings"])
     for key, group in _groups([s for s in live if s.section == "impression"]).items():
@@ -719,6 +722,20 @@ def _resolve_duplicate(issue: Issue, by_ref: dict[tuple[str, int], _Sentence], s
     if issue.detail == "repeated sentence":
         drop.setdefault(group[-1].ref, "repeats an earlier sentence")
         return
+    if issue.detail.startswith("right and left"):
+        s = group[0]
+        i = _side_clash(s.words)
+        if s.ref in drop or s.ref in replace or i is None:
+            return
+        cut = list(s.tokens[:i])
+        while cut and (cut[-1][0].lower() in _DANGLING or cut[-1][0].lower() in _STOP):
+            cut.pop()
+        cand = [*cut, (".", s.tokens[-1][1])] if cut else []
+        if cand and set(_analyse(s.section, s.index, cand).affirmed) == set(s.affirmed):
+            replace[s.ref] = ("trim", "right and left for one finding in one sentence", [cand])
+        elif _said_elsewhere(s, sents, drop):
+            drop[s.ref] = "right and left for one finding in one sentence, said elsewhere"
+        return
     if issue.detail == "stated twice in one sentence":
         s = group[0]
         if s.ref in drop or s.ref in replace:
@@ -744,6 +761,22 @@ def _resolve_duplicate(issue: Issue, by_ref: dict[tuple[str, int], _Sentence], s
         if s is best or s.ref in drop or s in anchored:
             continue
         drop[s.ref] = f"{issue.observation} is stated more specifically in another sentence"
+
+
+def _side_clash(words: Sequence[str]) -> int | None:
+    """Index of a side word that contradicts an earlier one with nothing joining them
+    ("right middle lobe atelectasis left base"; not "right and left", "right greater than
+    left", "left catheter with tip in the right atrium"), else None."""
+    side, joined = "", False
+    for i, w in enumerate(words):
+        if w in ("and", "or", ",", "greater", "than", "bilateral", "bilaterally", "with", "to", "from",
+                 "versus", "vs", "both"):
+            joined = True
+        elif w in ("right", "left"):
+            if side and w != side and not joined:
+                return i
+            side, joined = w, False
+    return None
 
 
 def _cut_repeat(tokens: list[Token]) -> list[Token]:

@@ -75,8 +75,11 @@ def test_article_agrees_with_plural_noun() -> None:
 
 def test_repeated_atelectasis_sentence() -> None:
     f = "Minimal right middle lobe atelectasis left base. Right middle lobe atelectasis left base."
-    assert kinds(f) == ["duplicate"]
-    assert fix(f, Atelectasis=0.6) == ("Minimal right middle lobe atelectasis left base.", "")
+    assert [i.detail for i in c.check(f)] == ["stated twice"] + ["right and left for one finding in one sentence"] * 2
+    # one sentence stays, and its side is the one it names first
+    assert fix(f, Atelectasis=0.6) == ("Minimal right middle lobe atelectasis.", "")
+    assert kinds("Right and left basilar atelectasis. Patchy opacities right greater than left.") == []
+    assert kinds("Left venous catheter with tip in the right atrium.") == []
 
 
 # --- more rules -----------------------------------------------------------------------------------
