@@ -22,7 +22,7 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pydicom
 import pytest
@@ -40,7 +40,7 @@ from dcmnode_helpers import (
 )
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from sqlalchemy import func, select
 from test_node_tls_outbound import client_context, pki, tls_security  # noqa: F401 - pki is a fixture
@@ -181,7 +181,7 @@ def test_concurrent_senders_of_one_uid_cannot_overwrite_each_other(node, tmp_pat
                                ImageComments=f"version {c}") for c in "ab"]
         barrier = threading.Barrier(2)
 
-        def send(f: Path) -> int | None:
+        def send(f: Path, barrier: threading.Barrier = barrier) -> int | None:
             barrier.wait()
             return send_raw(node.port, [f])[0]
 
@@ -226,18 +226,18 @@ def send_on_context(port: int, context_class: str, request_class: str, ds: Datas
         req.DataSet = io.BytesIO(body)
         assoc._reactor_checkpoint.clear()  # noqa: SLF001 - as send_c_echo does: we read the response
         try:
-            assoc.dimse.send_msg(req, assoc.accepted_contexts[0].context_id)
+            assoc.dimse.send_msg(req, cast(int, assoc.accepted_contexts[0].context_id))
             _, rsp = assoc.dimse.get_msg(block=True)
         finally:
             assoc._reactor_checkpoint.set()  # noqa: SLF001
-        return int(rsp.Status)
+        return int(cast(Any, rsp).Status)
     finally:
         assoc.release()
 
 
 def test_ct_image_on_a_cr_context_is_refused(node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     ct = pydicom.dcmread(make_instance(tmp_path / "ct.dcm", generate_uid(), SOPClassUID=CT, Modality="CT"))
-    ct.file_meta.MediaStorageSOPClassUID = CT
+    ct.file_meta.MediaStorageSOPClassUID = UID(CT)
     # the request says CT, the context was negotiated for CR
     assert send_on_context(node.port, CR, CT, ct) == 0x0122
     # the request says CR (as the context), the data set says CT
@@ -275,7 +275,7 @@ def deflate_bomb(out: Path, inflated_mb: int) -> Path:
         parts.append(z.compress(zeros))
     parts.append(z.flush())
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CR
+    meta.MediaStorageSOPClassUID = UID(CR)
     meta.MediaStorageSOPInstanceUID = header.SOPInstanceUID
     meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     return write_raw(out, meta, b"".join(parts))
@@ -386,15 +386,14 @@ def test_half_a_pdata_pdu_is_cut_off_after_the_network_timeout(make_config, star
         assoc = staller.associate("127.0.0.1", node.port, ae_title="CXRNODE")
         assert assoc.is_established
         # P-DATA-TF announcing 100000 bytes, 50 of them sent, then silence
-        assoc.dul.socket.socket.sendall(struct.pack(">BBI", 0x04, 0, 100000) + bytes(50))
+        cast(Any, assoc.dul.socket).socket.sendall(struct.pack(">BBI", 0x04, 0, 100000) + bytes(50))
         stalled.append(assoc)
     t0 = time.monotonic()
     f = make_instance(tmp_path / "good.dcm", generate_uid())
     assert send_raw(node.port, [f]) == [0]  # room left under max_associations
     wait_for(lambda: node.scp.active_associations() == 0, timeout=HALF_OPEN["network_timeout_s"] + 8)
     assert time.monotonic() - t0 >= HALF_OPEN["network_timeout_s"] - 0.5
-    for assoc in stalled:
-        wait_for(lambda a=assoc: not a.is_alive(), timeout=10)
+    wait_for(lambda: not any(a.is_alive() for a in stalled), timeout=10)
     assert spool_files(node.store.root) == []
 
 
