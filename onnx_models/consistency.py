@@ -379,9 +379,10 @@ def _issues(sents: list[_Sentence]) -> list[Issue]:
                 issues.append(Issue("duplicate", "repeated sentence", (seen[key].ref, s.ref)))
             seen.setdefault(key, s)
         for key, group in _groups(in_sec).items():
-            if len(group) > 1 and not _distinct_sides(group, key):
-                issues.append(Issue("duplicate", "stated twice", tuple(s.ref for s in group),
-                                    group[0].affirmed[key].observation))
+            for sub in _by_side(group, key):
+                if len(sub) > 1:
+                    issues.append(Issue("duplicate", "stated twice", tuple(s.ref for s in sub),
+                                        sub[0].affirmed[key].observation, key))
         for s in in_sec:
             if s.twice:
                 issues.append(Issue("duplicate", "stated twice in one sentence", (s.ref,),
@@ -421,10 +422,17 @@ def _side_set(group: Iterable[_Sentence], key: str) -> frozenset[str]:
     return frozenset(sides)
 
 
-def _distinct_sides(group: list[_Sentence], key: str) -> bool:
-    """Two findings of one kind on opposite sides ("right ... opacity", "left ... opacity")."""
+def _by_side(group: list[_Sentence], key: str) -> list[list[_Sentence]]:
+    """The statements of one finding that are one finding: when every statement names one side
+    ("small left pleural effusion", "large right pleural effusion"), one group per side (two
+    findings); otherwise (a bilateral or unsided statement among them) all of them."""
     sides = [s.affirmed[key].sides for s in group]
-    return all(len(x) == 1 and "B" not in x for x in sides) and len({next(iter(x)) for x in sides}) == len(sides)
+    if not all(len(x) == 1 and "B" not in x for x in sides):
+        return [group]
+    out: dict[str, list[_Sentence]] = {}
+    for s, x in zip(group, sides, strict=True):
+        out.setdefault(next(iter(x)), []).append(s)
+    return list(out.values())
 
 
 def check_tokens(findings: Sequence[Token], impression: Sequence[Token]) -> list[Issue]:

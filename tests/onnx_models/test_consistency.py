@@ -178,3 +178,11 @@ def test_a_sentence_that_repeats_itself_is_cut_where_the_repeat_starts() -> None
 def test_only_the_contradicted_item_of_a_negated_list_goes(sentence: str, kept: str) -> None:
     out, _ = fix(f"{sentence} There is a small right pleural effusion.", Pleural_Effusion=0.7)
     assert out == f"{kept} There is a small right pleural effusion.".strip()
+
+
+def test_statements_of_one_side_are_one_finding() -> None:
+    f = ("There is a small left pleural effusion. There is a large right pleural effusion. "
+         "There is a small right pleural effusion. There is right pleural effusion.")
+    assert [i.detail for i in c.check(f)] == ["stated twice"]
+    out, _ = fix(f, Pleural_Effusion=0.8)
+    assert out == "There is a small left pleural effusion. There is a large right pleural effusion."
