@@ -46,7 +46,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
     config = args.config or default_config()
     return main_doctor(config, args.set or [], as_json_output=args.json,
-                       echo_timeout_s=args.timeout, inference=not args.no_inference)
+                       echo_timeout_s=args.timeout, inference=not args.no_inference, role=args.role)
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
@@ -84,11 +84,17 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: inst.run(inst.uninstall, a))
 
     p = sub.add_parser("doctor", help="check the installation: config, storage, database, model, network, TLS, queue",
-                       description="One table of checks, each OK/WARN/FAIL with a hint. Exit status 1 on any FAIL.")
+                       description="One table of checks, each OK/WARN/FAIL with a stable code and a hint. "
+                                   "Every check and its levels: `pydoc installer.doctor` and README.md, Operations.",
+                       epilog="exit status: 0 no FAIL (WARNs allowed), 1 at least one FAIL, 2 usage error. "
+                              "--json schema: cxrnode.doctor/1.")
     p.add_argument("--config", metavar="FILE", help="configuration file (default: CXRNODE_CONFIG, else this "
                    "installation's, else /etc/cxrnode/cxrnode.toml)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a key (repeatable)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--json", action="store_true", help="print the results as JSON (schema cxrnode.doctor/1)")
+    p.add_argument("--role", choices=("node", "reviewer", "both"), default="node",
+                   help="what this machine is: node (the service runs here; it is checked), reviewer (a reviewer "
+                        "workstation: the display is checked, no reviewers is a FAIL), both (default: node)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each C-ECHO (default %(default)s)")
     p.add_argument("--no-inference", action="store_true", help="skip the inference on the sample study")
     p.set_defaults(func=_doctor)

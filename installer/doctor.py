@@ -1,14 +1,41 @@
-"""``cxrnode doctor``: one table of checks that tells site IT whether the node is healthy.
+"""``cxrnode doctor``: one table of checks that tells site IT (and its monitoring) whether the
+node is healthy.
 
-Each check ends OK, WARN or FAIL with a one-line detail and, unless OK, a hint saying what to
-do. The exit status is 1 when any check FAILs, else 0. Checks, in order:
+Each check ends OK, WARN or FAIL with a one-line detail, a stable ``code`` (``<check>.<reason>``,
+e.g. ``service.stopped``) and, unless OK, a hint saying what to do. Exit status: 0 when no check
+FAILs (WARNs included), 1 when any check FAILs, 2 for a usage error. ``--role`` says what this
+machine is: ``node`` (the default: the service runs here), ``reviewer`` (a reviewer workstation:
+no service, a display), ``both``. Checks, in order, with their levels:
 
-config, storage writable, storage free space, database (reachable, at the migration head),
-model bundle (sha256 of every file), ONNX Runtime providers (GPU used or not, and why),
-inference (one run on the shipped sample study, with its latency), listening port (bindable,
-or the running node answers C-ECHO), C-ECHO to each destination, TLS certificate/key (readable,
-the key private to its owner (mode 0600), matching, days to expiry), queue health (failed jobs,
-waiting transfers, oldest age).
+========================  =============================================================================
+config                    FAIL invalid (names the key); WARN reviewers cannot sign (file not root's)
+reviewers                 OK n configured; none: WARN on a node, FAIL on a reviewer workstation
+storage writable          FAIL missing or not writable
+storage free space        FAIL below node.min_free_space_mb; WARN below twice the floor
+database                  FAIL unreachable, empty, or not at the migration head
+model bundle              FAIL not found (lists the installed bundles) or a file changed
+onnx runtime              FAIL no configured provider; WARN a configured provider cannot run
+inference                 FAIL the sample study did not run; WARN skipped (--no-inference)
+listening port            FAIL cannot bind / held by something that is not this node; WARN port 0
+node service              (node, both) OK running; WARN service.stopped (systemd: stopped on purpose,
+                          last result success); FAIL service.down (failed / restarting) or
+                          node.not_running (no node answers and no systemd unit says why)
+destinations              FAIL C-ECHO fails; WARN none configured
+tls                       FAIL unreadable, key not 0600, mismatched, expired; WARN expires in < 30 days
+queue                     WARN failed jobs, waiting jobs that carry errors (ids and the last error),
+                          failed transfers, transfers waiting over an hour
+display                   (reviewer, both) FAIL Qt's platform plugin does not load (checked in a
+                          subprocess: doctor never imports Qt), saying what is missing
+========================  =============================================================================
+
+``--json`` prints one object with a versioned schema (``"schema": "cxrnode.doctor/1"``; keys may
+be added, existing ones keep their meaning)::
+
+    {"schema": "cxrnode.doctor/1", "generated_at": "2026-11-28T07:00:00Z", "role": "node",
+     "ok": bool,                      # no FAIL
+     "status": "OK"|"WARN"|"FAIL",    # the worst check
+     "summary": {"OK": n, "WARN": n, "FAIL": n},
+     "checks": [{"name": str, "status": str, "code": str, "detail": str, "hint": str, "data": {...}}]}
 
 DICOM traffic goes through :mod:`dicom_node.scu` (only dicom_node speaks DIMSE); the model
 through :mod:`onnx_models`; the sample study through :mod:`plugin`. A piece that is missing
@@ -27,6 +54,7 @@ import shutil
 import socket
 import ssl
 import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +64,8 @@ from pathlib import Path
 from typing import Any
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
+SCHEMA = "cxrnode.doctor/1"
+ROLES = ("node", "reviewer", "both")
 TLS_WARN_DAYS = 30
 TRANSFER_WAIT_WARN_S = 3600.0
 
@@ -47,6 +77,11 @@ class Check:
     detail: str
     hint: str = ""
     data: dict[str, Any] = field(default_factory=dict)
+    code: str = ""  # stable reason, "<check>.<reason>"; defaults to "<check>.<ok|warn|fail>"
+
+    def __post_init__(self) -> None:
+        if not self.code:
+            self.code = f"{self.name.split()[0]}.{self.status.lower()}"
 
 
 @dataclass
@@ -59,6 +94,8 @@ class Context:
     db_ok: bool = False
     generator: Any = None
     generator_load_s: float = 0.0
+    role: str = "node"
+    node_running: bool | None = None  # set by check_port
 
 
 def _missing(module: str, exc: BaseException) -> str:
@@ -179,9 +216,16 @@ def check_model(ctx: Context) -> list[Check]:
     try:
         b = load_bundle(name)
     except BundleError as exc:
+        if "not found" in str(exc):
+            from onnx_models.bundle import available_bundles
+
+            have = available_bundles()
+            return [Check("model bundle", FAIL, f"model.bundle = {name!r}: {exc}",
+                          f"set model.bundle to an installed bundle ({', '.join(have) or 'none installed'}) or to a "
+                          "bundle folder", {"available": have}, code="model.not_found")]
         return [Check("model bundle", FAIL, str(exc),
                       "reinstall the model bundle from the offline bundle (a file changed or is corrupt), "
-                      "or point model.bundle at an intact bundle")]
+                      "or point model.bundle at an intact bundle", code="model.corrupt")]
     files = len(b.manifest.get("files", {}))
     return [Check("model bundle", OK, f"{b.name} {b.version} at {b.path}: {files} files match their sha256 "
                   f"({time.perf_counter() - t0:.1f} s)", data={"name": b.name, "version": b.version, "path": str(b.path)})]
@@ -330,8 +374,9 @@ def check_port(ctx: Context) -> list[Check]:
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((node.host or "0.0.0.0", node.port))
-        return [Check("listening port", OK, f"{node.host}:{node.port} is free to bind (the node is not running)",
-                      data={"running": False})]
+        ctx.node_running = False
+        return [Check("listening port", OK, f"{node.host}:{node.port} is free to bind (no node listens: see the "
+                      "node service row)", data={"running": False})]
     except OSError as exc:
         bind_error = exc
     finally:
@@ -347,6 +392,8 @@ def check_port(ctx: Context) -> list[Check]:
     except ImportError as exc:
         return [Check("listening port", FAIL, f"port {node.port} is in use; cannot C-ECHO it: {_missing('dicom_node.scu', exc)}",
                       "install a complete cxrnode bundle")]
+    ctx.node_running = bool(ok or answered and (ctx.config.security.allowed_calling_ae_titles
+                                                 or ctx.config.security.allowed_networks))
     if ok:
         return [Check("listening port", OK, f"the running node answers C-ECHO on {host}:{node.port} as {node.ae_title}",
                       data={"running": True})]
@@ -357,8 +404,109 @@ def check_port(ctx: Context) -> list[Check]:
     return [Check("listening port", FAIL,
                   f"port {node.port} is in use by something that does not answer C-ECHO as {node.ae_title} ({msg})",
                   f"stop the other program (ss -ltnp 'sport = :{node.port}') or choose another node.port",
-                  {"running": False})]
+                  {"running": False}, code="port.foreign")]
 
+
+
+def check_reviewers(ctx: Context) -> list[Check]:
+    n = len(ctx.config.reviewers)
+    names = [r.username for r in ctx.config.reviewers]
+    if n:
+        return [Check("reviewers", OK, f"{n} configured ({', '.join(names)})", data={"count": n, "usernames": names})]
+    workstation = ctx.role in ("reviewer", "both")
+    return [Check("reviewers", FAIL if workstation else WARN,
+                  "none configured: nobody can sign" + (" on this workstation" if workstation else " the drafts"),
+                  "add a [[reviewers]] table (username, name, organisation) to the config, or re-run the "
+                  "installer with --reviewer USERNAME:Family^Given", {"count": 0}, code="reviewers.none")]
+
+
+def _installed_unit() -> str | None:
+    """The systemd unit name of this installation, when the installer registered one."""
+    try:
+        from installer import install as inst
+
+        layout = inst.detect_layout(None)
+        if not layout.manifest.is_file():
+            return None
+        manifest = inst.read_manifest(layout)
+    except Exception:  # not installed, or an unreadable manifest: the port tells what it can
+        return None
+    return Path(manifest["unit"]).name if manifest.get("systemd") and manifest.get("unit") else None
+
+
+def _systemctl_show(unit: str) -> dict[str, str] | None:
+    systemctl = shutil.which("systemctl")
+    if not systemctl:
+        return None
+    try:
+        out = subprocess.run([systemctl, "show", unit, "-p", "LoadState,ActiveState,SubState,Result,UnitFileState"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    props = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+    return props if props.get("LoadState") == "loaded" else None
+
+
+def check_service(ctx: Context) -> list[Check]:
+    """Whether the node runs: the systemd unit's state when the installer registered one, else the
+    listening port's C-ECHO."""
+    unit = _installed_unit()
+    props = _systemctl_show(unit) if unit else None
+    if unit and props:
+        active, sub, result = props.get("ActiveState", ""), props.get("SubState", ""), props.get("Result", "")
+        data = {"unit": unit, "active": active, "sub": sub, "result": result, "enabled": props.get("UnitFileState", "")}
+        if active == "active":
+            return [Check("node service", OK, f"{unit} is running ({sub})", data=data, code="service.running")]
+        if active == "inactive" and result == "success":
+            return [Check("node service", WARN, f"{unit} is stopped (stopped on purpose: inactive, last result success; "
+                          f"unit file {data['enabled']})", f"start it when wanted: systemctl start {unit}", data,
+                          code="service.stopped")]
+        return [Check("node service", FAIL, f"{unit} is {active} ({sub}, result {result or '?'})",
+                      f"see why: journalctl -u {unit} -n 50; fix it, then systemctl restart {unit}", data,
+                      code="service.down")]
+    if ctx.node_running:
+        return [Check("node service", OK, "a node answers on the listening port", data={"unit": unit},
+                      code="service.running")]
+    if ctx.node_running is None:
+        return [Check("node service", WARN, "cannot tell whether the node runs (see the listening port row)",
+                      "set a fixed node.port", {"unit": unit}, code="service.unknown")]
+    return [Check("node service", FAIL, f"no node answers on {ctx.config.node.host}:{ctx.config.node.port}",
+                  "start it: systemctl start cxrnode (or `cxrnode serve --config ...`); studies sent now are refused",
+                  {"unit": unit}, code="node.not_running")]
+
+
+DISPLAY_PROBE = """\
+import sys
+from gui.cli import display_problem
+problem = display_problem()
+if problem:
+    print(problem)
+    sys.exit(3)
+from PyQt6.QtGui import QGuiApplication
+app = QGuiApplication(sys.argv[:1])
+print(app.platformName())
+"""
+
+
+def check_display(ctx: Context) -> list[Check]:
+    """Qt's platform plugin loads (in a subprocess: doctor never imports Qt, and Qt aborts the
+    process it fails in)."""
+    try:
+        out = subprocess.run([sys.executable, "-c", DISPLAY_PROBE], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return [Check("display", FAIL, "the Qt probe did not finish in 60 s", "check the display server",
+                      code="display.timeout")]
+    if out.returncode == 0:
+        platform = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "?"
+        return [Check("display", OK, f"Qt's platform plugin loads ({platform})", data={"platform": platform})]
+    if out.returncode == 3:
+        return [Check("display", FAIL, out.stdout.strip(), "the reviewer needs a desktop session with the libraries "
+                      "named above", code="display.missing")]
+    tail = [ln for ln in (out.stderr or out.stdout).splitlines() if ln.strip()][-3:]
+    return [Check("display", FAIL, f"Qt's platform plugin did not load (exit {out.returncode}): {' | '.join(tail)}",
+                  "install the reviewer extra (PyQt6) and the libraries Qt names", code="display.qt_failed")]
 
 def check_destinations(ctx: Context) -> list[Check]:
     dests = ctx.config.destinations
@@ -451,24 +599,43 @@ def check_queue(ctx: Context) -> list[Check]:
                 Transfer.state.in_([TransferState.PENDING, TransferState.SENDING]))).scalar()
             oldest_job = conn.execute(select(func.min(Job.created_at)).where(
                 Job.state.in_([JobState.PENDING, JobState.RUNNING]))).scalar()
+            erring = conn.execute(select(Job.id, Job.last_error, Job.updated_at).where(
+                Job.state.in_([JobState.PENDING, JobState.RUNNING]), Job.last_error.is_not(None),
+                Job.last_error != "").order_by(Job.updated_at.desc(), Job.id.desc())).all()
+            failed_ids = list(conn.execute(select(Job.id).where(Job.state == JobState.FAILED)
+                                           .order_by(Job.id.desc()).limit(20)).scalars())
     finally:
         engine.dispose()
     now = utcnow()
     tx_age = (now - oldest_tx).total_seconds() if oldest_tx else 0.0
     job_age = (now - oldest_job).total_seconds() if oldest_job else 0.0
-    data = {"jobs_failed": failed_jobs, "jobs_waiting": waiting_jobs, "oldest_job_s": round(job_age),
+    data: dict[str, Any] = {"jobs_failed": failed_jobs, "jobs_waiting": waiting_jobs, "oldest_job_s": round(job_age),
             "transfers_failed": failed_tx, "transfers_waiting": waiting_tx, "oldest_transfer_s": round(tx_age)}
     detail = (f"jobs: {failed_jobs} failed, {waiting_jobs} waiting (oldest {_age(job_age)}); "
               f"transfers: {failed_tx} failed, {waiting_tx} waiting (oldest {_age(tx_age)})")
+    data["failed_job_ids"] = failed_ids
+    data["erring_job_ids"] = [r[0] for r in erring][:20]
+    data["last_error"] = erring[0][1] if erring else None
     problems = []
+    codes = []
+    if erring:
+        ids = ", ".join(str(r[0]) for r in erring[:10]) + (" ..." if len(erring) > 10 else "")
+        detail += f"; {len(erring)} waiting job(s) carry errors (ids {ids}), last: {erring[0][1]}"
+        problems.append("they are being retried: see `cxrnode jobs show ID`; fix the cause named in the error")
+        codes.append("queue.job_errors")
     if failed_jobs:
-        problems.append("see `cxrnode status` for the failed jobs' errors")
+        problems.append(f"failed jobs (ids {', '.join(map(str, failed_ids[:10]))}): `cxrnode jobs --state failed`, "
+                        "then `cxrnode jobs retry --failed`")
+        codes.append("queue.jobs_failed")
     if failed_tx:
         problems.append("failed transfers: check the destination rows")
+        codes.append("queue.transfers_failed")
     if tx_age > TRANSFER_WAIT_WARN_S:
         problems.append("transfers waiting over an hour: is the PACS reachable?")
+        codes.append("queue.transfers_stuck")
     if problems:
-        return [Check("queue", WARN, detail, "; ".join(problems), data)]
+        data["codes"] = codes
+        return [Check("queue", WARN, detail, "; ".join(problems), data, code=codes[0])]
     return [Check("queue", OK, detail, data=data)]
 
 
@@ -483,25 +650,32 @@ def _age(seconds: float) -> str:
 
 
 CHECKS: tuple[Callable[[Context], list[Check]], ...] = (
-    check_storage, check_database, check_model, check_providers, check_inference,
-    check_port, check_destinations, check_tls, check_queue,
+    check_reviewers, check_storage, check_database, check_model, check_providers, check_inference,
+    check_port, check_service, check_destinations, check_tls, check_queue, check_display,
 )
+NODE_ONLY = {check_service}
+REVIEWER_ONLY = {check_display}
 
 
 def run_checks(config_path: str | None, overrides: Sequence[str] = (), echo_timeout_s: float = 5.0,
-               inference: bool = True) -> list[Check]:
-    """Run every check; a check that crashes is a FAIL naming the exception."""
-    ctx = Context(config_path or "", list(overrides), echo_timeout_s, inference)
+               inference: bool = True, role: str = "node") -> list[Check]:
+    """Run every check for ``role`` (node, reviewer, both); a check that crashes is a FAIL naming
+    the exception."""
+    if role not in ROLES:
+        raise ValueError(f"role {role!r}: expected one of {ROLES}")
+    ctx = Context(config_path or "", list(overrides), echo_timeout_s, inference, role=role)
     results = check_config(ctx)
     if ctx.config is None:
         return results
     for fn in CHECKS:
+        if fn in NODE_ONLY and role == "reviewer" or fn in REVIEWER_ONLY and role == "node":
+            continue
         try:
             results += fn(ctx)
         except Exception as exc:
             name = fn.__name__.removeprefix("check_").replace("_", " ")
             results.append(Check(name, FAIL, f"the check itself failed: {type(exc).__name__}: {exc}",
-                                 "report this with the output of `cxrnode doctor --json`"))
+                                 "report this with the output of `cxrnode doctor --json`", code=f"{name}.crashed"))
     return results
 
 
@@ -517,15 +691,18 @@ def format_table(results: Sequence[Check]) -> str:
     return "\n".join(lines)
 
 
-def as_json(results: Sequence[Check]) -> str:
+def as_json(results: Sequence[Check], role: str = "node") -> str:
     counts = {s: sum(1 for c in results if c.status == s) for s in (OK, WARN, FAIL)}
-    return json.dumps({"ok": counts[FAIL] == 0, "summary": counts, "checks": [asdict(c) for c in results]}, indent=2)
+    worst = FAIL if counts[FAIL] else WARN if counts[WARN] else OK
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0, tzinfo=None).isoformat() + "Z"
+    return json.dumps({"schema": SCHEMA, "generated_at": now, "role": role, "ok": counts[FAIL] == 0,
+                       "status": worst, "summary": counts, "checks": [asdict(c) for c in results]}, indent=2)
 
 
 def main_doctor(config: str | None, overrides: Sequence[str] = (), as_json_output: bool = False,
-                echo_timeout_s: float = 5.0, inference: bool = True) -> int:
-    results = run_checks(config, overrides, echo_timeout_s, inference)
-    print(as_json(results) if as_json_output else format_table(results), flush=True)
+                echo_timeout_s: float = 5.0, inference: bool = True, role: str = "node") -> int:
+    results = run_checks(config, overrides, echo_timeout_s, inference, role=role)
+    print(as_json(results, role) if as_json_output else format_table(results), flush=True)
     return 1 if any(c.status == FAIL for c in results) else 0
 
 
