@@ -124,7 +124,11 @@ _HEAD_STOP = {"of", "in", "on", "at", "to", "with", "and", "or", "is", "are", "w
               "within", "along", "involving", "overlying", "projecting", "measuring", "likely", "was",
               "were", "has", "does", "appears", "remains", "seems", "measures", "represents", "persists",
               "suggests", "extends", "projects", "overlies", "obscures", "abuts", "versus", "vs", "but"}
-_PLURAL_OK = re.compile(r"(?:ss|is|us|ous|ax|ex|ix)$")
+#: findings named in the singular that "there are" cannot introduce
+_SINGULAR = {"effusion", "opacity", "nodule", "mass", "lesion", "infiltrate", "density", "consolidation",
+             "pneumothorax", "fracture", "atelectasis", "edema", "cardiomegaly", "pneumonia", "granuloma",
+             "calcification", "abnormality", "disease", "process", "congestion", "thickening", "scarring"}
+_PLURAL_OK = re.compile(r"(?:ss|is|us|ous|os|ax|ex|ix)$")
 _NUMBER = re.compile(r"\d{1,2}")
 _DUE = re.compile(r"list number \d+ where (\d+) is due")
 
@@ -332,19 +336,33 @@ def _fragment(s: _Sentence, following: _Sentence | None, allowed_numbers: bool,
     return None
 
 
+def _head(words: Sequence[str]) -> str | None:
+    """The last word of the noun phrase at the start of ``words``."""
+    head = None
+    for v in words:
+        if v in _HEAD_STOP or not re.fullmatch(r"[a-z]+|-", v) or (head and v.endswith("ing")):
+            break
+        if v != "-":
+            head = v
+            if _plural(v):
+                break  # "low lung volumes causing ...": the head is found
+    return head
+
+
 def _agreement(words: Sequence[str]) -> int | None:
-    """Index of an article ("a", "an") whose noun phrase ends on a plural noun, else None."""
+    """Index of an article ("a", "an") whose noun phrase ends on a plural noun, or of "are" in
+    "there are (no) ..." before a singular finding ("There are small right pleural effusion."),
+    else None."""
     for i, w in enumerate(words):
-        if w not in ("a", "an") or i + 1 >= len(words) or words[i + 1] in ("few", "couple", "number", "lot", "series"):
-            continue
-        head = None
-        for v in words[i + 1 :]:
-            if v in _HEAD_STOP or not re.fullmatch(r"[a-z]+|-", v):
-                break
-            if v != "-":
-                head = v
-        if head is not None and _plural(head):
-            return i
+        if w in ("a", "an") and i + 1 < len(words) and words[i + 1] not in ("few", "couple", "number", "lot", "series"):
+            head = _head(words[i + 1 :])
+            if head is not None and _plural(head):
+                return i
+        elif w == "are" and i >= 1 and words[i - 1] == "there":
+            rest = words[i + 1 :]
+            head = _head(rest[1:] if rest[:1] == ["no"] else rest)
+            if head in _SINGULAR:
+                return i
     return None
 
 
@@ -546,6 +564,9 @@ def _fix_agreement(tokens: list[Token]) -> list[Token]:
     if i is None:
         return tokens
     out = list(tokens)
+    if words[i] == "are":
+        out[i] = ("is", out[i][1])
+        return out
     if i >= 1 and words[i - 1] == "is":
         out[i - 1] = ("are", out[i - 1][1])
     del out[i]

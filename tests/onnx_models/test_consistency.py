@@ -71,6 +71,10 @@ def test_article_agrees_with_plural_noun() -> None:
     assert fix("There is a small bilateral pleural effusions.", Pleural_Effusion=0.9) == (
         "There are small bilateral pleural effusions.", "")
     assert kinds("There is a small bilateral pleural effusion. There are a few nodules.") == []
+    assert fix("There are small right pleural effusion. There are no focal airspace consolidation.",
+               Pleural_Effusion=0.9) == (
+        "There is small right pleural effusion. There is no focal airspace consolidation.", "")
+    assert kinds("There are mild degenerative changes of the spine. There are no nodules or masses.") == []
 
 
 def test_repeated_atelectasis_sentence() -> None:
