@@ -529,6 +529,11 @@ def model_card(m: dict[str, Any]) -> str:
         f"{checks.get('max_abs_logit_diff', float('nan')):.2e} (teacher-forced), greedy token ids identical on "
         f"{checks.get('greedy_identical', 0)} of {checks.get('greedy_compared', 0)} "
         f"({checks.get('max_tokens', 0)} tokens at most).",
+        *([f"- int8 graphs vs transformers: max |logit difference| {src['checks_int8']['max_abs_logit_diff']:.2e}, "
+           f"greedy token ids identical on {src['checks_int8']['greedy_identical']} of "
+           f"{src['checks_int8']['greedy_compared']}."] if src.get("checks_int8") else []),
+        *(["- fp16 graphs: not run here (meant for CUDA); the fp32 figures above are of the graphs before "
+           "conversion."] if src["precision"].startswith("fp16") else []),
         "- `load_bundle` checksums and graph contract.",
         "- Not checked: the quality of the drafts on real films (run `cxrnode eval` on data you hold).", "",
         "## Input gate", "",
@@ -540,7 +545,8 @@ def model_card(m: dict[str, Any]) -> str:
 
 def import_hf(checkpoint: str | Path, out: str | Path, name: str = "", version: str = "", views: str = "first-frontal",
               section: str = "findings", int8: bool = False, fp16: bool = False, prompt_template: str = "",
-              calibration_images: str | Path | None = None, check: bool = True) -> Path:
+              calibration_images: str | Path | None = None, check: bool = True,
+              int8_keep_lm_head: bool = False) -> Path:
     """Import a local ``VisionEncoderDecoderModel`` checkpoint folder into a bundle folder
     ``out`` (replaced). See the module docstring."""
     src = Path(checkpoint).resolve()
@@ -592,12 +598,12 @@ def import_hf(checkpoint: str | Path, out: str | Path, name: str = "", version: 
             from .import_hf_speed import to_fp16, to_int8
 
             if int8:
-                to_int8(tmp, manifest)
+                to_int8(tmp, manifest, keep_lm_head=int8_keep_lm_head)
             else:
                 to_fp16(tmp, manifest)
-            if check:
+            if check and int8:  # fp16 graphs are for CUDA: not run here
                 write_manifest(tmp, manifest)
-                source["checks_" + source["precision"]] = check_bundle(model, tmp, spec) if int8 else {}
+                source["checks_int8"] = check_bundle(model, tmp, spec)
         if calibration_images:
             raise ImportHFError("--calibration-images is not wired yet: run `cxrnode calibrate-gate` on the bundle")
         (tmp / "MODEL_CARD.md").write_text(model_card(manifest), encoding="utf-8")

@@ -21,19 +21,34 @@ from typing import Any
 QUANTISED_ROLES = ("encoder", "bridge", "decoder")
 
 
-def to_int8(bundle: Path, manifest: dict[str, Any]) -> None:
-    """Replace the graphs of ``QUANTISED_ROLES`` by their dynamically quantised versions."""
+def lm_head_nodes(path: Path) -> list[str]:
+    """The MatMul/Gemm node(s) that produce the decoder's ``logits`` (through a bias Add)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    node = producer.get("logits")
+    while node is not None and node.op_type not in ("MatMul", "Gemm"):
+        node = next((producer[i] for i in node.input if i in producer), None)
+    return [node.name] if node is not None else []
+
+
+def to_int8(bundle: Path, manifest: dict[str, Any], keep_lm_head: bool = False) -> None:
+    """Replace the graphs of ``QUANTISED_ROLES`` by their dynamically quantised versions
+    (``keep_lm_head``: the decoder's output projection stays float32)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     for role in QUANTISED_ROLES:
         path = bundle / manifest["graphs"][role]["file"]
         tmp = path.with_suffix(".int8.onnx")
+        exclude = lm_head_nodes(path) if role == "decoder" and keep_lm_head else []
         quantize_dynamic(str(path), str(tmp), op_types_to_quantize=["MatMul", "Gemm"],
-                         weight_type=QuantType.QInt8, per_channel=True,
+                         weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=exclude,
                          extra_options={"MatMulConstBOnly": True})
         tmp.replace(path)
         manifest["graphs"][role]["precision"] = "int8 weights (dynamic quantisation), float32 I/O"
-    manifest["import"]["precision"] = "int8 (ONNX Runtime dynamic quantisation of the linear layers)"
+    manifest["import"]["precision"] = "int8 (ONNX Runtime dynamic quantisation of the linear layers" + (
+        ", LM head kept float32)" if keep_lm_head else ")")
     manifest["import"]["providers"] = ["CPUExecutionProvider"]
 
 

@@ -181,12 +181,13 @@ def test_int8_variant(tmp_path: Path, imported: tuple[Path, Path]) -> None:
     out = import_hf(ck, tmp_path / "b8", int8=True)
     m = load_bundle(out).manifest
     assert m["import"]["precision"].startswith("int8")
-    c = m["import"]["checks_" + m["import"]["precision"]]
+    c = m["import"]["checks_int8"]
     assert c["greedy_compared"] == 3 and c["max_abs_logit_diff"] < 1.0
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(out / "decoder.onnx")).graph.node}
     assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops
+    assert "int8 graphs vs transformers" in (out / "MODEL_CARD.md").read_text()
     [r] = ReportGenerator(out, threads=1).generate(_studies()[:1], beam_size=1, max_tokens=8)
     assert r.tokens
 

@@ -1,0 +1,250 @@
+"""Imported Hugging Face encoder-decoder: fp32 vs int8 on this CPU (``cxrnode import-hf --int8``).
+
+Builds a random ``VisionEncoderDecoderModel`` of the CheXpert Plus / RRG24 baselines' shape
+(Swin-v2-tiny encoder at 256 px + a 4-layer BERT decoder with cross-attention, hidden 512,
+WordPiece vocabulary of 30,522: ~60 M parameters), imports it twice (fp32 and ``--int8``) and
+measures, each variant in its own process (clean RSS): per-study latency of
+``ReportGenerator.generate`` (greedy, a fixed number of new tokens so that both variants decode
+the same length), decoder tokens/s, peak RSS; then greedy agreement int8 vs fp32 on
+``--studies`` probe images, and transformers eager (torch) as the peer.
+
+Random weights give flat next-token distributions (near-ties everywhere), which no trained
+model has; with ``--peaked`` (default) the LM head's bias is drawn N(0, 2) so that, as in a
+trained model, one word is usually clearly preferred. Both are reported when ``--both``.
+
+    python benchmarks/import_hf.py --studies 20 --tokens 60 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results" / "import_hf.json"
+
+
+def build_checkpoint(out: Path, peaked: bool, seed: int = 0) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import (
+        BertConfig,
+        Swinv2Config,
+        VisionEncoderDecoderConfig,
+        VisionEncoderDecoderModel,
+        ViTImageProcessor,
+    )
+
+    torch.manual_seed(seed)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for i in range(30522 - len(specials)):
+        vocab[f"w{i}" if i % 3 else f"##p{i}"] = len(vocab)
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    enc = Swinv2Config(image_size=256, patch_size=4, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+                       window_size=8)
+    dec = BertConfig(vocab_size=len(vocab), hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
+                     intermediate_size=2048, max_position_embeddings=256, is_decoder=True, add_cross_attention=True)
+    cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    cls, sep, pad = vocab["[CLS]"], vocab["[SEP]"], vocab["[PAD]"]
+    cfg.decoder_start_token_id, cfg.eos_token_id, cfg.pad_token_id = cls, sep, pad
+    model = VisionEncoderDecoderModel(cfg).eval()
+    with torch.no_grad():
+        bias = model.decoder.cls.predictions.decoder.bias
+        if peaked:
+            bias.copy_(torch.randn_like(bias) * 2.0)
+        bias[sep] = -30.0  # no early stop: both variants decode the same number of tokens
+    model.generation_config.decoder_start_token_id = cls
+    model.generation_config.eos_token_id = sep
+    model.generation_config.pad_token_id = pad
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save(str(out / "tokenizer.json"))
+    ViTImageProcessor(size={"height": 256, "width": 256}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+                      resample=3).save_pretrained(out)
+    (out / "README.md").write_text("---\nlicense: mit\n---\nRandom weights for benchmarking.\n", encoding="utf-8")
+    return out
+
+
+def _hwm_mb() -> float:
+    """Peak resident set of this process (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+def rss_variant(bundle: str, tokens: int, threads: int) -> dict[str, Any]:
+    """In a fresh process: load one bundle, draft two studies, report the peak RSS."""
+    from onnx_models.import_hf import probe_images
+    from onnx_models.runtime import ReportGenerator, StudyInput
+
+    gen = ReportGenerator(bundle, threads=threads, beam_size=1)
+    for im in probe_images(2, size=512):
+        gen.generate([StudyInput(views=[(im, "PA")])], max_tokens=tokens)
+    return {"peak_rss_mb": _hwm_mb()}
+
+
+def time_variants(bundles: dict[str, str], studies: int, tokens: int, threads: int) -> dict[str, Any]:
+    """In one process, the variants interleaved study by study (the machine is shared: load
+    changes during a run hit every variant alike): per-study latency (encoder + bridge +
+    ``tokens`` greedy steps), encoder time, decoder tokens/s, greedy ids."""
+    import numpy as np
+
+    from onnx_models.import_hf import probe_images
+    from onnx_models.runtime import ReportGenerator, StudyInput
+
+    gens = {k: ReportGenerator(b, threads=threads, beam_size=1) for k, b in bundles.items()}
+    ims = probe_images(studies, size=512)
+    for g in gens.values():
+        g.generate([StudyInput(views=[(ims[0], "PA")])], max_tokens=4)
+    stats: dict[str, dict[str, list[Any]]] = {k: {"study": [], "enc": [], "dec": [], "ids": []} for k in gens}
+    for im in ims:
+        st = [StudyInput(views=[(im, "PA")])]
+        for k, g in gens.items():
+            t = time.perf_counter()
+            _, state = g._encode(st)
+            t1 = time.perf_counter()
+            [(seq, _)] = g._greedy(state, tokens, 0)
+            t2 = time.perf_counter()
+            stats[k]["study"].append(t2 - t)
+            stats[k]["enc"].append(t1 - t)
+            stats[k]["dec"].append(t2 - t1)
+            stats[k]["ids"].append(seq)
+    out = {}
+    for k, v in stats.items():
+        med = float(np.median(v["study"]))
+        out[k] = {"per_study_ms_median": round(1000 * med, 1),
+                  "per_study_ms_mean": round(1000 * float(np.mean(v["study"])), 1),
+                  "encoder_bridge_ms_median": round(1000 * float(np.median(v["enc"])), 1),
+                  "decoder_tokens_per_s": round(tokens / float(np.median(v["dec"])), 1),
+                  "tokens_per_s": round(tokens / med, 1),
+                  "graph_mb": round(sum((Path(bundles[k]) / f).stat().st_size
+                                        for f in ("encoder.onnx", "bridge.onnx", "decoder.onnx")) / 2**20, 1),
+                  "ids": v["ids"]}
+    return out
+
+
+def torch_peer(ckpt: Path, studies: int, tokens: int, threads: int) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from onnx_models.imaging import prepare
+    from onnx_models.import_hf import NODE_MEAN, NODE_STD, hf_pixels, load_model, probe_images
+
+    torch.set_num_threads(threads)
+    model = load_model(ckpt)
+    spec = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    lat = []
+    for im in probe_images(studies, size=512):
+        x = prepare(im, 256, NODE_MEAN, NODE_STD)[None, None]
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(pixel_values=hf_pixels(x, spec), max_new_tokens=tokens, min_new_tokens=tokens,
+                           do_sample=False, num_beams=1)
+        lat.append(time.perf_counter() - t)
+    return {"per_study_ms_median": round(1000 * float(np.median(lat)), 1),
+            "peak_rss_mb": _hwm_mb(), "parameters": int(sum(p.numel() for p in model.parameters()))}
+
+
+def _sub(args: list[str]) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, Any]:
+    same = sum(x == y for x, y in zip(a, b, strict=True))
+    first = [next((i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q), len(x))
+             for x, y in zip(a, b, strict=True)]
+    return {"identical_greedy_text": same, "studies": len(a), "share": round(same / len(a), 3),
+            "mean_tokens_before_first_difference": round(sum(first) / len(a), 1)}
+
+
+def measure(work: Path, peaked: bool, studies: int, tokens: int, threads: int) -> dict[str, Any]:
+    from onnx_models.bundle import write_manifest
+    from onnx_models.import_hf import import_hf
+    from onnx_models.import_hf_speed import to_int8
+
+    ckpt = build_checkpoint(work / "ckpt", peaked)
+    t = time.perf_counter()
+    fp32 = import_hf(ckpt, work / "fp32", name="bench-fp32")
+    res: dict[str, Any] = {"import_fp32_s": round(time.perf_counter() - t, 1),
+                           "fp32_checks_vs_transformers": json.loads((fp32 / "manifest.json").read_text())["import"]
+                           ["checks"]}
+    bundles = {"fp32": str(fp32)}
+    for name, keep in (("int8", False), ("int8_lm_head_fp32", True)):
+        dst = work / name
+        shutil.copytree(fp32, dst)
+        m = json.loads((dst / "manifest.json").read_text())
+        t = time.perf_counter()
+        to_int8(dst, m, keep_lm_head=keep)
+        write_manifest(dst, m)
+        res[f"quantise_{name}_s"] = round(time.perf_counter() - t, 1)
+        bundles[name] = str(dst)
+    timed = _sub(["--time-variants", json.dumps(bundles), "--studies", str(studies), "--tokens", str(tokens),
+                  "--threads", str(threads)])
+    ids = {k: v.pop("ids") for k, v in timed.items()}
+    for k in bundles:
+        res[k] = {**timed[k], **_sub(["--rss-variant", bundles[k], "--tokens", str(tokens), "--threads", str(threads)])}
+        if k != "fp32":
+            res[k]["vs_fp32"] = {**_agreement(ids["fp32"], ids[k]),
+                                 "speedup_per_study": round(res["fp32"]["per_study_ms_median"]
+                                                            / res[k]["per_study_ms_median"], 2)}
+    res["torch_eager_peer"] = _sub(["--torch-peer", str(ckpt), "--studies", str(min(studies, 3)),
+                                    "--tokens", str(tokens), "--threads", str(threads)])
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--studies", type=int, default=20)
+    p.add_argument("--tokens", type=int, default=60, help="new tokens per study (EOS is suppressed)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--both", action="store_true", help="also measure the flat (unpeaked) random model")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--time-variants", default="", help=argparse.SUPPRESS)
+    p.add_argument("--rss-variant", default="", help=argparse.SUPPRESS)
+    p.add_argument("--torch-peer", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.time_variants:
+        print(json.dumps(time_variants(json.loads(args.time_variants), args.studies, args.tokens, args.threads)))
+        return 0
+    if args.rss_variant:
+        print(json.dumps(rss_variant(args.rss_variant, args.tokens, args.threads)))
+        return 0
+    if args.torch_peer:
+        print(json.dumps(torch_peer(Path(args.torch_peer), args.studies, args.tokens, args.threads)))
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="bench_import_hf_"))
+    try:
+        result: dict[str, Any] = {
+            "command": "python benchmarks/import_hf.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "model": "random VisionEncoderDecoderModel: Swin-v2-tiny 256 px (embed 96, depths 2-2-6-2) + BERT "
+                     "decoder (4 layers, hidden 512, 8 heads, vocab 30522, cross-attention)",
+            "cpu": os.cpu_count(), "threads": args.threads, "studies": args.studies, "tokens": args.tokens,
+            "peaked": measure(work / "peaked", True, args.studies, args.tokens, args.threads)}
+        if args.both:
+            result["flat"] = measure(work / "flat", False, args.studies, args.tokens, args.threads)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
