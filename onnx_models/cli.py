@@ -100,7 +100,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-template", default="",
                    help="image-text-to-text models only (not supported yet): where the indication goes")
     p.add_argument("--calibration-images", default="",
-                   help="not wired yet: run `cxrnode calibrate-gate` on the bundle instead")
+                   help="folder of 8-bit grey PNG/JPEG images like the model's training films (>= 125): fit "
+                        "the input gate on them (else the bundle's gate is off)")
     p.add_argument("--no-check", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_import_hf)
 

@@ -488,6 +488,47 @@ def build_manifest(model: Any, graphs: dict[str, Any], spec: dict[str, Any], tok
     }
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def calibrate_from_images(bundle: Path, folder: Path, quantile: float = 0.99,
+                          hold_out_share: float = 0.2) -> dict[str, Any]:
+    """The input gate (:func:`onnx_models.input_gate.calibrate`) from a folder of 8-bit grey
+    images like the ones the model was trained on (PNG/JPEG, MONOCHROME2, searched
+    recursively): views from the bundle's frontal/lateral classifier (FRONTAL -> PA), a stable
+    hash of each file name puts ``hold_out_share`` of them in the hold-out that sets the limit.
+    Writes ``input_check.npz``, the manifest's ``input_check`` and the model card's section."""
+    import hashlib
+
+    from .data import read_image
+    from .gate_calibration import _update_card
+    from .input_gate import calibrate, write_input_check
+    from .runtime import ReportGenerator
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    if not files:
+        raise ImportHFError(f"--calibration-images {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
+    gen = ReportGenerator(bundle, threads=2)
+    fit: list[tuple[np.ndarray, str]] = []
+    hold_out: list[tuple[np.ndarray, str]] = []
+    for i in range(0, len(files), 32):
+        chunk = files[i : i + 32]
+        pixels = [read_image(f) for f in chunk]
+        for f, px, (label, _) in zip(chunk, pixels, gen.classify_views(pixels), strict=True):
+            view = "PA" if label == "FRONTAL" else "LATERAL"
+            h = int(hashlib.sha256(f.name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+            (hold_out if h < hold_out_share else fit).append((px, view))
+    try:
+        stats, section = calibrate(gen.view_embeddings, fit, hold_out, quantile=quantile)
+    except ValueError as exc:
+        raise ImportHFError(f"--calibration-images {folder}: {exc} ({len(files)} images found)") from exc
+    section["data"] = {"fit": f"{folder.name}: {len(fit)} images", "limits": f"{folder.name}: {len(hold_out)} images "
+                       f"(stable hash of the file name, {hold_out_share:.0%})", "measured": "not measured"}
+    _update_card(bundle, section)
+    write_input_check(bundle, stats, section)
+    return section
+
+
 def model_card(m: dict[str, Any]) -> str:
     src = m["import"]
     facts = src["readme"]
@@ -604,10 +645,10 @@ def import_hf(checkpoint: str | Path, out: str | Path, name: str = "", version: 
             if check and int8:  # fp16 graphs are for CUDA: not run here
                 write_manifest(tmp, manifest)
                 source["checks_int8"] = check_bundle(model, tmp, spec)
-        if calibration_images:
-            raise ImportHFError("--calibration-images is not wired yet: run `cxrnode calibrate-gate` on the bundle")
         (tmp / "MODEL_CARD.md").write_text(model_card(manifest), encoding="utf-8")
         write_manifest(tmp, manifest)
+        if calibration_images:
+            calibrate_from_images(tmp, Path(calibration_images))
         load_bundle(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

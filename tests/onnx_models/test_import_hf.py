@@ -242,3 +242,30 @@ def test_drafts_a_study_through_the_node_pipeline(tmp_path: Path, imported: tupl
     assert rep.findings == d.findings and rep.device_model == "tiny-ved 0.0.1"
     views = json.loads(d.views)
     assert views[0]["view"] in ("PA", "AP")
+
+
+def test_calibration_images_turn_the_gate_on(tmp_path: Path, imported: tuple[Path, Path]) -> None:
+    from PIL import Image
+
+    ck, _ = imported
+    films = tmp_path / "films"
+    films.mkdir()
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[0:64, 0:64] / 64.0
+    for i in range(140):  # smooth "chests": two dark lungs in a brighter body, varied a little
+        img = 0.55 + 0.1 * rng.normal() - 0.35 * ((((xx - 0.3) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2) < 1) \
+            - 0.35 * ((((xx - 0.7) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2) < 1) + rng.normal(0, 0.03, (64, 64))
+        Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(films / f"f{i:03d}.png")
+    out = import_hf(ck, tmp_path / "gated", calibration_images=films)
+    m = load_bundle(out).manifest
+    assert m["input_check"]["fitted_on_views"] + m["input_check"]["limit_from_views"] == 140
+    assert "input_check.npz" in m["files"]
+    assert "input gate is **off**" not in (out / "MODEL_CARD.md").read_text()
+    gen = ReportGenerator(out, threads=1)
+    film = np.asarray(Image.open(films / "f000.png"), dtype=np.float32) / 255.0
+    noise = np.random.default_rng(9).uniform(0, 1, (64, 64)).astype(np.float32)
+    checks = gen.check_inputs([film, noise], ["PA", "PA"])
+    assert checks is not None and len(checks) == 2
+    assert checks[0].passed and not checks[1].passed, checks
+    with pytest.raises(ImportHFError, match="no image files"):
+        import_hf(ck, tmp_path / "x", calibration_images=tmp_path / "empty")
