@@ -40,6 +40,7 @@ from plugin.review import (
     DraftDetail,
     ReviewError,
     ReviewService,
+    UnknownReviewerError,
     WorklistRow,
     text_diff,
 )
@@ -522,8 +523,10 @@ def open_review(
     holds = False
     notice = ""
     if detail.is_open:
-        if not service.is_reviewer(user):
-            notice = f"read-only: account {user!r} is not a configured reviewer and cannot sign"
+        try:
+            service.reviewer(user)
+        except UnknownReviewerError as exc:  # not listed, or the config is not the installed one
+            notice = f"read-only: {exc}"
         else:
             try:
                 detail = service.claim(draft_id, user)

@@ -467,7 +467,7 @@ class ReviewerWindow(QMainWindow):
         self.ask_reason: Callable[[], str | None] = self._reason_dialog
         self.show_error: Callable[[str, str], None] = self._error_dialog
 
-        reviewer = service.config.reviewer(user)
+        reviewer = service.find_reviewer(user)  # installed configuration only (docs/SECURITY.md)
         who = (
             f"{viewmodels.person_display(reviewer.display_name)} ({reviewer.organisation})"
             if reviewer
@@ -741,9 +741,10 @@ class ReviewerWindow(QMainWindow):
             self.review_shown.emit(self.review.detail.draft_id)
 
     def _signer_text(self) -> str:
-        r = self.service.config.reviewer(self.user)
-        if r is None:
-            return f"Account {self.user!r} is not in the configured reviewers: you can read but cannot sign."
+        try:
+            r = self.service.reviewer(self.user)  # installed configuration only (docs/SECURITY.md)
+        except ReviewError as exc:
+            return f"Read-only, you cannot sign: {exc}"
         return f"Signing as {viewmodels.person_display(r.display_name)}, {r.organisation} (account {self.user})"
 
     # -- actions ----------------------------------------------------------------------------

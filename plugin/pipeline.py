@@ -43,6 +43,7 @@ from dicom_node.jobs import JobContext, JobResult
 from plugin import indication as indication_mod
 from plugin import input_check as gate_mod
 from plugin import sr as sr_mod
+from plugin.draft_info import decision_thresholds
 from plugin.pixels import PixelError, PixelOptions, prepare
 from plugin.views import InstanceHeader, ResolvedView, resolve_view, select_images, view_from_tags
 
@@ -315,6 +316,7 @@ def _run(ctx: JobContext, generator: Callable[[Config], Any]) -> DraftOutcome | 
     info = {
         "tokens": [[w, round(float(p), 4)] for w, p in report.tokens],
         "observations": {k: round(float(v), 4) for k, v in report.observations.items()},
+        "thresholds": decision_thresholds(gen.bundle.manifest),
         "grounded": [[t, round(float(p), 4)] for t, p in getattr(report, "grounded", [])],
         "duration_ms": round(gen_ms, 1),
         "input_check": decision.as_json(),
