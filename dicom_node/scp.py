@@ -50,6 +50,8 @@ being accepted is closed, however it trickles bytes; such connections count agai
 ``node.max_pending_associations`` (the oldest is closed when a new one would exceed it), not
 against ``node.max_associations``, so half-sent association requests cannot lock senders out.
 Once established, each PDU must arrive within ``node.network_timeout_s`` of its first bytes.
+A peer announcing a PDU longer than the maximum we advertised (plus room for large A-ASSOCIATE
+items, :data:`MAX_PDU_READ`) is disconnected before anything is allocated for it.
 
 Association policy (A-ASSOCIATE-RJ, PS3.8 7.1.1.9): unknown calling AE title, a peer
 outside ``security.allowed_networks`` (both: rejected-permanent, service-user, "calling AE
@@ -123,6 +125,9 @@ NODE_OBJECT_CONFLICT = 0xC215
 _PIXEL_DATA = Tag(0x7FE0, 0x0010)
 _UNDEFINED = 0xFFFFFFFF
 MAX_PDU_SIZE = 1 << 20  # what we advertise as our maximum receive PDU length (PS3.8 D.1)
+#: the longest PDU body an accepted peer may announce: our maximum P-DATA length, with room for
+#: an A-ASSOCIATE-RQ that carries large user identity items (PS3.7 D.3.3.7: up to 64 KiB each)
+MAX_PDU_READ = MAX_PDU_SIZE + (256 << 10)
 _DENIED_AE = "\x00denied\x00"
 
 # -- spooling: make pynetdicom's chunked receive write into the store's tmp/ ----------------
@@ -218,11 +223,18 @@ def _recv_exactly(self: AssociationSocket, nr_bytes: int) -> bytearray:
     A timeout returns what was read, as a closed connection does: pynetdicom then closes the
     transport (Evt17)."""
     sock = cast(socket.socket, self.socket)
+    limit: float | None = getattr(self, "cxrnode_network_timeout", None)
+    if nr_bytes > MAX_PDU_READ and limit is not None:
+        # an accepted peer announcing a PDU far past the maximum we advertised: the buffer
+        # alone would be up to 4 GiB. Read nothing; pynetdicom closes the transport (Evt17).
+        peer = getattr(getattr(self.assoc, "requestor", None), "address", "?")
+        log.warning("closing the connection from %s: a PDU of %d bytes announced (at most %d accepted)",
+                    peer, nr_bytes, MAX_PDU_READ)
+        return bytearray()
     buf = bytearray(nr_bytes)
     view = memoryview(buf)
     got = 0
     deadline: float | None = getattr(self, "cxrnode_deadline", None)
-    limit: float | None = getattr(self, "cxrnode_network_timeout", None)
     negotiating = deadline is not None
     if negotiating and self.assoc.is_established:
         self.cxrnode_deadline = None  # type: ignore[attr-defined]

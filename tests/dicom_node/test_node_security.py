@@ -453,3 +453,19 @@ def test_no_patient_name_in_logs_and_no_forged_lines(make_config, start_node, tm
         if r.name.startswith(("dicom_node", "plugin")):
             assert "\n" not in r.getMessage(), r.getMessage()
     assert not any(line.startswith("2026-01-01") for line in (out + err).splitlines())
+
+
+def test_a_pdu_announced_past_the_maximum_is_cut_off_at_once(make_config, start_node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A 6-byte header announcing a 4 GiB A-ASSOCIATE-RQ: nothing is allocated for it and the
+    connection is closed at once, not after the negotiation timeout."""
+    node = start_node(make_config(node={"acse_timeout_s": 30.0}, jobs={"workers": 0}))
+    s = socket.create_connection(("127.0.0.1", node.port))
+    try:
+        t0 = time.monotonic()
+        s.sendall(struct.pack(">BBI", 0x01, 0, 0xFFFFFFF0) + bytes(4096))
+        assert closed_by_peer(s, 10)
+        assert time.monotonic() - t0 < 5
+    finally:
+        s.close()
+    f = make_instance(tmp_path / "a.dcm", generate_uid())
+    assert send_raw(node.port, [f]) == [0]
