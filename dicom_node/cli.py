@@ -8,6 +8,12 @@
       "generated_at": "2026-11-25T13:00:00Z",          # UTC, ISO 8601
       "node": {"ae_title": str, "port": int, "storage_dir": str, "database": str},  # URL without password
       "counts": {"studies": {state: n}, "jobs": {state: n}, "outbound": {state: n}},
+      "queue": {"jobs_pending": int, "jobs_running": int, "jobs_waiting_with_errors": int,
+                "oldest_pending_job_age_s": float|null,          # seconds; null: nothing pending
+                "drafts_waiting_review": int,                    # drafts new or in review
+                "oldest_draft_waiting_review_age_s": float|null,
+                "outbound_waiting": {destination: int},          # pending or sending, every destination
+                "outbound_failed": {destination: int}},
       "studies": [                                      # most recently received first (--limit)
         {"study_instance_uid": str, "state": str,       # receiving|queued|drafted|skipped|failed|signed
          "generation": int, "instances": int,           # received instances (not our SRs)
@@ -27,7 +33,14 @@
                     "sent_at": str|null}]             # not done first, then the latest done
     }
 
-No patient names or IDs appear in ``status`` (UIDs only).
+No patient names or IDs appear in ``status`` (UIDs only). ``--prometheus FILE`` writes the
+same figures as a node_exporter textfile (metric names in :mod:`dicom_node.ops`).
+
+``cxrnode jobs`` lists jobs (``--json``: ``{"schema": "cxrnode.jobs/1", "jobs": [...]}``, each job as
+in ``status``'s studies plus ``study_instance_uid``, ``duration_ms``, ``created_at``); ``cxrnode jobs
+show ID`` prints the whole job log and the SRs it wrote with the input gate's outcome
+(``--json``: schema ``cxrnode.job/1``); ``cxrnode jobs retry ID|--failed`` re-queues failed jobs
+(audited as ``job_retried``). Exit status of ``jobs``: 0 done, 1 not found or refused, 2 usage.
 """
 
 from __future__ import annotations
@@ -54,7 +67,14 @@ CONFIG_HELP = ("TOML configuration file (default: $CXRNODE_CONFIG, else this ins
 SET_HELP = "override one setting, e.g. --set node.port=11113 (value in TOML syntax; repeatable)"
 
 
-def add_config_arguments(p: argparse.ArgumentParser) -> None:
+def add_config_arguments(p: argparse.ArgumentParser, nested: bool = False) -> None:
+    """``--config`` and ``--set``; ``nested`` for an action's parser (``jobs show``), whose defaults
+    must not overwrite what was given before the action (``jobs --config X show 5``)."""
+    if nested:
+        p.add_argument("--config", metavar="PATH", help=CONFIG_HELP, default=argparse.SUPPRESS)
+        p.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", dest="overrides", help=SET_HELP,
+                       default=argparse.SUPPRESS)
+        return
     p.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     p.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[], dest="overrides", help=SET_HELP)
 
@@ -190,6 +210,9 @@ def collect_status(config: Config, limit: int = 100) -> dict[str, Any]:
             drafts: dict[int, list[Draft]] = {}
             for d in s.scalars(select(Draft).where(Draft.study_id.in_(ids)).order_by(Draft.id)).all() if ids else []:
                 drafts.setdefault(d.study_id, []).append(d)
+            from dicom_node.ops import queue_summary
+
+            queue = queue_summary(s, config)
             pending = s.scalars(select(Transfer).where(Transfer.state != "done").order_by(Transfer.id)).all()
             done = s.scalars(select(Transfer).where(Transfer.state == "done").order_by(Transfer.id.desc()).limit(limit)).all()
             out = {
@@ -202,6 +225,7 @@ def collect_status(config: Config, limit: int = 100) -> dict[str, Any]:
                     "database": make_url(url).render_as_string(hide_password=True),
                 },
                 "counts": counts,
+                "queue": queue,
                 "studies": [
                     {
                         "study_instance_uid": st.study_instance_uid,
@@ -281,12 +305,122 @@ def cmd_status(args: argparse.Namespace) -> int:
     report = collect_status(config, limit=args.limit)
     if rev != head:
         report["warning"] = f"database at revision {rev}, this code expects {head}"
+    if args.prometheus:
+        from dicom_node.ops import write_prometheus
+
+        write_prometheus(report, args.prometheus)
+        if args.prometheus == "-" or not args.json:
+            return 0
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         print(format_status(report))
     return 0
+
+
+# -- jobs ------------------------------------------------------------------------------------
+
+
+def _open(config: Config) -> tuple[Any, Any] | None:
+    from dicom_node.db import current_revision, make_engine, session_factory
+
+    try:
+        rev, _head = current_revision(config.node.resolved_database_url())
+    except Exception as exc:
+        print(f"cxrnode jobs: cannot open the index database (node.database_url): {exc}", file=sys.stderr)
+        return None
+    if rev is None:
+        print("cxrnode jobs: the index database is empty; has `cxrnode serve` run yet?", file=sys.stderr)
+        return None
+    engine = make_engine(config.node.resolved_database_url())
+    return engine, session_factory(engine)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from dicom_node import ops
+
+    config = config_from_args(args)
+    opened = _open(config)
+    if opened is None:
+        return 1
+    engine, sessions = opened
+    try:
+        with sessions() as s:
+            if args.jobs_command == "show":
+                detail = ops.job_detail(s, config, args.id)
+                if detail is None:
+                    print(f"cxrnode jobs show: no job {args.id}", file=sys.stderr)
+                    return 1
+                print(json.dumps(detail, indent=2) if args.json else format_job(detail))
+                return 0
+            if args.jobs_command == "retry":
+                return _retry(s, args)
+            rows = ops.list_jobs(s, states=args.state, study_uid=args.study_uid, limit=args.limit)
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps({"schema": ops.JOBS_SCHEMA, "jobs": rows}, indent=2))
+    elif not rows:
+        print("No jobs.")
+    else:
+        for r in rows:
+            err = f"  error: {r['last_error']}" if r["last_error"] else ""
+            print(f"{r['id']:>6}  {r['state']:<10} {r['attempts']} attempt(s)  {r['updated_at']}  "
+                  f"{r['study_instance_uid']}{err}")
+    return 0
+
+
+def _retry(s: Any, args: argparse.Namespace) -> int:
+    import getpass
+
+    from dicom_node import ops
+
+    actor = getpass.getuser()
+    if args.failed:
+        done, refused = ops.retry_failed(s, actor)
+    elif args.id is not None:
+        try:
+            done, refused = [ops.retry_job(s, args.id, actor)], []
+        except ops.RetryRefused as exc:
+            print(f"cxrnode jobs retry: {exc}", file=sys.stderr)
+            return 1
+    else:
+        print("cxrnode jobs retry: give a job ID or --failed", file=sys.stderr)
+        return 2
+    s.commit()
+    for r in done:
+        print(f"job {r.job_id} (study {r.study_instance_uid}): was {r.was}, queued again")
+    for line in refused:
+        print(f"skipped: {line}")
+    if not done and not refused:
+        print("No failed jobs.")
+    return 0
+
+
+def format_job(d: dict[str, Any]) -> str:
+    lines = [f"job {d['id']}  {d['state']}  {d['attempts']} attempt(s)  study {d['study_instance_uid']} "
+             f"(generation {d['study_generation']}, study {d['study']['state']})"]
+    if d["model_name"]:
+        lines.append(f"model {d['model_name']} {d['model_version']}"
+                     + (f", {d['duration_ms']:.0f} ms" if d["duration_ms"] is not None else ""))
+    if d["last_error"]:
+        lines.append(f"last error: {d['last_error']}")
+    if d["newer_job_id"]:
+        lines.append(f"replaced by job {d['newer_job_id']}")
+    lines.append("\nlog:")
+    lines += ["  " + ln for ln in d["log"].rstrip("\n").splitlines()]
+    lines.append("\nSRs written:" if d["srs"] else "\nSRs written: none")
+    for sr in d["srs"]:
+        gate = sr["input_check"]
+        gate_text = (f"input gate {gate.get('outcome')}" + (f": {gate.get('reason')}" if gate.get("reason") else "")
+                     if gate else "input gate: not checked")
+        lines.append(f"  draft {sr['draft_id']} ({sr['state']}) {sr['sop_instance_uid']}")
+        lines.append(f"    {sr['path']}")
+        lines.append(f"    {gate_text}")
+        if sr["signed_path"]:
+            lines.append(f"    signed by {sr['signed_by']} at {sr['signed_at']}: {sr['signed_path']}")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,8 +455,47 @@ def add_subcommands(subparsers: Any) -> None:
     )
     add_config_arguments(status)
     status.add_argument("--json", action="store_true", help="print JSON (schema cxrnode.status/1)")
+    status.add_argument("--prometheus", metavar="FILE",
+                        help="write the queue figures as a node_exporter textfile (atomically; '-' = stdout); "
+                             "metric names: `pydoc dicom_node.ops`")
     status.add_argument("--limit", type=int, default=100, metavar="N", help="show the N most recent studies (default 100)")
     status.set_defaults(func=cmd_status)
+
+    from dicom_node.db import JobState
+
+    states = [JobState.PENDING, JobState.RUNNING, JobState.DONE, JobState.SKIPPED, JobState.FAILED,
+              JobState.SUPERSEDED]
+    jobs = subparsers.add_parser(
+        "jobs", help="list report-drafting jobs; show one (its log and SRs); retry failed ones",
+        description="Follow a study: `cxrnode jobs` lists jobs (newest first), `cxrnode jobs show ID` prints "
+                    "the whole job log (decode, window, views and why, indication source, gate outcome, model, "
+                    "timing) and the SRs it wrote, `cxrnode jobs retry ID|--failed` queues failed jobs again "
+                    "(audited).",
+        epilog="exit status: 0 done, 1 no such job / retry refused / no database, 2 usage error",
+    )
+    add_config_arguments(jobs)
+    jobs.add_argument("--state", action="append", choices=states, help="only jobs in this state (repeatable)")
+    jobs.add_argument("--study-uid", default="", metavar="UID", help="only this study's jobs")
+    jobs.add_argument("--limit", type=int, default=100, metavar="N", help="at most N jobs (default 100)")
+    jobs.add_argument("--json", action="store_true", help="print JSON (schema cxrnode.jobs/1)")
+    jobs.set_defaults(func=cmd_jobs, jobs_command="list")
+    jsub = jobs.add_subparsers(dest="jobs_command", metavar="ACTION")
+    show = jsub.add_parser("show", help="one job: its whole log and the SRs it wrote",
+                           description="Print one job: state, attempts, errors, its whole log and the SRs it "
+                                       "wrote with the input gate's outcome.")
+    show.add_argument("id", type=int, metavar="ID")
+    add_config_arguments(show, nested=True)
+    show.add_argument("--json", action="store_true", help="print JSON (schema cxrnode.job/1)",
+                      default=argparse.SUPPRESS)
+    show.set_defaults(func=cmd_jobs)
+    retry = jsub.add_parser("retry", help="queue a failed job again (or make a pending one due now); audited",
+                            description="Queue a failed job again with its attempts reset (a pending one is made "
+                                        "due now). Refused when a newer job of the study replaced it. Each retry "
+                                        "is audited (job_retried) and noted in the job's log.")
+    retry.add_argument("id", type=int, nargs="?", metavar="ID")
+    retry.add_argument("--failed", action="store_true", help="every failed job no newer job replaced")
+    add_config_arguments(retry, nested=True)
+    retry.set_defaults(func=cmd_jobs)
 
 
 def main(argv: list[str] | None = None) -> int:

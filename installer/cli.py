@@ -16,6 +16,7 @@ Typical use:
   cxrnode demo                       run the node on a sample study and print the draft
   cxrnode serve --config cxrnode.toml  run the node (Storage SCP + report drafting)
   cxrnode status --config cxrnode.toml --json
+  cxrnode jobs --state failed        follow jobs; `jobs show ID`, `jobs retry ID|--failed`
   cxrnode doctor --config cxrnode.toml
   cxrnode review --config cxrnode.toml  open the reviewer (needs a screen)
 
@@ -27,7 +28,7 @@ Research use only: drafts are unverified until a radiologist signs them.
 
 
 # without --config or CXRNODE_CONFIG these find the installation's own config (see default_config)
-USES_INSTALLED_CONFIG = {"serve", "status", "review", "worklist", "doctor"}
+USES_INSTALLED_CONFIG = {"serve", "status", "jobs", "review", "worklist", "doctor"}
 
 
 def _contributors() -> list:
