@@ -109,13 +109,23 @@ def systemd_running() -> bool:
     return Path("/run/systemd/system").is_dir()
 
 
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def toml_string(value: str) -> str:
+    """A TOML basic string: UTF-8 as is (also outside the BMP: "Radiology 🩻"), quotes, backslashes
+    and control characters escaped (json.dumps would write a surrogate pair, which TOML rejects)."""
+    return '"' + "".join(_TOML_ESCAPES.get(ch) or (f"\\u{ord(ch):04X}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch)
+                         for ch in value) + '"'
+
+
 def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string is a JSON string for our purposes
+        return toml_string(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     raise InstallError(f"cannot write {value!r} to TOML")
