@@ -25,12 +25,13 @@ from plugin.review import WORKLIST_STATES, ReviewService, current_user
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="PATH", help="config file (default: $CXRNODE_CONFIG)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (repeatable)")
-    p.add_argument("--claim-timeout", type=float, default=None, metavar="MIN",
-                   help="a claim on a draft expires after this many minutes without activity "
-                   "(default: [review] claim_timeout_s, 15 minutes)")
+    from dicom_node.cli import CONFIG_HELP, SET_HELP
+
+    p.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=SET_HELP)
+    p.add_argument("--claim-timeout", type=float, default=None, metavar="SECONDS",
+                   help="a claim on a draft expires after this many seconds without activity, like the config "
+                   "key (default: [review] claim_timeout_s, 900)")
 
 
 def add_subcommands(subparsers: Any) -> None:
@@ -78,7 +79,7 @@ def _service(args: argparse.Namespace) -> ReviewService:
     migrate(url)
     store = Store(config.node.storage_dir, fsync=config.node.fsync, min_free_space_mb=config.node.min_free_space_mb)
     return ReviewService(config, session_factory(make_engine(url)), store,
-                         claim_timeout_s=max(1.0, args.claim_timeout * 60) if args.claim_timeout
+                         claim_timeout_s=max(1.0, args.claim_timeout) if args.claim_timeout
                          else config.review.claim_timeout_s)
 
 

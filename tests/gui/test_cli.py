@@ -79,7 +79,7 @@ def test_review_signs_as_the_os_account(node: synthetic.NodeFixture, monkeypatch
 
     monkeypatch.setattr(gui.app, "run", fake_run)
     monkeypatch.setattr(cli, "current_user", lambda: "alice")
-    args = argparse.Namespace(config=str(node.root / "cxrnode.toml"), overrides=[], claim_timeout=2.0,
+    args = argparse.Namespace(config=str(node.root / "cxrnode.toml"), overrides=[], claim_timeout=120.0,
                               study_uid="1.2.3", refresh=5.0)
     assert cli.run_review(args) == 0
     assert seen["user"] == "alice" and seen["study_uid"] == "1.2.3" and seen["refresh"] == 5.0
