@@ -78,7 +78,12 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefix", metavar="P", help="the installation's prefix (default: the one this program runs from)")
     p.set_defaults(func=lambda a: inst.run(inst.upgrade, a))
 
-    p = sub.add_parser("uninstall", help="remove the program and the service unit (data kept unless --purge)")
+    p = sub.add_parser("uninstall", help="remove the program and the service unit (data kept unless --purge)",
+                       description="Stop and remove the service unit, the program, the command and the reviewer "
+                                   "launcher. The configuration, the studies, the SRs and the database are kept (a "
+                                   "copy of the install record stays beside the config) unless --purge, which also "
+                                   "deletes them (a PostgreSQL database itself is not dropped) and the system user "
+                                   "the installer created. Run as root for a system installation.")
     p.add_argument("--prefix", metavar="P", help="the installation's prefix (default: the one this program runs from)")
     p.add_argument("--purge", action="store_true", help="also delete the configuration, the data and the system user")
     p.set_defaults(func=lambda a: inst.run(inst.uninstall, a))
@@ -88,9 +93,10 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
                                    "Every check and its levels: `pydoc installer.doctor` and README.md, Operations.",
                        epilog="exit status: 0 no FAIL (WARNs allowed), 1 at least one FAIL, 2 usage error. "
                               "--json schema: cxrnode.doctor/1.")
-    p.add_argument("--config", metavar="FILE", help="configuration file (default: CXRNODE_CONFIG, else this "
-                   "installation's, else /etc/cxrnode/cxrnode.toml)")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a key (repeatable)")
+    from dicom_node.cli import CONFIG_HELP, SET_HELP
+
+    p.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help=SET_HELP)
     p.add_argument("--json", action="store_true", help="print the results as JSON (schema cxrnode.doctor/1)")
     p.add_argument("--role", choices=("node", "reviewer", "both"), default="node",
                    help="what this machine is: node (the service runs here; it is checked), reviewer (a reviewer "
