@@ -12,10 +12,10 @@ def _training_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
     """The options every training command shares."""
     p.add_argument("--data", required=True, help="dataset folder (studies.jsonl or the Kaggle/Open-i layout)")
     p.add_argument("--out", required=True, help="run folder (checkpoints; re-run to resume)")
-    p.add_argument("--epochs", type=int, default=epochs)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--epochs", type=int, default=epochs, help="training epochs (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="studies per batch (default %(default)s)")
+    p.add_argument("--lr", type=float, default=lr, help="peak learning rate (default %(default)s)")
+    p.add_argument("--seed", type=int, default=13, help="random seed (default %(default)s)")
     p.add_argument("--max-train-studies", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--max-steps", type=int, default=0, help=argparse.SUPPRESS)
 
@@ -106,19 +106,21 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_import_hf)
 
     p = sub.add_parser("eval", help="evaluate a bundle on a dataset split (NLG, clinical efficacy, consistency)")
-    p.add_argument("--bundle", default="default")
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", default="val")
+    p.add_argument("--bundle", default="default", help="bundle name or folder (default %(default)s)")
+    p.add_argument("--data", required=True, help="dataset folder (studies.jsonl or the Kaggle/Open-i layout)")
+    p.add_argument("--split", default="val", help="the split to evaluate (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--predictions", default="", help="write one JSON line per study to this file")
-    p.add_argument("--beam-size", type=int, default=None)
-    p.add_argument("--no-repeat-ngram", type=int, default=None)
+    p.add_argument("--beam-size", type=int, default=None, help="beam width (default: the bundle's)")
+    p.add_argument("--no-repeat-ngram", type=int, default=None,
+                   help="forbid repeating n-grams of this size (default: the bundle's)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is much faster than 2 when other jobs share the CPU)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N studies")
-    p.add_argument("--no-baselines", action="store_true")
-    p.add_argument("--no-meteor", action="store_true")
+    p.add_argument("--batch-size", type=int, default=8, help="studies per batch (default %(default)s)")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N studies (default 0: all)")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="skip the baselines on the same split (the most common training report, the nearest training report by image embedding)")
+    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs Java; slow)")
     p.set_defaults(func=_eval)
 
 
