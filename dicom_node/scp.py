@@ -62,6 +62,7 @@ come from ``[security]``. Logs name AE titles, peer addresses and UIDs, never pa
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import hashlib
@@ -268,8 +269,9 @@ def _recv_exactly(self: AssociationSocket, nr_bytes: int) -> bytearray:
 class _PendingConnections:
     """Accepted connections that have not yet finished association negotiation.
 
-    At most ``limit`` at once: adding one more closes the oldest (a half-open socket cannot
-    keep a newer, faster peer out). Each is closed after ``acse_timeout`` in any case, by the
+    At most ``limit`` at once: adding one more closes the oldest of the peer address that holds
+    the most (a half-open socket cannot keep a newer, faster peer out, and a flood from one
+    address evicts its own connections first). Each is closed after ``acse_timeout`` in any case, by the
     read deadline in :func:`_recv_exactly`, the TLS handshake timeout, or pynetdicom's ARTIM
     timer for a peer that sends nothing at all.
     """
@@ -288,7 +290,11 @@ class _PendingConnections:
                     del self._socks[key]  # closed without telling us
             victims = []
             while len(self._socks) >= self.limit:
-                key = next(iter(self._socks))
+                # the oldest connection of the peer holding the most: a flood from one address
+                # evicts its own connections first, not another peer's
+                by_peer = collections.Counter(_peer(s) for s, _ in self._socks.values())
+                top = by_peer.most_common(1)[0][0]
+                key = next(k for k, (s, _) in self._socks.items() if _peer(s) == top)
                 victims.append(self._socks.pop(key)[0])
             self._socks[id(sock)] = (sock, now)
             self.evicted += len(victims)
