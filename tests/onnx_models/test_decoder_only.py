@@ -166,6 +166,7 @@ def _write_bundle(model: TinyLlava, out: Path, with_obs: bool = True) -> Path:
     m.pop("view_classifier", None)
     m.pop("training", None)
     m["generation"].pop("grounding", None)
+    m.pop("input_check", None)  # the default bundle's gate describes its own encoder, not this one
     m["decoder"] = {"layers": LAYERS, "heads": HEADS, "head_dim": D // HEADS,
                     "kv_layout": "stacked [layers, batch, heads, seq, head_dim]", "max_positions": MAX_POS}
     write_manifest(out, m)
