@@ -1,0 +1,36 @@
+"""Packaging as the Python ecosystem expects (issue 14): SPDX licence with its file, classifiers,
+py.typed in every package, ``python -m cxrnode``, a changelog and a written release process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+
+from installer_helpers import REPO
+
+PACKAGES = ("dicom_node", "onnx_models", "plugin", "gui", "installer")
+
+
+def test_pyproject_metadata() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+    assert "Apache License" in (REPO / "LICENSE").read_text(encoding="utf-8")[:200]
+    assert "Typing :: Typed" in project["classifiers"]
+    assert not [c for c in project["classifiers"] if c.startswith("License ::")]  # PEP 639: the expression only
+    for pkg in PACKAGES:
+        assert (REPO / pkg / "py.typed").is_file(), pkg
+
+
+def test_python_dash_m_cxrnode() -> None:
+    proc = subprocess.run([sys.executable, "-m", "cxrnode", "--version"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("cxrnode "), proc.stderr
+
+
+def test_changelog_and_release_process() -> None:
+    changelog = (REPO / "CHANGELOG.md").read_text(encoding="utf-8")
+    version = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
+    assert "## [Unreleased]" in changelog and f"## [{version}]" in changelog
+    contributing = (REPO / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    assert "## Releasing" in contributing and "CHANGELOG.md" in contributing
