@@ -131,7 +131,7 @@ class CodedObservation:
 
 
 def coded_observations(text: str) -> tuple[CodedObservation, ...]:
-    """The observations ``plugin.findings.label`` finds in ``text``, in CheXpert order."""
+    """The observations ``onnx_models.labels.label`` finds in ``text``, in CheXpert order."""
     from onnx_models import labels as labeller
 
     labels = labeller.label(text)
