@@ -165,6 +165,53 @@ def _sub(args: list[str]) -> dict[str, Any]:
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+def divergence_margins(bundle: str, ids: dict[str, list[list[int]]], studies: int, threads: int) -> dict[str, Any]:
+    """Where a variant's greedy text first leaves fp32's: fp32's log-probability margin there
+    between its own choice and the variant's (small = a near-tie that any perturbation flips),
+    and fp32's median top-1 vs top-2 margin over all steps, for scale."""
+    import numpy as np
+
+    from onnx_models.import_hf import probe_images
+    from onnx_models.runtime import ReportGenerator, StudyInput
+
+    gen = ReportGenerator(bundle, threads=threads, beam_size=1)
+    ims = probe_images(studies, size=512)
+    ref = ids["fp32"]
+    cache: dict[int, np.ndarray] = {}
+
+    def logprobs(i: int) -> np.ndarray:  # fp32 log-probabilities at every step of fp32's own text
+        if i not in cache:
+            _, st = gen._encode([StudyInput(views=[(ims[i], "PA")])])
+            pk, pv = gen._empty_past(st)
+            seq = np.array([[gen._bos] + ref[i]], dtype=np.int64)
+            logits = gen._sessions["decoder"].run(["logits"], {
+                "input_ids": seq, "memory_mask": st.memory_mask, "cross_k": st.cross_k, "cross_v": st.cross_v,
+                "past_k": pk, "past_v": pv})[0][0].astype(np.float64)
+            logits[:, gen._banned] = -np.inf
+            cache[i] = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+        return cache[i]
+
+    top2: list[float] = []
+    for i in range(len(ref)):
+        best = np.sort(logprobs(i)[:-1], axis=1)[:, -2:]
+        top2 += (best[:, 1] - best[:, 0]).tolist()
+    out: dict[str, Any] = {}
+    for name, seqs in ids.items():
+        if name == "fp32":
+            continue
+        gaps = []
+        for i, (a, b) in enumerate(zip(ref, seqs, strict=True)):
+            k = next((j for j, (p, q) in enumerate(zip(a, b, strict=False)) if p != q), None)
+            if k is not None:
+                lp = logprobs(i)[k]
+                gaps.append(float(lp[a[k]] - lp[b[k]]))
+        out[name] = {"fp32_margin_at_first_difference_median": round(float(np.median(gaps)), 3) if gaps else None,
+                     "fp32_margin_at_first_difference_max": round(float(np.max(gaps)), 3) if gaps else None,
+                     "fp32_top1_top2_margin_median_all_steps": round(float(np.median(top2)), 3),
+                     "fp32_steps_with_margin_below_0.1": round(float(np.mean(np.array(top2) < 0.1)), 3)}
+    return out
+
+
 def _agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, Any]:
     same = sum(x == y for x, y in zip(a, b, strict=True))
     first = [next((i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q), len(x))
@@ -185,22 +232,26 @@ def measure(work: Path, peaked: bool, studies: int, tokens: int, threads: int) -
                            "fp32_checks_vs_transformers": json.loads((fp32 / "manifest.json").read_text())["import"]
                            ["checks"]}
     bundles = {"fp32": str(fp32)}
-    for name, keep in (("int8", False), ("int8_lm_head_fp32", True)):
+    for name, keep, roles in (("int8", False, ("encoder", "bridge", "decoder")),
+                              ("int8_lm_head_fp32", True, ("encoder", "bridge", "decoder")),
+                              ("int8_text_side_only", False, ("bridge", "decoder"))):
         dst = work / name
         shutil.copytree(fp32, dst)
         m = json.loads((dst / "manifest.json").read_text())
         t = time.perf_counter()
-        to_int8(dst, m, keep_lm_head=keep)
+        to_int8(dst, m, keep_lm_head=keep, roles=roles)
         write_manifest(dst, m)
         res[f"quantise_{name}_s"] = round(time.perf_counter() - t, 1)
         bundles[name] = str(dst)
     timed = _sub(["--time-variants", json.dumps(bundles), "--studies", str(studies), "--tokens", str(tokens),
                   "--threads", str(threads)])
     ids = {k: v.pop("ids") for k, v in timed.items()}
+    margins = _sub(["--margins", json.dumps({"bundle": str(fp32), "ids": ids}), "--studies", str(studies),
+                    "--threads", str(threads)])
     for k in bundles:
         res[k] = {**timed[k], **_sub(["--rss-variant", bundles[k], "--tokens", str(tokens), "--threads", str(threads)])}
         if k != "fp32":
-            res[k]["vs_fp32"] = {**_agreement(ids["fp32"], ids[k]),
+            res[k]["vs_fp32"] = {**_agreement(ids["fp32"], ids[k]), **margins.get(k, {}),
                                  "speedup_per_study": round(res["fp32"]["per_study_ms_median"]
                                                             / res[k]["per_study_ms_median"], 2)}
     res["torch_eager_peer"] = _sub(["--torch-peer", str(ckpt), "--studies", str(min(studies, 3)),
@@ -217,10 +268,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--time-variants", default="", help=argparse.SUPPRESS)
     p.add_argument("--rss-variant", default="", help=argparse.SUPPRESS)
+    p.add_argument("--margins", default="", help=argparse.SUPPRESS)
     p.add_argument("--torch-peer", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.time_variants:
         print(json.dumps(time_variants(json.loads(args.time_variants), args.studies, args.tokens, args.threads)))
+        return 0
+    if args.margins:
+        a = json.loads(args.margins)
+        print(json.dumps(divergence_margins(a["bundle"], a["ids"], args.studies, args.threads)))
         return 0
     if args.rss_variant:
         print(json.dumps(rss_variant(args.rss_variant, args.tokens, args.threads)))

@@ -443,6 +443,18 @@ def _tokenizer(path: Path, out: Path) -> Any:
     return Tokenizer.from_file(str(out / "tokenizer.json"))
 
 
+def generation_defaults(gc: dict[str, Any], max_pos: int, section: str) -> dict[str, Any]:
+    """The manifest's decoding defaults from the checkpoint's ``generation_config.json``
+    (``num_beams``, ``max_new_tokens``/``max_length``, ``no_repeat_ngram_size``,
+    ``length_penalty``); greedy and 128 tokens when it says nothing. The runtime's beam search
+    is its own (README.md), so beam outputs may differ from ``model.generate``'s."""
+    max_tokens = gc.get("max_new_tokens") or gc.get("max_length") or 128
+    return {"beam_size": int(gc.get("num_beams") or 1),
+            "max_tokens": max(1, min(int(max_tokens), max_pos - 1)),
+            "no_repeat_ngram_size": int(gc.get("no_repeat_ngram_size") or 0),
+            "length_penalty": float(gc.get("length_penalty") or 1.0), "eos_penalty": 0.0, "section": section}
+
+
 def build_manifest(model: Any, graphs: dict[str, Any], spec: dict[str, Any], tok: Any, ids: dict[str, int],
                    name: str, version: str, views: str, section: str, source: dict[str, Any]) -> dict[str, Any]:
     dcfg = model.decoder.config
@@ -481,8 +493,7 @@ def build_manifest(model: Any, graphs: dict[str, Any], spec: dict[str, Any], tok
         "decoder": {"layers": int(dcfg.num_hidden_layers), "heads": int(dcfg.num_attention_heads),
                     "head_dim": int(dcfg.hidden_size) // int(dcfg.num_attention_heads),
                     "kv_layout": "stacked [layers, batch, heads, seq, head_dim]", "max_positions": max_pos},
-        "generation": {"beam_size": 1, "max_tokens": min(128, max_pos - 1), "no_repeat_ngram_size": 0,
-                       "length_penalty": 1.0, "eos_penalty": 0.0, "section": section},
+        "generation": generation_defaults(source.get("generation_config", {}), max_pos, section),
         "import": source,
         "files": {},
     }
@@ -625,7 +636,8 @@ def import_hf(checkpoint: str | Path, out: str | Path, name: str = "", version: 
                   "encoder": model.encoder.config.model_type, "decoder": model.decoder.config.model_type,
                   "parameters": int(sum(p.numel() for p in model.parameters())), "weights": weights,
                   "readme": readme_facts(src), "transformers": _version("transformers"),
-                  "torch": torch.__version__, "precision": "fp32"}
+                  "torch": torch.__version__, "precision": "fp32",
+                  "generation_config": _json(src / "generation_config.json")}
         manifest = build_manifest(model, graphs, spec, tok, ids, name or src.name, version or "0.0.0", views,
                                   section, source)
         write_manifest(tmp, manifest)
@@ -658,6 +670,10 @@ def import_hf(checkpoint: str | Path, out: str | Path, name: str = "", version: 
     tmp.rename(out)
     log.info("bundle written to %s", out)
     return out
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return dict(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else {}
 
 
 def _version(package: str) -> str:

@@ -33,12 +33,13 @@ def lm_head_nodes(path: Path) -> list[str]:
     return [node.name] if node is not None else []
 
 
-def to_int8(bundle: Path, manifest: dict[str, Any], keep_lm_head: bool = False) -> None:
-    """Replace the graphs of ``QUANTISED_ROLES`` by their dynamically quantised versions
+def to_int8(bundle: Path, manifest: dict[str, Any], keep_lm_head: bool = False,
+            roles: tuple[str, ...] = QUANTISED_ROLES) -> None:
+    """Replace the graphs of ``roles`` by their dynamically quantised versions
     (``keep_lm_head``: the decoder's output projection stays float32)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    for role in QUANTISED_ROLES:
+    for role in roles:
         path = bundle / manifest["graphs"][role]["file"]
         tmp = path.with_suffix(".int8.onnx")
         exclude = lm_head_nodes(path) if role == "decoder" and keep_lm_head else []
@@ -48,7 +49,8 @@ def to_int8(bundle: Path, manifest: dict[str, Any], keep_lm_head: bool = False) 
         tmp.replace(path)
         manifest["graphs"][role]["precision"] = "int8 weights (dynamic quantisation), float32 I/O"
     manifest["import"]["precision"] = "int8 (ONNX Runtime dynamic quantisation of the linear layers" + (
-        ", LM head kept float32)" if keep_lm_head else ")")
+        ", LM head kept float32" if keep_lm_head else "") + (
+        f"; {', '.join(roles)} only)" if tuple(roles) != QUANTISED_ROLES else ")")
     manifest["import"]["providers"] = ["CPUExecutionProvider"]
 
 

@@ -269,3 +269,27 @@ def test_calibration_images_turn_the_gate_on(tmp_path: Path, imported: tuple[Pat
     assert checks[0].passed and not checks[1].passed, checks
     with pytest.raises(ImportHFError, match="no image files"):
         import_hf(ck, tmp_path / "x", calibration_images=tmp_path / "empty")
+
+
+def test_vocab_txt_checkpoint_and_generation_config(tmp_path: Path, imported: tuple[Path, Path]) -> None:
+    """A checkpoint with a BERT vocab.txt and no tokenizer.json (transformers builds the fast
+    tokenizer), and decoding defaults from its generation_config.json."""
+    import shutil
+
+    ck, _ = imported
+    copy = tmp_path / "ck"
+    shutil.copytree(ck, copy)
+    vocab = json.loads((copy / "tokenizer.json").read_text())["model"]["vocab"]
+    (copy / "vocab.txt").write_text("\n".join(sorted(vocab, key=vocab.get)) + "\n")
+    (copy / "tokenizer.json").unlink()
+    (copy / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
+    gc = json.loads((copy / "generation_config.json").read_text())
+    gc.update(num_beams=3, max_length=40, no_repeat_ngram_size=3)
+    (copy / "generation_config.json").write_text(json.dumps(gc))
+    out = import_hf(copy, tmp_path / "b")
+    m = load_bundle(out).manifest
+    assert m["import"]["checks"]["max_abs_logit_diff"] < TOL and m["import"]["checks"]["greedy_identical"] == 3
+    assert (m["generation"]["beam_size"], m["generation"]["max_tokens"], m["generation"]["no_repeat_ngram_size"]) == (3, 40, 3)
+    from tokenizers import Tokenizer
+
+    assert Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab() == vocab
