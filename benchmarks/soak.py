@@ -233,12 +233,14 @@ def good_sender(k: int, port: int, folder: Path, ledger: Ledger, stop: threading
                 ok = r.returncode == 0 and r.stderr.count("Received Store Response (Success)") == len(files)
                 for _, sop, sha in files:
                     ledger.record(sop, sha, 0 if ok else None)
+                if not ok:
+                    ledger.error(f"storescu rc={r.returncode}: " + " | ".join(r.stderr.strip().splitlines()[-2:]))
             else:
                 statuses = send_files(port, "MODALITY", [f[0] for f in files])
                 for (_, sop, sha), status in zip(files, statuses, strict=True):
                     ledger.record(sop, sha, status)
         except (ConnectionRefusedError, OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
-            ledger.error(type(exc).__name__)
+            ledger.error(f"{type(exc).__name__}: {exc}"[:160])
         time.sleep(0.3)
 
 

@@ -263,15 +263,20 @@ def _recv_exactly(self: AssociationSocket, nr_bytes: int) -> bytearray:
     if got < nr_bytes:
         del view
         return buf[:got]
+    if negotiating and nr_bytes > 6:  # a whole PDU (its body) arrived: the peer is not stalling
+        pending = getattr(self, "cxrnode_pending", None)
+        if pending is not None:
+            pending.mark_sent(sock)
     return buf
 
 
 class _PendingConnections:
     """Accepted connections that have not yet finished association negotiation.
 
-    At most ``limit`` at once: adding one more closes the oldest of the peer address that holds
-    the most (a half-open socket cannot keep a newer, faster peer out, and a flood from one
-    address evicts its own connections first). Each is closed after ``acse_timeout`` in any case, by the
+    At most ``limit`` at once: adding one more closes the oldest of those that have not yet sent
+    one whole PDU (a peer that has sent its A-ASSOCIATE-RQ is only waiting for our answer), from
+    the peer address that holds the most: a half-open socket cannot keep a newer, faster peer
+    out, and a flood from one address evicts its own connections first. Each is closed after ``acse_timeout`` in any case, by the
     read deadline in :func:`_recv_exactly`, the TLS handshake timeout, or pynetdicom's ARTIM
     timer for a peer that sends nothing at all.
     """
@@ -280,6 +285,7 @@ class _PendingConnections:
         self.limit = limit
         self._lock = threading.Lock()
         self._socks: dict[int, tuple[socket.socket, float]] = {}  # insertion order = age
+        self._sent: set[int] = set()  # connections whose A-ASSOCIATE-RQ arrived whole
         self.evicted = 0
 
     def add(self, sock: socket.socket) -> float:
@@ -288,14 +294,16 @@ class _PendingConnections:
             for key, (s, _) in list(self._socks.items()):
                 if s.fileno() < 0:
                     del self._socks[key]  # closed without telling us
+                    self._sent.discard(key)
             victims = []
             while len(self._socks) >= self.limit:
-                # the oldest connection of the peer holding the most: a flood from one address
-                # evicts its own connections first, not another peer's
-                by_peer = collections.Counter(_peer(s) for s, _ in self._socks.values())
+                stalling = {k: v for k, v in self._socks.items() if k not in self._sent} or self._socks
+                # the oldest of the peer holding the most: a flood from one address evicts its own
+                by_peer = collections.Counter(_peer(s) for s, _ in stalling.values())
                 top = by_peer.most_common(1)[0][0]
-                key = next(k for k, (s, _) in self._socks.items() if _peer(s) == top)
+                key = next(k for k, (s, _) in stalling.items() if _peer(s) == top)
                 victims.append(self._socks.pop(key)[0])
+                self._sent.discard(key)
             self._socks[id(sock)] = (sock, now)
             self.evicted += len(victims)
         for victim in victims:
@@ -307,6 +315,12 @@ class _PendingConnections:
     def discard(self, sock: Any) -> None:
         with self._lock:
             self._socks.pop(id(sock), None)
+            self._sent.discard(id(sock))
+
+    def mark_sent(self, sock: Any) -> None:
+        with self._lock:
+            if id(sock) in self._socks:
+                self._sent.add(id(sock))
 
     def accepted_at(self, sock: Any) -> float | None:
         with self._lock:
@@ -381,6 +395,7 @@ class _GuardedHandler(RequestHandler):
         sock: Any = assoc.dul.socket
         accepted = server.cxrnode_pending.accepted_at(self.request) or time.monotonic()
         sock.cxrnode_deadline = accepted + server.cxrnode_acse_timeout
+        sock.cxrnode_pending = server.cxrnode_pending
         sock.cxrnode_network_timeout = server.cxrnode_network_timeout
         return assoc
 
