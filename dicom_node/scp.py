@@ -358,6 +358,7 @@ class _GuardedServer(ThreadedAssociationServer):
     cxrnode_acse_timeout: float = 30.0
     cxrnode_network_timeout: float = 120.0
     cxrnode_pending: _PendingConnections
+    request_queue_size = 128  # listen backlog (socketserver's default is 5: a burst fills it)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         listener = cast(socket.socket, self.socket)
