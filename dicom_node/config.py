@@ -55,8 +55,9 @@ class NodeConfig:
     max_associations: int = _doc("Maximum concurrent associations.", 16)
     max_pending_associations: int = _doc(
         "Connections still negotiating (TCP/TLS open, A-ASSOCIATE-RQ not yet answered) allowed at once; "
-        "they do not count against max_associations. Past this the oldest is closed; each is closed "
-        "after acse_timeout_s in any case.", 8
+        "they do not count against max_associations. Past this the oldest one that has not yet sent a "
+        "whole PDU is closed (from the address holding the most); each is closed after acse_timeout_s "
+        "in any case.", 8
     )
     max_inflated_mb: int = _doc(
         "Refuse (0xA700) a Deflated Explicit VR Little Endian data set that inflates beyond this many MB "
