@@ -18,7 +18,7 @@ def _bundle(args: argparse.Namespace) -> int:
     from installer.bundle import build_bundle
 
     try:
-        build_bundle(args.out, flavour=args.flavour, source=args.source, models=args.model or (),
+        build_bundle(args.out, flavour=args.flavour + ("-headless" if args.headless else ""), source=args.source, models=args.model or (),
                      pack=not args.no_pack, force=args.force)
     except BundleError as exc:
         print(f"cxrnode bundle: {exc}", file=sys.stderr)
@@ -59,6 +59,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
                       help="ship onnxruntime-gpu (CUDA when present, else CPU; the default)")
     flav.add_argument("--cpu", dest="flavour", action="store_const", const="cpu", help="ship the CPU onnxruntime only")
     p.set_defaults(flavour="gpu")
+    p.add_argument("--headless", action="store_true",
+                   help="a node without the desktop reviewer: no PyQt6 (about 250 MB less installed)")
     p.add_argument("--source", metavar="DIR", help="cxrnode source tree (default: the checkout this command runs from)")
     p.add_argument("--model", action="append", metavar="DIR", help="an extra model bundle folder to ship (repeatable)")
     p.add_argument("--no-pack", action="store_true", help="build the folder only, no .tar.gz")

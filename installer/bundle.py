@@ -53,7 +53,10 @@ PLATFORM_TAGS = (
     "manylinux_2_5_x86_64",
     "manylinux1_x86_64",
 )
-FLAVOURS = {"gpu": "onnxruntime-gpu", "cpu": "onnxruntime"}
+# the ONNX Runtime of each flavour; a "-headless" flavour ships no PyQt6 (a node without the
+# desktop reviewer)
+FLAVOURS = {"gpu": "onnxruntime-gpu", "cpu": "onnxruntime",
+            "gpu-headless": "onnxruntime-gpu", "cpu-headless": "onnxruntime"}
 ORT_NAMES = ("onnxruntime", "onnxruntime-gpu")
 
 Progress = Callable[[str], None]
@@ -110,14 +113,18 @@ def runtime_requirements(source: Path, flavour: str) -> tuple[str, list[str]]:
     if flavour not in FLAVOURS:
         raise BundleError(f"flavour: expected one of {', '.join(FLAVOURS)}, got {flavour!r}")
     project = tomllib.loads((source / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extras = project.get("optional-dependencies", {})
     reqs: list[str] = []
     ort_spec = ""
-    for r in project.get("dependencies", []):
+    # ONNX Runtime comes from the [cpu] / [gpu] extra (or, in older trees, the dependencies)
+    for r in [*project.get("dependencies", []), *extras.get(flavour.removesuffix("-headless"), [])]:
         if _req_name(r) in ORT_NAMES:
-            ort_spec = r[len(re.match(r"\s*[A-Za-z0-9._-]+", r).group(0)):]  # type: ignore[union-attr]
+            ort_spec = ort_spec or r[len(re.match(r"\s*[A-Za-z0-9._-]+", r).group(0)):]  # type: ignore[union-attr]
             continue
         reqs.append(r)
     reqs.append(FLAVOURS[flavour] + ort_spec)
+    if not flavour.endswith("-headless"):
+        reqs += [r for r in extras.get("reviewer", []) if r not in reqs]  # the desktop reviewer
     return str(project["version"]), reqs
 
 

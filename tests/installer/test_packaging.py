@@ -34,3 +34,23 @@ def test_changelog_and_release_process() -> None:
     assert "## [Unreleased]" in changelog and f"## [{version}]" in changelog
     contributing = (REPO / "CONTRIBUTING.md").read_text(encoding="utf-8")
     assert "## Releasing" in contributing and "CHANGELOG.md" in contributing
+
+
+def test_extras_pick_one_onnx_runtime_and_the_reviewer() -> None:
+    """A CPU host, a GPU host and a reviewer desktop each install what they need, nothing that fights."""
+    from installer.bundle import runtime_requirements
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    base = " ".join(project["dependencies"]).lower()
+    assert "onnxruntime" not in base and "pyqt6" not in base and "psutil" not in base
+    extras = project["optional-dependencies"]
+    assert extras["cpu"] == ["onnxruntime>=1.20"] and extras["gpu"] == ["onnxruntime-gpu>=1.20"]
+    assert extras["reviewer"] == ["PyQt6>=6.6"]
+
+    def names(flavour: str) -> set[str]:
+        return {r.split(">")[0].split("=")[0].strip().lower() for r in runtime_requirements(REPO, flavour)[1]}
+
+    assert {"onnxruntime", "pyqt6"} <= names("cpu") and "onnxruntime-gpu" not in names("cpu")
+    assert {"onnxruntime-gpu", "pyqt6"} <= names("gpu") and "onnxruntime" not in names("gpu")
+    assert "pyqt6" not in names("cpu-headless") and "onnxruntime" in names("cpu-headless")
+    assert "pyqt6" not in names("gpu-headless") and "onnxruntime-gpu" in names("gpu-headless")
