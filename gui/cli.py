@@ -147,6 +147,10 @@ def missing_libraries(library: Path) -> list[str]:
 def display_problem(env: Any = None, plugin: Path | None = None) -> str | None:
     """Why Qt could not open a window here (``None``: it should), checked without importing Qt."""
     env = os.environ if env is None else env
+    spec = importlib.util.find_spec("PyQt6")
+    if spec is None or not spec.submodule_search_locations:
+        return ("PyQt6 is not installed (a headless installation): install the reviewer with "
+                "pip install 'cxrnode[reviewer]', or a bundle built without --headless")
     platform = env.get("QT_QPA_PLATFORM", "").split(":")[0]
     if platform not in ("", "xcb", "wayland"):
         return None  # offscreen, minimal, vnc...: no display needed
@@ -161,9 +165,6 @@ def display_problem(env: Any = None, plugin: Path | None = None) -> str | None:
     if platform == "wayland":
         return None
     if plugin is None:
-        spec = importlib.util.find_spec("PyQt6")
-        if spec is None or not spec.submodule_search_locations:
-            return "PyQt6 is not installed: install cxrnode with the reviewer extra"
         plugin = Path(list(spec.submodule_search_locations)[0]) / "Qt6" / "plugins" / "platforms" / "libqxcb.so"
     missing = missing_libraries(plugin)
     if not missing:

@@ -63,3 +63,13 @@ def test_platforms_that_need_no_display_and_the_installed_plugin() -> None:
     assert display_problem({"QT_QPA_PLATFORM": "xcb"}) == "QT_QPA_PLATFORM=xcb but DISPLAY is not set"
     assert display_problem({"WAYLAND_DISPLAY": "wayland-0"}) is None
     assert display_problem({"DISPLAY": ":0"}) is None  # this machine has every xcb library (the GUI tests use it)
+
+
+def test_a_headless_installation_says_pyqt6_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "PyQt6" else real(name, *a))
+    problem = display_problem({"QT_QPA_PLATFORM": "offscreen"})
+    assert problem is not None and problem.startswith("PyQt6 is not installed (a headless installation)")
+    assert "cxrnode[reviewer]" in problem
