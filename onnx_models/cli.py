@@ -121,6 +121,9 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-baselines", action="store_true",
                    help="skip the baselines on the same split (the most common training report, the nearest training report by image embedding)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs Java; slow)")
+    p.add_argument("--input-check", choices=["enforce", "warn", "off"], default="enforce",
+                   help="apply the bundle's input gate as the node does (pipeline.input_check; default "
+                        "enforce: a study the node would withhold scores as an empty draft)")
     p.set_defaults(func=_eval)
 
 
@@ -200,7 +203,7 @@ def _eval(args: argparse.Namespace) -> int:
         bundle=args.bundle, data=args.data, split=args.split, predictions=args.predictions or None,
         beam_size=args.beam_size, no_repeat_ngram_size=args.no_repeat_ngram, threads=args.threads,
         batch_size=args.batch_size, limit=args.limit, baselines=not args.no_baselines,
-        meteor=not args.no_meteor,
+        meteor=not args.no_meteor, input_check=args.input_check,
     )
     if args.json:
         print(json.dumps(res, indent=2))

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from .consistency import rates as consistency_rates
 from .data import Study, load_studies, read_image
+from .input_gate import GateDecision, decide
 from .labels import ABNORMAL_OBSERVATIONS, OBSERVATIONS, binary_vector, label
 from .runtime import ReportGenerator, StudyInput
 from .tokenizer import normalise_text
@@ -125,6 +126,22 @@ def _inputs(gen: ReportGenerator, studies: Sequence[Study]) -> tuple[list[StudyI
     return inputs, views
 
 
+def gate(gen: ReportGenerator, studies: Sequence[Study], inputs: list[StudyInput], mode: str
+         ) -> tuple[list[StudyInput | None], list[GateDecision]]:
+    """The node's input gate on eval inputs (:func:`onnx_models.input_gate.decide`, without the
+    DICOM header checks): each study's input keeps the views that pass, or is None when the node
+    would withhold its draft."""
+    out: list[StudyInput | None] = []
+    decisions = []
+    for s, st in zip(studies, inputs, strict=True):
+        images, views = [im for im, _ in st.views], [v for _, v in st.views]
+        checks = None if mode == "off" else gen.check_inputs(images, views)
+        d = decide(mode, [f"{s.study_id}/{i}" for i in range(len(views))], views, checks, [[] for _ in views])
+        decisions.append(d)
+        out.append(None if d.withheld else StudyInput(views=[st.views[i] for i in d.use], indication=st.indication))
+    return out, decisions
+
+
 def embed(gen: ReportGenerator, studies: Sequence[Study], batch_size: int, desc: str) -> np.ndarray:
     out = []
     for i in tqdm(range(0, len(studies), batch_size), desc=desc, unit="batch", file=sys.stderr):
@@ -147,7 +164,11 @@ def evaluate(
     baselines: bool = True,
     meteor: bool = True,
     train_data: str | None = None,
+    input_check: str = "enforce",
 ) -> dict[str, Any]:
+    """Score ``bundle`` on ``split`` as the node would draft it: the same pixels, views and
+    input gate (``input_check`` as ``pipeline.input_check``: a withheld study scores as an
+    empty draft, a partial one is drafted from the views that pass)."""
     gen = ReportGenerator(bundle, threads=threads)
     studies = load_studies(data, [split])
     if limit:
@@ -156,17 +177,24 @@ def evaluate(
         raise SystemExit(f"{data}: no studies in split {split!r}")
     refs = [s.report for s in studies]
     hyps, rows = [], []
+    outcomes: dict[str, int] = {}
     t0 = time.perf_counter()
     for i in tqdm(range(0, len(studies), batch_size), desc=f"eval {split}", unit="batch", file=sys.stderr):
         chunk = studies[i : i + batch_size]
         inputs, views = _inputs(gen, chunk)
-        reports = gen.generate(inputs, beam_size=beam_size, no_repeat_ngram_size=no_repeat_ngram_size)
-        for s, v, r in zip(chunk, views, reports, strict=True):
-            text = " ".join(t for t in (r.findings, r.impression) if t)
-            hyps.append(text)
-            rows.append({"study_id": s.study_id, "indication": s.indication, "views": v,
-                         "findings": r.findings, "impression": r.impression, "reference": s.report,
-                         "observations": {k: round(p, 4) for k, p in r.observations.items()}})
+        gated, decisions = gate(gen, chunk, inputs, input_check)
+        drafted = [x for x in gated if x is not None]
+        generated = iter(gen.generate(drafted, beam_size=beam_size, no_repeat_ngram_size=no_repeat_ngram_size)
+                         if drafted else [])
+        for s, v, g, d in zip(chunk, views, gated, decisions, strict=True):
+            r = next(generated) if g is not None else None
+            findings, impression = (r.findings, r.impression) if r is not None else ("", "")
+            outcomes[d.outcome] = outcomes.get(d.outcome, 0) + 1
+            hyps.append(" ".join(t for t in (findings, impression) if t))
+            rows.append({"study_id": s.study_id, "indication": s.indication,
+                         "views": [v[j] for j in d.use], "findings": findings, "impression": impression,
+                         "reference": s.report, "input_check": d.outcome,
+                         "observations": {k: round(p, 4) for k, p in r.observations.items()} if r else {}})
     seconds = time.perf_counter() - t0
     if predictions:
         with open(predictions, "w", encoding="utf-8") as fh:
@@ -214,6 +242,7 @@ def evaluate(
         "consistency": consistency,
         "per_observation_f1": {k: {o: round(v["f1"], 4) for o, v in d.items()} for k, d in per_obs.items()},
         "per_observation_support": {o: v["support"] for o, v in per_obs["model"].items()},
+        "input_check": {"mode": input_check, "outcomes": outcomes},
         "seconds_per_study": seconds / len(studies),
         "notes": notes,
     }

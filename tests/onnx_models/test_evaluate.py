@@ -64,3 +64,34 @@ def test_eval_command(tiny_bundle: Path, tiny_data: Path, tmp_path: Path, capsys
     for row in rows:
         assert {"study_id", "indication", "views", "findings", "impression", "reference"} <= set(row)
         assert all(v in ("PA", "AP", "LATERAL", "LL") for v in row["views"])
+
+
+def test_eval_applies_the_node_input_gate(tmp_path: Path) -> None:
+    """A study the node would withhold scores as an empty draft; the others are drafted."""
+    import numpy as np
+    from PIL import Image
+    from support.gate_images import SHARED, real_films
+
+    from onnx_models.evaluate import evaluate
+
+    iu = SHARED / "iu_xray"
+    rows = [json.loads(line) for line in (iu / "studies.jsonl").read_text().splitlines() if line.strip()]
+    val = [r for r in rows if r["split"] == "val"][1:3]
+    (tmp_path / "images").mkdir()
+    for r in val:
+        for im in r["images"]:
+            shutil.copy(iu / im["file"], tmp_path / im["file"])
+    film = real_films()["h0001.png"]
+    Image.fromarray(np.round(film * 255).astype(np.uint8)).resize((256, 256)).save(tmp_path / "images" / "real.jpg")
+    real = dict(val[0], study_id="real-film", images=[{"image_id": "real", "file": "images/real.jpg",
+                                                        "view_position": "PA", "projection": "Frontal"}])
+    (tmp_path / "studies.jsonl").write_text("\n".join(json.dumps(r) for r in [*val, real]) + "\n")
+    preds = tmp_path / "p.jsonl"
+    res = evaluate("default", str(tmp_path), "val", predictions=str(preds), baselines=False, meteor=False, threads=1)
+    assert res["input_check"] == {"mode": "enforce", "outcomes": {"passed": 2, "withheld": 1}}
+    out = {r["study_id"]: r for r in map(json.loads, preds.read_text().splitlines())}
+    assert out["real-film"]["input_check"] == "withheld" and out["real-film"]["findings"] == ""
+    assert out["real-film"]["impression"] == "" and out["real-film"]["views"] == []
+    assert all(out[r["study_id"]]["findings"] or out[r["study_id"]]["impression"] for r in val)
+    res = evaluate("default", str(tmp_path), "val", baselines=False, meteor=False, threads=1, input_check="off")
+    assert res["input_check"]["outcomes"] == {"off": 3}
