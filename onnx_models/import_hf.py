@@ -112,8 +112,11 @@ def family(cfg: dict[str, Any]) -> str:
     archs = cfg.get("architectures") or []
     if cfg.get("model_type") == "vision-encoder-decoder" or "VisionEncoderDecoderModel" in archs:
         return "vision-encoder-decoder"
+    if cfg.get("model_type") == "llava" or "LlavaForConditionalGeneration" in archs:
+        return "llava"
     raise ImportHFError(f"model_type {cfg.get('model_type')!r} (architectures {archs}) is not supported by import-hf "
-                        "(supported: VisionEncoderDecoderModel); see onnx_models/README.md for exporting by hand")
+                        "(supported: VisionEncoderDecoderModel, LlavaForConditionalGeneration); see "
+                        "onnx_models/README.md for exporting by hand")
 
 
 def image_spec(path: Path) -> dict[str, Any]:
@@ -570,10 +573,13 @@ def model_card(m: dict[str, Any]) -> str:
         f"{m['input']['image_processor']['image_std']} inside the encoder graph.",
         f"- Views: `{m['input']['view_policy']}` (at most {m['input']['max_views']} view(s) read; the node orders "
         "views PA, AP, LATERAL, LL, so one view = the first frontal view).",
-        "- The indication is not read (the model takes no prompt).",
+        ("- The indication is not read (the model takes no prompt)." if m["architecture"] == "encoder-decoder" else
+         f"- Prompt: `{m.get('prompt', {}).get('template', '')!r}` with the indication and the view names filled in; "
+         "each view is one block of image tokens."),
         f"- Text: one section ({m['generation']['section']}), word pieces joined by the tokenizer's decoder; greedy "
-        "decoding by default; start token = the checkpoint's decoder_start_token_id.",
-        "- No observation head: no observation probabilities, no prompts, no grounding step.",
+        "decoding by default; " + ("start token = the checkpoint's decoder_start_token_id." if m["tokenizer"]["bos"]
+                                   else "the answer starts right after the prompt (no start token)."),
+        "- No observation head: no observation probabilities, no observation prompts, no grounding step.",
         "- View classifier: the node's own frontal/lateral classifier (from the default bundle).",
         f"- Precision: {src['precision']}.", "",
         "## What was checked", "",
@@ -608,6 +614,9 @@ def import_hf(checkpoint: str | Path, out: str | Path, name: str = "", version: 
         raise ImportHFError(f"views must be one of {sorted(VIEW_MODES)}, not {views!r}")
     if section not in ("findings", "impression"):
         raise ImportHFError(f"section must be findings or impression, not {section!r}")
+    if fam == "llava":
+        return _import_llava(src, Path(out), name, version, section, int8, fp16, prompt_template, calibration_images,
+                             check)
     if prompt_template:
         raise ImportHFError("--prompt-template applies to image-text-to-text models; a VisionEncoderDecoderModel "
                             "takes no prompt")
@@ -669,6 +678,38 @@ def import_hf(checkpoint: str | Path, out: str | Path, name: str = "", version: 
         shutil.rmtree(out)
     tmp.rename(out)
     log.info("bundle written to %s", out)
+    return out
+
+
+def _import_llava(src: Path, out: Path, name: str, version: str, section: str, int8: bool, fp16: bool,
+                  prompt_template: str, calibration_images: str | Path | None, check: bool) -> Path:
+    from .import_hf_llava import DEFAULT_TEMPLATE, import_llava
+
+    if int8 or fp16:
+        raise ImportHFError("--int8/--fp16 are not available for LLaVA checkpoints yet")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        weights = {w.name: sha256_file(w) for w in sorted(src.iterdir())
+                   if w.name in WEIGHT_FILES or re.match(r"(model|pytorch_model)-\d+-of-\d+\.", w.name)}
+        source: dict[str, Any] = {"tool": "cxrnode import-hf", "family": "llava", "checkpoint": str(src),
+                                  "weights": weights, "readme": readme_facts(src),
+                                  "transformers": _version("transformers"), "torch": torch.__version__,
+                                  "precision": "fp32", "generation_config": _json(src / "generation_config.json")}
+        manifest = import_llava(src, tmp, src, name or src.name, version or "0.0.0",
+                                prompt_template or DEFAULT_TEMPLATE, section, source, check)
+        (tmp / "MODEL_CARD.md").write_text(model_card(manifest), encoding="utf-8")
+        write_manifest(tmp, manifest)
+        if calibration_images:
+            calibrate_from_images(tmp, Path(calibration_images))
+        load_bundle(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
     return out
 
 

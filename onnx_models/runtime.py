@@ -290,7 +290,8 @@ class ReportGenerator:
         _log_once(logging.INFO, f"model {self.name} {self.version}: ONNX Runtime providers {self.providers}")
         self.tokenizer = Tokenizer.from_file(str(self.bundle.file(m["tokenizer"]["file"])))
         t = m["tokenizer"]
-        self._bos = self._tok_id(t["bos"])
+        #: -1: no start token (an imported chat model's prompt ends where the answer starts)
+        self._bos = self._tok_id(t["bos"]) if t.get("bos") else -1
         self._eos = self._tok_id(t["eos"])
         self._pad = self._tok_id(t["pad"])
         # imported models (``cxrnode import-hf``) may have no section separator (one section,
@@ -298,11 +299,14 @@ class ReportGenerator:
         # a start token that is also the end token (GPT-2 style) is never banned
         self._sep = self._tok_id(t["section_separator"]) if t.get("section_separator") else -1
         self._none = self._tok_id(t["empty_indication"]) if t.get("empty_indication") else self._pad
-        self._banned = [i for i in (self._bos, self._pad, self._none) if i != self._eos]
+        self._banned = [i for i in (self._bos, self._pad, self._none) if i not in (self._eos, -1)]
         #: ``word``: a token is a word (joined by ``detokenize``); ``subword``: word pieces or
         #: BPE joined by the tokenizer's own decoder (``_word_pairs``)
         self._subword = t.get("level", "word") == "subword"
         self._section = str(m["generation"].get("section", "findings"))
+        #: decoder-only bundles: ``prompt.template`` (text with ``<image>``, ``{indication}``,
+        #: ``{views}``) and ``prompt.prefix_tokens``, see ``_templated_prefix``
+        self._prompt: dict[str, Any] | None = m.get("prompt") if self._prefix_lm else None
         unk = t.get("unk")
         if unk is not None and self.tokenizer.token_to_id(unk) is not None and self._tok_id(unk) != self._eos:
             self._banned.append(self._tok_id(unk))
@@ -578,6 +582,8 @@ class ReportGenerator:
         probs = self._observation_probs(studies, view_ids, view_mask, out.get("obs_logits"))
         embeds = out["image_embeds"].astype(np.float32)
         img_mask = out.get("image_mask", np.ones(embeds.shape[:2], dtype=np.float32)).astype(np.float32)
+        if self._prompt is not None:
+            return probs, self._templated_prefix(studies, embeds, img_mask)
         ind_ids = [self._indication_ids(st.indication) for st in studies]
         li = max(len(x) for x in ind_ids)
         ind = np.full((b, li), self._pad, dtype=np.int64)
@@ -588,6 +594,40 @@ class ReportGenerator:
         (text,) = self._sessions["embed"].run(None, {"input_ids": ind})
         prefix = np.concatenate([embeds, text.astype(np.float32)], axis=1)
         return probs, _PrefixState(prefix, np.concatenate([img_mask, ind_mask], axis=1))
+
+    def _templated_prefix(self, studies: list[StudyInput], embeds: np.ndarray, img_mask: np.ndarray) -> _PrefixState:
+        """Prefix from the manifest's ``prompt``: per study ``[prefix_tokens ; text before
+        <image> ; image_embeds ; text after]``, ``{indication}`` (at most
+        ``input.max_indication_tokens`` tokens; ``prompt.empty_indication`` when there is none)
+        and ``{views}`` (the view names read) filled in; left-padded with mask 0."""
+        p = self._prompt or {}
+        n = embeds.shape[1]
+        before, _, after = str(p["template"]).partition("<image>")
+        pre = [self._tok_id(t) for t in p.get("prefix_tokens", [])]
+        rows = []
+        for st in studies:
+            ids = self.tokenizer.encode(" ".join((st.indication or "").split()), add_special_tokens=False).ids
+            ind = self.tokenizer.decode(ids[: self._max_ind]) if ids else str(p.get("empty_indication", "none"))
+            views = ", ".join(v for _, v in st.views[: self._max_views])
+            text = [part.replace("{indication}", ind).replace("{views}", views) for part in (before, after)]
+            rows.append([pre + self.tokenizer.encode(text[0], add_special_tokens=False).ids,
+                         self.tokenizer.encode(text[1], add_special_tokens=False).ids])
+        total = [len(a) + n + len(c) for a, c in rows]
+        width = max(total)
+        ids_m = np.full((len(studies), width), self._pad, dtype=np.int64)
+        mask = np.zeros((len(studies), width), dtype=np.float32)
+        for i, (a, c) in enumerate(rows):
+            o = width - total[i]
+            ids_m[i, o : o + len(a)] = a
+            ids_m[i, o + len(a) + n :] = c
+            mask[i, o:] = 1.0
+            mask[i, o + len(a) : o + len(a) + n] = img_mask[i]
+        (prefix,) = self._sessions["embed"].run(None, {"input_ids": ids_m})
+        prefix = prefix.astype(np.float32)
+        for i, (a, _) in enumerate(rows):
+            o = width - total[i] + len(a)
+            prefix[i, o : o + n] = embeds[i]
+        return _PrefixState(prefix, mask)
 
     def _indication_ids(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text or "").ids[: self._max_ind] if (text or "").strip() else []
@@ -640,7 +680,7 @@ class ReportGenerator:
     def _greedy(self, st: _State, max_len: int, ngram: int) -> list[tuple[list[int], list[float]]]:
         b = st.rows
         pk, pv = self._empty_past(st)
-        cur = np.full((b, 1), self._bos, dtype=np.int64)
+        cur = np.full((b, int(self._bos >= 0)), self._bos, dtype=np.int64)
         hist: list[list[int]] = [[] for _ in range(b)]
         probs: list[list[float]] = [[] for _ in range(b)]
         done = np.zeros(b, dtype=bool)
@@ -671,7 +711,7 @@ class ReportGenerator:
         tprobs: list[list[float]] = [[] for _ in range(b * k)]
         finished: list[list[tuple[float, list[int], list[float]]]] = [[] for _ in range(b)]
         done = np.zeros(b, dtype=bool)
-        cur = np.full((b * k, 1), self._bos, dtype=np.int64)
+        cur = np.full((b * k, int(self._bos >= 0)), self._bos, dtype=np.int64)
         lp_pen = self.length_penalty
         for _ in range(max_len):
             logits, pk, pv, st = self._step(cur, st, pk, pv)

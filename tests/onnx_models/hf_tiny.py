@@ -94,3 +94,62 @@ def tiny_ved(out: Path, seed: int = 0, image_size: int = 32, hidden: int = 48, e
                       image_std=[0.229, 0.224, 0.225], resample=3).save_pretrained(out)
     (out / "README.md").write_text(readme, encoding="utf-8")
     return out
+
+
+def bpe_tokenizer(vocab_size: int = 400) -> Any:
+    """A byte-level BPE tokenizer (Llama/LLaVA style specials) trained on the report sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<image>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(SENTENCES + ["USER: Views: PA, LATERAL. Indication: cough and fever. ASSISTANT:"],
+                            trainer)
+    return tok
+
+
+def tiny_llava(out: Path, seed: int = 0, image_size: int = 32, hidden: int = 48) -> Path:
+    """Save a random LlavaForConditionalGeneration (CLIP vision tower + Llama with grouped-query
+    attention) with a byte-level BPE tokenizer and a CLIP image processor config to ``out``."""
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    torch.manual_seed(seed)
+    tok = bpe_tokenizer()
+    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=image_size, patch_size=8, projection_dim=hidden)
+    text = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       bos_token_id=tok.token_to_id("<s>"), eos_token_id=tok.token_to_id("</s>"),
+                       pad_token_id=tok.token_to_id("<pad>"), initializer_range=0.2)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.token_to_id("<image>"),
+                      image_seq_length=(image_size // 8) ** 2)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        # words, not byte soup: embedding dimension 0 is a large constant that the residual
+        # stream carries to the last layer, and the LM head reads it as "whole word" (+) or
+        # "anything else" (-); the rest of the logit stays random and input-dependent
+        import re
+
+        model.model.language_model.embed_tokens.weight[:, 0] = 8.0
+        head = model.lm_head.weight
+        head.mul_(3.0)  # a few words clearly preferred: no argmax near-ties
+        vocab = tok.get_vocab()
+        for t, i in vocab.items():
+            head[i, 0] = 2.0 if re.fullmatch(r"\u0120[a-z]{3,}|\.", t) else -2.0
+        head[tok.token_to_id("</s>")] *= 0.0
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save(str(out / "tokenizer.json"))
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                       image_mean=[0.48, 0.46, 0.41], image_std=[0.27, 0.26, 0.28]).save_pretrained(out)
+    (out / "README.md").write_text(README, encoding="utf-8")
+    return out

@@ -1,0 +1,162 @@
+"""``cxrnode import-hf`` on a tiny random ``LlavaForConditionalGeneration`` (CLIP vision tower +
+Llama with grouped-query attention, byte-level BPE tokenizer) built here: the decoder-only
+contract, the prompt template with the indication and the view names, several views as several
+image blocks, ORT vs transformers logits within 1e-4 and identical greedy text, batching, and a
+study drafted through the node pipeline."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from hf_tiny import tiny_llava  # noqa: E402
+
+from onnx_models import cli  # noqa: E402
+from onnx_models.bundle import load_bundle  # noqa: E402
+from onnx_models.import_hf import ImportHFError, import_hf, probe_images  # noqa: E402
+from onnx_models.import_hf_llava import hf_prompt_ids  # noqa: E402
+from onnx_models.runtime import ReportGenerator, StudyInput, _PrefixState  # noqa: E402
+
+TOL = 1e-4
+TEMPLATE = "USER: <image>\nViews: {views}. Indication: {indication}\nASSISTANT:"
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("llava")
+    ck = tiny_llava(root / "ckpt")
+    out = root / "bundle"
+    assert cli.main(["import-hf", str(ck), "--out", str(out), "--name", "tiny-llava", "--version", "0.0.2",
+                     "--prompt-template", TEMPLATE]) == 0
+    return ck, out
+
+
+def _hf(ck: Path):  # type: ignore[no-untyped-def]
+    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(str(ck), local_files_only=True, attn_implementation="eager")
+    return model.eval(), CLIPImageProcessor.from_pretrained(str(ck), local_files_only=True)
+
+
+def _pixels(proc, gen: ReportGenerator, study: StudyInput):  # type: ignore[no-untyped-def]
+    """The checkpoint's own processor on the runtime-resized grey views (no second resize)."""
+    from onnx_models.imaging import resize
+
+    rgb = [np.repeat(np.clip(resize(im, gen.image_size), 0, 1)[:, :, None], 3, axis=2) for im, _ in study.views]
+    return proc(images=rgb, do_resize=False, do_center_crop=False, do_rescale=False,
+                return_tensors="pt")["pixel_values"]
+
+
+def _studies() -> list[StudyInput]:
+    ims = probe_images(5, size=96)
+    return [StudyInput(views=[(ims[0], "PA"), (ims[1], "LATERAL")], indication="Cough and fever for three days."),
+            StudyInput(views=[(ims[2], "AP")]),
+            StudyInput(views=[(ims[3], "PA")], indication="Chest pain."),
+            StudyInput(views=[(1.0 - ims[4], "PA"), (ims[1], "LL")], indication="Fever.")]
+
+
+def test_manifest_and_checks(imported: tuple[Path, Path]) -> None:
+    _, out = imported
+    m = load_bundle(out).manifest
+    assert m["architecture"] == "decoder-only" and sorted(m["graphs"]) == ["decoder", "embed", "encoder",
+                                                                          "view_classifier"]
+    assert m["prompt"] == {"template": TEMPLATE, "prefix_tokens": ["<s>"], "empty_indication": "none"}
+    assert m["tokenizer"]["bos"] is None and m["tokenizer"]["eos"] == "</s>"
+    assert m["decoder"]["heads"] == 2  # the key/value heads of grouped-query attention
+    c = m["import"]["checks"]
+    assert c["max_abs_logit_diff"] < TOL and c["greedy_identical"] == c["greedy_compared"] == 2
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "Prompt:" in card and "no start token" in card and "**mit**" in card
+
+
+def test_prompt_logits_and_greedy_match_transformers(imported: tuple[Path, Path]) -> None:
+    ck, out = imported
+    model, proc = _hf(ck)
+    gen = ReportGenerator(out, threads=1, beam_size=1)
+    gen.consistency = False
+    image_token = int(model.config.image_token_id)
+    for st in _studies():
+        _, state = gen._encode([st])
+        assert isinstance(state, _PrefixState) and state.prefix is not None
+        n = gen._run_encoder(*gen._pixels([st]))["image_embeds"].shape[1]
+        assert n == 16 * len(st.views)  # one block of image tokens per view
+        ids = hf_prompt_ids(gen, st, n, image_token)
+        text = gen.tokenizer.decode(ids, skip_special_tokens=False)
+        assert f"Views: {', '.join(v for _, v in st.views)}." in text
+        assert (st.indication or "none") in text and text.startswith("<s>USER: <image>")
+        pv = _pixels(proc, gen, st)
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor([ids]), pixel_values=pv).logits.numpy()
+        pk, pvv = gen._empty_past(state)
+        got = gen._sessions["decoder"].run(["logits"], {"inputs_embeds": state.prefix, "attention_mask": state.mask,
+                                                        "past_k": pk, "past_v": pvv})[0]
+        assert np.abs(got - ref).max() < TOL
+        g = model.generate(input_ids=torch.tensor([ids]), pixel_values=pv, max_new_tokens=16, do_sample=False,
+                           num_beams=1, bad_words_ids=[[i] for i in gen._banned] or None)[0, len(ids):].tolist()
+        g = g[: g.index(gen._eos)] if gen._eos in g else g
+        [r] = gen.generate([st], max_tokens=16)
+        words = [w for w, _ in r.tokens]
+        import re
+
+        assert words == re.findall(r"\w+|[^\w\s]", gen.tokenizer.decode(g, skip_special_tokens=True))
+        assert words and r.impression == ""
+
+
+def test_batching_changes_nothing(imported: tuple[Path, Path]) -> None:
+    _, out = imported
+    gen = ReportGenerator(out, threads=1)
+    studies = _studies()
+    together = gen.generate(studies, beam_size=1, max_tokens=12)
+    for s, r in zip(studies, together, strict=True):
+        [alone] = gen.generate([s], beam_size=1, max_tokens=12)
+        assert [w for w, _ in alone.tokens] == [w for w, _ in r.tokens]
+        assert np.allclose([p for _, p in alone.tokens], [p for _, p in r.tokens], atol=1e-5)
+    gen.consistency = False  # random byte-level text has no sentences the consistency rules keep
+    beams = gen.generate(studies[:2], beam_size=3, max_tokens=10)
+    assert all(b.tokens for b in beams)
+    assert [[w for w, _ in b.tokens] for b in beams] == [[w for w, _ in gen.generate([s], beam_size=3, max_tokens=10)[0]
+                                                          .tokens] for s in studies[:2]]
+
+
+def test_template_needs_image_and_no_speed_variants_yet(tmp_path: Path, imported: tuple[Path, Path]) -> None:
+    ck, _ = imported
+    with pytest.raises(ImportHFError, match="must contain <image>"):
+        import_hf(ck, tmp_path / "x", prompt_template="Indication: {indication}")
+    with pytest.raises(ImportHFError, match="not available for LLaVA"):
+        import_hf(ck, tmp_path / "x", int8=True)
+    assert not (tmp_path / "x").exists()
+
+
+def test_drafts_a_study_through_the_node_pipeline(tmp_path: Path, imported: tuple[Path, Path],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    _, out = imported
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
+    from nodeenv import make_env
+    from pydicom import dcmread
+    from sqlalchemy import select
+    from sr_checks import check_sr_file
+
+    from dicom_node.db import Draft
+    from plugin import pipeline, samples, sr
+
+    monkeypatch.setenv("CXRNODE_TEST_BUNDLE", str(out))
+    env = make_env(tmp_path / "node")
+    study = samples.make_study(1, prefix="hfllava")
+    env.store_instances(study)
+    [job] = env.run_jobs(pipeline.handle_job)
+    assert job.state == "done", job.log
+    assert (job.model_name, job.model_version) == ("tiny-llava", "0.0.2")
+    with env.sessions() as s:
+        [d] = list(s.scalars(select(Draft)))
+    assert d.findings and not d.impression and len(json.loads(d.views)) == 2
+    path = env.store.abspath(d.path)
+    check_sr_file(path)
+    assert sr.read_report(dcmread(path)).findings == d.findings
