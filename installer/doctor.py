@@ -80,8 +80,9 @@ class Check:
     code: str = ""  # stable reason, "<check>.<reason>"; defaults to "<check>.<ok|warn|fail>"
 
     def __post_init__(self) -> None:
-        if not self.code:
-            self.code = f"{self.name.split()[0]}.{self.status.lower()}"
+        if not self.code:  # "storage free space" -> storage_free_space.warn; "destination pacs" -> destination.fail
+            prefix = "destination" if self.name.startswith("destination ") else self.name.replace(" ", "_")
+            self.code = f"{prefix}.{self.status.lower()}"
 
 
 @dataclass
@@ -333,7 +334,7 @@ def check_inference(ctx: Context) -> list[Check]:
                    for ds, label in zip(datasets, gen.classify_views(pixels), strict=True)]
         views = [(pixels[i], decided[i]) for i in order(decided)]
         indication = indication_mod.extract(datasets, ctx.config.pipeline.indication_sources,
-                                            ctx.config.pipeline.indication_max_chars).text
+                                            ctx.config.pipeline.indication_max_chars).model_text
         t0 = time.perf_counter()
         reports = gen.generate([StudyInput(views=views, indication=indication)],
                                max_tokens=m.max_report_tokens or None)

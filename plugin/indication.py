@@ -11,9 +11,13 @@ Request Attributes Macro (PS3.3 Table 10-9, used by the General Series Module C.
 - AdmittingDiagnosesDescription (0008,1080), AdmittingDiagnosesCodeSequence (0008,1084)
 - RequestedProcedureDescription (0032,1060)
 
-The first source with text wins. The text is cleaned of de-identification marks (``XXXX``,
-``[REDACTED]``, ``***``), control characters and repeated spaces, then cut at a word boundary
-to ``indication_max_chars``. No indication is fine: the result is empty.
+The first source with text wins. The text shown to people (the SR, the reviewer) is cleaned
+of de-identification marks (``XXXX``, ``[REDACTED]``, ``***``), control characters and repeated
+spaces, then cut at a word boundary to ``indication_max_chars``. The model reads the same
+source's text as it was trained on it, only with control characters and spacing normalised
+(``Indication.model_text``): the training reports keep their de-identification marks, and
+removing them changed half the drafts of a val run through the node (BLEU-4 0.161 -> 0.111,
+``benchmarks/node_vs_eval.py``). No indication is fine: the result is empty.
 """
 
 from __future__ import annotations
@@ -44,9 +48,12 @@ class IndicationError(ValueError):
 
 @dataclass(frozen=True)
 class Indication:
-    text: str  # cleaned, length-limited; "" when absent
+    text: str  # cleaned, length-limited; "" when absent (for people: the SR and the reviewer)
     source: str  # the attribute it came from ("" when absent), e.g. "RequestAttributesSequence/ReasonForTheRequestedProcedure"
     truncated: bool = False
+    #: what the model reads: the same source's text as training saw it (de-identification marks
+    #: kept), control characters and spacing normalised, length-limited
+    model_text: str = ""
 
     def __bool__(self) -> bool:
         return bool(self.text)
@@ -79,6 +86,13 @@ def clean(text: str) -> str:
     if not re.search(r"[A-Za-z0-9]{2,}", text):
         return ""
     return text
+
+
+def as_trained(text: str) -> str:
+    """The text as the model was trained on it: control characters and spacing normalised,
+    multi-valued LO joined, nothing removed."""
+    text = _CONTROL.sub(" ", text.replace("\r\n", "\n").replace("\r", "\n")).replace("\\", "; ")
+    return re.sub(r"\s+", " ", text).strip()
 
 
 def limit(text: str, max_chars: int) -> tuple[str, bool]:
@@ -140,14 +154,17 @@ def extract(
     dss = list(datasets)
     for keyword in sources:
         found: list[str] = []
+        raws: list[str] = []
         where = ""
         for ds in dss:
             for raw, source in _candidates(ds, keyword):
                 text = clean(raw)
                 if text and text.lower() not in (f.lower() for f in found):
                     found.append(text)
+                    raws.append(as_trained(raw))
                     where = where or source
         if found:
             text, truncated = limit("; ".join(found), max_chars)
-            return Indication(text=text, source=where, truncated=truncated)
+            model_text, _ = limit("; ".join(raws), max_chars)
+            return Indication(text=text, source=where, truncated=truncated, model_text=model_text)
     return Indication(text="", source="")

@@ -40,6 +40,7 @@ from dicom_node import index, outbound
 from dicom_node.config import Config
 from dicom_node.db import Draft, DraftState, Instance, Study
 from dicom_node.jobs import JobContext, JobResult
+from onnx_models.views import order as view_order
 from plugin import indication as indication_mod
 from plugin import input_check as gate_mod
 from plugin import sr as sr_mod
@@ -50,7 +51,6 @@ from plugin.views import InstanceHeader, ResolvedView, resolve_view, select_imag
 log = logging.getLogger(__name__)
 
 ACTOR = "cxrnode-pipeline"
-VIEW_ORDER = {"PA": 0, "AP": 1, "LATERAL": 2, "LL": 3, "UNKNOWN": 4}
 
 _GENERATORS: dict[tuple[Any, ...], Any] = {}
 _GEN_LOCK = threading.Lock()
@@ -254,7 +254,7 @@ def _run(ctx: JobContext, generator: Callable[[Config], Any]) -> DraftOutcome | 
         rv = resolve_view(li.header.sop_instance_uid, view_from_tags(li.header), label)
         ctx.log(f"view {rv.sop_instance_uid}: {rv.note}")
         resolved.append(rv)
-    order = sorted(range(len(images)), key=lambda i: (VIEW_ORDER.get(resolved[i].view, 9), i))
+    order = view_order([rv.view for rv in resolved])
     images = [images[i] for i in order]
     resolved = [resolved[i] for i in order]
 
@@ -292,7 +292,7 @@ def _run(ctx: JobContext, generator: Callable[[Config], Any]) -> DraftOutcome | 
     t_gen = time.perf_counter()
     [report] = gen.generate(
         [StudyInput(views=[(arr, rv.view) for (_, _, arr), rv in zip(images, resolved, strict=True)],
-                    indication=ind.text)],
+                    indication=ind.model_text)],
         max_tokens=max_tokens,
     )
     gen_ms = (time.perf_counter() - t_gen) * 1000

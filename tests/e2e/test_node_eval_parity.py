@@ -9,9 +9,9 @@ views the node used must equal eval's. The studies cover: a lateral tagged PA, n
 LL, AP filed before its lateral (order), three views, one view, no indication, an indication
 longer than an LO (sent in AdditionalPatientHistory).
 
-Not covered by the equality, and pinned as a known difference (strict xfail): an indication with
-the collection's de-identification marks ("XXXX-year-old ..."). The node removes the marks
-(``plugin.indication.clean``) while training and eval feed them to the model as they are.
+Also an indication with the collection's de-identification marks ("XXXX-year-old ..."): the
+model reads it as trained (``Indication.model_text``, marks kept) while the SR and the reviewer
+show it cleaned.
 """
 
 from __future__ import annotations
@@ -135,8 +135,6 @@ def test_draft_sr_equals_eval(runs: dict[str, Any], study_id: str) -> None:
     assert (node["findings"], node["impression"]) == (ev["findings"], ev["impression"])
 
 
-@pytest.mark.xfail(strict=True, reason="the node removes de-identification marks from the indication "
-                   "(plugin.indication.clean); training and eval keep them")
 def test_indication_with_deidentification_marks(runs: dict[str, Any]) -> None:
     ev, node = runs["eval"][DEID_MARKS], runs["node"][DEID_MARKS]
     assert node["views"] == ev["views"]

@@ -66,3 +66,14 @@ def test_unknown_source_keyword_fails_clearly() -> None:
     with pytest.raises(IndicationError, match="NotAKeyword"):
         extract([Dataset()], sources=("NotAKeyword",))
     assert extract([Dataset()], sources=DEFAULT_SOURCES).text == ""
+
+
+def test_the_model_reads_the_text_as_trained_people_read_it_cleaned() -> None:
+    ds = Dataset()
+    ds.ReasonForTheRequestedProcedure = "XXXX-year-old male with\tcough, XXXX"
+    ind = extract([ds])
+    assert ind.text == "male with cough"
+    assert ind.model_text == "XXXX-year-old male with cough, XXXX"  # marks kept, as in training
+    empty = Dataset()
+    empty.ReasonForTheRequestedProcedure = "XXXX"
+    assert extract([empty]).model_text == "" and extract([empty]).text == ""
