@@ -12,11 +12,11 @@
    LINEAR window that maps back to the eval pixels, headers modelled on the collection's real
    CR headers, the ViewPosition tags ``studies.jsonl`` has (lying and empty ones included), the
    indication in the request attributes. The draft SRs are read back from the node's store.
-   ``--keep-deid-marks`` (diagnostic) patches the node's indication cleaning in this process to
-   whitespace normalisation only, i.e. the text as training and eval have it.
+   The model reads the indication as trained (``Indication.model_text``: de-identification
+   marks kept); removing them used to cost the node 0.05 BLEU-4 on val.
 3. **eval_with_node_indication** (diagnostic, ``--no-decompose`` skips it): eval's pixels and
-   views with the indication the node recorded for the study (``Draft.indication``), to split
-   the node-vs-eval difference into the indication path and the pixel/view path.
+   views with the indication the node shows people (``Draft.indication``, cleaned), i.e. what
+   the node would score if the model read the cleaned text.
 
 Both sides are scored by the same functions (``onnx_models.evaluate.nlg_metrics`` /
 ``clinical_metrics``); the share of identical texts is reported, and every study whose text
@@ -94,7 +94,7 @@ def subset_folder(data: Path, ids: set[str], folder: Path) -> Path:
 def run_eval(args: argparse.Namespace, data: Path, workdir: Path) -> dict[str, dict[str, Any]]:
     predictions = workdir / "eval_predictions.jsonl"
     evaluate(bundle=args.bundle, data=str(data), split=args.split, predictions=str(predictions),
-             threads=args.threads, baselines=False, meteor=False)
+             threads=args.threads, baselines=False, meteor=False, input_check=args.input_check)
     return {r["study_id"]: r for r in map(json.loads, predictions.read_text().splitlines())}
 
 
@@ -108,10 +108,6 @@ def run_node(args: argparse.Namespace, studies: list[Any], workdir: Path) -> tup
     if hasattr(PipelineConfig(), "input_check"):
         overrides.append(f"pipeline.input_check={json.dumps(args.input_check)}")
     config = load_config(overrides=overrides, env={})
-    if args.keep_deid_marks:  # diagnostic: the indication text as training and eval feed it
-        from plugin import indication
-
-        indication.clean = lambda text: " ".join(str(text).split())  # type: ignore[assignment]
     metadata = load_metadata(Path(args.data))
     scales = [int(s) for s in args.scales.split(",")]
     pipeline.generator_for(config)  # load the model before the clock starts
@@ -283,7 +279,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "node_pixels": {"kind": "CR, MONOCHROME1, 12 bits stored, LINEAR window back to the eval pixels, "
                                 "upsampled by pixel replication", **node_info},
         "input_check": args.input_check,
-        "diagnostic_keep_deid_marks": args.keep_deid_marks,
         "metrics": metrics,
         "node_minus_eval": delta,
         "target": "node within 0.01 of eval on BLEU-4 and CE13 micro-F1",
@@ -306,10 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads on both sides (node default 1)")
     p.add_argument("--scales", default="4,5,6,7,8", help="upsampling factors, cycled over the studies")
     p.add_argument("--input-check", default="off", choices=("enforce", "warn", "off"),
-                   help="pipeline.input_check on the node (off: every study is drafted, so texts compare)")
-    p.add_argument("--keep-deid-marks", action="store_true",
-                   help="diagnostic: the node's indication cleaning reduced to whitespace (de-identification "
-                        "marks kept, as training and eval have them), patched in this process")
+                   help="pipeline.input_check on the node and in eval (default off: every study is drafted)")
     p.add_argument("--no-decompose", dest="decompose", action="store_false",
                    help="skip the eval run with the node's indication")
     p.add_argument("--profile", type=int, default=40, help="compare model inputs for the first N studies (0 = skip)")
