@@ -165,10 +165,14 @@ def _sub(args: list[str]) -> dict[str, Any]:
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def divergence_margins(bundle: str, ids: dict[str, list[list[int]]], studies: int, threads: int) -> dict[str, Any]:
+def divergence_margins(bundles: dict[str, str], ids: dict[str, list[list[int]]], studies: int,
+                       threads: int) -> dict[str, Any]:
     """Where a variant's greedy text first leaves fp32's: fp32's log-probability margin there
     between its own choice and the variant's (small = a near-tie that any perturbation flips),
-    and fp32's median top-1 vs top-2 margin over all steps, for scale."""
+    and fp32's median top-1 vs top-2 margin over all steps, for scale. Then per step, teacher
+    forced on fp32's text (no compounding): how often the variant picks fp32's token, overall
+    and at the steps where fp32's top-1 vs top-2 margin is at least 0.02 and 0.1 nats."""
+    bundle = bundles["fp32"]
     import numpy as np
 
     from onnx_models.import_hf import probe_images
@@ -179,16 +183,19 @@ def divergence_margins(bundle: str, ids: dict[str, list[list[int]]], studies: in
     ref = ids["fp32"]
     cache: dict[int, np.ndarray] = {}
 
-    def logprobs(i: int) -> np.ndarray:  # fp32 log-probabilities at every step of fp32's own text
+    def forced(g: Any, i: int) -> np.ndarray:  # log-probabilities at every step of fp32's own text
+        _, st = g._encode([StudyInput(views=[(ims[i], "PA")])])
+        pk, pv = g._empty_past(st)
+        seq = np.array([[g._bos] + ref[i]], dtype=np.int64)
+        logits = g._sessions["decoder"].run(["logits"], {
+            "input_ids": seq, "memory_mask": st.memory_mask, "cross_k": st.cross_k, "cross_v": st.cross_v,
+            "past_k": pk, "past_v": pv})[0][0].astype(np.float64)
+        logits[:, g._banned] = -np.inf
+        return np.asarray(logits - np.logaddexp.reduce(logits, axis=1, keepdims=True))
+
+    def logprobs(i: int) -> np.ndarray:
         if i not in cache:
-            _, st = gen._encode([StudyInput(views=[(ims[i], "PA")])])
-            pk, pv = gen._empty_past(st)
-            seq = np.array([[gen._bos] + ref[i]], dtype=np.int64)
-            logits = gen._sessions["decoder"].run(["logits"], {
-                "input_ids": seq, "memory_mask": st.memory_mask, "cross_k": st.cross_k, "cross_v": st.cross_v,
-                "past_k": pk, "past_v": pv})[0][0].astype(np.float64)
-            logits[:, gen._banned] = -np.inf
-            cache[i] = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+            cache[i] = forced(gen, i)
         return cache[i]
 
     top2: list[float] = []
@@ -205,7 +212,19 @@ def divergence_margins(bundle: str, ids: dict[str, list[list[int]]], studies: in
             if k is not None:
                 lp = logprobs(i)[k]
                 gaps.append(float(lp[a[k]] - lp[b[k]]))
-        out[name] = {"fp32_margin_at_first_difference_median": round(float(np.median(gaps)), 3) if gaps else None,
+        other = ReportGenerator(bundles[name], threads=threads, beam_size=1)
+        agree, margin = [], []
+        for i in range(len(ref)):
+            a, b = logprobs(i)[:-1], forced(other, i)[:-1]
+            best = np.sort(a, axis=1)[:, -2:]
+            agree += (a.argmax(axis=1) == b.argmax(axis=1)).tolist()
+            margin += (best[:, 1] - best[:, 0]).tolist()
+        ag, mg = np.array(agree), np.array(margin)
+        steps = {"teacher_forced_step_agreement": round(float(ag.mean()), 4),
+                 "step_agreement_where_fp32_margin_ge_0.02": round(float(ag[mg >= 0.02].mean()), 4),
+                 "step_agreement_where_fp32_margin_ge_0.1": round(float(ag[mg >= 0.1].mean()), 4),
+                 "steps": int(ag.size)}
+        out[name] = {**steps, "fp32_margin_at_first_difference_median": round(float(np.median(gaps)), 3) if gaps else None,
                      "fp32_margin_at_first_difference_max": round(float(np.max(gaps)), 3) if gaps else None,
                      "fp32_top1_top2_margin_median_all_steps": round(float(np.median(top2)), 3),
                      "fp32_steps_with_margin_below_0.1": round(float(np.mean(np.array(top2) < 0.1)), 3)}
@@ -246,7 +265,7 @@ def measure(work: Path, peaked: bool, studies: int, tokens: int, threads: int) -
     timed = _sub(["--time-variants", json.dumps(bundles), "--studies", str(studies), "--tokens", str(tokens),
                   "--threads", str(threads)])
     ids = {k: v.pop("ids") for k, v in timed.items()}
-    margins = _sub(["--margins", json.dumps({"bundle": str(fp32), "ids": ids}), "--studies", str(studies),
+    margins = _sub(["--margins", json.dumps({"bundles": bundles, "ids": ids}), "--studies", str(studies),
                     "--threads", str(threads)])
     for k in bundles:
         res[k] = {**timed[k], **_sub(["--rss-variant", bundles[k], "--tokens", str(tokens), "--threads", str(threads)])}
@@ -276,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.margins:
         a = json.loads(args.margins)
-        print(json.dumps(divergence_margins(a["bundle"], a["ids"], args.studies, args.threads)))
+        print(json.dumps(divergence_margins(a["bundles"], a["ids"], args.studies, args.threads)))
         return 0
     if args.rss_variant:
         print(json.dumps(rss_variant(args.rss_variant, args.tokens, args.threads)))

@@ -685,8 +685,6 @@ def _import_llava(src: Path, out: Path, name: str, version: str, section: str, i
                   prompt_template: str, calibration_images: str | Path | None, check: bool) -> Path:
     from .import_hf_llava import DEFAULT_TEMPLATE, import_llava
 
-    if int8 or fp16:
-        raise ImportHFError("--int8/--fp16 are not available for LLaVA checkpoints yet")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -699,6 +697,18 @@ def _import_llava(src: Path, out: Path, name: str, version: str, section: str, i
                                   "precision": "fp32", "generation_config": _json(src / "generation_config.json")}
         manifest = import_llava(src, tmp, src, name or src.name, version or "0.0.0",
                                 prompt_template or DEFAULT_TEMPLATE, section, source, check)
+        if int8 or fp16:
+            from .import_hf_speed import DECODER_ONLY_ROLES, to_fp16, to_int8
+
+            if int8:
+                to_int8(tmp, manifest, roles=DECODER_ONLY_ROLES)
+            else:
+                to_fp16(tmp, manifest, roles=DECODER_ONLY_ROLES)
+            write_manifest(tmp, manifest)
+            if check and int8:
+                from .import_hf_llava import recheck_int8
+
+                source["checks_int8"] = recheck_int8(src, tmp)
         (tmp / "MODEL_CARD.md").write_text(model_card(manifest), encoding="utf-8")
         write_manifest(tmp, manifest)
         if calibration_images:

@@ -255,13 +255,26 @@ def hf_prompt_ids(gen: Any, st: Any, n_image: int, image_token: int) -> list[int
             + [image_token] * n_image + gen.tokenizer.encode(text[1], add_special_tokens=False).ids)
 
 
+def probe_studies() -> list[Any]:
+    from .import_hf import probe_images
+    from .runtime import StudyInput
+
+    ims = probe_images(3)
+    return [StudyInput(views=[(ims[0], "PA"), (ims[1], "LATERAL")], indication="Cough and fever."),
+            StudyInput(views=[(ims[2], "AP")])]
+
+
+def recheck_int8(src: Path, bundle: Path) -> dict[str, Any]:
+    """The int8 bundle against transformers (reported, not enforced)."""
+    return check_llava(load_llava(src), bundle, image_spec(src), probe_studies())
+
+
 def import_llava(src: Path, tmp: Path, spec_src: Path, name: str, version: str, template: str, section: str,
                  source: dict[str, Any], check: bool) -> dict[str, Any]:
     """Write the decoder-only bundle for ``src`` into ``tmp`` and return its manifest."""
     from tokenizers import Tokenizer
 
     from .bundle import BUNDLES_DIR
-    from .runtime import StudyInput
 
     spec = image_spec(spec_src)
     model = load_llava(src)
@@ -281,12 +294,7 @@ def import_llava(src: Path, tmp: Path, spec_src: Path, name: str, version: str, 
     manifest = build_llava_manifest(model, graphs, dims, spec, tok, name, version, template, section, source)
     write_manifest(tmp, manifest)
     if check:
-        from .import_hf import probe_images
-
-        ims = probe_images(3)
-        studies = [StudyInput(views=[(ims[0], "PA"), (ims[1], "LATERAL")], indication="Cough and fever."),
-                   StudyInput(views=[(ims[2], "AP")])]
-        source["checks"] = check_llava(model, tmp, spec, studies)
+        source["checks"] = check_llava(model, tmp, spec, probe_studies())
         if source["checks"]["max_abs_logit_diff"] > 1e-4:
             raise ImportHFError(f"{src}: the exported graphs differ from transformers by "
                                 f"{source['checks']['max_abs_logit_diff']:.2e} in the logits; not written")

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 QUANTISED_ROLES = ("encoder", "bridge", "decoder")
+#: decoder-only (LLaVA) bundles: the token embedding stays float32 (a gather, nothing to gain)
+DECODER_ONLY_ROLES = ("encoder", "decoder")
 
 
 def lm_head_nodes(path: Path) -> list[str]:
@@ -54,12 +56,12 @@ def to_int8(bundle: Path, manifest: dict[str, Any], keep_lm_head: bool = False,
     manifest["import"]["providers"] = ["CPUExecutionProvider"]
 
 
-def to_fp16(bundle: Path, manifest: dict[str, Any]) -> None:
-    """Convert the graphs of ``QUANTISED_ROLES`` to float16 with float32 inputs and outputs."""
+def to_fp16(bundle: Path, manifest: dict[str, Any], roles: tuple[str, ...] = QUANTISED_ROLES) -> None:
+    """Convert the graphs of ``roles`` to float16 with float32 inputs and outputs."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    for role in QUANTISED_ROLES:
+    for role in roles:
         path = bundle / manifest["graphs"][role]["file"]
         model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
         onnx.save(model, str(path))

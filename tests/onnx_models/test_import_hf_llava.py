@@ -126,13 +126,17 @@ def test_batching_changes_nothing(imported: tuple[Path, Path]) -> None:
                                                           .tokens] for s in studies[:2]]
 
 
-def test_template_needs_image_and_no_speed_variants_yet(tmp_path: Path, imported: tuple[Path, Path]) -> None:
+def test_template_needs_image_and_int8_variant(tmp_path: Path, imported: tuple[Path, Path]) -> None:
     ck, _ = imported
     with pytest.raises(ImportHFError, match="must contain <image>"):
         import_hf(ck, tmp_path / "x", prompt_template="Indication: {indication}")
-    with pytest.raises(ImportHFError, match="not available for LLaVA"):
-        import_hf(ck, tmp_path / "x", int8=True)
     assert not (tmp_path / "x").exists()
+    out = import_hf(ck, tmp_path / "b8", int8=True)
+    m = load_bundle(out).manifest
+    assert m["import"]["precision"].startswith("int8") and "precision" not in m["graphs"]["embed"]
+    assert m["import"]["checks_int8"]["greedy_compared"] == 2
+    [r] = ReportGenerator(out, threads=1).generate(_studies()[:1], beam_size=1, max_tokens=6)
+    assert r.tokens
 
 
 def test_drafts_a_study_through_the_node_pipeline(tmp_path: Path, imported: tuple[Path, Path],
