@@ -171,9 +171,12 @@ def test_received_instance_is_never_replaced(node, tmp_path: Path) -> None:  # t
     assert study_row(node, study)[0] == 1
 
 
-def test_concurrent_senders_of_one_uid_cannot_overwrite_each_other(node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_senders_of_one_uid_cannot_overwrite_each_other(make_config, start_node, database_url: str,  # type: ignore[no-untyped-def]
+                                                                    tmp_path: Path) -> None:
     """Two associations racing with different content for one new SOP Instance UID: exactly
-    one is acknowledged, and what is on disk is what was acknowledged."""
+    one is acknowledged, and what is on disk is what was acknowledged (SQLite and PostgreSQL)."""
+    node = start_node(make_config(node={"database_url": database_url}, jobs={"workers": 0},
+                                  study={"quiet_period_s": 3600}))
     template = pydicom.dcmread(NIH)
     for k in range(4):
         study, series, sop = generate_uid(), generate_uid(), generate_uid()
