@@ -37,10 +37,11 @@ will not take; PS3.7's 0x0111 "duplicate SOP instance" is defined for N-CREATE o
 node already uses C210-C213 for its other refusals, so a clash takes the next two codes.
 
 **Nothing received replaces or removes a stored instance.** A re-sent instance with the same
-content, study and series is acknowledged without rewriting. A received instance whose SOP
-Instance UID is already stored with other content or in another study/series is refused with
-0xC214; one that reuses the UID of an object the node generated (a draft or signed SR) is
-refused with 0xC215 whatever it contains, unless it is byte-identical. Both are audited
+data set, study and series is acknowledged without rewriting (the File Meta Information may
+differ: it names the sender). A received instance whose SOP Instance UID is already stored with
+other content or in another study/series is refused with 0xC214; one that reuses the UID of an
+object the node generated (a draft or signed SR) is refused with 0xC215 whatever it contains,
+unless its data set is identical (a PACS echoing our SR). Both are audited
 (``store-refused``). The file is placed with a no-replace link, so a concurrent writer of the
 same path (another association, the node writing its SR) cannot be overwritten either.
 
