@@ -61,6 +61,9 @@ def test_json_schema_and_a_node_that_is_not_running_is_a_fail(site: dict[str, An
     assert rc == 1 and out["ok"] is False and out["status"] == FAIL
     assert checks["reviewers"]["status"] == WARN and checks["reviewers"]["code"] == "reviewers.none"
     assert "display" not in checks  # not a reviewer workstation
+    # without a specific reason the code is "<check>.<level>", the check's name in snake case
+    assert checks["storage writable"]["code"] == "storage_writable.ok"
+    assert checks["destinations"]["code"] == "destinations.warn"
 
 
 def test_a_running_node_is_ok(site: dict[str, Any]) -> None:
