@@ -8,9 +8,11 @@ gate's outcome and the queue figures."""
 from __future__ import annotations
 
 import json
-import sqlite3
+import os
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +54,36 @@ class Serve:
         assert self.proc.wait(timeout=60) == 0, self.log.read_text()
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """SQLite in the store, or a private PostgreSQL database (created and dropped here, so tests
+    sharing the server are not disturbed)."""
+    if request.param == "sqlite":
+        yield ""
+        return
+    server = os.environ.get("CXRNODE_TEST_POSTGRES_URL", "")
+    if not server:
+        pytest.skip("CXRNODE_TEST_POSTGRES_URL is not set")
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"cxrnode_jobs_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(server).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 @pytest.fixture
-def site(tmp_path: Path, free_port: Any) -> dict[str, Any]:
+def site(tmp_path: Path, free_port: Any, database_url: str) -> dict[str, Any]:
     closed = free_port()  # the PACS is down: drafts wait in the outbound queue
-    sections = node_sections(tmp_path, node={"port": free_port()}, jobs={"workers": 0, "max_attempts": 1},
+    node = {"port": free_port(), **({"database_url": database_url} if database_url else {})}
+    sections = node_sections(tmp_path, node=node, jobs={"workers": 0, "max_attempts": 1},
                              study={"quiet_period_s": 0.3},
                              destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": closed,
                                             "send": "drafts_and_signed"}],
@@ -117,10 +145,15 @@ def test_follow_a_failed_job_retry_it_and_see_the_draft(site: dict[str, Any]) ->
 
     proc = cxrnode("jobs", "--config", str(cfg_path), "retry", str(job.job_id))
     assert proc.returncode == 0 and f"job {job.job_id} (study {study_uid}): was failed, queued again" in proc.stdout
-    db = config.node.resolved_database_url().removeprefix("sqlite:///")
-    with sqlite3.connect(db) as con:
-        audited = con.execute("SELECT actor, action, study_instance_uid, detail FROM audit_events "
-                              "WHERE action = 'job_retried'").fetchall()
+    from sqlalchemy import select
+
+    from dicom_node.db import AuditEvent
+
+    engine = make_engine(config.node.resolved_database_url())
+    with session_factory(engine)() as s:
+        audited = s.execute(select(AuditEvent.actor, AuditEvent.action, AuditEvent.study_instance_uid,
+                                   AuditEvent.detail).where(AuditEvent.action == "job_retried")).all()
+    engine.dispose()
     assert len(audited) == 1 and audited[0][2] == study_uid and "scanner offline" in audited[0][3]
     status = json.loads(cxrnode("status", "--config", str(cfg_path), "--json").stdout)
     assert status["queue"]["jobs_pending"] == 1 and status["queue"]["oldest_pending_job_age_s"] >= 0
