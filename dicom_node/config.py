@@ -19,6 +19,7 @@ import dataclasses
 import ipaddress
 import os
 import re
+import socket
 import tomllib
 import types
 import typing
@@ -29,6 +30,17 @@ from typing import Any
 
 ENV_PREFIX = "CXRNODE_"
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash
+HOST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # a folder name on every filesystem
+
+
+def resolve_host_id(host_id: str = "") -> str:
+    """``host_id``, else this machine's host name (its first label), checked as a folder name
+    (``node.host_id``: a host's spool folder is ``storage_dir/tmp/<host id>``)."""
+    hid = host_id or socket.gethostname().split(".")[0]
+    if not HOST_ID_RE.fullmatch(hid) or hid in {".", ".."}:
+        raise ConfigError(f"node.host_id: expected 1-64 of A-Z a-z 0-9 . _ -, got {hid!r}"
+                          + ("" if host_id else " (the host name; set node.host_id)"))
+    return hid
 
 
 class ConfigError(ValueError):
@@ -75,11 +87,19 @@ class NodeConfig:
         "take to deliver one PDU once it has started.", 120.0
     )
     log_level: str = _doc("Logging level: DEBUG, INFO, WARNING, ERROR.", "INFO")
+    host_id: str = _doc(
+        "This host's name among hosts sharing storage_dir: its spool folder is `storage_dir/tmp/<host_id>` and "
+        "it cleans only that one at start. Empty: the machine's host name. 1-64 of `A-Z a-z 0-9 . _ -`.", ""
+    )
 
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
         return f"sqlite:///{Path(self.storage_dir).resolve() / 'cxrnode.db'}"
+
+    def resolved_host_id(self) -> str:
+        """``host_id``, else the machine's host name (first label); validated either way."""
+        return resolve_host_id(self.host_id)
 
 
 @dataclass(frozen=True)
@@ -347,6 +367,8 @@ def validate(c: Config) -> None:
         raise ConfigError(f"node.log_level: expected DEBUG, INFO, WARNING or ERROR, got {c.node.log_level!r}")
     if not c.node.storage_dir:
         raise ConfigError("node.storage_dir: expected a folder path, got ''")
+    if c.node.host_id:
+        resolve_host_id(c.node.host_id)
     for i, ae in enumerate(c.security.allowed_calling_ae_titles):
         _check_ae(f"security.allowed_calling_ae_titles[{i}]", ae)
     for i, net in enumerate(c.security.allowed_networks):

@@ -82,7 +82,7 @@ class Node:
         try:
             os.umask(private_umask(before, self._shared))
             self.store = Store(config.node.storage_dir, fsync=config.node.fsync,
-                               min_free_space_mb=config.node.min_free_space_mb)
+                               min_free_space_mb=config.node.min_free_space_mb, host_id=config.node.host_id)
         finally:
             os.umask(before)
         self.engine: Engine | None = None
@@ -105,9 +105,10 @@ class Node:
         if self._umask_before is None:  # process-wide, from start() to stop()
             self._umask_before = os.umask(0o077)
             os.umask(private_umask(self._umask_before, self._shared))
-        removed = self.store.clean_spool()
+        removed = self.store.clean_spool()  # this host's spool only: other hosts may be receiving
         if removed:
-            log.warning("removed %d incomplete spool file(s) left by an earlier run", removed)
+            log.warning("removed %d incomplete spool file(s) left by an earlier run on host %r", removed,
+                        self.store.host_id)
         migrate(url)
         self._restrict(url)
         self.engine = make_engine(url)
@@ -132,6 +133,7 @@ class Node:
         """No access for others on the storage folder, the spool and the SQLite index, also when
         an earlier run (or another umask) created them open."""
         restrict_path(self.store.root, self._shared, folder=True)
+        restrict_path(self.store.spool_root, self._shared, folder=True)
         restrict_path(self.store.tmp_dir, self._shared, folder=True)
         if url.startswith("sqlite:///"):
             db = Path(url.removeprefix("sqlite:///"))

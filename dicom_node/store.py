@@ -3,13 +3,16 @@
 Layout under ``storage_dir``::
 
     instances/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm   DICOM files (PS3.10)
-    tmp/                                                                      spool files being received
+    tmp/<host id>/                                                            spool files being received by that host
 
 Durability protocol (what "stored" means before the SCP answers 0x0000, PS3.4 B.2.3):
-the object is first written to a spool file in ``tmp/`` (same filesystem as its final
+the object is first written to a spool file in ``tmp/<host id>/`` (same filesystem as its final
 place), the file is fsynced, atomically renamed into place, and the directory that now holds
 it is fsynced. A crash at any point leaves either no file or the complete file at its final
-path; leftovers in ``tmp/`` are removed at start (:meth:`Store.clean_spool`).
+path; leftovers in this host's spool folder are removed at start (:meth:`Store.clean_spool`).
+Several hosts may share one storage folder (a shared POSIX folder, e.g. NFS): each spools into
+its own ``tmp/<host id>/`` (``node.host_id``, else the host name) and cleans only that one, so
+starting one host never deletes another host's files in flight.
 
 Received instances are kept *as sent*: the dataset bytes are those of the C-STORE request, in
 the negotiated transfer syntax, behind a File Meta Information header (PS3.10 7.1).
@@ -33,6 +36,8 @@ from typing import IO
 
 from pydicom import Dataset
 from pydicom.filewriter import dcmwrite
+
+from dicom_node.config import resolve_host_id
 
 _UID_SAFE = re.compile(r"^[0-9.]{1,64}$")
 _CHUNK = 1 << 20
@@ -197,12 +202,16 @@ class SpoolFile:
 class Store:
     """Durable files under ``storage_dir`` (see the module docstring for the layout)."""
 
-    def __init__(self, storage_dir: str | os.PathLike[str], fsync: bool = True, min_free_space_mb: int = 0) -> None:
+    def __init__(self, storage_dir: str | os.PathLike[str], fsync: bool = True, min_free_space_mb: int = 0,
+                 host_id: str = "") -> None:
         self.root = Path(storage_dir).resolve()
         self.fsync = fsync
         self.min_free_space_mb = min_free_space_mb
-        self.tmp_dir = self.root / "tmp"
+        self.host_id = resolve_host_id(host_id)
+        self.spool_root = self.root / "tmp"
+        self.tmp_dir = self.spool_root / self.host_id  # this host's spool folder
         self.root.mkdir(parents=True, exist_ok=True)
+        self.spool_root.mkdir(exist_ok=True)
         self.tmp_dir.mkdir(exist_ok=True)
         self._dev = os.stat(self.root).st_dev
 
@@ -316,7 +325,8 @@ class Store:
             os.unlink(self.abspath(relpath))
 
     def clean_spool(self) -> int:
-        """Delete leftover spool files (from a crash); return how many were removed."""
+        """Delete leftover spool files (from a crash) of this host only (``tmp/<host id>/``; other
+        hosts' spool folders and anything else under ``tmp/`` are left alone); return how many."""
         n = 0
         for p in self.tmp_dir.iterdir():
             with contextlib.suppress(OSError):

@@ -180,8 +180,8 @@ def files_under(root: Path) -> list[Path]:
 
 
 def spool_files(store_root: Path) -> list[Path]:
-    tmp = store_root / "tmp"
-    return sorted(tmp.iterdir()) if tmp.exists() else []
+    tmp = store_root / "tmp"  # every host's spool folder (tmp/<host id>/)
+    return sorted(p for p in tmp.rglob("*") if p.is_file()) if tmp.exists() else []
 
 
 def copy_tree(src: Path, dst: Path) -> None:

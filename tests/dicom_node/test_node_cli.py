@@ -162,7 +162,7 @@ def test_kill_9_mid_study_then_restart(config_file: Path, tmp_path: Path) -> Non
             uid = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
             assert uid in rows, "an acknowledged instance is missing from the index"
             assert dataset_bytes(store.abspath(rows[uid])) == dataset_bytes(f)
-        assert list((store.root / "tmp").iterdir()) == []  # partial spool files were removed
+        assert list(store.tmp_dir.iterdir()) == []  # partial spool files were removed
         # the sender resends what was not acknowledged (a PACS would retry the same way)
         rest = [f for f in files if f not in acked]
         r = subprocess.run(["/usr/bin/storescu", "-aec", "CXRNODE", "127.0.0.1", str(config.node.port),
