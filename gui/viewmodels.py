@@ -423,6 +423,28 @@ class ReviewModel:
         bits += [format_da(d.study_date), f"Acc {d.accession_number}" if d.accession_number else ""]
         return "  ·  ".join(b for b in bits if b)
 
+    def signing_for(self) -> str:
+        """The open study in one line, shown beside the Sign button at all times:
+        ``SCHMIDT, Hans · ID CXR-10001 · Acc A1001 · 2026-11-27``."""
+        d = self.detail
+        bits = [format_person_name(d.patient_name) or "(no name)", f"ID {d.patient_id or '(none)'}",
+                f"Acc {d.accession_number or '(none)'}", format_da(d.study_date) or "(no study date)"]
+        return "  ·  ".join(bits)
+
+    def sign_confirmation(self) -> tuple[str, str]:
+        """(title, text) of the question asked before every signature: it names the patient, the
+        patient ID, the accession number and the study date of the open study, and says whether
+        the text is the unchanged AI draft or edited (both are confirmed)."""
+        d = self.detail
+        who = (f"Patient: {format_person_name(d.patient_name) or '(no name)'}\n"
+               f"Patient ID: {d.patient_id or '(none)'}\n"
+               f"Accession: {d.accession_number or '(none)'}\n"
+               f"Study date: {format_da(d.study_date) or '(none)'}")
+        if self.needs_confirmation():
+            return ("Sign the unchanged AI draft?",
+                    f"{who}\n\nThe text is exactly the AI draft. Sign it as your report, verified by you?")
+        return "Sign this report?", f"{who}\n\nSign your edited report for this patient, verified by you?"
+
     # -- text -----------------------------------------------------------------------------
     def set_text(self, findings: str, impression: str) -> None:
         if self.read_only:

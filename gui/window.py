@@ -67,6 +67,8 @@ QLabel#banner_withheld { background: #fbefff; color: #512a97; border: 2px solid 
 QLabel#gate { color: #57606a; }
 QLabel#gate_alert { background: #fff1e5; color: #762c00; border: 1px solid #fb8f44; border-radius: 4px;
     padding: 4px 6px; }
+QLabel#signing_for { background: #ffffff; color: #1f2328; border: 2px solid #1f883d; border-radius: 4px;
+    padding: 4px 6px; font-weight: 700; }
 QLabel#legend { color: #57606a; font-size: 11px; }
 QTableWidget#probabilities { font-size: 12px; }
 QLabel#section { font-weight: 700; color: #57606a; text-transform: uppercase; margin-top: 6px; }
@@ -140,16 +142,37 @@ class WorklistPane(QWidget):
         self.count = QLabel("", self)
         self.count.setObjectName("model")
         lay.addWidget(self.count)
+        self.syncing = False
 
     def select_draft(self, draft_id: int | None) -> None:
-        i = self.vm.index_of(draft_id)
+        """Highlight (select and make current) the row of ``draft_id``; nothing is highlighted
+        when it is None or not listed. Programmatic: ``syncing`` is set while it runs so that the
+        window does not take it for the reviewer choosing a row."""
+        i = self.vm.index_of(draft_id) if draft_id is not None else -1
         sel = self.table.selectionModel()
-        if i >= 0 and sel is not None:
-            sel.select(
-                self.model.index(i, 0),
-                QItemSelectionModel.SelectionFlag.ClearAndSelect | QItemSelectionModel.SelectionFlag.Rows,
-            )
-            self.table.scrollTo(self.model.index(i, 0))
+        if sel is None:
+            return
+        self.syncing = True
+        try:
+            if i >= 0:
+                sel.setCurrentIndex(
+                    self.model.index(i, 0),
+                    QItemSelectionModel.SelectionFlag.ClearAndSelect | QItemSelectionModel.SelectionFlag.Rows,
+                )
+                self.table.scrollTo(self.model.index(i, 0))
+            else:
+                sel.clearSelection()
+                sel.setCurrentIndex(self.model.index(-1, -1), QItemSelectionModel.SelectionFlag.NoUpdate)
+        finally:
+            self.syncing = False
+
+    def highlighted_drafts(self) -> list[int | None]:
+        """Draft ids of the highlighted rows (at most one)."""
+        sel = self.table.selectionModel()
+        if sel is None:
+            return []
+        rows = sorted({i.row() for i in sel.selectedRows()})
+        return [self.vm.rows[r].draft_id for r in rows if 0 <= r < len(self.vm.rows)]
 
 
 class ReportPane(QWidget):
@@ -268,6 +291,12 @@ class ReportPane(QWidget):
         self.hl_impression = UncertainWords(self.impression, lambda t: self._spans("impression", t))
         self.findings.marks, self.impression.marks = self.hl_findings, self.hl_impression
 
+        self.signing_for = QLabel("", self)
+        self.signing_for.setObjectName("signing_for")
+        self.signing_for.setWordWrap(True)
+        self.signing_for.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.signing_for.setToolTip("The study Sign (Ctrl+Enter) signs: always the open one, highlighted in the worklist")
+        lay.addWidget(self.signing_for)
         buttons = QHBoxLayout()
         self.reject_button = QPushButton("Reject…", self)
         self.reject_button.setObjectName("reject")
@@ -390,8 +419,12 @@ class ReportPane(QWidget):
             for e in (self.findings, self.impression):
                 e.setReadOnly(True)
             self.signer.setText("")
+            self.signing_for.setText("")
+            self.signing_for.setVisible(False)
             self._update_buttons()
             return
+        self.signing_for.setText(("Signed for: " if vm.is_final else "Signing for: ") + vm.signing_for())
+        self.signing_for.setVisible(True)
         self.patient.setText(vm.patient_line())
         kind, text = vm.banner()
         self.banner.setObjectName(f"banner_{kind}")
@@ -519,7 +552,12 @@ class ReviewerWindow(QMainWindow):
         w.search.textChanged.connect(self._search_changed)
         w.state.currentTextChanged.connect(self._filter_changed)
         w.model.sort_requested.connect(self.refresh)
-        w.table.clicked.connect(lambda idx: self._row_chosen(idx.row()))
+        # the highlighted row is always the open study: choosing a row (click, arrow keys, Enter)
+        # opens it, and every other change of the open study moves the highlight (_sync_selection)
+        sel_model = w.table.selectionModel()
+        assert sel_model is not None
+        sel_model.currentRowChanged.connect(lambda cur, prev: self._current_row_changed(cur.row()))
+        w.table.clicked.connect(lambda idx: self._row_chosen(idx.row()))  # also the row already current
         w.table.activated.connect(lambda idx: self._row_chosen(idx.row()))
         self.report.sign_button.clicked.connect(self.sign)
         self.report.reject_button.clicked.connect(self.reject)
@@ -652,9 +690,8 @@ class ReviewerWindow(QMainWindow):
 
     def _refreshed(self, rows: list[Any]) -> None:
         self._refreshing = False
-        current = self.review.detail.draft_id if self.review else None
         self.worklist.model.set_rows(rows)
-        self.worklist.select_draft(current)
+        self._sync_selection()
         n_open = sum(1 for r in rows if r.state == "new")
         self.worklist.count.setText(f"{len(rows)} studies · {n_open} waiting")
         self.worklist_refreshed.emit()
@@ -670,11 +707,23 @@ class ReviewerWindow(QMainWindow):
         log.warning("worklist refresh failed: %s", exc)
         self.say(f"Worklist could not be refreshed: {exc}")
 
+    def _sync_selection(self) -> None:
+        """Highlight the open study's row (or the one being opened); none if it is not listed."""
+        target = self._opening if self._opening is not None else (self.review.detail.draft_id if self.review else None)
+        self.worklist.select_draft(target)
+
+    def _current_row_changed(self, row: int) -> None:
+        if self.worklist.syncing:
+            return
+        self._row_chosen(row)
+
     def _row_chosen(self, row: int) -> None:
         if 0 <= row < len(self.worklist_vm.rows):
             r = self.worklist_vm.rows[row]
             if r.draft_id is None:
                 self.say(f"No draft: drafting failed for this study. {r.detail}".strip())
+                # the highlight goes back to the study that is open (after this selection change)
+                QTimer.singleShot(0, self._sync_selection)
                 return
             self.open_draft(r.draft_id)
 
@@ -696,15 +745,19 @@ class ReviewerWindow(QMainWindow):
 
     def open_draft(self, draft_id: int) -> None:
         """Claim (when possible) and show a draft; the previous one is released."""
-        if self._opening == draft_id or (self.review and self.review.detail.draft_id == draft_id and self._opening is None):
+        if self._opening == draft_id or (
+            self.review and self.review.detail.draft_id == draft_id and self._opening is None
+            and (self.review.holds_claim or self.review.is_final)
+        ):
             return
         previous = self.review
         if previous is not None and previous.holds_claim and not previous.is_final and previous.edited:
             if not self.confirm("Discard your changes?",
                                 "You edited this draft but did not sign it. Discard your changes and open another study?"):
-                self.worklist.select_draft(previous.detail.draft_id)
+                QTimer.singleShot(0, self._sync_selection)
                 return
         self._opening = draft_id
+        self._sync_selection()
         self.say("Opening…")
 
         def work(progress: Callable[[int, int, str], None]) -> viewmodels.ReviewModel:
@@ -716,6 +769,12 @@ class ReviewerWindow(QMainWindow):
 
     def _open_failed(self, exc: BaseException, tb: str) -> None:
         self._opening = None
+        vm = self.review
+        if vm is not None and not vm.holds_claim and not vm.is_final and not vm.notice:
+            # its claim was given back before the other study failed to open: say so, read-only
+            vm.notice = "read-only: released when another study was opened; choose it in the worklist to claim it again"
+            self.report.show_review(vm, self._signer_text())
+        self._sync_selection()  # back to the study still open
         self._fail("Cannot open the draft")(exc, tb)
 
     def _opened(self, vm: viewmodels.ReviewModel) -> None:
@@ -726,7 +785,7 @@ class ReviewerWindow(QMainWindow):
         self.review = vm
         self.report.show_review(vm, self._signer_text())
         self.study.set_pictures(vm.pictures, [vm.view_gate(p.sop_instance_uid) for p in vm.pictures])
-        self.worklist.select_draft(vm.detail.draft_id)
+        self._sync_selection()
         self.say(vm.banner()[1])
         if vm.view_errors:
             self.say("Not every view can be shown — " + "; ".join(vm.view_errors))
@@ -755,10 +814,13 @@ class ReviewerWindow(QMainWindow):
         if not vm.can_sign:
             self.say("This report cannot be signed: " + vm.banner()[1])
             return
-        if vm.needs_confirmation() and not self.confirm(
-            "Sign the unchanged AI draft?",
-            "The text is exactly the AI draft. Sign it as your report, verified by you?",
-        ):
+        if [d for d in self.worklist.highlighted_drafts() if d != vm.detail.draft_id]:
+            # never sign one study while another is highlighted (cannot happen; checked anyway)
+            self._sync_selection()
+            self.say("Not signed: the highlighted worklist row was not the open study. Check the patient and sign again.")
+            return
+        title, text = vm.sign_confirmation()  # every signature, edited or not, names the open study
+        if not self.confirm(title, text):
             self.say("Not signed.")
             return
         self.report.sign_button.setEnabled(False)
@@ -818,6 +880,7 @@ class ReviewerWindow(QMainWindow):
             return
         nxt = self.worklist_vm.next_open_after(vm.detail.draft_id)
         self.review = None
+        self._sync_selection()
         self.report.show_review(None)
         self.study.set_pictures([])
 

@@ -93,7 +93,7 @@ def test_full_review_worklist_open_edit_sign(qtbot, make_window, node: synthetic
     w.confirm = lambda title, text: asked.append(title) or True
     with qtbot.waitSignal(w.signed, timeout=WAIT):
         qtbot.keyClick(pane.impression, Qt.Key.Key_Return, Qt.KeyboardModifier.ControlModifier)
-    assert asked == []  # edited text: no "unchanged draft" confirmation
+    assert asked == ["Sign this report?"]  # edited text: confirmed too, naming the patient (not "unchanged draft")
     assert w.errors == []
 
     # the verified SR exists with the edited text, the draft is signed, audit rows are there

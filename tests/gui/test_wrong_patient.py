@@ -1,0 +1,156 @@
+"""Wrong-patient safety in the real reviewer window (issue 17): the highlighted worklist row is
+always the open study, the signature names the open study's patient, and a draft still holding
+de-identification placeholders ("xxxx") cannot be signed. Run with ``-k wrong_patient``."""
+
+from __future__ import annotations
+
+from PyQt6.QtCore import Qt
+from sqlalchemy import select
+
+from dicom_node.db import Draft, DraftState
+from gui import synthetic, viewmodels
+from gui.window import ReviewerWindow
+from plugin.review import ReviewError
+
+WAIT = 30000
+
+
+def wait_idle(qtbot, w: ReviewerWindow) -> None:  # type: ignore[no-untyped-def]
+    qtbot.waitUntil(lambda: not w._refreshing and not w.tasks.running and w._opening is None, timeout=WAIT)
+
+
+def row_of(w: ReviewerWindow, patient_id: str) -> int:
+    return next(i for i, r in enumerate(w.worklist_vm.rows) if r.patient_id == patient_id)
+
+
+def highlighted(w: ReviewerWindow) -> list[int | None]:
+    """Draft ids of the highlighted worklist rows (and of the current row, if it differs)."""
+    sel = w.worklist.table.selectionModel()
+    assert sel is not None
+    rows = sorted({i.row() for i in sel.selectedRows()})
+    return [w.worklist_vm.rows[r].draft_id for r in rows]
+
+
+def open_row(qtbot, w: ReviewerWindow, patient_id: str) -> int:  # type: ignore[no-untyped-def]
+    wait_idle(qtbot, w)
+    i = row_of(w, patient_id)
+    draft_id = w.worklist_vm.rows[i].draft_id
+    rect = w.worklist.table.visualRect(w.worklist.model.index(i, 0))
+    with qtbot.waitSignal(w.review_shown, timeout=WAIT):
+        qtbot.mouseClick(w.worklist.table.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+    wait_idle(qtbot, w)
+    return int(draft_id or 0)
+
+
+def signed_ids(node: synthetic.NodeFixture) -> list[int]:
+    with node.sessions() as s:
+        return [d.id for d in s.scalars(select(Draft).where(Draft.state == DraftState.SIGNED))]
+
+
+def test_wrong_patient_keyboard_in_worklist_keeps_highlight_on_open_study(qtbot, make_window, node) -> None:  # type: ignore[no-untyped-def]
+    """The bug as seen: the arrow keys moved the worklist highlight to another patient while the
+    first stayed open, and Ctrl+Enter signed the open one. Now the highlight follows the open
+    study (moving in the worklist opens the row moved to), so what is highlighted is what is signed."""
+    w = make_window("alice")
+    first = open_row(qtbot, w, "CXR-10001")
+    assert highlighted(w) == [first]
+    w.worklist.table.setFocus()
+    qtbot.keyClick(w.worklist.table, Qt.Key.Key_Down)
+    wait_idle(qtbot, w)
+    assert w.review is not None
+    assert highlighted(w) == [w.review.detail.draft_id]
+    assert w.review.detail.patient_id == "CXR-10002"
+    open_now = w.review.detail.draft_id
+    # an edit, then Ctrl+Enter: the signature is for the highlighted, open study
+    w.report.impression.setPlainText("No acute cardiopulmonary abnormality.")
+    asked: list[str] = []
+    w.confirm = lambda title, text: asked.append(text) or True
+    with qtbot.waitSignal(w.signed, timeout=WAIT) as blocker:
+        qtbot.keyClick(w.report.impression, Qt.Key.Key_Return, Qt.KeyboardModifier.ControlModifier)
+    assert blocker.args == [open_now]
+    assert signed_ids(node) == [open_now]
+    # the confirmation of an edited report named the open study's patient, ID, accession, date
+    assert len(asked) == 1
+    d = w.review.detail
+    for part in (d.patient_name.split("^")[0].upper(), d.patient_id, d.accession_number):
+        assert part and part in asked[0]
+    assert "Study date: " in asked[0] and "edited" in asked[0]
+
+
+def test_wrong_patient_highlight_follows_open_study_after_sort_refresh_failure_and_next(
+        qtbot, make_window, node, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    w = make_window("alice")
+    first = open_row(qtbot, w, "CXR-10001")
+    before = row_of(w, "CXR-10001")
+    # sorting moves the open study's row: the highlight moves with it
+    w.worklist.table.sortByColumn(1, Qt.SortOrder.DescendingOrder)  # Patient ID, descending
+    wait_idle(qtbot, w)
+    assert row_of(w, "CXR-10001") != before
+    assert highlighted(w) == [first]
+    w.refresh()
+    wait_idle(qtbot, w)
+    assert highlighted(w) == [first]
+    # declining to discard an edit keeps the edited study open and highlighted
+    w.report.impression.setPlainText("Edited, not signed.")
+    w.confirm = lambda title, text: False
+    rect = w.worklist.table.visualRect(w.worklist.model.index(row_of(w, "CXR-10002"), 0))
+    qtbot.mouseClick(w.worklist.table.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+    qtbot.wait(50)
+    wait_idle(qtbot, w)
+    assert w.review.detail.draft_id == first and highlighted(w) == [first]
+    # a row that cannot be opened: the highlight goes back to the study still open
+    w.confirm = lambda title, text: True  # (discard the edit)
+    monkeypatch.setattr(viewmodels, "open_review", lambda *a, **k: (_ for _ in ()).throw(ReviewError("broken")))
+    i = row_of(w, "CXR-10003")
+    rect = w.worklist.table.visualRect(w.worklist.model.index(i, 0))
+    with qtbot.waitSignal(w.failed, timeout=WAIT):
+        qtbot.mouseClick(w.worklist.table.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+    wait_idle(qtbot, w)
+    assert w.review is not None and w.review.detail.draft_id == first
+    assert highlighted(w) == [first]
+    monkeypatch.undo()
+    assert w.report.findings.isReadOnly() and "choose it in the worklist" in w.report.banner.text()
+    open_row(qtbot, w, "CXR-10001")  # claimed again
+    assert w.review.holds_claim and highlighted(w) == [first]
+    # the signed study leaves "To review": nothing is highlighted; Ctrl+N opens the next, highlighted
+    w.confirm = lambda title, text: True
+    with qtbot.waitSignal(w.signed, timeout=WAIT):
+        w.sign()
+    wait_idle(qtbot, w)
+    assert highlighted(w) == []
+    with qtbot.waitSignal(w.review_shown, timeout=WAIT):
+        qtbot.keyClick(w, Qt.Key.Key_N, Qt.KeyboardModifier.ControlModifier)
+    wait_idle(qtbot, w)
+    assert w.review.detail.draft_id != first and highlighted(w) == [w.review.detail.draft_id]
+
+
+def test_wrong_patient_header_and_confirmation_name_the_open_study(qtbot, make_window, node) -> None:  # type: ignore[no-untyped-def]
+    w = make_window("bob")
+    draft_id = open_row(qtbot, w, "CXR-10002")
+    d = w.review.detail
+    header = w.report.signing_for
+    # always visible next to the Sign button, naming the open study
+    assert header.isVisible() and header.text().startswith("Signing for: ")
+    for part in (d.patient_name.split("^")[0].upper(), d.patient_id, d.accession_number,
+                 viewmodels.format_da(d.study_date)):
+        assert part and part in header.text()
+    assert abs(header.geometry().bottom() - w.report.sign_button.geometry().top()) < 40
+    # an edited draft is not signed without the confirmation
+    w.report.findings.setPlainText(w.report.findings.toPlainText() + " Reviewed.")
+    asked: list[tuple[str, str]] = []
+    w.confirm = lambda title, text: asked.append((title, text)) and False
+    w.sign()
+    w.tasks.wait()
+    assert asked and asked[0][0] == "Sign this report?"
+    assert d.patient_id in asked[0][1] and d.accession_number in asked[0][1]
+    assert signed_ids(node) == [] and not w.report.findings.isReadOnly()
+    # the unchanged draft's confirmation names the patient too
+    w.report.findings.setPlainText(d.findings)
+    asked.clear()
+    w.sign()
+    assert asked and "exactly the AI draft" in asked[0][1] and d.patient_id in asked[0][1]
+    w.confirm = lambda title, text: True
+    with qtbot.waitSignal(w.signed, timeout=WAIT):
+        w.sign()
+    assert signed_ids(node) == [draft_id]
+    assert header.text().startswith("Signed for: ") and d.patient_id in header.text()
