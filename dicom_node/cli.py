@@ -140,7 +140,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     node: Node | None = None
     try:
         handler = preflight(config)
-        node = Node(config, job_handler=handler)
+        from dicom_node.db import is_sqlite
+
+        # SQLite (one host): serve migrates it itself; PostgreSQL: only `cxrnode migrate` does
+        node = Node(config, job_handler=handler, migrate_schema=is_sqlite(config.node.resolved_database_url()))
         try:
             node.start()
         except OSError as exc:
@@ -167,6 +170,109 @@ def cmd_serve(args: argparse.Namespace) -> int:
             pass
     finally:
         node.stop()
+    return 0
+
+
+# -- worker and migrate (several hosts on one PostgreSQL) ------------------------------------
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Claim and run drafting jobs and outbound transfers (no SCP, no promoter) until SIGTERM."""
+    from dicom_node.db import is_sqlite
+    from dicom_node.startup import (
+        EXIT_CONFIG,
+        EXIT_ERROR,
+        StartupError,
+        check_database,
+        check_free_space,
+        check_schema,
+        check_storage,
+        load_and_prepare_handler,
+    )
+
+    verbose = bool(getattr(args, "verbose", False))
+    config = config_from_args(args)
+    configure_logging(config.node.log_level, getattr(args, "log_format", "text"))
+    from dicom_node.node import Node
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        logging.getLogger(__name__).info("received %s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    node: Node | None = None
+    try:
+        if args.threads is not None and args.threads < 1:
+            raise StartupError(EXIT_CONFIG, "--threads", f"expected a number >= 1, got {args.threads}",
+                               "give the number of drafting threads of this worker")
+        if is_sqlite(config.node.resolved_database_url()):
+            raise StartupError(EXIT_CONFIG, "node.database_url",
+                               "cxrnode worker needs PostgreSQL (an SQLite index belongs to one host's serve)",
+                               "set node.database_url = \"postgresql+psycopg://...\" for every host, or run the "
+                               "workers inside serve (jobs.workers > 0)")
+        check_storage(config)
+        check_free_space(config)
+        check_database(config)
+        check_schema(config)
+        handler = load_and_prepare_handler(config, always=True)
+        node = Node(config, job_handler=handler, migrate_schema=False, role="worker", workers=args.threads)
+        node.start()
+    except StartupError as exc:
+        print(exc.line("worker"), file=sys.stderr, flush=True)
+        if verbose:
+            traceback.print_exc()
+        _stop_quietly(node)
+        return exc.code
+    except Exception as exc:
+        print(f"cxrnode worker: cannot start: {type(exc).__name__}: "
+              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+              + ("" if verbose else " (run with --verbose for the traceback)") + f" (exit {EXIT_ERROR})",
+              file=sys.stderr, flush=True)
+        if verbose:
+            traceback.print_exc()
+        _stop_quietly(node)
+        return EXIT_ERROR
+    print(f"cxrnode worker: {node.workers} drafting thread(s) on host {node.store.host_id!r}",
+          file=sys.stderr, flush=True)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        node.stop()
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Bring the index database to this code's schema (PostgreSQL: under an advisory lock)."""
+    from dicom_node.db import SchemaMismatch, migrate_locked
+    from dicom_node.startup import EXIT_CONFIG, EXIT_DATABASE, EXIT_ERROR
+
+    config = config_from_args(args)
+    configure_logging(config.node.log_level)
+    url = config.node.resolved_database_url()
+    shown = make_url(url).render_as_string(hide_password=True)
+    try:
+        before, after = migrate_locked(url)
+    except SchemaMismatch as exc:
+        print(f"cxrnode migrate: node.database_url: {exc} (exit {EXIT_CONFIG})", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    except Exception as exc:
+        from sqlalchemy.exc import OperationalError
+
+        code = EXIT_DATABASE if isinstance(exc, OperationalError) else EXIT_ERROR
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"cxrnode migrate: node.database_url: {shown}: {type(exc).__name__}: {first} (exit {code})",
+              file=sys.stderr, flush=True)
+        if getattr(args, "verbose", False):
+            traceback.print_exc()
+        return code
+    if before == after:
+        print(f"cxrnode migrate: {shown} already at revision {after} (nothing to do)", flush=True)
+    else:
+        print(f"cxrnode migrate: {shown} upgraded from {before or 'an empty database'} to {after}", flush=True)
     return 0
 
 
@@ -446,6 +552,39 @@ def add_subcommands(subparsers: Any) -> None:
     serve.add_argument("--log-format", choices=("text", "json"), default="text",
                        help="text lines, or one JSON object per line for log shippers (default: text)")
     serve.set_defaults(func=cmd_serve)
+
+    worker = subparsers.add_parser(
+        "worker", help="claim and run drafting jobs and outbound transfers (no SCP); any number, on any host",
+        description="Run report-drafting workers and the outbound sender against the shared PostgreSQL index "
+                    "and storage folder, without a Storage SCP: start any number, on any host (each with "
+                    "node.host_id, else its host name, for its spool folder). Quiet studies are queued by "
+                    "`cxrnode serve`. Refuses an SQLite index and a schema it does not know (run `cxrnode "
+                    "migrate`). SIGTERM or SIGINT stop it; a job in progress is finished or, after its lease, "
+                    "taken over by another worker.",
+        epilog="exit status: 0 stopped cleanly; 1 unexpected error; 2 configuration (SQLite index, schema "
+               "not at this version, model.bundle, the plugin); 4 node.storage_dir not writable; 5 free space "
+               "below node.min_free_space_mb; 6 node.database_url unreachable",
+    )
+    add_config_arguments(worker)
+    worker.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="drafting threads in this process (default: jobs.workers, at least 1)")
+    worker.add_argument("--verbose", action="store_true", help="print the traceback when the worker cannot start")
+    worker.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="text lines, or one JSON object per line for log shippers (default: text)")
+    worker.set_defaults(func=cmd_worker)
+
+    migrate = subparsers.add_parser(
+        "migrate", help="create or upgrade the index database's schema (the only command that changes it)",
+        description="Upgrade node.database_url to this version's schema with Alembic. On PostgreSQL it holds an "
+                    "advisory lock while it runs, so hosts migrating at once apply each revision once; `serve` "
+                    "and `worker` there refuse a schema they do not know. An SQLite index is also migrated by "
+                    "`serve` itself.",
+        epilog="exit status: 0 upgraded or already current; 1 unexpected error; 2 the database is newer than "
+               "this cxrnode; 6 node.database_url unreachable",
+    )
+    add_config_arguments(migrate)
+    migrate.add_argument("--verbose", action="store_true", help="print the traceback on failure")
+    migrate.set_defaults(func=cmd_migrate)
 
     status = subparsers.add_parser(
         "status", help="list studies, their jobs and SR files, and the outbound queue",

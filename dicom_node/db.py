@@ -269,16 +269,88 @@ def migrate(url: str, revision: str = "head") -> None:
     command.upgrade(cfg, revision)
 
 
-def current_revision(url: str) -> tuple[str | None, str]:
-    """(revision the database is at, head revision of this code)."""
+#: key of the PostgreSQL advisory lock ``cxrnode migrate`` holds while Alembic runs (any bigint
+#: unique to cxrnode; here the bytes of "cxrnode" read as an integer)
+MIGRATION_LOCK_KEY = int.from_bytes(b"cxrnode", "big")
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def _script_directory() -> Any:
     from alembic.config import Config as AlembicConfig
-    from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
-    head = ScriptDirectory.from_config(cfg).get_current_head() or ""
-    engine = make_engine(url)
+    return ScriptDirectory.from_config(cfg)
+
+
+def migrate_locked(url: str, revision: str = "head") -> tuple[str | None, str | None]:
+    """``cxrnode migrate``: upgrade like :func:`migrate`, on PostgreSQL while holding a
+    session-level advisory lock (``pg_advisory_lock``), so hosts that migrate at the same time
+    run Alembic one after the other (the second finds the schema current and changes nothing).
+    Returns ``(revision before, revision after)``. A database at a revision this code does not
+    know (a newer cxrnode migrated it) raises :class:`SchemaMismatch` and is not touched."""
+    if is_sqlite(url):
+        before = current_revision(url)[0] if Path(url.removeprefix("sqlite:///")).exists() else None
+        _refuse_unknown(before)
+        migrate(url, revision)
+        return before, current_revision(url)[0]
+    from sqlalchemy import text
+    from sqlalchemy.pool import NullPool
+
+    engine = make_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as lock:
+            lock.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+            try:
+                before = current_revision(url)[0]
+                _refuse_unknown(before)
+                migrate(url, revision)
+                return before, current_revision(url)[0]
+            finally:
+                lock.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_KEY})
+    finally:
+        engine.dispose()
+
+
+class SchemaMismatch(Exception):
+    """The database's schema is not the one this code was written for (one line, for the CLI)."""
+
+
+def _refuse_unknown(rev: str | None) -> None:
+    if rev is not None and rev not in known_revisions():
+        raise SchemaMismatch(f"the database schema is at revision {rev!r}, newer than this cxrnode knows "
+                             f"(its newest is {_script_directory().get_current_head()!r}); upgrade cxrnode on this host")
+
+
+def known_revisions() -> set[str]:
+    return {s.revision for s in _script_directory().walk_revisions()}
+
+
+def check_schema(url: str) -> None:
+    """Raise :class:`SchemaMismatch` unless the database is exactly at this code's Alembic head
+    (``serve`` and ``worker`` on PostgreSQL run only on a schema they know; only ``cxrnode
+    migrate`` changes it)."""
+    rev, head = current_revision(url)
+    if rev == head:
+        return
+    if rev is None:
+        raise SchemaMismatch("the database has no cxrnode schema yet; run `cxrnode migrate` first")
+    _refuse_unknown(rev)
+    raise SchemaMismatch(f"the database schema is at revision {rev!r}, this cxrnode needs {head!r}; "
+                         "run `cxrnode migrate` (with this version of cxrnode)")
+
+
+def current_revision(url: str) -> tuple[str | None, str]:
+    """(revision the database is at, head revision of this code)."""
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy.pool import NullPool
+
+    head = _script_directory().get_current_head() or ""
+    engine = make_engine(url, poolclass=NullPool)
     try:
         with engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision(), head

@@ -1,7 +1,9 @@
 """The node: one object that runs the Storage SCP, the quiet-study promoter, the job workers
 and the outbound sender against one store and one index database.
 
-``Node(config, job_handler=None)``: ``start()`` migrates the database (Alembic), removes
+``Node(config, job_handler=None)``: ``start()`` migrates the database (Alembic; on PostgreSQL
+under the advisory lock of :func:`dicom_node.db.migrate_locked`; ``migrate_schema=False`` leaves
+the schema to ``cxrnode migrate``, as ``cxrnode serve`` does on PostgreSQL), removes this host's
 spool files left by a crash, binds the SCP (``.port`` is the bound port; config port 0 =
 ephemeral) and starts the threads; ``stop()`` stops accepting associations, lets in-flight
 ones finish (up to ``node.network_timeout_s``), then stops the threads (a job in progress is
@@ -29,7 +31,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
 from dicom_node.config import Config
-from dicom_node.db import make_engine, migrate, session_factory
+from dicom_node.db import make_engine, migrate_locked, session_factory
 from dicom_node.jobs import JobHandler, Promoter, Worker
 from dicom_node.outbound import Sender
 from dicom_node.scp import StorageSCP
@@ -37,6 +39,8 @@ from dicom_node.scu import OutboundSender
 from dicom_node.store import Store
 
 log = logging.getLogger(__name__)
+
+WORKER_SPOOL_STALE_S = 3600.0  # a worker's spool file untouched this long is a crash's leftover
 
 
 def shared_with_group(storage_dir: str | os.PathLike[str]) -> bool:
@@ -72,8 +76,16 @@ def restrict_path(path: Path, shared: bool, folder: bool) -> None:
 
 
 class Node:
-    def __init__(self, config: Config, job_handler: JobHandler | None = None, sender: Sender | None = None) -> None:
+    def __init__(self, config: Config, job_handler: JobHandler | None = None, sender: Sender | None = None,
+                 migrate_schema: bool = True, role: str = "serve", workers: int | None = None) -> None:
+        if role not in ("serve", "worker"):
+            raise ValueError(f"role: expected 'serve' or 'worker', got {role!r}")
         self.config = config
+        self.migrate_schema = migrate_schema  # False: the schema is someone else's (cxrnode migrate)
+        self.role = role
+        # serve: jobs.workers threads (0 = none); worker: at least one
+        self.workers = workers if workers is not None else (
+            config.jobs.workers if role == "serve" else max(1, config.jobs.workers))
         self.job_handler = job_handler
         self.sender = sender
         self._shared = shared_with_group(config.node.storage_dir)
@@ -81,8 +93,10 @@ class Node:
         before = os.umask(0o077)
         try:
             os.umask(private_umask(before, self._shared))
+            # worker processes (any number on one host) write their SRs through tmp/<host id>/workers
             self.store = Store(config.node.storage_dir, fsync=config.node.fsync,
-                               min_free_space_mb=config.node.min_free_space_mb, host_id=config.node.host_id)
+                               min_free_space_mb=config.node.min_free_space_mb, host_id=config.node.host_id,
+                               spool_subdir="workers" if role == "worker" else "")
         finally:
             os.umask(before)
         self.engine: Engine | None = None
@@ -105,28 +119,39 @@ class Node:
         if self._umask_before is None:  # process-wide, from start() to stop()
             self._umask_before = os.umask(0o077)
             os.umask(private_umask(self._umask_before, self._shared))
-        removed = self.store.clean_spool()  # this host's spool only: other hosts may be receiving
+        # this host's spool only: other hosts may be receiving. Workers share one folder per host,
+        # so a worker removes only files untouched for an hour (an SR is written in milliseconds)
+        removed = self.store.clean_spool(older_than_s=WORKER_SPOOL_STALE_S if self.role == "worker" else 0.0)
         if removed:
             log.warning("removed %d incomplete spool file(s) left by an earlier run on host %r", removed,
                         self.store.host_id)
-        migrate(url)
+        if self.migrate_schema:
+            migrate_locked(url)
         self._restrict(url)
         self.engine = make_engine(url)
         self.sessions = session_factory(self.engine)
         self._stop.clear()
-        self.scp = StorageSCP(self.config, self.store, self.sessions, on_stored=lambda _uid: self._received.set())
-        self._port = self.scp.start()
-        self._threads = [Promoter(self.config, self.sessions, self._stop, wake=self._wake, received=self._received)]
+        self._threads = []
+        if self.role == "serve":
+            # the promoter stays with the receiver: studies arrive only here, and the SCP wakes it
+            self.scp = StorageSCP(self.config, self.store, self.sessions, on_stored=lambda _uid: self._received.set())
+            self._port = self.scp.start()
+            self._threads.append(Promoter(self.config, self.sessions, self._stop, wake=self._wake,
+                                          received=self._received))
         self._threads += [
             Worker(self.config, self.sessions, self.store, self._stop, handler=self.job_handler, index=i,
                    wake=self._wake)
-            for i in range(self.config.jobs.workers)
+            for i in range(self.workers)
         ]
         self._threads.append(OutboundSender(self.config, self.sessions, self.store, self._stop, send=self.sender))
         for t in self._threads:
             t.start()
-        log.info("node %s started: port %d, %d worker(s), %d destination(s)", self.config.node.ae_title,
-                 self._port, self.config.jobs.workers, len(self.config.destinations))
+        if self.role == "serve":
+            log.info("node %s started: port %d, %d worker(s), %d destination(s)", self.config.node.ae_title,
+                     self._port, self.workers, len(self.config.destinations))
+        else:
+            log.info("worker started on host %r: %d worker thread(s), %d destination(s)", self.store.host_id,
+                     self.workers, len(self.config.destinations))
         return self
 
     def _restrict(self, url: str) -> None:
@@ -134,6 +159,7 @@ class Node:
         an earlier run (or another umask) created them open."""
         restrict_path(self.store.root, self._shared, folder=True)
         restrict_path(self.store.spool_root, self._shared, folder=True)
+        restrict_path(self.store.host_spool, self._shared, folder=True)
         restrict_path(self.store.tmp_dir, self._shared, folder=True)
         if url.startswith("sqlite:///"):
             db = Path(url.removeprefix("sqlite:///"))

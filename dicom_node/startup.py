@@ -12,7 +12,10 @@ Exit codes of ``cxrnode serve`` (also in README.md, "Operations")::
     5  node.min_free_space_mb: free space on the storage volume is below the floor
     6  node.database_url: the index database cannot be reached
 
-Order: storage, free space, database, port, model (the slowest last, so quick mistakes show at
+On PostgreSQL a schema ``serve`` does not know (not yet migrated, behind or ahead of this code's
+Alembic head) is exit 2 with the command to run: only ``cxrnode migrate`` changes it there.
+
+Order: storage, free space, database, schema, port, model (the slowest last, so quick mistakes show at
 once); the port is bound for real only after the model loaded, so the PACS never sees a node
 that acknowledges images it cannot draft. The model is loaded through the job handler's
 ``prepare(config)`` hook (the ``draft`` entry point): :mod:`dicom_node` never imports the plugin.
@@ -43,8 +46,8 @@ class StartupError(Exception):
         super().__init__(f"{key}: {what}; {todo}")
         self.code, self.key, self.what, self.todo = code, key, what, todo
 
-    def line(self) -> str:
-        return f"cxrnode serve: {self} (exit {self.code})"
+    def line(self, command: str = "serve") -> str:
+        return f"cxrnode {command}: {self} (exit {self.code})"
 
 
 def _user() -> str:
@@ -106,6 +109,23 @@ def check_database(config: Config) -> None:
                            "host, port, user and password") from exc
 
 
+def check_schema(config: Config) -> None:
+    """On PostgreSQL the schema belongs to ``cxrnode migrate``: ``serve`` and ``worker`` start only
+    on the revision they were written for (not behind: run migrate; not ahead: a newer cxrnode
+    migrated it). SQLite (one host) is migrated by ``serve`` itself, as before."""
+    from dicom_node.db import SchemaMismatch, is_sqlite
+    from dicom_node.db import check_schema as check
+
+    url = config.node.resolved_database_url()
+    if is_sqlite(url):
+        return
+    try:
+        check(url)
+    except SchemaMismatch as exc:
+        raise StartupError(EXIT_CONFIG, "node.database_url", str(exc).split("; ")[0],
+                           str(exc).split("; ", 1)[1] if "; " in str(exc) else "run `cxrnode migrate`") from exc
+
+
 def check_port(config: Config) -> None:
     host, port = config.node.host, config.node.port
     if port == 0:
@@ -135,10 +155,11 @@ def port_error(config: Config, exc: OSError) -> StartupError:
                         "set node.host to an address of this machine (0.0.0.0 = all)")
 
 
-def load_and_prepare_handler(config: Config) -> JobHandler | None:
+def load_and_prepare_handler(config: Config, always: bool = False) -> JobHandler | None:
     """The ``draft`` handler, prepared (model loaded and one tiny generation run); ``None`` when
-    this node runs no workers (``jobs.workers = 0``: drafting happens elsewhere)."""
-    if config.jobs.workers == 0:
+    this node runs no workers (``jobs.workers = 0``: drafting happens elsewhere) unless ``always``
+    (``cxrnode worker``)."""
+    if config.jobs.workers == 0 and not always:
         return None
     try:
         handler = load_handler("draft")
@@ -161,5 +182,6 @@ def preflight(config: Config) -> JobHandler | None:
     check_storage(config)
     check_free_space(config)
     check_database(config)
+    check_schema(config)
     check_port(config)
     return load_and_prepare_handler(config)

@@ -203,16 +203,18 @@ class Store:
     """Durable files under ``storage_dir`` (see the module docstring for the layout)."""
 
     def __init__(self, storage_dir: str | os.PathLike[str], fsync: bool = True, min_free_space_mb: int = 0,
-                 host_id: str = "") -> None:
+                 host_id: str = "", spool_subdir: str = "") -> None:
         self.root = Path(storage_dir).resolve()
         self.fsync = fsync
         self.min_free_space_mb = min_free_space_mb
         self.host_id = resolve_host_id(host_id)
         self.spool_root = self.root / "tmp"
-        self.tmp_dir = self.spool_root / self.host_id  # this host's spool folder
+        # this host's spool folder; ``spool_subdir`` (e.g. "workers") keeps another role's files apart
+        self.host_spool = self.spool_root / self.host_id
+        self.tmp_dir = self.host_spool / spool_subdir if spool_subdir else self.host_spool
         self.root.mkdir(parents=True, exist_ok=True)
         self.spool_root.mkdir(exist_ok=True)
-        self.tmp_dir.mkdir(exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._dev = os.stat(self.root).st_dev
 
     # -- paths ------------------------------------------------------------------------------
@@ -324,12 +326,19 @@ class Store:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.abspath(relpath))
 
-    def clean_spool(self) -> int:
-        """Delete leftover spool files (from a crash) of this host only (``tmp/<host id>/``; other
-        hosts' spool folders and anything else under ``tmp/`` are left alone); return how many."""
+    def clean_spool(self, older_than_s: float = 0.0) -> int:
+        """Delete leftover spool files (from a crash) in this store's own spool folder only
+        (``tmp/<host id>/``: other hosts' folders, sub-folders and anything else under ``tmp/``
+        are left alone); with ``older_than_s`` only files not modified for that long (a folder
+        several live processes share); return how many were removed."""
+        import time
+
         n = 0
+        limit = time.time() - older_than_s
         for p in self.tmp_dir.iterdir():
             with contextlib.suppress(OSError):
+                if not p.is_file() or (older_than_s and p.stat().st_mtime > limit):
+                    continue
                 p.unlink()
                 n += 1
         return n
