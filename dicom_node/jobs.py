@@ -292,7 +292,9 @@ def run_job(job: ClaimedJob, handler: JobHandler, config: Config, sessions: sess
     ctx = JobContext(config=config, sessions=sessions, store=store, job_id=job.job_id,
                      study_instance_uid=job.study_instance_uid, study_generation=job.study_generation,
                      log=lambda message: append_log(sessions, job.job_id, message))
-    append_log(sessions, job.job_id, f"attempt {job.attempts} started (generation {job.study_generation})")
+    # the worker's id (host:pid:thread): with workers on several hosts, the log says which one ran it
+    append_log(sessions, job.job_id, f"attempt {job.attempts} started (generation {job.study_generation}) "
+                                     f"by worker {job.token.rsplit('/', 1)[0]}")
     stop = threading.Event()
     lost = threading.Event()
 

@@ -10,6 +10,12 @@ ones finish (up to ``node.network_timeout_s``), then stops the threads (a job in
 given up to ``grace_s`` to finish; otherwise its lease expires and it is reclaimed later).
 Without ``job_handler`` workers use the ``draft`` entry point of ``cxrnode.job_handlers``.
 
+Roles: ``role="serve"`` (``cxrnode serve``) runs the SCP, the promoter, ``jobs.workers`` drafting
+threads and the outbound sender; ``role="worker"`` (``cxrnode worker``, any number on any host
+sharing the PostgreSQL index and the storage folder) runs only drafting threads and the outbound
+sender (jobs and transfers are claimed in the database, so several processes never take the same
+one). The promoter stays with ``serve``: studies arrive only there and the SCP wakes it at once.
+
 Whatever the umask it inherits (``cxrnode serve`` outside the systemd unit), the node gives
 others no access to what it creates or holds: it sets the process umask to the inherited one
 plus ``027`` (folders 0750, the SQLite index 0640) and takes the "other" bits off the storage

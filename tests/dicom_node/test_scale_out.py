@@ -4,20 +4,38 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
+from dcmnode_helpers import wait_for
 from node_config import node_sections, write_config
-from sqlalchemy import create_engine, text
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import make_url
 
 from dicom_node.config import ConfigError
-from dicom_node.db import current_revision, make_engine
+from dicom_node.db import (
+    AuditEvent,
+    Draft,
+    Job,
+    JobState,
+    Study,
+    StudyState,
+    current_revision,
+    make_engine,
+    session_factory,
+)
 from dicom_node.startup import EXIT_CONFIG
 
 # -- 1. each host spools into storage_dir/tmp/<host id> and cleans only that ------------------
@@ -149,3 +167,106 @@ def test_migrate_and_serve_on_sqlite_as_before(tmp_path: Path) -> None:
     assert r.returncode == 0 and "upgraded from an empty database" in r.stdout, r.stderr
     r = cxrnode("migrate", "--config", str(cfg))
     assert r.returncode == 0 and "already at revision" in r.stdout, r.stderr
+
+
+# -- 3. one serve (jobs.workers = 0) and two `cxrnode worker` processes ------------------------
+
+SAMPLES = sorted((Path(__file__).resolve().parents[2] / "plugin" / "samples" / "study653").glob("*.dcm"))
+
+
+class Proc:
+    """A ``cxrnode`` subprocess, ready once its stderr shows ``ready``; stopped with SIGTERM."""
+
+    def __init__(self, args: list[str], log: Path, ready: str, cwd: Path) -> None:
+        self.log = log
+        cwd.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as err:
+            self.proc = subprocess.Popen([*CXRNODE, *args], stdout=subprocess.DEVNULL, stderr=err, cwd=cwd)
+        wait_for(lambda: self._ready(ready), timeout=180, interval=0.1)
+
+    def _ready(self, text_: str) -> bool:
+        assert self.proc.poll() is None, self.log.read_text()
+        return text_ in self.log.read_text()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.proc.wait(timeout=60)
+
+
+def send_study(port: int, n: int) -> str:
+    """The shipped sample study under new UIDs (study ``n``), in one association."""
+    study_uid = generate_uid(entropy_srcs=["scale-out", str(uuid.uuid4()), str(n)])
+    datasets = []
+    for i, f in enumerate(SAMPLES):
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = generate_uid(entropy_srcs=[study_uid, "series", str(i)])
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[study_uid, "sop", str(i)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        datasets.append(ds)
+    ae = AE(ae_title="MODALITY")
+    for ds in datasets:
+        ae.add_requested_context(ds.SOPClassUID, [str(ds.file_meta.TransferSyntaxUID)])
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXRNODE")
+    assert assoc.is_established
+    try:
+        for ds in datasets:
+            assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+    return study_uid
+
+
+@pytest.mark.postgres
+def test_serve_and_two_workers_draft_each_study_once(pg_database: str, tmp_path: Path, free_port: Any) -> None:
+    port = free_port()
+    cfg = write_config(tmp_path / "cxrnode.toml", node_sections(
+        tmp_path, node={"database_url": pg_database, "port": port, "storage_dir": str(tmp_path / "shared")},
+        jobs={"workers": 0, "poll_interval_s": 0.1, "lease_s": 60.0}, study={"quiet_period_s": 1.0}))
+    assert cxrnode("migrate", "--config", str(cfg)).returncode == 0
+    procs: list[Proc] = []
+    try:
+        procs.append(Proc(["serve", "--config", str(cfg), "--set", 'node.host_id="receiver"'],
+                          tmp_path / "serve.log", "listening on", cwd=tmp_path / "serve"))
+        for name in ("worker-a", "worker-b"):  # other folders, one storage root, one database
+            procs.append(Proc(["worker", "--config", str(cfg), "--threads", "1", "--set", f'node.host_id="{name}"'],
+                              tmp_path / f"{name}.log", "drafting thread(s)", cwd=tmp_path / name))
+        n = 8
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            sent = set(pool.map(lambda i: send_study(port, i), range(n)))
+        assert len(sent) == n
+
+        engine = make_engine(pg_database)
+        sessions = session_factory(engine)
+        try:
+            def all_drafted() -> bool:
+                with sessions() as s:
+                    states = s.scalars(select(Study.state)).all()
+                    assert StudyState.FAILED not in states, [p.log.read_text()[-3000:] for p in procs]
+                    return len(states) == n and all(st == StudyState.DRAFTED for st in states)
+
+            wait_for(all_drafted, timeout=300, interval=0.5)
+            time.sleep(1.0)  # a second drafting of any study would show up now
+            with sessions() as s:
+                assert set(s.scalars(select(Study.study_instance_uid)).all()) == sent
+                jobs = s.scalars(select(Job)).all()
+                assert len(jobs) == n and all(j.state == JobState.DONE and j.attempts == 1 for j in jobs)
+                per_study = Counter(s.scalars(select(Draft.study_id)).all())
+                assert len(per_study) == n and set(per_study.values()) == {1}, per_study
+                drafted = Counter(s.scalars(select(AuditEvent.study_instance_uid)
+                                            .where(AuditEvent.action == "drafted")).all())
+                assert drafted == Counter(dict.fromkeys(sent, 1))
+                ran_by = {re.search(r"by worker \S+:(\d+):\d+\b", j.log or "").group(1)  # type: ignore[union-attr]
+                          for j in jobs}
+                pids = {str(p.proc.pid) for p in procs[1:]}
+                assert ran_by <= pids and len(ran_by) == 2, (ran_by, pids)  # both workers drafted, serve none
+        finally:
+            engine.dispose()
+        # every host spooled into its own folder, and nothing is left in flight
+        spool = tmp_path / "shared" / "tmp"
+        assert {p.name for p in spool.iterdir()} >= {"receiver", "worker-a", "worker-b"}
+        assert [p for p in spool.rglob("*") if p.is_file()] == []
+    finally:
+        codes = [p.stop() for p in procs]
+    assert codes == [0] * len(procs), [p.log.read_text()[-2000:] for p in procs]
