@@ -40,6 +40,20 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
+def db_utcnow(session: Any) -> dt.datetime:
+    """The database's clock, as naive UTC (what the columns hold): on PostgreSQL
+    ``timezone('UTC', now())`` (the transaction's start), so hosts sharing one index agree on
+    quiet periods and lease expiry whatever their own clocks say; on SQLite (one host) this
+    host's :func:`utcnow`."""
+    bind = session.get_bind()
+    if bind.dialect.name != "postgresql":
+        return utcnow()
+    from sqlalchemy import func, select
+
+    value = session.execute(select(func.timezone("UTC", func.now()))).scalar_one()
+    return value.replace(tzinfo=None) if value.tzinfo is not None else value  # type: ignore[no-any-return]
+
+
 class Base(DeclarativeBase):
     pass
 

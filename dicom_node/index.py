@@ -27,7 +27,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.db import AuditEvent, Instance, Series, Study, StudyState, utcnow
+from dicom_node.db import AuditEvent, Instance, Series, Study, StudyState, db_utcnow
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def register_instance(
     study_uid = str(ds.StudyInstanceUID)
     series_uid = str(ds.SeriesInstanceUID)
     sop_uid = str(ds.SOPInstanceUID)
-    now = utcnow()
+    now = db_utcnow(session)  # the database's clock: the promoter's quiet period is measured with it
 
     study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)).one_or_none()
     if study is None:

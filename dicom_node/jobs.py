@@ -43,7 +43,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 
 from dicom_node.config import Config
-from dicom_node.db import Job, JobState, Study, StudyState, utcnow
+from dicom_node.db import Job, JobState, Study, StudyState, db_utcnow, utcnow
 from dicom_node.store import Store
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,9 @@ def _is_postgres(sessions: sessionmaker) -> bool:
 
 def promote_quiet_studies(sessions: sessionmaker, config: Config, now: dt.datetime | None = None) -> list[str]:
     """Turn studies quiet for ``study.quiet_period_s`` into pending jobs; return their UIDs."""
-    now = now or utcnow()
+    if now is None:
+        with sessions() as s:
+            now = db_utcnow(s)  # the database's clock (shared by every host), not this host's
     cutoff = now - dt.timedelta(seconds=config.study.quiet_period_s)
     active = exists().where(Job.study_id == Study.id, Job.state.in_([JobState.PENDING, JobState.RUNNING]))
     last_gen = select(func.max(Job.study_generation)).where(Job.study_id == Study.id).scalar_subquery()
@@ -193,7 +195,13 @@ def _claimable(now: dt.datetime):  # type: ignore[no-untyped-def]
 def claim_job(sessions: sessionmaker, config: Config, worker_id: str, now: dt.datetime | None = None) -> ClaimedJob | None:
     """Claim one job atomically (or ``None``); a job whose lease ran out too often fails here."""
     while True:
-        now = now or utcnow()
+        if now is None:
+            try:
+                with sessions() as s:
+                    now = db_utcnow(s)  # leases expire by the database's clock, not this host's
+            except OperationalError as exc:
+                log.debug("claim deferred: %s", exc)
+                return None
         token = f"{worker_id}/{uuid.uuid4().hex[:12]}"
         candidate = select(Job.id).where(_claimable(now)).order_by(Job.not_before, Job.id).limit(1)
         if _is_postgres(sessions):
@@ -235,7 +243,7 @@ def renew_lease(sessions: sessionmaker, job: ClaimedJob, lease_s: float) -> bool
     with sessions() as s:
         res = s.execute(update(Job).where(Job.id == job.job_id, Job.lease_owner == job.token,
                                           Job.state == JobState.RUNNING)
-                        .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_s)))
+                        .values(lease_expires_at=db_utcnow(s) + dt.timedelta(seconds=lease_s)))
         s.commit()
         return res.rowcount == 1  # type: ignore[attr-defined,no-any-return]
 
@@ -261,9 +269,9 @@ _STUDY_STATE = {
 
 def _finish(sessions: sessionmaker, job: ClaimedJob, state: str, *, error: str | None = None,
             result: JobResult | None = None, duration_ms: float | None = None,
-            not_before: dt.datetime | None = None) -> bool:
+            not_before: dt.datetime | None = None, retry_in_s: float | None = None) -> bool:
     """Record the outcome if we still hold the lease; move the study along if it is unchanged."""
-    values: dict[str, object] = {"state": state, "lease_owner": None, "lease_expires_at": None, "updated_at": utcnow()}
+    values: dict[str, object] = {"state": state, "lease_owner": None, "lease_expires_at": None}
     if error is not None:
         values["last_error"] = error
     if result is not None:
@@ -275,6 +283,10 @@ def _finish(sessions: sessionmaker, job: ClaimedJob, state: str, *, error: str |
     if not_before is not None:
         values["not_before"] = not_before
     with sessions() as s:
+        now = db_utcnow(s)  # the database's clock: a retry is due when every host agrees it is
+        values["updated_at"] = now
+        if retry_in_s is not None:
+            values["not_before"] = now + dt.timedelta(seconds=retry_in_s)
         res = s.execute(update(Job).where(Job.id == job.job_id, Job.lease_owner == job.token).values(**values))
         if res.rowcount != 1:  # type: ignore[attr-defined]
             s.rollback()
@@ -342,7 +354,7 @@ def run_job(job: ClaimedJob, handler: JobHandler, config: Config, sessions: sess
         return JobState.FAILED
     delay = backoff_delay(config.jobs.backoff_s, job.attempts)
     _finish(sessions, job, JobState.PENDING, error=error, duration_ms=duration_ms,
-            not_before=utcnow() + dt.timedelta(seconds=delay))
+            retry_in_s=delay)
     log.info("job %d will be retried in %.0f s", job.job_id, delay)
     return JobState.PENDING
 
@@ -387,9 +399,10 @@ def seconds_until_next_quiet(sessions: sessionmaker, config: Config) -> float | 
     """Seconds until the earliest study still receiving has been quiet long enough (None: none is)."""
     with sessions() as s:
         first = s.execute(select(func.min(Study.last_received_at)).where(Study.state == StudyState.RECEIVING)).scalar()
-    if first is None:
-        return None
-    return (first - utcnow()).total_seconds() + config.study.quiet_period_s
+        if first is None:
+            return None
+        now = db_utcnow(s)
+    return (first - now).total_seconds() + config.study.quiet_period_s
 
 
 class Worker(threading.Thread):

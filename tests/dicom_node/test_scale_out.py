@@ -270,3 +270,50 @@ def test_serve_and_two_workers_draft_each_study_once(pg_database: str, tmp_path:
     finally:
         codes = [p.stop() for p in procs]
     assert codes == [0] * len(procs), [p.log.read_text()[-2000:] for p in procs]
+
+
+# -- 4. the database's clock decides quiet periods and lease expiry ----------------------------
+
+
+@pytest.mark.postgres
+def test_quiet_periods_and_leases_use_the_database_clock(pg_database: str, make_config: Any,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import datetime as dt
+
+    import dicom_node.db as db_mod
+    import dicom_node.jobs as jobs_mod
+    from dicom_node.db import db_utcnow, migrate_locked
+    from dicom_node.jobs import claim_job, promote_quiet_studies
+
+    migrate_locked(pg_database)
+    config = make_config(node={"database_url": pg_database}, study={"quiet_period_s": 10.0}, jobs={"lease_s": 60.0})
+    engine = make_engine(pg_database)
+    sessions = session_factory(engine)
+    try:
+        with sessions() as s:
+            now = db_utcnow(s)
+            s.add(Study(study_instance_uid="1.2.826.0.1.3680043.10.1.1", state=StudyState.RECEIVING, generation=1,
+                        first_received_at=now, last_received_at=now))
+            s.commit()
+        # this host's clock runs an hour fast: by it the study is long quiet and every lease expired
+        skewed = lambda: dt.datetime.now(dt.UTC).replace(tzinfo=None) + dt.timedelta(hours=1)  # noqa: E731
+        monkeypatch.setattr(jobs_mod, "utcnow", skewed)
+        monkeypatch.setattr(db_mod, "utcnow", skewed)
+        assert promote_quiet_studies(sessions, config) == [], "quiet by this host's clock, not the database's"
+        with sessions() as s:
+            s.execute(text("UPDATE studies SET last_received_at = timezone('UTC', now()) - interval '11 seconds'"))
+            s.commit()
+        assert promote_quiet_studies(sessions, config) == ["1.2.826.0.1.3680043.10.1.1"]
+        first = claim_job(sessions, config, "host-a:1:0")
+        assert first is not None
+        with sessions() as s:
+            lease = s.scalar(select(Job.lease_expires_at))
+            assert lease is not None and abs((lease - db_utcnow(s)).total_seconds() - 60.0) < 5.0
+        assert claim_job(sessions, config, "host-b:2:0") is None, "reclaimed by a host whose clock is ahead"
+        with sessions() as s:  # the lease really runs out (by the database's clock)
+            s.execute(text("UPDATE jobs SET lease_expires_at = timezone('UTC', now()) - interval '1 second'"))
+            s.commit()
+        second = claim_job(sessions, config, "host-b:2:0")
+        assert second is not None and second.job_id == first.job_id and second.attempts == 2
+    finally:
+        engine.dispose()
