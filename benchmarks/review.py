@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from PyQt6.QtWidgets import QApplication
 
     from gui import synthetic
+    from gui.highlight import DEID_PLACEHOLDER as deid_placeholder
     from gui.window import ReviewerWindow
     from plugin import pixels
     from plugin.review import ReviewService
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         settle()
         assert w.review is not None
         w.report.impression.setPlainText(w.review.impression + " Reviewed.")
+        # a draft's "xxxx" placeholders must be replaced before the reviewer signs (issue 17)
+        w.report.findings.setPlainText(deid_placeholder.sub("bones", w.review.findings))
         t = time.perf_counter()
         w.sign()
         if not wait(w.signed):

@@ -42,6 +42,8 @@ from onnx_models.labels import ABNORMAL_OBSERVATIONS, Presence, label
 KIND_CALL = "call"
 KIND_WORD = "word"
 KIND_GROUNDED = "grounded"
+#: a de-identification placeholder (``xxxx``) left in the text: never report text, to replace
+KIND_DEID = "deid"
 #: kinds that say "uncertain" (the grounded mark says where a sentence came from)
 UNCERTAIN_KINDS = (KIND_CALL, KIND_WORD)
 
@@ -105,6 +107,19 @@ def is_content_word(word: str) -> bool:
     """True for a word that states something (not a function word, a number or ``xxxx``)."""
     w = word.lower()
     return w.isalpha() and len(w) > 1 and w not in FUNCTION_WORDS
+
+
+#: the de-identification placeholder of the training reports (IU X-ray's ``XXXX``, any case,
+#: three or more x, alone or inside a hyphenated word: ``XXXX-year-old``, ``x-XXXX``)
+DEID_PLACEHOLDER = re.compile(r"(?<![^\W_])[xX]{3,}(?![^\W_])")
+DEID_NOTE = ("De-identification placeholder (\"xxxx\") from the reports the model learned from: not report "
+             "text. Replace it with what you see, or delete it; the report cannot be signed while it is here.")
+
+
+def deid_spans(text: str) -> list[Span]:
+    """Every de-identification placeholder in ``text``, as ``deid`` spans. Marked whoever wrote
+    it (the model or the reviewer): the report must never carry one."""
+    return [Span(m.start(), m.end(), 0.0, KIND_DEID, DEID_NOTE) for m in DEID_PLACEHOLDER.finditer(text)]
 
 
 def logit(p: float) -> float:
@@ -275,12 +290,15 @@ __all__ = [
     "DEFAULT_POLICY",
     "FUNCTION_WORDS",
     "HighlightPolicy",
+    "DEID_PLACEHOLDER",
     "KIND_CALL",
+    "KIND_DEID",
     "KIND_GROUNDED",
     "KIND_WORD",
     "Span",
     "UNCERTAIN_KINDS",
     "content_word_probabilities",
+    "deid_spans",
     "draft_words",
     "grounded_spans",
     "highlight",

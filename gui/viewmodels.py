@@ -16,7 +16,7 @@ import pydicom.errors
 
 from dicom_node.db import Draft, DraftState
 from gui import imaging
-from gui.highlight import DEFAULT_POLICY, HighlightPolicy, highlight
+from gui.highlight import DEFAULT_POLICY, HighlightPolicy, deid_spans, highlight
 from gui.highlight import Span as Span  # re-exported for the widgets
 from gui.highlight import grounded_spans as grounded_spans  # re-exported
 from plugin.draft_info import (
@@ -492,9 +492,23 @@ class ReviewModel:
         observations = {c.name: c.probability for c in d.observations}
         thresholds = {c.name: c.threshold for c in d.observations if c.threshold is not None}
         spans = highlight(draft, joined, d.tokens, observations, thresholds, d.grounded, self.policy)
+        spans = sorted(spans + deid_spans(joined), key=lambda s: (s.start, s.end))  # "xxxx": always marked
         if section == "findings":
             return [s for s in spans if s.end <= len(self.findings)]
         return [Span(s.start - cut, s.end - cut, s.probability, s.kind, s.note) for s in spans if s.start >= cut]
+
+    def deid_placeholders(self) -> int:
+        """How many de-identification placeholders (``xxxx``) the text still holds."""
+        return len(deid_spans(self.findings + "\n" + self.impression))
+
+    def sign_refusal(self) -> str:
+        """Why the text cannot be signed as it stands ('' if it can): a placeholder is left."""
+        n = self.deid_placeholders()
+        if not n:
+            return ""
+        return (f"The report still contains {n} de-identification placeholder{'s' if n > 1 else ''} "
+                "(\"xxxx\", marked in red): the model learned them from de-identified reports; they are not "
+                "report text. Replace each with what you see, or delete it, then sign.")
 
     # -- actions (blocking) ----------------------------------------------------------------
     def needs_confirmation(self) -> bool:
@@ -505,6 +519,9 @@ class ReviewModel:
         """*Blocking*: sign as ``user`` (verified SR written, stored, indexed, queued)."""
         if self.read_only:
             raise ReviewError("this report cannot be signed: " + self.banner()[1])
+        refusal = self.sign_refusal()
+        if refusal:
+            raise ReviewError(refusal)
         signed = self.service.sign(self.detail.draft_id, self.user, self.findings, self.impression)
         self.signed = signed
         self.detail = self.service.detail(self.detail.draft_id)

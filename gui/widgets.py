@@ -441,6 +441,7 @@ MARK_COLOURS = {
     highlight.KIND_CALL: ("#ffe082", "#c87800"),
     highlight.KIND_WORD: ("#ffc58a", "#d1242f"),
     highlight.KIND_GROUNDED: ("", "#0969da"),
+    highlight.KIND_DEID: ("#ff8182", "#82071e"),
 }
 
 
@@ -457,8 +458,10 @@ class UncertainWords(QSyntaxHighlighter):
             highlight.KIND_CALL: QTextCharFormat.UnderlineStyle.NoUnderline,
             highlight.KIND_WORD: QTextCharFormat.UnderlineStyle.WaveUnderline,
             highlight.KIND_GROUNDED: QTextCharFormat.UnderlineStyle.DotLine,
+            highlight.KIND_DEID: QTextCharFormat.UnderlineStyle.SingleUnderline,
         }
         self.formats = {k: _mark_format(bg, ul, styles[k]) for k, (bg, ul) in MARK_COLOURS.items()}
+        self.formats[highlight.KIND_DEID].setFontStrikeOut(True)  # not report text
         self.fmt = self.formats[highlight.KIND_CALL]
         self._cache: tuple[str, list[viewmodels.Span]] = ("\x00", [])
 
@@ -474,19 +477,25 @@ class UncertainWords(QSyntaxHighlighter):
             self._cache = (text, self.spans(text))
         return self._cache[1]
 
+    def shown_spans(self) -> list[viewmodels.Span]:
+        """The marks drawn now: all of them, or with Highlight off only the ``xxxx`` placeholders
+        (those are never shown as report text)."""
+        spans = self.current_spans()
+        return spans if self.enabled else [s for s in spans if s.kind == highlight.KIND_DEID]
+
     def span_at(self, position: int) -> viewmodels.Span | None:
         """The mark under a character position (innermost: a word inside a sentence), or None."""
-        inside = [s for s in self.current_spans() if s.start <= position < s.end]
+        inside = [s for s in self.shown_spans() if s.start <= position < s.end]
         return min(inside, key=lambda s: s.end - s.start) if inside else None
 
     def highlightBlock(self, text: str | None) -> None:  # noqa: N802 (Qt name)
-        if not self.enabled or not text:
+        if not text:
             return
         start = self.currentBlock().position()
         end = start + len(text)
-        # provenance first, then uncertain calls over it, then the words on top
-        order = {highlight.KIND_GROUNDED: 0, highlight.KIND_CALL: 1, highlight.KIND_WORD: 2}
-        for s in sorted(self.current_spans(), key=lambda s: (order.get(s.kind, 3), -(s.end - s.start))):
+        # provenance first, then uncertain calls over it, then the words, placeholders on top
+        order = {highlight.KIND_GROUNDED: 0, highlight.KIND_CALL: 1, highlight.KIND_WORD: 2, highlight.KIND_DEID: 4}
+        for s in sorted(self.shown_spans(), key=lambda s: (order.get(s.kind, 3), -(s.end - s.start))):
             if s.end > start and s.start < end:
                 a = max(s.start, start) - start
                 self.setFormat(a, min(s.end, end) - start - a, self.formats.get(s.kind, self.fmt))
@@ -502,7 +511,7 @@ class MarkedEditor(QPlainTextEdit):
     def event(self, e: QEvent | None) -> bool:
         if e is not None and e.type() == QEvent.Type.ToolTip and self.marks is not None and isinstance(e, QHelpEvent):
             cursor = self.cursorForPosition(self.viewport().mapFromGlobal(e.globalPos()))  # type: ignore[union-attr]
-            span = self.marks.span_at(cursor.position()) if self.marks.enabled else None
+            span = self.marks.span_at(cursor.position())  # with Highlight off: only "xxxx" marks
             if span is not None and span.note:
                 QToolTip.showText(e.globalPos(), span.note, self)
             else:
@@ -516,7 +525,9 @@ def diff_html(parts: list[tuple[str, str]]) -> str:
     """Word diff as HTML: deletions struck through in red, insertions in green."""
     out = []
     for op, text in parts:
-        t = html.escape(text)
+        t = highlight.DEID_PLACEHOLDER.sub(  # never shown as report text, here either
+            lambda m: f'<span style="background:#ff8182;text-decoration:line-through">{m.group(0)}</span>',
+            html.escape(text))
         if op == "-":
             out.append(f'<span style="background:#ffd7d5;color:#82071e;text-decoration:line-through">{t}</span>')
         elif op == "+":

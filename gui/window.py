@@ -216,13 +216,18 @@ class ReportPane(QWidget):
         self.highlight.setToolTip(
             "Amber sentence: an observation whose probability is close to its threshold (an uncertain call), "
             "or stated against the classifier. Orange word: one the model was least sure of. Blue underline: a "
-            "sentence added from the findings classifier (where it came from, not a doubt). Hover a mark for the numbers; your own typing is never marked."
+            "sentence added from the findings classifier (where it came from, not a doubt). Hover a mark for the numbers; your own typing is never marked. "
+            "Red, struck through (always, even with Highlight off): a de-identification placeholder \"xxxx\", not report text: "
+            "replace it; the report cannot be signed while one is left."
         )
         tools.addWidget(self.highlight)
         legend = " ".join(
             f"<span style='background:{MARK_COLOURS[k][0]}'>&nbsp;{t}&nbsp;</span>"
             for k, t in (("call", "uncertain call"), ("word", "unsure word"))
-        ) + f" <span style='color:{MARK_COLOURS['grounded'][1]}; text-decoration:underline'>added by classifier</span>"
+        ) + f" <span style='color:{MARK_COLOURS['grounded'][1]}; text-decoration:underline'>added by classifier</span>" + (
+            f" <span style='background:{MARK_COLOURS['deid'][0]}; text-decoration:line-through'>&nbsp;xxxx&nbsp;</span>"
+            " replace"
+        )
         self.legend = QLabel(legend, self)
         self.legend.setObjectName("legend")
         tools.addWidget(self.legend)
@@ -813,6 +818,11 @@ class ReviewerWindow(QMainWindow):
             return
         if not vm.can_sign:
             self.say("This report cannot be signed: " + vm.banner()[1])
+            return
+        refusal = vm.sign_refusal()
+        if refusal:  # "xxxx" left in the text: never signed as report text
+            self.say("Not signed: de-identification placeholders (\"xxxx\") are left in the report.")
+            self.show_error("Not signed", refusal)
             return
         if [d for d in self.worklist.highlighted_drafts() if d != vm.detail.draft_id]:
             # never sign one study while another is highlighted (cannot happen; checked anyway)

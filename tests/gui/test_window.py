@@ -127,7 +127,7 @@ def test_full_review_worklist_open_edit_sign(qtbot, make_window, node: synthetic
 
 def test_signing_an_unchanged_draft_asks_first(qtbot, make_window, node: synthetic.NodeFixture) -> None:  # type: ignore[no-untyped-def]
     w = make_window("bob")
-    draft_id = open_row(qtbot, w, "CXR-10002")
+    draft_id = open_row(qtbot, w, "CXR-10001")  # (CXR-10002's draft holds an "xxxx": never signed unchanged)
     asked: list[str] = []
     w.confirm = lambda title, text: asked.append(text) is not None and False
     w.sign()
@@ -178,6 +178,7 @@ def test_lost_claim_shows_an_error_and_nothing_is_signed(qtbot, make_window, nod
         assert d is not None
         d.claimed_by = "bob"
         s.commit()
+    w.report.findings.setPlainText("Changed.")  # (the draft's "xxxx" gone: signing is tried)
     w.report.impression.setPlainText("Changed.")
     with qtbot.waitSignal(w.failed, timeout=WAIT) as blocker:
         w.sign()

@@ -4,11 +4,15 @@ de-identification placeholders ("xxxx") cannot be signed. Run with ``-k wrong_pa
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 from PyQt6.QtCore import Qt
 from sqlalchemy import select
 
 from dicom_node.db import Draft, DraftState
 from gui import synthetic, viewmodels
+from gui.highlight import KIND_DEID
 from gui.window import ReviewerWindow
 from plugin.review import ReviewError
 
@@ -62,6 +66,7 @@ def test_wrong_patient_keyboard_in_worklist_keeps_highlight_on_open_study(qtbot,
     assert w.review.detail.patient_id == "CXR-10002"
     open_now = w.review.detail.draft_id
     # an edit, then Ctrl+Enter: the signature is for the highlighted, open study
+    w.report.findings.setPlainText(w.report.findings.toPlainText().replace("The xxxx are", "The bones are"))
     w.report.impression.setPlainText("No acute cardiopulmonary abnormality.")
     asked: list[str] = []
     w.confirm = lambda title, text: asked.append(text) or True
@@ -126,7 +131,7 @@ def test_wrong_patient_highlight_follows_open_study_after_sort_refresh_failure_a
 
 def test_wrong_patient_header_and_confirmation_name_the_open_study(qtbot, make_window, node) -> None:  # type: ignore[no-untyped-def]
     w = make_window("bob")
-    draft_id = open_row(qtbot, w, "CXR-10002")
+    draft_id = open_row(qtbot, w, "CXR-10001")
     d = w.review.detail
     header = w.report.signing_for
     # always visible next to the Sign button, naming the open study
@@ -154,3 +159,70 @@ def test_wrong_patient_header_and_confirmation_name_the_open_study(qtbot, make_w
         w.sign()
     assert signed_ids(node) == [draft_id]
     assert header.text().startswith("Signed for: ") and d.patient_id in header.text()
+
+
+def test_wrong_patient_deid_placeholders_are_marked_and_block_signing(qtbot, make_window, node, service) -> None:  # type: ignore[no-untyped-def]
+    """A draft written with the training reports' "xxxx" de-identification marks: each is marked
+    (red, struck through, with a tooltip; also with Highlight off), and Sign refuses with a clear
+    message until none is left."""
+    findings = "The xxxx are intact. Heart size is normal. XXXX-year-old sternotomy wires."
+    real_detail, real_claim = service.detail, service.claim
+    service.detail = lambda draft_id: dataclasses.replace(real_detail(draft_id), findings=findings)
+    service.claim = lambda draft_id, user: dataclasses.replace(real_claim(draft_id, user), findings=findings)
+    w = make_window("alice")
+    draft_id = open_row(qtbot, w, "CXR-10001")
+    editor, marks = w.report.findings, w.report.hl_findings
+    assert editor.toPlainText() == findings
+    deid = [s for s in marks.current_spans() if s.kind == KIND_DEID]
+    assert [findings[s.start:s.end] for s in deid] == ["xxxx", "XXXX"]
+    span = marks.span_at(deid[0].start + 1)
+    assert span is not None and span.kind == KIND_DEID and "not report text" in span.note
+    w.report.highlight.setChecked(False)  # the placeholders stay marked
+    assert [s.kind for s in marks.shown_spans()] == [KIND_DEID, KIND_DEID]
+    assert marks.span_at(deid[1].start) is not None
+    # drawn in their own format (red background, struck through) in the editor
+    block = editor.document().findBlock(deid[0].start)
+    fmts = [r for r in block.layout().formats() if r.start <= deid[0].start - block.position() < r.start + r.length]
+    assert fmts and fmts[0].format.fontStrikeOut() and fmts[0].format.background().color().name() == "#ff8182"
+
+    # signing is refused, with a message saying what to do; nothing is signed
+    w.confirm = lambda title, text: True
+    w.sign()
+    w.tasks.wait()
+    assert w.errors and w.errors[-1][0] == "Not signed"
+    assert "2 de-identification placeholders" in w.errors[-1][1] and "Replace" in w.errors[-1][1]
+    assert signed_ids(node) == [] and not editor.isReadOnly()
+    # the view-model refuses as well (any other caller)
+    with pytest.raises(ReviewError, match="placeholder"):
+        w.review.sign()
+    # one replaced: still refused; both replaced: signed, without any "xxxx"
+    editor.setPlainText(findings.replace("The xxxx", "The bones"))
+    w.sign()
+    assert "1 de-identification placeholder " in w.errors[-1][1]
+    editor.setPlainText("The bones are intact. Heart size is normal. Sternotomy wires.")
+    assert not [s for s in marks.current_spans() if s.kind == KIND_DEID]
+    with qtbot.waitSignal(w.signed, timeout=WAIT):
+        w.sign()
+    assert signed_ids(node) == [draft_id]
+    assert "xxxx" not in w.review.findings.lower()
+
+
+def test_wrong_patient_deid_in_a_real_draft_is_marked_and_not_signed(qtbot, make_window, node) -> None:  # type: ignore[no-untyped-def]
+    """The shipped model writes "The xxxx are intact." (CXR-10002's draft, drafted by the real pipeline)."""
+    w = make_window("alice")
+    open_row(qtbot, w, "CXR-10002")
+    text = w.report.findings.toPlainText()
+    assert "The xxxx are intact." in text
+    marked = [text[s.start:s.end] for s in w.report.hl_findings.shown_spans() if s.kind == KIND_DEID]
+    assert marked == ["xxxx"]
+    w.sign()  # unchanged draft: refused before the "unchanged draft" question
+    w.tasks.wait()
+    assert w.errors and "1 de-identification placeholder " in w.errors[-1][1]
+    assert "placeholders" in w.status_label.text() and signed_ids(node) == []
+
+
+def test_wrong_patient_deid_spans_find_every_placeholder_form() -> None:
+    from gui.highlight import deid_spans
+
+    text = "The xxxx are intact. XXXX-year-old. Chest x-XXXX. Boxxxx and xx are words, xXxX is not."
+    assert [text[s.start:s.end] for s in deid_spans(text)] == ["xxxx", "XXXX", "XXXX", "xXxX"]
