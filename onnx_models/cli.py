@@ -81,24 +81,28 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
         "import-hf",
         help="convert a local Hugging Face checkpoint folder into a model bundle (needs the [import] extra)",
         description="Read a local transformers checkpoint folder (never the network; no remote code) and write "
-                    "a bundle the node runs: ONNX graphs on the encoder-decoder contract, tokenizer.json, the "
+                    "a bundle the node runs: ONNX graphs on the bundle's graph contract, tokenizer.json, the "
                     "image processor's settings, a generated MODEL_CARD.md. Supported: VisionEncoderDecoderModel "
-                    "with a BERT decoder. The bundle is checked against transformers (logits, greedy text).")
+                    "with a BERT decoder (encoder-decoder bundle) and LlavaForConditionalGeneration with a Llama "
+                    "language model (decoder-only bundle). The bundle is checked against transformers (logits, "
+                    "greedy text); see onnx_models/README.md.")
     p.add_argument("checkpoint", help="checkpoint folder (config.json, model.safetensors, preprocessor_config.json, "
                                       "tokenizer.json)")
     p.add_argument("--out", required=True, help="bundle folder (replaced)")
     p.add_argument("--name", default="", help="bundle name (default: the checkpoint folder's name)")
     p.add_argument("--version", default="", help="bundle version (default 0.0.0)")
     p.add_argument("--views", choices=["first-frontal", "all"], default="first-frontal",
-                   help="first-frontal: read one view, the first frontal (default); all: up to 4 views, their "
-                        "tokens concatenated (only for models trained on several views)")
+                   help="VisionEncoderDecoderModel: first-frontal: read one view, the first frontal (default); "
+                        "all: up to 4 views, their tokens concatenated (only for models trained on several views)")
     p.add_argument("--section", choices=["findings", "impression"], default="findings",
                    help="the report section the model writes (default findings)")
     speed = p.add_mutually_exclusive_group()
     speed.add_argument("--int8", action="store_true", help="CPU: dynamic int8 quantisation of the linear layers")
     speed.add_argument("--fp16", action="store_true", help="CUDA: float16 graphs (float32 inputs and outputs)")
     p.add_argument("--prompt-template", default="",
-                   help="image-text-to-text models only (not supported yet): where the indication goes")
+                   help="LLaVA: the prompt, with <image> (the views' image blocks), {indication} and {views} "
+                        "(default: 'USER: <image>\\nViews: {views}. Indication: {indication}\\nWrite the "
+                        "findings. ASSISTANT:')")
     p.add_argument("--calibration-images", default="",
                    help="folder of 8-bit grey PNG/JPEG images like the model's training films (>= 125): fit "
                         "the input gate on them (else the bundle's gate is off)")
@@ -187,7 +191,8 @@ def _import_hf(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         out = import_hf(args.checkpoint, args.out, name=args.name, version=args.version, views=args.views,
-                        section=args.section, int8=args.int8, fp16=args.fp16, prompt_template=args.prompt_template,
+                        section=args.section, int8=args.int8, fp16=args.fp16,
+                        prompt_template=args.prompt_template.replace("\\n", "\n"),  # a typed \n is a newline
                         calibration_images=args.calibration_images or None, check=not args.no_check)
     except ImportHFError as exc:
         print(f"import-hf: {exc}", file=sys.stderr)
