@@ -141,6 +141,23 @@ def _candidates(ds: Any, keyword: str) -> list[tuple[str, str]]:
     return out
 
 
+def _first(dss: list[Any], sources: Sequence[str], treat: Any) -> tuple[str, str] | None:
+    """(text, source) of the first source with text after ``treat``; texts of that source that
+    differ between instances or request items are joined with "; "."""
+    for keyword in sources:
+        found: list[str] = []
+        where = ""
+        for ds in dss:
+            for raw, source in _candidates(ds, keyword):
+                text = treat(raw)
+                if text and text.lower() not in (f.lower() for f in found):
+                    found.append(text)
+                    where = where or source
+        if found:
+            return "; ".join(found), where
+    return None
+
+
 def extract(
     datasets: Iterable[Any],
     sources: Sequence[str] = DEFAULT_SOURCES,
@@ -152,19 +169,10 @@ def extract(
     """
     check_sources(sources)
     dss = list(datasets)
-    for keyword in sources:
-        found: list[str] = []
-        raws: list[str] = []
-        where = ""
-        for ds in dss:
-            for raw, source in _candidates(ds, keyword):
-                text = clean(raw)
-                if text and text.lower() not in (f.lower() for f in found):
-                    found.append(text)
-                    raws.append(as_trained(raw))
-                    where = where or source
-        if found:
-            text, truncated = limit("; ".join(found), max_chars)
-            model_text, _ = limit("; ".join(raws), max_chars)
-            return Indication(text=text, source=where, truncated=truncated, model_text=model_text)
-    return Indication(text="", source="")
+    shown = _first(dss, sources, clean)
+    read = _first(dss, sources, as_trained)  # training read the field even when it was all marks
+    model_text = limit(read[0], max_chars)[0] if read else ""
+    if shown:
+        text, truncated = limit(shown[0], max_chars)
+        return Indication(text=text, source=shown[1], truncated=truncated, model_text=model_text)
+    return Indication(text="", source="", model_text=model_text)  # source: of the text shown
