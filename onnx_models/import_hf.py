@@ -667,6 +667,8 @@ def import_hf(checkpoint: str | Path, out: str | Path, name: str = "", version: 
             if check and int8:  # fp16 graphs are for CUDA: not run here
                 write_manifest(tmp, manifest)
                 source["checks_int8"] = check_bundle(model, tmp, spec)
+        manifest["import"]["input_gate"] = (f"on: fitted on {Path(calibration_images).name}" if calibration_images
+                                            else "off: no --calibration-images (the node logs it once at start)")
         (tmp / "MODEL_CARD.md").write_text(model_card(manifest), encoding="utf-8")
         write_manifest(tmp, manifest)
         if calibration_images:
@@ -710,6 +712,8 @@ def _import_llava(src: Path, out: Path, name: str, version: str, section: str, i
                 from .import_hf_llava import recheck_int8
 
                 source["checks_int8"] = recheck_int8(src, tmp)
+        manifest["import"]["input_gate"] = (f"on: fitted on {Path(calibration_images).name}" if calibration_images
+                                            else "off: no --calibration-images (the node logs it once at start)")
         (tmp / "MODEL_CARD.md").write_text(model_card(manifest), encoding="utf-8")
         write_manifest(tmp, manifest)
         if calibration_images:

@@ -70,6 +70,7 @@ def test_bundle_checks_and_manifest(imported: tuple[Path, Path]) -> None:
     assert m["input"]["image_processor"]["resample"] == "bicubic"
     assert m["input"]["image_processor"]["image_mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert m["observations"]["names"] == [] and "input_check" not in m
+    assert m["import"]["input_gate"].startswith("off")
     checks = m["import"]["checks"]
     assert checks["max_abs_logit_diff"] < TOL and checks["greedy_identical"] == checks["greedy_compared"] == 3
     assert m["import"]["readme"]["license"] == "mit" and m["import"]["weights"]["model.safetensors"]
@@ -259,7 +260,7 @@ def test_calibration_images_turn_the_gate_on(tmp_path: Path, imported: tuple[Pat
     out = import_hf(ck, tmp_path / "gated", calibration_images=films)
     m = load_bundle(out).manifest
     assert m["input_check"]["fitted_on_views"] + m["input_check"]["limit_from_views"] == 140
-    assert "input_check.npz" in m["files"]
+    assert "input_check.npz" in m["files"] and m["import"]["input_gate"] == "on: fitted on films"
     assert "input gate is **off**" not in (out / "MODEL_CARD.md").read_text()
     gen = ReportGenerator(out, threads=1)
     film = np.asarray(Image.open(films / "f000.png"), dtype=np.float32) / 255.0
