@@ -171,6 +171,9 @@ class OutboundConfig:
 class ReviewConfig:
     claim_timeout_s: float = _doc("A reviewer's claim on a draft expires after this long without activity.", 900.0)
     refresh_s: float = _doc("The reviewer's worklist refreshes this often (0 = only on demand).", 15.0)
+    undo_window_s: float = _doc("After signing, the verified SR waits this long (unless the reviewer sends it at "
+                                "once) before it is queued out; until then the signature can be undone (0 = no undo).",
+                                10.0)
 
 
 @dataclass(frozen=True)
@@ -409,6 +412,7 @@ def validate(c: Config) -> None:
     _check_range("outbound.backoff_s", c.outbound.backoff_s, 0)
     _check_range("review.claim_timeout_s", c.review.claim_timeout_s, 1)
     _check_range("review.refresh_s", c.review.refresh_s, 0)
+    _check_range("review.undo_window_s", c.review.undo_window_s, 0, 300)
     names: set[str] = set()
     for i, d in enumerate(c.destinations):
         key = f"destinations[{i}]"

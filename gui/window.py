@@ -69,6 +69,7 @@ QLabel#gate_alert { background: #fff1e5; color: #762c00; border: 1px solid #fb8f
     padding: 4px 6px; }
 QLabel#signing_for { background: #ffffff; color: #1f2328; border: 2px solid #1f883d; border-radius: 4px;
     padding: 4px 6px; font-weight: 700; }
+QFrame#undo_bar { background: #ddf4ff; border: 1px solid #54aeff; border-radius: 4px; }
 QLabel#legend { color: #57606a; font-size: 11px; }
 QTableWidget#probabilities { font-size: 12px; }
 QLabel#section { font-weight: 700; color: #57606a; text-transform: uppercase; margin-top: 6px; }
@@ -296,6 +297,22 @@ class ReportPane(QWidget):
         self.hl_impression = UncertainWords(self.impression, lambda t: self._spans("impression", t))
         self.findings.marks, self.impression.marks = self.hl_findings, self.hl_impression
 
+        # the undo window after signing (review.undo_window_s): the SR is held until it passes
+        self.undo_bar = QFrame(self)
+        self.undo_bar.setObjectName("undo_bar")
+        ub = QHBoxLayout(self.undo_bar)
+        ub.setContentsMargins(6, 4, 6, 4)
+        self.undo_label = QLabel("", self.undo_bar)
+        self.undo_label.setWordWrap(True)
+        ub.addWidget(self.undo_label, 1)
+        self.undo_button = QPushButton("Undo (Ctrl+Z)", self.undo_bar)
+        self.undo_button.setToolTip("Withdraw the signature before the report is sent: the draft comes back to you")
+        self.send_now_button = QPushButton("Send now", self.undo_bar)
+        self.send_now_button.setToolTip("End the undo window: queue the verified report to its destinations now")
+        ub.addWidget(self.undo_button)
+        ub.addWidget(self.send_now_button)
+        self.undo_bar.setVisible(False)
+        lay.addWidget(self.undo_bar)
         self.signing_for = QLabel("", self)
         self.signing_for.setObjectName("signing_for")
         self.signing_for.setWordWrap(True)
@@ -479,6 +496,8 @@ class ReviewerWindow(QMainWindow):
 
     review_shown = pyqtSignal(int)  # draft id: views painted and draft text filled
     signed = pyqtSignal(int)
+    sign_undone = pyqtSignal(int)
+    sign_released = pyqtSignal(int)  # the undo window ended (passed, or Send now): the SR goes out
     rejected = pyqtSignal(int)
     worklist_refreshed = pyqtSignal()
     failed = pyqtSignal(str)
@@ -569,6 +588,16 @@ class ReviewerWindow(QMainWindow):
         self.report.skip_button.clicked.connect(self.skip)
         self.report.next_button.clicked.connect(self.next)
         self.study.all_painted.connect(self._painted)
+        self.report.undo_button.clicked.connect(self.undo_sign)
+        self.report.send_now_button.clicked.connect(self.send_now)
+        self._undo: tuple[int, float] | None = None  # (draft id, monotonic deadline) while undo is offered
+        self.undo_timer = QTimer(self)
+        self.undo_timer.setInterval(250)
+        self.undo_timer.timeout.connect(self._undo_tick)
+        self.undo_shortcut = QShortcut(QKeySequence("Ctrl+Z"), self)
+        self.undo_shortcut.setContext(Qt.ShortcutContext.WindowShortcut)
+        self.undo_shortcut.activated.connect(self.undo_sign)
+        self.undo_shortcut.setEnabled(False)
         for keys, slot in (
             ("Ctrl+Return", self.sign),
             ("Ctrl+Enter", self.sign),
@@ -846,7 +875,12 @@ class ReviewerWindow(QMainWindow):
         def done(_: Any) -> None:
             self.report.show_review(vm, self._signer_text())
             n = len(self.service.config.destinations)
-            self.say(f"Signed. Verified report stored and queued to {n} destination(s).")
+            window = self.service.config.review.undo_window_s
+            if window > 0:
+                self._start_undo(vm.detail.draft_id, window)
+                self.say(f"Signed. The verified report goes to {n} destination(s) in {window:g} s: Undo (Ctrl+Z) until then.")
+            else:
+                self.say(f"Signed. Verified report stored and queued to {n} destination(s).")
             self.signed.emit(vm.detail.draft_id)
             self.refresh()
 
@@ -859,6 +893,78 @@ class ReviewerWindow(QMainWindow):
             self.refresh()
 
         self.tasks.start(work, done, failed)
+
+    # -- the undo window after signing ---------------------------------------------------
+    def _start_undo(self, draft_id: int, window_s: float) -> None:
+        import time
+
+        self._undo = (draft_id, time.monotonic() + window_s)
+        self.report.undo_bar.setVisible(True)
+        self.undo_shortcut.setEnabled(True)
+        self._undo_tick()
+        self.undo_timer.start()
+
+    def _end_undo(self) -> None:
+        self._undo = None
+        self.undo_timer.stop()
+        self.undo_shortcut.setEnabled(False)
+        self.report.undo_bar.setVisible(False)
+
+    def _undo_tick(self) -> None:
+        import time
+
+        if self._undo is None:
+            return
+        draft_id, deadline = self._undo
+        left = deadline - time.monotonic()
+        if left <= 0 or self.review is None or self.review.detail.draft_id != draft_id:
+            # passed, or another study was opened: the report goes out as signed
+            self._end_undo()
+            self.sign_released.emit(draft_id)
+            return
+        self.report.undo_label.setText(f"Signed. Sending in {left:.0f} s: Undo returns the report to you.")
+
+    def undo_sign(self) -> None:
+        """Withdraw the signature within the undo window: nothing is sent, the draft (with the
+        signed text) is back in the editor, claimed by this reviewer (audited)."""
+        if self._undo is None or self._opening is not None:
+            return
+        draft_id = self._undo[0]
+        self._end_undo()
+        self.say("Undoing the signature…")
+
+        def work(progress: Callable[[int, int, str], None]) -> viewmodels.ReviewModel:
+            findings, impression = self.service.undo_sign(draft_id, self.user)
+            vm = viewmodels.open_review(self.service, self.user, draft_id, progress=progress)
+            if vm.holds_claim:
+                vm.findings, vm.impression = findings, impression
+            return vm
+
+        def done(vm: viewmodels.ReviewModel) -> None:
+            self._opening = draft_id
+            self._opened(vm)
+            self.say("Signature undone: nothing was sent; the report is back in your hands.")
+            self.sign_undone.emit(draft_id)
+
+        def failed(exc: BaseException, tb: str) -> None:
+            self._fail("Not undone")(exc, tb)
+            self.sign_released.emit(draft_id)
+
+        self.tasks.start(work, done, failed)
+
+    def send_now(self) -> None:
+        """End the undo window at once: the verified report is queued to its destinations now."""
+        if self._undo is None:
+            return
+        draft_id = self._undo[0]
+        self._end_undo()
+
+        def done(n: int) -> None:
+            self.say(f"Sent: the verified report is queued to {n} destination(s).")
+            self.sign_released.emit(draft_id)
+
+        self.tasks.start(lambda progress: self.service.send_signed_now(draft_id, self.user), done,
+                         self._fail("Not sent"))
 
     def reject(self) -> None:
         vm = self.review

@@ -62,12 +62,24 @@ from typing import Any
 
 import pydicom
 import pydicom.errors
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import index, outbound
 from dicom_node.config import Config, Reviewer
-from dicom_node.db import Draft, DraftState, Instance, Job, JobState, Study, StudyState, utcnow
+from dicom_node.db import (
+    Draft,
+    DraftState,
+    Instance,
+    Job,
+    JobState,
+    Series,
+    Study,
+    StudyState,
+    Transfer,
+    TransferState,
+    utcnow,
+)
 from dicom_node.store import Store
 from plugin import sr
 from plugin.draft_info import (
@@ -128,6 +140,10 @@ class SupersededError(NotReviewableError):
     def __init__(self, message: str, newer_draft_id: int | None = None) -> None:
         super().__init__(message)
         self.newer_draft_id = newer_draft_id
+
+
+class UndoExpiredError(ReviewError):
+    """The signature can no longer be undone: the undo window passed or the SR is being sent."""
 
 
 class StudyChangedError(ReviewError):
@@ -932,7 +948,11 @@ class ReviewService:
                         }
                     ),
                 )
-                outbound.enqueue(s, self.config, signed_ds.SOPInstanceUID, relpath, kind="signed")
+                # the undo window (review.undo_window_s): queued now, due only when it has passed
+                # (or when the reviewer sends it at once, send_signed_now); undo_sign withdraws it
+                hold = dt.timedelta(seconds=self.config.review.undo_window_s)
+                for t in outbound.enqueue(s, self.config, signed_ds.SOPInstanceUID, relpath, kind="signed"):
+                    t.next_attempt_at = t.next_attempt_at + hold
         except BaseException:
             if not existed:
                 self.store.remove(relpath)
@@ -943,6 +963,80 @@ class ReviewService:
             assert signed is not None
             s.expunge(signed)
             return signed
+
+    def send_signed_now(self, draft_id: int, user: str) -> int:
+        """End the undo window of ``user``'s signature: its verified SR's transfers become due now.
+        Returns how many transfers were released (0 if none was still held)."""
+        with self.sessions() as s, s.begin():
+            d = s.get(Draft, draft_id)
+            if d is None or d.state != DraftState.SIGNED or d.signed_by != user or not d.signed_sop_instance_uid:
+                raise ReviewError("only your own signed report can be sent")
+            now = utcnow()
+            res = s.execute(
+                update(Transfer)
+                .where(Transfer.sop_instance_uid == d.signed_sop_instance_uid,
+                       Transfer.state == TransferState.PENDING, Transfer.attempts == 0, Transfer.next_attempt_at > now)
+                .values(next_attempt_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            n = _rowcount(res)
+            if n:
+                index.audit(s, user, "sign_confirmed", d.study.study_instance_uid, d.signed_sop_instance_uid,
+                            json.dumps({"transfers": n}))
+        return n
+
+    def undo_sign(self, draft_id: int, user: str) -> tuple[str, str]:
+        """Undo ``user``'s own signature within ``review.undo_window_s``: the verified SR's held
+        transfers are withdrawn, the SR leaves the index and the store, the draft is back in review
+        claimed by ``user``, audited ``sign_undone``. Returns the signed (findings, impression) so
+        the reviewer gets the text back. Raises :class:`UndoExpiredError` once the window passed
+        or any transfer of the SR has started (nothing is changed then)."""
+        self.reviewer(user)
+        window = dt.timedelta(seconds=self.config.review.undo_window_s)
+        now = self.clock()
+        with self.sessions() as s, s.begin():
+            d = s.get(Draft, draft_id)
+            if d is None or d.state != DraftState.SIGNED or d.signed_by != user or not d.signed_sop_instance_uid:
+                raise ReviewError("only your own signature can be undone")
+            if d.signed_at is None or not window or now > d.signed_at + window:
+                raise UndoExpiredError("the undo window has passed: the verified report is queued to be sent")
+            sop, relpath = d.signed_sop_instance_uid, d.signed_path or ""
+            text = (d.signed_findings or "", d.signed_impression or "")
+            study_uid = d.study.study_instance_uid
+            held = s.scalar(select(func.count()).select_from(Transfer).where(Transfer.sop_instance_uid == sop)) or 0
+            res = s.execute(
+                delete(Transfer)
+                .where(Transfer.sop_instance_uid == sop, Transfer.state == TransferState.PENDING,
+                       Transfer.attempts == 0, Transfer.next_attempt_at > utcnow())
+                .execution_options(synchronize_session=False)
+            )
+            if _rowcount(res) != held:  # one is being (or was) sent: nothing is undone
+                raise UndoExpiredError("the verified report is already being sent: it cannot be undone")
+            res = s.execute(
+                update(Draft)
+                .where(Draft.id == draft_id, Draft.state == DraftState.SIGNED, Draft.signed_by == user)
+                .values(state=DraftState.IN_REVIEW, claimed_by=user, claimed_at=now, signed_by=None, signed_at=None,
+                        signed_sop_instance_uid=None, signed_path=None, signed_findings=None, signed_impression=None)
+                .execution_options(synchronize_session=False)
+            )
+            if _rowcount(res) != 1:
+                raise ReviewError("only your own signature can be undone")
+            inst = s.scalars(select(Instance).where(Instance.sop_instance_uid == sop)).one_or_none()
+            if inst is not None:
+                series_id = inst.series_id
+                s.delete(inst)
+                s.flush()
+                if not s.scalar(select(func.count()).select_from(Instance).where(Instance.series_id == series_id)):
+                    s.execute(delete(Series).where(Series.id == series_id))
+            s.execute(
+                update(Study).where(Study.study_instance_uid == study_uid).values(state=StudyState.DRAFTED)
+                .execution_options(synchronize_session=False)
+            )
+            index.audit(s, user, "sign_undone", study_uid, sop, json.dumps({"draft": d.sop_instance_uid}))
+        if relpath:
+            self.store.remove(relpath)
+        log.info("draft %s: signature undone, verified SR %s withdrawn before sending", draft_id, sop)
+        return text
 
     def reject(self, draft_id: int, user: str, reason: str) -> Draft:
         """Reject the draft with a reason (no SR is sent); the study stays for a manual report."""

@@ -5,16 +5,17 @@ de-identification placeholders ("xxxx") cannot be signed. Run with ``-k wrong_pa
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 
 import pytest
 from PyQt6.QtCore import Qt
 from sqlalchemy import select
 
-from dicom_node.db import Draft, DraftState
+from dicom_node.db import AuditEvent, Draft, DraftState, Instance, Transfer, utcnow
 from gui import synthetic, viewmodels
 from gui.highlight import KIND_DEID
 from gui.window import ReviewerWindow
-from plugin.review import ReviewError
+from plugin.review import ReviewError, ReviewService, UndoExpiredError
 
 WAIT = 30000
 
@@ -226,3 +227,93 @@ def test_wrong_patient_deid_spans_find_every_placeholder_form() -> None:
 
     text = "The xxxx are intact. XXXX-year-old. Chest x-XXXX. Boxxxx and xx are words, xXxX is not."
     assert [text[s.start:s.end] for s in deid_spans(text)] == ["xxxx", "XXXX", "XXXX", "xXxX"]
+
+
+def _transfers(node: synthetic.NodeFixture, sop: str) -> list[Transfer]:
+    with node.sessions() as s:
+        return list(s.scalars(select(Transfer).where(Transfer.sop_instance_uid == sop)))
+
+
+def test_wrong_patient_undo_window_returns_the_report_and_sends_nothing(qtbot, make_window, node) -> None:  # type: ignore[no-untyped-def]
+    assert node.config.review.undo_window_s == 10.0  # the default
+    w = make_window("alice")
+    draft_id = open_row(qtbot, w, "CXR-10001")
+    w.report.impression.setPlainText("Cardiomegaly. Patchy opacity, possibly pneumonia.")
+    with qtbot.waitSignal(w.signed, timeout=WAIT):
+        w.sign()
+    with node.sessions() as s:
+        d = s.get(Draft, draft_id)
+        assert d is not None and d.state == DraftState.SIGNED
+        sop, relpath = d.signed_sop_instance_uid or "", d.signed_path or ""
+    held = _transfers(node, sop)
+    # queued, but held for the window: not due yet
+    assert [t.destination for t in held] == ["pacs"] and all(t.next_attempt_at > utcnow() for t in held)
+    assert w.report.undo_bar.isVisible() and "Sending in" in w.report.undo_label.text()
+    assert node.store.abspath(relpath).exists()
+    with qtbot.waitSignal(w.sign_undone, timeout=WAIT):
+        qtbot.keyClick(w, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)
+    wait_idle(qtbot, w)
+    # nothing goes out, the SR is gone from the index and the store, the draft is back with the text
+    assert _transfers(node, sop) == []
+    with node.sessions() as s:
+        assert s.scalars(select(Instance).where(Instance.sop_instance_uid == sop)).one_or_none() is None
+        d = s.get(Draft, draft_id)
+        assert d is not None and d.state == DraftState.IN_REVIEW and d.claimed_by == "alice" and d.signed_by is None
+        undone = list(s.scalars(select(AuditEvent).where(AuditEvent.action == "sign_undone")))
+    assert len(undone) == 1 and undone[0].actor == "alice" and undone[0].object_uid == sop
+    assert not node.store.abspath(relpath).exists()
+    assert not w.report.undo_bar.isVisible()
+    assert w.review is not None and w.review.holds_claim and not w.report.findings.isReadOnly()
+    assert w.report.impression.toPlainText() == "Cardiomegaly. Patchy opacity, possibly pneumonia."
+    assert highlighted(w) == [draft_id] and w.report.sign_button.isEnabled()
+    # signed again, then "Send now": due at once, and no undo any more
+    with qtbot.waitSignal(w.signed, timeout=WAIT):
+        w.sign()
+    with qtbot.waitSignal(w.sign_released, timeout=WAIT):
+        w.report.send_now_button.click()
+    with node.sessions() as s:
+        d = s.get(Draft, draft_id)
+        assert d is not None
+        sop2 = d.signed_sop_instance_uid or ""
+    assert [t.next_attempt_at <= utcnow() for t in _transfers(node, sop2)] == [True]
+    with pytest.raises(UndoExpiredError):
+        w.service.undo_sign(draft_id, "alice")
+
+
+def test_wrong_patient_undo_window_passes_then_the_report_goes_out(qtbot, make_window, node) -> None:  # type: ignore[no-untyped-def]
+    config = dataclasses.replace(node.config, review=dataclasses.replace(node.config.review, undo_window_s=1.0))
+    svc = ReviewService(config, node.sessions, node.store)
+    w = make_window("alice", svc=svc)
+    draft_id = open_row(qtbot, w, "CXR-10001")
+    w.report.impression.setPlainText("Cardiomegaly.")
+    with qtbot.waitSignal(w.signed, timeout=WAIT):
+        w.sign()
+    assert w.report.undo_bar.isVisible()
+    with qtbot.waitSignal(w.sign_released, timeout=WAIT):
+        pass
+    assert not w.report.undo_bar.isVisible()
+    qtbot.keyClick(w, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)  # nothing to undo now
+    w.tasks.wait()
+    with node.sessions() as s:
+        d = s.get(Draft, draft_id)
+        assert d is not None and d.state == DraftState.SIGNED
+        sop = d.signed_sop_instance_uid or ""
+    assert [t.next_attempt_at <= utcnow() for t in _transfers(node, sop)] == [True]  # due: the sender takes it
+    with pytest.raises(UndoExpiredError, match="undo window has passed"):
+        svc.undo_sign(draft_id, "alice")
+    # someone else's signature is never undone; a started transfer cannot be withdrawn
+    with pytest.raises(ReviewError, match="your own"):
+        svc.undo_sign(draft_id, "bob")
+    late = ReviewService(config, node.sessions, node.store, clock=lambda: utcnow() - dt.timedelta(seconds=0.5))
+    with node.sessions() as s:
+        for t in s.scalars(select(Transfer).where(Transfer.sop_instance_uid == sop)):
+            t.attempts, t.next_attempt_at = 1, utcnow() + dt.timedelta(seconds=30)
+        d = s.get(Draft, draft_id)
+        assert d is not None
+        d.signed_at = utcnow()
+        s.commit()
+    with pytest.raises(UndoExpiredError, match="already being sent"):
+        late.undo_sign(draft_id, "alice")
+    with node.sessions() as s:
+        d = s.get(Draft, draft_id)
+        assert d is not None and d.state == DraftState.SIGNED  # nothing changed
