@@ -317,3 +317,34 @@ def test_wrong_patient_undo_window_passes_then_the_report_goes_out(qtbot, make_w
     with node.sessions() as s:
         d = s.get(Draft, draft_id)
         assert d is not None and d.state == DraftState.SIGNED  # nothing changed
+
+
+@pytest.mark.postgres
+def test_wrong_patient_undo_window_on_postgresql(tmp_path, postgres_url: str) -> None:  # type: ignore[no-untyped-def]
+    """Undo and the sender on a shared PostgreSQL: a held SR is never claimed by the sender; once
+    undone, nothing is left to send; once the sender holds a transfer, undo is refused."""
+    from dicom_node import outbound
+
+    node = synthetic.build_node(tmp_path / "pg", synthetic.sample_studies(1, size=256, prefix="pgu"),
+                                database_url=postgres_url)
+    try:
+        svc = ReviewService(node.config, node.sessions, node.store)
+        draft_id = svc.worklist()[0].draft_id
+        assert draft_id is not None
+        svc.claim(draft_id, "alice")
+        signed = svc.sign(draft_id, "alice", "Heart normal.", "No acute abnormality.")
+        sop = signed.signed_sop_instance_uid or ""
+        assert outbound.claim_transfer(node.sessions, "sender-a") is None  # held: not due
+        assert svc.undo_sign(draft_id, "alice") == ("Heart normal.", "No acute abnormality.")
+        assert _transfers(node, sop) == [] and outbound.claim_transfer(node.sessions, "sender-a") is None
+        signed = svc.sign(draft_id, "alice", "Heart normal.", "Edited again.")
+        assert svc.send_signed_now(draft_id, "alice") == 1
+        taken = outbound.claim_transfer(node.sessions, "sender-a")
+        assert taken is not None and taken.sop_instance_uid == signed.signed_sop_instance_uid
+        with pytest.raises(UndoExpiredError, match="already being sent"):
+            svc.undo_sign(draft_id, "alice")
+        with node.sessions() as s:
+            d = s.get(Draft, draft_id)
+            assert d is not None and d.state == DraftState.SIGNED
+    finally:
+        node.engine.dispose()
