@@ -55,6 +55,7 @@ import sys
 import threading
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import func, select
@@ -120,15 +121,16 @@ def configure_logging(level: str, log_format: str = "text") -> None:
 # -- serve -----------------------------------------------------------------------------------
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Check everything a site can get wrong (see :mod:`dicom_node.startup`), then listen."""
-    from dicom_node.startup import EXIT_ERROR, StartupError, port_error, preflight
+def _run_process(args: argparse.Namespace, command: str, start: Callable[[Config, list[Any]], Any],
+                 ready: Callable[[Config, Any], str]) -> int:
+    """The life of a ``serve`` or ``worker`` process: config and logging, SIGTERM/SIGINT stop it,
+    ``start(config)`` returns the started Node (a start problem is one line naming the key, with
+    its exit code; the traceback only with --verbose), ``ready`` is printed, then wait."""
+    from dicom_node.startup import EXIT_ERROR, StartupError
 
     verbose = bool(getattr(args, "verbose", False))
     config = config_from_args(args)
     configure_logging(config.node.log_level, getattr(args, "log_format", "text"))
-    from dicom_node.node import Node
-
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -137,34 +139,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    node: Node | None = None
+    started: list[Any] = []  # start() appends the Node before starting it, so a failure can stop it
     try:
-        handler = preflight(config)
-        from dicom_node.db import is_sqlite
-
-        # SQLite (one host): serve migrates it itself; PostgreSQL: only `cxrnode migrate` does
-        node = Node(config, job_handler=handler, migrate_schema=is_sqlite(config.node.resolved_database_url()))
-        try:
-            node.start()
-        except OSError as exc:
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL) and exc.filename is None:
-                raise port_error(config, exc) from exc
-            raise
+        node = start(config, started)
     except StartupError as exc:
-        print(exc.line(), file=sys.stderr, flush=True)
+        print(exc.line(command), file=sys.stderr, flush=True)
         if verbose:
             traceback.print_exc()
-        _stop_quietly(node)
+        _stop_quietly(started[0] if started else None)
         return exc.code
     except Exception as exc:
-        print(f"cxrnode serve: cannot start: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"cxrnode {command}: cannot start: {type(exc).__name__}: {first}"
               + ("" if verbose else " (run with --verbose for the traceback)") + f" (exit {EXIT_ERROR})",
               file=sys.stderr, flush=True)
         if verbose:
             traceback.print_exc()
-        _stop_quietly(node)
+        _stop_quietly(started[0] if started else None)
         return EXIT_ERROR
-    print(f"cxrnode: {config.node.ae_title} listening on {config.node.host}:{node.port}", file=sys.stderr, flush=True)
+    print(ready(config, node), file=sys.stderr, flush=True)
     try:
         while not stop.wait(1.0):
             pass
@@ -173,38 +166,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Check everything a site can get wrong (see :mod:`dicom_node.startup`), then listen."""
+
+    def start(config: Config, started: list[Any]) -> Any:
+        from dicom_node.db import is_sqlite
+        from dicom_node.node import Node
+        from dicom_node.startup import port_error, preflight
+
+        handler = preflight(config)
+        # SQLite (one host): serve migrates it itself; PostgreSQL: only `cxrnode migrate` does
+        node = Node(config, job_handler=handler, migrate_schema=is_sqlite(config.node.resolved_database_url()))
+        started.append(node)
+        try:
+            return node.start()
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL) and exc.filename is None:
+                raise port_error(config, exc) from exc
+            raise
+
+    return _run_process(args, "serve", start,
+                        lambda c, n: f"cxrnode: {c.node.ae_title} listening on {c.node.host}:{n.port}")
+
+
 # -- worker and migrate (several hosts on one PostgreSQL) ------------------------------------
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """Claim and run drafting jobs and outbound transfers (no SCP, no promoter) until SIGTERM."""
-    from dicom_node.db import is_sqlite
-    from dicom_node.startup import (
-        EXIT_CONFIG,
-        EXIT_ERROR,
-        StartupError,
-        check_database,
-        check_free_space,
-        check_schema,
-        check_storage,
-        load_and_prepare_handler,
-    )
 
-    verbose = bool(getattr(args, "verbose", False))
-    config = config_from_args(args)
-    configure_logging(config.node.log_level, getattr(args, "log_format", "text"))
-    from dicom_node.node import Node
+    def start(config: Config, started: list[Any]) -> Any:
+        from dicom_node.db import is_sqlite
+        from dicom_node.node import Node
+        from dicom_node.startup import (
+            EXIT_CONFIG,
+            StartupError,
+            check_database,
+            check_free_space,
+            check_schema,
+            check_storage,
+            load_and_prepare_handler,
+        )
 
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        logging.getLogger(__name__).info("received %s: shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    node: Node | None = None
-    try:
         if args.threads is not None and args.threads < 1:
             raise StartupError(EXIT_CONFIG, "--threads", f"expected a number >= 1, got {args.threads}",
                                "give the number of drafting threads of this worker")
@@ -219,30 +222,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         check_schema(config)
         handler = load_and_prepare_handler(config, always=True)
         node = Node(config, job_handler=handler, migrate_schema=False, role="worker", workers=args.threads)
-        node.start()
-    except StartupError as exc:
-        print(exc.line("worker"), file=sys.stderr, flush=True)
-        if verbose:
-            traceback.print_exc()
-        _stop_quietly(node)
-        return exc.code
-    except Exception as exc:
-        print(f"cxrnode worker: cannot start: {type(exc).__name__}: "
-              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-              + ("" if verbose else " (run with --verbose for the traceback)") + f" (exit {EXIT_ERROR})",
-              file=sys.stderr, flush=True)
-        if verbose:
-            traceback.print_exc()
-        _stop_quietly(node)
-        return EXIT_ERROR
-    print(f"cxrnode worker: {node.workers} drafting thread(s) on host {node.store.host_id!r}",
-          file=sys.stderr, flush=True)
-    try:
-        while not stop.wait(1.0):
-            pass
-    finally:
-        node.stop()
-    return 0
+        started.append(node)
+        return node.start()
+
+    return _run_process(args, "worker", start,
+                        lambda c, n: f"cxrnode worker: {n.workers} drafting thread(s) on host {n.store.host_id!r}")
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

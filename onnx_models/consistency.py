@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 from . import labels
 from .labels import Presence
+from .tokenizer import join_words
 
 __all__ = ["Issue", "Edit", "KINDS", "check", "check_tokens", "rates", "make_consistent", "split_sentences",
            "text_tokens", "ACUTE"]
@@ -218,15 +219,7 @@ def text_tokens(text: str, prob: float = 1.0) -> list[Token]:
 
 
 def _detok(words: Sequence[str]) -> str:
-    out = ""
-    for w in words:
-        if not out:
-            out = w
-        elif re.fullmatch(r"[.,;:!?)%]", w) or out.endswith(("(", "-", "/")) or w in ("-", "/"):
-            out += w
-        else:
-            out += " " + w
-    return out.lower()
+    return join_words(words).lower()
 
 
 # --- analysis ------------------------------------------------------------------------------------

@@ -32,9 +32,9 @@ def normalise_text(text: str) -> str:
     return " ".join(re.findall(r"\w+|[^\w\s]", text.lower()))
 
 
-def detokenize(words: Sequence[str]) -> str:
-    """Join word-level tokens into readable text: no space before punctuation, capitalised
-    sentences."""
+def join_words(words: Sequence[str]) -> str:
+    """Word-level tokens joined as written: no space before punctuation or after an opening
+    bracket, hyphen or slash (the case is left as it is)."""
     out = ""
     for w in words:
         if not out:
@@ -43,5 +43,12 @@ def detokenize(words: Sequence[str]) -> str:
             out += w
         else:
             out += " " + w
+    return out
+
+
+def detokenize(words: Sequence[str]) -> str:
+    """Join word-level tokens into readable text: no space before punctuation, capitalised
+    sentences."""
+    out = join_words(words)
     sentences = re.split(r"(?<=[.!?])\s+", out)
     return " ".join(s[:1].upper() + s[1:] for s in sentences if s)
