@@ -108,15 +108,22 @@ def send_study_from_pacs(pacs: OrthancServer, datasets: list) -> None:
         pacs.send_to_modality("cxrnode", [sid])
 
 
-def draft_of(node: Node, study_uid: str) -> Draft | None:
+def draft_of(node: Node, study_uid: str, images: list | None = None) -> Draft | None:
+    """The study's open draft; with ``images``, only one drafted from all of them (the PACS
+    sends instance by instance: a draft of the first image alone is superseded when the
+    second arrives after the quiet period)."""
     assert node.sessions is not None
     with node.sessions() as s:
         study = s.scalars(select(Study).where(Study.study_instance_uid == study_uid)).one_or_none()
         if study is None:
             return None
         d = s.scalars(select(Draft).where(Draft.study_id == study.id, Draft.state == "new")).first()
-        if d is not None:
-            s.expunge(d)
+        if d is None:
+            return None
+        if images is not None and {v["sop_instance_uid"] for v in json.loads(d.views or "[]")} != {
+                str(ds.SOPInstanceUID) for ds in images}:
+            return None
+        s.expunge(d)
         return d
 
 
@@ -160,8 +167,8 @@ def test_pacs_to_node_to_radiologist_and_back(system: tuple[Node, OrthancServer]
     send_study_from_pacs(pacs, study1)
     send_study_from_pacs(pacs, study2)
 
-    d1 = wait_for("the first draft", lambda: draft_of(node, study1[0].StudyInstanceUID))
-    d2 = wait_for("the second draft", lambda: draft_of(node, study2[0].StudyInstanceUID))
+    d1 = wait_for("the first draft", lambda: draft_of(node, study1[0].StudyInstanceUID, study1))
+    d2 = wait_for("the second draft", lambda: draft_of(node, study2[0].StudyInstanceUID, study2))
     assert d1.indication == "History of testicular cancer, evaluate for metastatic disease"
     assert d2.indication == "Cough and fever for one week"
     assert transfer_of(node, d1.sop_instance_uid) is None  # drafts are not sent (send = "signed")
@@ -198,7 +205,7 @@ def test_drafts_go_to_a_pacs_that_wants_them(system: tuple[Node, OrthancServer],
     node, pacs = system
     study = samples.make_study(3, prefix="e2e")
     send_study_from_pacs(pacs, study)
-    d = wait_for("the draft", lambda: draft_of(node, study[0].StudyInstanceUID))
+    d = wait_for("the draft", lambda: draft_of(node, study[0].StudyInstanceUID, study))
     wait_for("the draft to be sent", lambda: (
         (t := transfer_of(node, d.sop_instance_uid)) is not None and t.state == "done" and t))
     pacs_sr = wait_for("the draft in Orthanc", lambda: sr_in_pacs(pacs, d.sop_instance_uid))
