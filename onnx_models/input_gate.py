@@ -132,11 +132,6 @@ class ViewCheck:
     scores: dict[str, float] = field(default_factory=dict)
     limits: dict[str, float] = field(default_factory=dict)
 
-    def as_json(self) -> dict[str, Any]:
-        return {"view": self.view, "passed": self.passed, "reasons": list(self.reasons),
-                "scores": {k: round(v, 2) for k, v in self.scores.items()},
-                "limits": {k: round(v, 2) for k, v in self.limits.items()}}
-
 
 @dataclass(frozen=True)
 class GateStatistics:
