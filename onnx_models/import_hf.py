@@ -667,13 +667,7 @@ def import_hf(checkpoint: str | Path, out: str | Path, name: str = "", version: 
             if check and int8:  # fp16 graphs are for CUDA: not run here
                 write_manifest(tmp, manifest)
                 source["checks_int8"] = check_bundle(model, tmp, spec)
-        manifest["import"]["input_gate"] = (f"on: fitted on {Path(calibration_images).name}" if calibration_images
-                                            else "off: no --calibration-images (the node logs it once at start)")
-        (tmp / "MODEL_CARD.md").write_text(model_card(manifest), encoding="utf-8")
-        write_manifest(tmp, manifest)
-        if calibration_images:
-            calibrate_from_images(tmp, Path(calibration_images))
-        load_bundle(tmp)
+        _finish(tmp, manifest, calibration_images)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -682,6 +676,19 @@ def import_hf(checkpoint: str | Path, out: str | Path, name: str = "", version: 
     tmp.rename(out)
     log.info("bundle written to %s", out)
     return out
+
+
+def _finish(tmp: Path, manifest: dict[str, Any], calibration_images: str | Path | None) -> None:
+    """The common end of an import: the gate's state in the manifest, the model card, the
+    checksummed manifest, the input gate fitted when calibration images are given, a final
+    ``load_bundle`` check."""
+    manifest["import"]["input_gate"] = (f"on: fitted on {Path(calibration_images).name}" if calibration_images
+                                        else "off: no --calibration-images (the node logs it once at start)")
+    (tmp / "MODEL_CARD.md").write_text(model_card(manifest), encoding="utf-8")
+    write_manifest(tmp, manifest)
+    if calibration_images:
+        calibrate_from_images(tmp, Path(calibration_images))
+    load_bundle(tmp)
 
 
 def _import_llava(src: Path, out: Path, name: str, version: str, section: str, int8: bool, fp16: bool,
@@ -712,13 +719,7 @@ def _import_llava(src: Path, out: Path, name: str, version: str, section: str, i
                 from .import_hf_llava import recheck_int8
 
                 source["checks_int8"] = recheck_int8(src, tmp)
-        manifest["import"]["input_gate"] = (f"on: fitted on {Path(calibration_images).name}" if calibration_images
-                                            else "off: no --calibration-images (the node logs it once at start)")
-        (tmp / "MODEL_CARD.md").write_text(model_card(manifest), encoding="utf-8")
-        write_manifest(tmp, manifest)
-        if calibration_images:
-            calibrate_from_images(tmp, Path(calibration_images))
-        load_bundle(tmp)
+        _finish(tmp, manifest, calibration_images)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
