@@ -38,6 +38,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from onnx_models.labels import ABNORMAL_OBSERVATIONS, Presence, label
+from plugin.review import DEID_PLACEHOLDER
 
 KIND_CALL = "call"
 KIND_WORD = "word"
@@ -111,7 +112,6 @@ def is_content_word(word: str) -> bool:
 
 #: the de-identification placeholder of the training reports (IU X-ray's ``XXXX``, any case,
 #: three or more x, alone or inside a hyphenated word: ``XXXX-year-old``, ``x-XXXX``)
-DEID_PLACEHOLDER = re.compile(r"(?<![^\W_])[xX]{3,}(?![^\W_])")
 DEID_NOTE = ("De-identification placeholder (\"xxxx\") from the reports the model learned from: not report "
              "text. Replace it with what you see, or delete it; the report cannot be signed while it is here.")
 

@@ -53,6 +53,7 @@ import json
 import logging
 import os
 import pwd
+import re
 import stat
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
@@ -144,6 +145,20 @@ class SupersededError(NotReviewableError):
 
 class UndoExpiredError(ReviewError):
     """The signature can no longer be undone: the undo window passed or the SR is being sent."""
+
+
+#: a de-identification placeholder ("xxxx") the model learned from its training reports: never
+#: report text (the reviewer marks it; signing refuses it)
+DEID_PLACEHOLDER = re.compile(r"(?<![^\W_])[xX]{3,}(?![^\W_])")
+
+
+class PlaceholderError(ReviewError):
+    """The text to sign still holds de-identification placeholders ("xxxx")."""
+
+
+def placeholders(text: str) -> int:
+    """How many de-identification placeholders ``text`` holds."""
+    return len(DEID_PLACEHOLDER.findall(text))
 
 
 class StudyChangedError(ReviewError):
@@ -851,13 +866,16 @@ class ReviewService:
         not have gained images since the draft was made (checked again in the committing
         transaction). Raises :class:`UnknownReviewerError` (or :class:`UntrustedConfigError`),
         :class:`ClaimConflictError`, :class:`SupersededError` / :class:`NotReviewableError` or
-        :class:`StudyChangedError`; on any error nothing is committed and no file is left behind.
+        :class:`StudyChangedError` or :class:`PlaceholderError` (``xxxx`` left in the text); on any error nothing is committed and no file is left behind.
         """
         reviewer = self.reviewer(user)
         findings = findings.strip()
         impression = impression.strip()
         if not findings and not impression:
             raise ReviewError("the report is empty: write the findings or the impression before signing")
+        if n := placeholders(findings + "\n" + impression):
+            raise PlaceholderError(f"the report still holds {n} de-identification placeholder(s) (\"xxxx\"): "
+                                   "replace them with what the images show before signing")
         self.claim(draft_id, user)  # take or renew the lock; raises if someone else holds it
 
         with self.sessions() as s:
@@ -1103,9 +1121,11 @@ def _rowcount(result: Any) -> int:
 
 
 __all__ = [
+    "DEID_PLACEHOLDER",
     "ClaimConflictError",
     "DraftDetail",
     "NotReviewableError",
+    "PlaceholderError",
     "ReviewError",
     "ReviewService",
     "StudyChangedError",
@@ -1119,6 +1139,7 @@ __all__ = [
     "read_installed_config",
     "parse_grounded",
     "parse_token_info",
+    "placeholders",
     "sort_rows",
     "text_diff",
 ]

@@ -288,6 +288,20 @@ def test_empty_report_cannot_be_signed(svc: ReviewService) -> None:
         svc.sign(draft_id, "alice", "  ", "\n")
 
 
+def test_placeholders_cannot_be_signed_by_any_client(svc: ReviewService, node: synthetic.NodeFixture) -> None:
+    """"xxxx" from the de-identified training reports is never signed, whatever the client."""
+    from plugin.review import PlaceholderError, placeholders
+
+    draft_id = svc.worklist()[0].draft_id
+    assert draft_id is not None
+    with pytest.raises(PlaceholderError, match="1 de-identification placeholder"):
+        svc.sign(draft_id, "alice", "The xxxx are intact.", "No acute disease.")
+    assert draft_row(node, draft_id).state != "signed" and not audits(node, "signed")
+    assert placeholders("XXXX-year-old; boxxxer; xx") == 1  # whole words of three or more x only
+    signed = svc.sign(draft_id, "alice", "The bones are intact.", "No acute disease.")
+    assert signed.state == "signed"
+
+
 # -- reject ---------------------------------------------------------------------------------
 
 
