@@ -8,10 +8,8 @@ gate's outcome and the queue figures."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import pytest
 from dcmnode_helpers import wait_for
 from node_config import node_sections, write_config
 from pynetdicom import AE
+from support.postgres import private_database
 
 from dicom_node.config import load_config
 from dicom_node.db import make_engine, session_factory
@@ -61,26 +60,11 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield ""
         return
-    server = os.environ.get("CXRNODE_TEST_POSTGRES_URL", "")
-    if not server:
-        pytest.skip("CXRNODE_TEST_POSTGRES_URL is not set")
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
+    from dicom_node.db import migrate_locked
 
-    name = f"cxrnode_jobs_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        url = make_url(server).set(database=name).render_as_string(hide_password=False)
-        from dicom_node.db import migrate_locked
-
+    with private_database("jobs") as url:
         migrate_locked(url)  # on PostgreSQL only `cxrnode migrate` changes the schema; serve refuses an empty one
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture

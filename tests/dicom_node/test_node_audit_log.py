@@ -7,16 +7,15 @@ DELETE must fail in the database itself, whatever client sends them; INSERT keep
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, delete, func, select, text, update
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import delete, func, select, text, update
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
+from support.postgres import private_database
 
 from dicom_node import index
 from dicom_node.db import AuditEvent, current_revision, make_engine, migrate, session_factory
@@ -27,19 +26,8 @@ POSTGRES_ENV = "CXRNODE_TEST_POSTGRES_URL"
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database of our own (dropped afterwards; other suites share the server)."""
-    base = os.environ.get(POSTGRES_ENV)
-    if not base:
-        pytest.skip(f"{POSTGRES_ENV} is not set")
-    name = f"cxrnode_audit_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(base).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with private_database("audit") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

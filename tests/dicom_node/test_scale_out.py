@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -21,8 +20,8 @@ from dcmnode_helpers import wait_for
 from node_config import node_sections, write_config
 from pydicom.uid import generate_uid
 from pynetdicom import AE
-from sqlalchemy import create_engine, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import select, text
+from support.postgres import private_database
 
 from dicom_node.config import ConfigError
 from dicom_node.db import (
@@ -96,19 +95,8 @@ def cxrnode(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str
 @pytest.fixture
 def pg_database() -> Iterator[str]:
     """A private, empty PostgreSQL database (created and dropped here: other suites share the server)."""
-    server = os.environ.get("CXRNODE_TEST_POSTGRES_URL", "")
-    if not server:
-        pytest.skip("CXRNODE_TEST_POSTGRES_URL is not set")
-    name = f"cxrnode_scale_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(server).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with private_database("scale") as url:
+        yield url
 
 
 def one_line(proc: subprocess.CompletedProcess[str]) -> str:

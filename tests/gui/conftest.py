@@ -10,13 +10,11 @@ import os
 
 os.environ["QT_QPA_PLATFORM"] = "offscreen"  # never a real window here (the screenshot test has its own)
 
-import uuid  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from sqlalchemy import create_engine, text  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
+from support.postgres import private_database
 
 from gui import synthetic  # noqa: E402
 from plugin.review import ReviewService  # noqa: E402
@@ -72,16 +70,5 @@ def make_window(qtbot, service: ReviewService) -> Callable[..., object]:  # type
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database on ``CXRNODE_TEST_POSTGRES_URL``'s server (dropped afterwards)."""
-    base = os.environ.get("CXRNODE_TEST_POSTGRES_URL")
-    if not base:
-        pytest.skip("CXRNODE_TEST_POSTGRES_URL is not set")
-    name = f"cxrnode_gui_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(base).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with private_database("gui") as url:
+        yield url

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import shutil
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
-from sqlalchemy import create_engine, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import select
+from support.postgres import private_database
 
 from dicom_node.db import AuditEvent, Draft, DraftState, Instance, Study, StudyState, Transfer
 from gui import synthetic
@@ -374,20 +372,8 @@ def test_two_reviewers_never_both_sign(node: synthetic.NodeFixture) -> None:
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A fresh, empty PostgreSQL database (dropped afterwards)."""
-    base = os.environ.get("CXRNODE_TEST_POSTGRES_URL")
-    if not base:
-        pytest.skip("CXRNODE_TEST_POSTGRES_URL is not set")
-    name = f"cxrnode_review_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(base).set(database=name).render_as_string(hide_password=False)
-    try:
+    with private_database("review") as url:
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.mark.postgres

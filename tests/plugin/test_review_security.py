@@ -18,13 +18,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
 from sqlalchemy import select
+from support.postgres import private_database
 
 from dicom_node.config import load_config
 from dicom_node.db import AuditEvent, Draft, DraftState, Instance, Study
@@ -310,19 +310,13 @@ def test_an_image_arriving_during_the_signature_is_seen_by_its_transaction(node:
 
 @pytest.mark.postgres
 def test_superseded_and_changed_studies_on_postgresql(tmp_path: Path) -> None:
-    base = os.environ.get("CXRNODE_TEST_POSTGRES_URL")
-    if not base:
-        pytest.skip("CXRNODE_TEST_POSTGRES_URL is not set")
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
+    with private_database("sec") as url:
+        _superseded_and_changed(tmp_path, url)
 
-    name = f"cxrnode_sec_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
+
+def _superseded_and_changed(tmp_path: Path, url: str) -> None:
     node = None
     try:
-        url = make_url(base).set(database=name).render_as_string(hide_password=False)
         specs = [synthetic.SyntheticStudy(key=f"sec-{i}", patient_name=f"Test^Patient{i}", patient_id=f"SEC-{i}",
                                           views=("PA",), size=128, seed=i) for i in range(2)]
         node = synthetic.build_node(tmp_path / "pg", specs, database_url=url)
@@ -341,9 +335,6 @@ def test_superseded_and_changed_studies_on_postgresql(tmp_path: Path) -> None:
     finally:
         if node is not None:
             node.engine.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def test_a_new_image_the_pipeline_does_not_read_leaves_the_draft_signable(node: synthetic.NodeFixture) -> None:
