@@ -121,6 +121,14 @@ def configure_logging(level: str, log_format: str = "text") -> None:
 # -- serve -----------------------------------------------------------------------------------
 
 
+def _add_process_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """The options every long-running process has (``serve``, ``worker``)."""
+    add_config_arguments(parser)
+    parser.add_argument("--verbose", action="store_true", help=f"print the traceback when the {what} cannot start")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="text lines, or one JSON object per line for log shippers (default: text)")
+
+
 def _run_process(args: argparse.Namespace, command: str, start: Callable[[Config, list[Any]], Any],
                  ready: Callable[[Config, Any], str]) -> int:
     """The life of a ``serve`` or ``worker`` process: config and logging, SIGTERM/SIGINT stop it,
@@ -531,10 +539,7 @@ def add_subcommands(subparsers: Any) -> None:
                "the plugin); 3 node.port/node.host cannot be bound; 4 node.storage_dir not writable; "
                "5 free space below node.min_free_space_mb; 6 node.database_url unreachable",
     )
-    add_config_arguments(serve)
-    serve.add_argument("--verbose", action="store_true", help="print the traceback when the node cannot start")
-    serve.add_argument("--log-format", choices=("text", "json"), default="text",
-                       help="text lines, or one JSON object per line for log shippers (default: text)")
+    _add_process_arguments(serve, "node")
     serve.set_defaults(func=cmd_serve)
 
     worker = subparsers.add_parser(
@@ -549,12 +554,9 @@ def add_subcommands(subparsers: Any) -> None:
                "not at this version, model.bundle, the plugin); 4 node.storage_dir not writable; 5 free space "
                "below node.min_free_space_mb; 6 node.database_url unreachable",
     )
-    add_config_arguments(worker)
+    _add_process_arguments(worker, "worker")
     worker.add_argument("--threads", type=int, default=None, metavar="N",
                         help="drafting threads in this process (default: jobs.workers, at least 1)")
-    worker.add_argument("--verbose", action="store_true", help="print the traceback when the worker cannot start")
-    worker.add_argument("--log-format", choices=("text", "json"), default="text",
-                        help="text lines, or one JSON object per line for log shippers (default: text)")
     worker.set_defaults(func=cmd_worker)
 
     migrate = subparsers.add_parser(
