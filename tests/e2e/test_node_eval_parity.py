@@ -46,8 +46,11 @@ PARITY = ("15", "1", "66", "297", "251", "647", "926", "451")
 DEID_MARKS = "104"  # indication 'XXXX-year-old male with XXXX for 3 weeks. Possible pneumonia.'
 
 
-def wait_for_drafts(node: Node, study_uids: dict[str, str], timeout: float = 240.0) -> dict[str, Any]:
-    """study_id -> (Draft row values) once every study has a draft (or its job ended otherwise)."""
+def wait_for_drafts(node: Node, study_uids: dict[str, str], images: dict[str, int],
+                    timeout: float = 240.0) -> dict[str, Any]:
+    """study_id -> (Draft row values) once every study has an open draft of all its ``images``
+    (instances arrive one association each: on a busy machine a draft of the first image alone
+    can come first and is superseded when the next arrives), or its job ended otherwise."""
     assert node.sessions is not None
     deadline = time.monotonic() + timeout
     found: dict[str, Any] = {}
@@ -58,8 +61,8 @@ def wait_for_drafts(node: Node, study_uids: dict[str, str], timeout: float = 240
                     continue
                 row = s.execute(select(Draft.path, Draft.views, Draft.findings, Draft.impression)
                                 .join(Study, Draft.study_id == Study.id)
-                                .where(Study.study_instance_uid == uid)).first()
-                if row is not None:
+                                .where(Study.study_instance_uid == uid, Draft.state == "new")).first()
+                if row is not None and len(json.loads(row.views)) == images[sid]:
                     found[sid] = row
                     continue
                 ended = s.execute(select(Job.state, Job.last_error, Job.log).join(Study, Job.study_id == Study.id)
@@ -111,13 +114,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     node = Node(config, job_handler=pipeline.handle_job).start()
     try:
         dest = Destination(name="node", ae_title=config.node.ae_title, host="127.0.0.1", port=node.port)
-        uids = {}
+        uids, images = {}, {}
         for s in studies:
             files = write_study(s, tmp / "dicom" / s.study_id, kind="8bit")
             uids[s.study_id] = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+            images[s.study_id] = len(files)
             for f in files:
                 assert send_file(config, dest, f) == 0x0000
-        drafts = wait_for_drafts(node, uids)
+        drafts = wait_for_drafts(node, uids, images)
         texts = {}
         for sid, row in drafts.items():
             report = sr.read_report(dcmread(node.store.abspath(row.path)))
