@@ -43,7 +43,7 @@ from dicom_node.config import Destination, load_config  # noqa: E402
 from dicom_node.db import Draft, Job, Study  # noqa: E402
 from dicom_node.node import Node  # noqa: E402
 from dicom_node.scu import send_file  # noqa: E402
-from plugin import pipeline, samples  # noqa: E402
+from plugin.drafting import pipeline, samples  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:

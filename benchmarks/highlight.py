@@ -5,7 +5,7 @@ Drafts are generated with :class:`onnx_models.runtime.ReportGenerator` (the ship
 default decoding) from the split's images, with views and indications prepared by
 ``onnx_models.evaluate``'s own helpers. Every draft is marked with :func:`gui.highlight.highlight`,
 the function the reviewer calls, with the bundle's decision thresholds
-(:func:`plugin.draft_info.decision_thresholds`). The text of a draft is
+(:func:`plugin.review.draft_info.decision_thresholds`). The text of a draft is
 ``findings + "\\n" + impression``, as the reviewer shows it.
 
 Calibration (never on the measured split): ``word_p`` is the ``--quantile`` (default 5 %) of
@@ -62,7 +62,7 @@ sys.path.insert(0, str(REPO))
 
 from gui import highlight as hl  # noqa: E402
 from onnx_models.labels import ABNORMAL_OBSERVATIONS, Presence, label  # noqa: E402
-from plugin.draft_info import decision_thresholds  # noqa: E402
+from plugin.review.draft_info import decision_thresholds  # noqa: E402
 
 _WORD = re.compile(r"\w+")
 MARGIN_GRID = tuple(round(0.1 * i, 1) for i in range(21))

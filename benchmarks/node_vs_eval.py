@@ -60,8 +60,8 @@ from onnx_models import imaging  # noqa: E402
 from onnx_models.data import load_studies, read_image  # noqa: E402
 from onnx_models.evaluate import _inputs, clinical_metrics, evaluate, nlg_metrics  # noqa: E402
 from onnx_models.runtime import ReportGenerator  # noqa: E402
-from plugin import pipeline, sr  # noqa: E402
-from plugin.pixels import prepare  # noqa: E402
+from plugin.drafting import pipeline, sr  # noqa: E402
+from plugin.drafting.pixels import prepare  # noqa: E402
 
 KEYS = ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr", "CE13_micro_P", "CE13_micro_R", "CE13_micro_F1", "CE14_micro_F1")
 

@@ -9,7 +9,7 @@ unless ``DISPLAY`` is set). For each study we time
 * ``sign``: from Sign to the ``signed`` signal (verified SR built, written durably, indexed,
   audited, queued; the transaction committed).
 
-Peer in the same run: decoding both views with ``plugin.pixels.prepare`` (the float pipeline
+Peer in the same run: decoding both views with ``plugin.drafting.pixels.prepare`` (the float pipeline
 the model uses) at full size, i.e. what opening would cost without the reviewer's LUT path.
 
 Targets (issue 6): p50 open < 500 ms, p50 sign < 1 s. Prints JSON.
@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     from gui import synthetic
     from gui.highlight import DEID_PLACEHOLDER as deid_placeholder
     from gui.window import ReviewerWindow
-    from plugin import pixels
-    from plugin.review import ReviewService
+    from plugin.drafting import pixels
+    from plugin.review.service import ReviewService
 
     tmp = tempfile.TemporaryDirectory(prefix="cxrnode-bench-review-")
     root = Path(args.workdir or tmp.name) / "node"

@@ -7,7 +7,7 @@ import sys
 from PyQt6.QtWidgets import QApplication
 
 from gui.window import ReviewerWindow
-from plugin.review import ReviewService
+from plugin.review.service import ReviewService
 
 
 def run(service: ReviewService, user: str, study_uid: str = "", refresh_interval_s: float = 15.0) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.config import load_config
-from plugin.review import WORKLIST_STATES, ReviewService, current_user
+from plugin.review.service import WORKLIST_STATES, ReviewService, current_user
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -38,7 +38,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from onnx_models.labels import ABNORMAL_OBSERVATIONS, Presence, label
-from plugin.review import DEID_PLACEHOLDER
+from plugin.review.service import DEID_PLACEHOLDER
 
 KIND_CALL = "call"
 KIND_WORD = "word"

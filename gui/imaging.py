@@ -1,10 +1,10 @@
 """Qt-free image logic of the reviewer: loading a view, window/level, invert, zoom and pan.
 
-The grayscale pipeline is PS3.3 C.11 as implemented by :mod:`plugin.pixels` (decode, Modality
+The grayscale pipeline is PS3.3 C.11 as implemented by :mod:`plugin.drafting.pixels` (decode, Modality
 LUT, VOI LUT or window, MONOCHROME1 / Presentation LUT Shape INVERSE). For interactive
 window/level on 2048 x 2048 12-bit images the modality values are quantised once into integer
 codes (exact for integer data), and every change of window becomes a small lookup table over
-those codes (``plugin.pixels.window`` evaluated on the code values) applied with one
+those codes (``plugin.drafting.pixels.window`` evaluated on the code values) applied with one
 ``numpy.take``: a few milliseconds per drag step instead of a float pass over 4 M pixels.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 import pydicom
 from pydicom import Dataset
 
-from plugin import pixels
+from plugin.drafting import pixels
 
 MAX_CODES = 65536
 
@@ -133,7 +133,7 @@ def quantise(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def picture_from_dataset(ds: Dataset, view: str = "", voi_window_index: int = 0) -> Picture:
-    """Decode and quantise one image (see the module docstring); :class:`plugin.pixels.PixelError`."""
+    """Decode and quantise one image (see the module docstring); :class:`plugin.drafting.pixels.PixelError`."""
     photometric = str(ds.get("PhotometricInterpretation", "") or "").upper()
     stored = pixels.decode(ds)
     if photometric.startswith(("RGB", "YBR")) or stored.dtype.kind == "f":
@@ -180,7 +180,7 @@ def lut(picture: Picture, window: WindowLevel | None, invert: bool = False) -> n
     """The uint8 display table over the picture's codes.
 
     ``window`` None = the image's own VOI as sent (VOI LUT Sequence or Window Center/Width, via
-    :func:`plugin.pixels.voi`), else a LINEAR window. The result is inverted for MONOCHROME1 and
+    :func:`plugin.drafting.pixels.voi`), else a LINEAR window. The result is inverted for MONOCHROME1 and
     once more when the user asks (``invert``), so 255 is always "displayed bright".
     """
     if window is None and picture.has_voi:

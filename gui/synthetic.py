@@ -362,13 +362,13 @@ def run_draft_job(node: NodeFixture, study_instance_uid: str, handler: Any = Non
     """Draft one stored study the way ``cxrnode serve`` does, synchronously; return the draft id.
 
     Promotes the (quiet) study to a job, claims it and runs ``handler`` (default: the ``draft``
-    job handler, :func:`plugin.pipeline.handle_job`) through :func:`dicom_node.jobs.run_job`.
+    job handler, :func:`plugin.drafting.pipeline.handle_job`) through :func:`dicom_node.jobs.run_job`.
     """
     from dicom_node import jobs
     from dicom_node.db import Draft, DraftState, Job, Study
 
     if handler is None:
-        from plugin.pipeline import handle_job
+        from plugin.drafting.pipeline import handle_job
 
         handler = handle_job
     later = utcnow() + dt.timedelta(seconds=node.config.study.quiet_period_s + 1)
@@ -429,7 +429,7 @@ def set_input_check(
     mode: str = "enforce",
     study_notes: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Record an input-gate outcome on a stored draft, as ``plugin.pipeline`` writes it
+    """Record an input-gate outcome on a stored draft, as ``plugin.drafting.pipeline`` writes it
     (``token_info["input_check"]``, docs/TEAM_CONTRACTS.md), for reviewer tests and screenshots.
 
     ``failed`` maps a view (``PA``, ``LATERAL``...) to the gate's reasons for it; the other

@@ -19,7 +19,7 @@ from gui import imaging
 from gui.highlight import DEFAULT_POLICY, HighlightPolicy, deid_spans, highlight
 from gui.highlight import Span as Span  # re-exported for the widgets
 from gui.highlight import grounded_spans as grounded_spans  # re-exported
-from plugin.draft_info import (
+from plugin.review.draft_info import (
     OUTCOME_OFF,
     OUTCOME_PARTIAL,
     OUTCOME_PASSED,
@@ -29,7 +29,7 @@ from plugin.draft_info import (
     ObservationCall,
     ViewCheck,
 )
-from plugin.review import (
+from plugin.review.service import (
     OPEN_STATES,
     STATE_FAILED,
     STATE_IN_REVIEW,

@@ -51,7 +51,7 @@ from PyQt6.QtWidgets import (
 )
 
 from gui import highlight, imaging, viewmodels
-from plugin.review import (
+from plugin.review.service import (
     STATE_FAILED,
     STATE_IN_REVIEW,
     STATE_NEW,

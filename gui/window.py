@@ -49,7 +49,7 @@ from gui.widgets import (
     WorklistTable,
     diff_html,
 )
-from plugin.review import ClaimConflictError, ReviewError, ReviewService
+from plugin.review.service import ClaimConflictError, ReviewError, ReviewService
 
 log = logging.getLogger(__name__)
 

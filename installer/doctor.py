@@ -118,9 +118,9 @@ def check_config(ctx: Context) -> list[Check]:
               f"{len(c.destinations)} destination(s), {len(c.reviewers)} reviewer(s)")
     if c.reviewers:
         try:
-            from plugin.review import UntrustedConfigError, read_installed_config
+            from plugin.review.service import UntrustedConfigError, read_installed_config
         except ImportError as exc:
-            return [Check("config", WARN, detail + "; cannot check who may sign", _missing("plugin.review", exc),
+            return [Check("config", WARN, detail + "; cannot check who may sign", _missing("plugin.review.service", exc),
                           data={"source": c.source})]
         try:
             read_installed_config(c.source)
@@ -311,21 +311,21 @@ def check_inference(ctx: Context) -> list[Check]:
 
         from onnx_models.runtime import StudyInput
         from onnx_models.views import order
-        from plugin import indication as indication_mod
-        from plugin.pixels import PixelOptions, prepare
-        from plugin.views import InstanceHeader, resolve_view, view_from_tags
+        from plugin.drafting import indication as indication_mod
+        from plugin.drafting.pixels import PixelOptions, prepare
+        from plugin.drafting.views import InstanceHeader, resolve_view, view_from_tags
     except ImportError as exc:
         return [Check("inference", FAIL, _missing(getattr(exc, "name", None) or "the runtime", exc),
                       "install a complete cxrnode bundle (onnx_models.runtime and plugin are needed)")]
     files = sample_study_files()
     if not files:
-        return [Check("inference", FAIL, "no sample study (plugin/samples/*.dcm) in this installation",
+        return [Check("inference", FAIL, "no sample study (plugin/drafting/samples/*.dcm) in this installation",
                       "install a complete cxrnode bundle")]
     m = ctx.config.model
     try:
         gen = _generator(ctx)
         load_s = ctx.generator_load_s
-        # the node's own functions (plugin.pipeline): pixels, views (tags + classifier), order, indication
+        # the node's own functions (plugin.drafting.pipeline): pixels, views (tags + classifier), order, indication
         datasets = [pydicom.dcmread(f) for f in files]
         pixels = [prepare(ds, PixelOptions(voi_window_index=ctx.config.pipeline.voi_window_index)).array
                   for ds in datasets]

@@ -161,7 +161,7 @@ def load_studies(root: str | Path, splits: Sequence[str] | None = None) -> list[
 def to_unit_range(values: np.ndarray, top: float, dtype: type = np.float32) -> np.ndarray:
     """Display values ``0..top`` -> float32 [0, 1]. The one scaling of 8-bit display-ready pixels:
     an image file (:func:`read_image`) and an 8-bit MONOCHROME2 DICOM image without a window
-    (``plugin.pixels.prepare``) both go through it, so eval and the node feed the model the same
+    (``plugin.drafting.pixels.prepare``) both go through it, so eval and the node feed the model the same
     array for the same pixels. Computed in float64 (``dtype`` float64 keeps that precision for
     further steps, e.g. MONOCHROME1 inversion); float32 rounding of ``v / 255`` equals float32
     division for every 8-bit ``v``."""

@@ -20,7 +20,7 @@ e.g. ViT or Swin-v2, with a BERT decoder with cross-attention, the shape of the 
   ``past_v`` -> ``logits``, ``present_k``, ``present_v`` (self-attention cache, stacked).
 
 Views: ``views="first-frontal"`` (default) sets ``input.max_views = 1``: the node orders a
-study's views PA, AP, LATERAL, LL (``plugin.pipeline``), so the model reads the first frontal
+study's views PA, AP, LATERAL, LL (``plugin.drafting.pipeline``), so the model reads the first frontal
 view, as the published single-image models were trained, and the job log names the views not
 used. ``views="all"`` reads up to 4 views, their tokens concatenated as one memory (a model
 not trained that way sees an input it never saw: only for models trained on several views).

@@ -11,7 +11,7 @@ the projection and the tag only refines it (PA/AP, LATERAL/LL) when it agrees:
 Views are then given to the model in one order (:func:`order`: PA, AP, LATERAL, LL, UNKNOWN,
 ties kept in the order the images came), so that the node, which reads the instances in
 series / instance-number order, and eval, which reads a study's images in its file order, give
-the generator the same input. Pure functions, stdlib only: ``plugin.views`` (DICOM headers) and
+the generator the same input. Pure functions, stdlib only: ``plugin.drafting.views`` (DICOM headers) and
 ``onnx_models.evaluate`` (dataset files) both call them.
 """
 

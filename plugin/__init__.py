@@ -1,5 +1,13 @@
-"""The report-drafting pipeline: from a complete study in the node's store to a draft DICOM
-Structured Report (TID 2000, highdicom). View selection, pixel preparation, indication
-extraction, the rule-based findings labeller, SR building (draft and signed), and the review
-service the GUI and the tests use to claim, sign and reject drafts.
+"""cxrnode's plug-in to the DICOM node: what happens to a chest radiograph study after the node
+has stored it. Two subpackages, one job each:
+
+- :mod:`plugin.drafting`: from a complete study in the node's store to a draft DICOM
+  Structured Report (TID 2000, highdicom): view resolution, pixel preparation, indication
+  extraction, the input check, SR building and rendering. Registered with the node as the
+  ``draft`` job handler (entry point group ``cxrnode.job_handlers``).
+- :mod:`plugin.review`: the review workflow the reviewer window and the tests use: worklist,
+  claims, sign, reject, undo, audit (:class:`plugin.review.service.ReviewService`), and
+  what a draft's ``token_info`` says besides its words (:mod:`plugin.review.draft_info`).
+
+Neither imports Qt; ``gui`` builds on both (import-linter contracts in ``pyproject.toml``).
 """

@@ -60,7 +60,7 @@ def _progress(message: str, quiet: bool) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from dicom_node.node import Node
     from dicom_node.scu import SendError, send_file
-    from plugin import pipeline, samples
+    from plugin.drafting import pipeline, samples
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     workdir = Path(args.workdir).resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="cxrnode-demo-"))

@@ -98,7 +98,7 @@ def node_writes(node, ds: Dataset) -> tuple[str, bytes]:  # type: ignore[no-unty
 @pytest.fixture
 def signed_study(node, tmp_path: Path) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     """A received image, the node's draft SR of it and the signed SR that replaced the draft."""
-    from plugin import sr
+    from plugin.drafting import sr
 
     study = generate_uid()
     image = make_instance(tmp_path / "image.dcm", study)

@@ -38,7 +38,7 @@ from dicom_node.node import Node  # noqa: E402
 from dicom_node.scu import send_file  # noqa: E402
 from onnx_models.data import load_studies  # noqa: E402
 from onnx_models.evaluate import evaluate  # noqa: E402
-from plugin import pipeline, sr  # noqa: E402
+from plugin.drafting import pipeline, sr  # noqa: E402
 
 pytestmark = [pytest.mark.slow]
 

@@ -32,7 +32,7 @@ from sr_checks import check_sr_file  # noqa: E402
 from dicom_node.config import load_config  # noqa: E402
 from dicom_node.db import Draft, Study, Transfer  # noqa: E402
 from dicom_node.node import Node  # noqa: E402
-from plugin import pipeline, samples, sr  # noqa: E402
+from plugin.drafting import pipeline, samples, sr  # noqa: E402
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
 
@@ -159,7 +159,7 @@ def check_signed(pacs_sr: Any, draft: Draft, study: list, findings: str, impress
 
 
 def test_pacs_to_node_to_radiologist_and_back(system: tuple[Node, OrthancServer], tmp_path: Path) -> None:
-    from plugin.review import ReviewService
+    from plugin.review.service import ReviewService
 
     node, pacs = system
     study1 = samples.make_study(1, prefix="e2e")

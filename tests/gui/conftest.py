@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 from support.postgres import private_database
 
 from gui import synthetic  # noqa: E402
-from plugin.review import ReviewService  # noqa: E402
+from plugin.review.service import ReviewService  # noqa: E402
 
 
 @pytest.fixture(scope="session")

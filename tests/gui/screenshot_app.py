@@ -18,7 +18,7 @@ from PyQt6.QtWidgets import QApplication
 
 from gui import synthetic
 from gui.window import ReviewerWindow
-from plugin.review import ReviewService
+from plugin.review.service import ReviewService
 
 
 def wait(signal: object, ms: int = 60000) -> None:

@@ -45,7 +45,7 @@ def test_worklist_runs_without_a_screen_or_qt(node: synthetic.NodeFixture) -> No
 
 
 def test_worklist_says_not_drafted(node: synthetic.NodeFixture, capsys: pytest.CaptureFixture[str]) -> None:
-    from plugin.review import ReviewService
+    from plugin.review.service import ReviewService
 
     rows = ReviewService(node.config, node.sessions, node.store).worklist()
     synthetic.set_input_check(node, rows[1].draft_id or 0, "withheld", "every view is unlike the training images",
@@ -87,7 +87,7 @@ def test_review_signs_as_the_os_account(node: synthetic.NodeFixture, monkeypatch
 
 
 def test_worklist_state_filters(node: synthetic.NodeFixture, capsys: pytest.CaptureFixture[str]) -> None:
-    from plugin.review import ReviewService
+    from plugin.review.service import ReviewService
 
     svc = ReviewService(node.config, node.sessions, node.store)
     first = svc.worklist()[0]

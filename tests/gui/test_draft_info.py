@@ -1,10 +1,10 @@
-"""plugin.draft_info: what the reviewer reads from Draft.token_info (the gate, probabilities, thresholds)."""
+"""plugin.review.draft_info: what the reviewer reads from Draft.token_info (the gate, probabilities, thresholds)."""
 
 from __future__ import annotations
 
 import json
 
-from plugin import draft_info as di
+from plugin.review import draft_info as di
 
 
 def test_input_check_parsing_is_strict_about_outcome_and_lenient_about_the_rest() -> None:

@@ -7,7 +7,7 @@ import pytest
 from pydicom import Dataset
 
 from gui import imaging, synthetic
-from plugin import pixels
+from plugin.drafting import pixels
 
 
 def dx(px: np.ndarray, photometric: str = "MONOCHROME2", **attrs: object) -> Dataset:
@@ -125,7 +125,7 @@ def test_transform_fit_zoom_at_point_pan_and_one_to_one() -> None:
 
 
 def test_load_picture_from_the_store(node: synthetic.NodeFixture) -> None:
-    from plugin.review import ReviewService
+    from plugin.review.service import ReviewService
 
     svc = ReviewService(node.config, node.sessions, node.store)
     detail = svc.detail(svc.worklist()[0].draft_id or 0)

@@ -10,8 +10,8 @@ from sqlalchemy import select
 from dicom_node.db import AuditEvent, DraftState
 from gui import synthetic, viewmodels
 from gui.viewmodels import ReviewModel, WorklistModel, open_review
-from plugin.draft_info import InputCheck, ObservationCall, ViewCheck
-from plugin.review import DraftDetail, ReviewError, ReviewService, WorklistRow
+from plugin.review.draft_info import InputCheck, ObservationCall, ViewCheck
+from plugin.review.service import DraftDetail, ReviewError, ReviewService, WorklistRow
 
 
 def test_formatting() -> None:
@@ -322,7 +322,7 @@ def test_service_detail_reads_the_gate_and_the_thresholds(service: ReviewService
 def test_signing_a_withheld_study_written_from_scratch(service: ReviewService, node: synthetic.NodeFixture) -> None:
     import pydicom
 
-    from plugin import sr
+    from plugin.drafting import sr
 
     draft_id = service.worklist()[2].draft_id or 0
     synthetic.set_input_check(node, draft_id, "withheld", WITHHELD_REASON,

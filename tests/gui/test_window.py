@@ -18,8 +18,8 @@ from dicom_node.db import AuditEvent, Draft, DraftState, Transfer
 from gui import synthetic, viewmodels
 from gui.widgets import ImageView
 from gui.window import ReviewerWindow
-from plugin import sr
-from plugin.review import ReviewService
+from plugin.drafting import sr
+from plugin.review.service import ReviewService
 
 WAIT = 30000
 
@@ -305,7 +305,7 @@ def formats_of(editor) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
 
 
 def test_uncertain_calls_and_words_are_highlighted(qtbot, make_window) -> None:  # type: ignore[no-untyped-def]
-    from plugin.draft_info import ObservationCall
+    from plugin.review.draft_info import ObservationCall
 
     w = make_window("alice")
     open_row(qtbot, w, "CXR-10001")

@@ -15,7 +15,7 @@ from dicom_node.db import AuditEvent, Draft, DraftState, Instance, Transfer, utc
 from gui import synthetic, viewmodels
 from gui.highlight import KIND_DEID
 from gui.window import ReviewerWindow
-from plugin.review import ReviewError, ReviewService, UndoExpiredError
+from plugin.review.service import ReviewError, ReviewService, UndoExpiredError
 
 WAIT = 30000
 

@@ -280,7 +280,7 @@ def test_installed_node_passes_doctor_and_drafts_a_study(installed: dict[str, An
     if not storescu:
         pytest.skip("DCMTK storescu not installed (apt package dcmtk)")
     py = installed["prefix"] / "lib" / "cxrnode" / "current" / "venv" / "bin" / "python"
-    samples = Path(run([py, "-c", "import plugin.samples as s, pathlib; print(pathlib.Path(s.__file__).parent)"]).stdout.strip())
+    samples = Path(run([py, "-c", "import plugin.drafting.samples as s, pathlib; print(pathlib.Path(s.__file__).parent)"]).stdout.strip())
     files = sorted(samples.rglob("*.dcm"))
     assert files, f"no sample study shipped in {samples}"
     node = NodeProcess(installed, work / "node1.log")

@@ -149,7 +149,7 @@ def test_drafts_a_study_through_the_node_pipeline(tmp_path: Path, imported: tupl
     from sr_checks import check_sr_file
 
     from dicom_node.db import Draft
-    from plugin import pipeline, samples, sr
+    from plugin.drafting import pipeline, samples, sr
 
     monkeypatch.setenv("CXRNODE_TEST_BUNDLE", str(out))
     env = make_env(tmp_path / "node")

@@ -12,7 +12,7 @@ import pytest
 from pydicom import dcmread
 from sr_checks import check_sr_file
 
-from plugin import samples, sr
+from plugin.drafting import samples, sr
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

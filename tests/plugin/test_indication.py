@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydicom.dataset import Dataset
 
-from plugin.indication import DEFAULT_SOURCES, IndicationError, clean, extract, limit
+from plugin.drafting.indication import DEFAULT_SOURCES, IndicationError, clean, extract, limit
 
 
 def ds_with(**attrs: object) -> Dataset:

@@ -19,7 +19,7 @@ from support.gate_images import REAL_DICOM, hand_radiograph, real_films
 from synth import image
 
 from dicom_node.db import AuditEvent, Draft, Study
-from plugin import input_check, pipeline, samples, sr
+from plugin.drafting import input_check, pipeline, samples, sr
 
 
 def drafts(env: NodeEnv, study_uid: str) -> list[Draft]:

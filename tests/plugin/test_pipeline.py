@@ -1,4 +1,4 @@
-"""plugin.pipeline.handle_job on a real store, index and job queue with the shipped model bundle."""
+"""plugin.drafting.pipeline.handle_job on a real store, index and job queue with the shipped model bundle."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sr_checks import check_sr_file
 from synth import image, non_image
 
 from dicom_node.db import AuditEvent, Draft, Instance, Study, Transfer
-from plugin import pipeline, samples, sr
+from plugin.drafting import pipeline, samples, sr
 
 INDICATION = "History of testicular cancer, evaluate for metastatic disease"
 

@@ -18,7 +18,7 @@ from pydicom.uid import (
 )
 from synth import SC, gradient, image, jpeg_baseline
 
-from plugin.pixels import PixelError, PixelOptions, prepare, voi, window
+from plugin.drafting.pixels import PixelError, PixelOptions, prepare, voi, window
 
 SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "data" / "dicom_samples"
 

@@ -10,7 +10,7 @@ import pytest
 from pydicom import dcmread
 from synth import image
 
-from plugin import render, sr
+from plugin.drafting import render, sr
 
 
 def _draft() -> object:

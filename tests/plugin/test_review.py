@@ -20,8 +20,9 @@ from support.postgres import private_database
 
 from dicom_node.db import AuditEvent, Draft, DraftState, Instance, Study, StudyState, Transfer
 from gui import synthetic
-from plugin import review, sr
-from plugin.review import (
+from plugin.drafting import sr
+from plugin.review import service as review
+from plugin.review.service import (
     ClaimConflictError,
     NotReviewableError,
     ReviewError,
@@ -288,7 +289,7 @@ def test_empty_report_cannot_be_signed(svc: ReviewService) -> None:
 
 def test_placeholders_cannot_be_signed_by_any_client(svc: ReviewService, node: synthetic.NodeFixture) -> None:
     """"xxxx" from the de-identified training reports is never signed, whatever the client."""
-    from plugin.review import PlaceholderError, placeholders
+    from plugin.review.service import PlaceholderError, placeholders
 
     draft_id = svc.worklist()[0].draft_id
     assert draft_id is not None

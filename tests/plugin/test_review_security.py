@@ -29,8 +29,8 @@ from support.postgres import private_database
 from dicom_node.config import load_config
 from dicom_node.db import AuditEvent, Draft, DraftState, Instance, Study
 from gui import synthetic
-from plugin import review
-from plugin.review import (
+from plugin.review import service as review
+from plugin.review.service import (
     ReviewService,
     StudyChangedError,
     SupersededError,
@@ -91,7 +91,7 @@ def test_current_user_ignores_USER_and_LOGNAME(monkeypatch: pytest.MonkeyPatch) 
     assert review.current_user() == me != "jdoe"
     # the same in a fresh process, as `cxrnode review` starts
     env = {**os.environ, "USER": "jdoe", "LOGNAME": "jdoe"}
-    out = subprocess.run([sys.executable, "-c", "from plugin.review import current_user; print(current_user())"],
+    out = subprocess.run([sys.executable, "-c", "from plugin.review.service import current_user; print(current_user())"],
                          env=env, capture_output=True, text=True, cwd=REPO, check=True).stdout.strip()
     assert out == me
 

@@ -10,7 +10,7 @@ from pydicom import dcmread
 from sr_checks import check_sr_file, write
 from synth import image
 
-from plugin import sr
+from plugin.drafting import sr
 
 FINDINGS = "The heart is normal in size. No pleural effusion or pneumothorax. Lungs are clear."
 IMPRESSION = "No acute cardiopulmonary abnormality."

@@ -6,7 +6,7 @@ import pytest
 from pydicom.dataset import Dataset
 from synth import CR, DX, SC, image, non_image
 
-from plugin.views import (
+from plugin.drafting.views import (
     InstanceHeader,
     TagView,
     resolve_view,

@@ -16,7 +16,7 @@ import pydicom
 from PIL import Image, ImageDraw, ImageFilter
 from pydicom.data import get_testdata_file
 
-from plugin.pixels import prepare
+from plugin.drafting.pixels import prepare
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 REAL_DICOM = sorted((SHARED / "dicom_samples").glob("*.dcm")) + sorted((SHARED / "real_cxr").glob("*.dcm"))

@@ -1,7 +1,7 @@
 """IU X-ray studies as the DICOM a site would send: for the node-vs-eval test and benchmark.
 
 Two pixel encodings, both mapping back exactly to the eval image (``onnx_models.data.read_image``,
-``value / 255``) through the node's pixel path (``plugin.pixels.prepare``):
+``value / 255``) through the node's pixel path (``plugin.drafting.pixels.prepare``):
 
 - ``"8bit"``: the 8-bit image as stored, MONOCHROME2, no window (the nominal-range path);
 - ``"cr12"``: CR as real archives send it: upsampled ``scale`` times by pixel replication,
@@ -15,7 +15,7 @@ series / instance-number order, eval in file order), with the study's ViewPositi
 ``studies.jsonl`` has them (often wrong or empty, as in the original archive) and its indication
 in the Request Attributes Sequence (ReasonForTheRequestedProcedure, LO, up to 64 characters) or,
 when longer, in AdditionalPatientHistory (LT), where the node looks for it
-(``plugin.indication``). Patient data and UIDs are synthetic and deterministic.
+(``plugin.drafting.indication``). Patient data and UIDs are synthetic and deterministic.
 """
 
 from __future__ import annotations

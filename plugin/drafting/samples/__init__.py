@@ -2,7 +2,7 @@
 
 ``study653/``: two CR views (PA and left lateral), MONOCHROME1, 12 bits stored, with the
 indication "History of testicular cancer, evaluate for metastatic disease" in the Request
-Attributes Sequence. Built by :mod:`plugin.samples.build` from IU X-ray study 653 (validation
+Attributes Sequence. Built by :mod:`plugin.drafting.samples.build` from IU X-ray study 653 (validation
 split; report text CC BY-NC-ND 4.0; the views are renderings of a report-conditioned thorax
 phantom, not images of a patient). The patient is synthetic.
 """
@@ -18,7 +18,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from plugin.sr import deterministic_uid
+from plugin.drafting.sr import deterministic_uid
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "study653"
 

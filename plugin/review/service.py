@@ -82,8 +82,8 @@ from dicom_node.db import (
     utcnow,
 )
 from dicom_node.store import Store
-from plugin import sr
-from plugin.draft_info import (
+from plugin.drafting import sr
+from plugin.review.draft_info import (
     InputCheck,
     ObservationCall,
     ViewCheck,

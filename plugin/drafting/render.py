@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
-from plugin import sr as sr_mod
+from plugin.drafting import sr as sr_mod
 
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 RENDER_SERIES_NUMBER = {"sc": 9903, "pdf": 9904}

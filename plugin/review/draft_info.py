@@ -1,7 +1,7 @@
 """What ``Draft.token_info`` says about a draft besides its words: the input gate's outcome, the
 observation probabilities and their decision thresholds (Qt-free, no database).
 
-``token_info`` is the JSON ``plugin.pipeline`` writes with every draft (docs/TEAM_CONTRACTS.md):
+``token_info`` is the JSON ``plugin.drafting.pipeline`` writes with every draft (docs/TEAM_CONTRACTS.md):
 ``tokens``, ``observations`` (name -> probability), ``grounded``, ``duration_ms``, optionally
 ``thresholds`` (name -> decision threshold) and ``input_check`` (the input gate: ``mode``,
 ``outcome``, ``reason``, per-view results and study-level notes). Drafts written before the gate

@@ -3,14 +3,14 @@
 ``handle_job(ctx)`` (entry point ``cxrnode.job_handlers: draft``, see dicom_node.jobs):
 
 1. load the study's instances from the index and read their headers from the store;
-2. select the chest radiographs (:mod:`plugin.views`), each skip explained in the job log;
-3. prepare their pixels (:mod:`plugin.pixels`) and extract the indication
-   (:mod:`plugin.indication`);
+2. select the chest radiographs (:mod:`plugin.drafting.views`), each skip explained in the job log;
+3. prepare their pixels (:mod:`plugin.drafting.pixels`) and extract the indication
+   (:mod:`plugin.drafting.indication`);
 4. let the bundle's view classifier check the tagged views (it decides when they are missing
    or disagree, and the job log says so);
 5. generate the report with ``onnx_models.runtime.ReportGenerator`` (loaded once per process
    and cached per bundle/providers/threads/beam);
-6. build the draft SR (:mod:`plugin.sr`), store it durably through the node's Store, then in
+6. build the draft SR (:mod:`plugin.drafting.sr`), store it durably through the node's Store, then in
    one transaction: index it (``generated=True``), supersede the study's older unsigned
    drafts, add the Draft row (state ``new``), audit, and enqueue it to the destinations that
    want drafts (``outbound.enqueue(kind="draft")``);
@@ -41,12 +41,18 @@ from dicom_node.config import Config
 from dicom_node.db import Draft, DraftState, Instance, Study
 from dicom_node.jobs import JobContext, JobResult
 from onnx_models.views import order as view_order
-from plugin import indication as indication_mod
-from plugin import input_check as gate_mod
-from plugin import sr as sr_mod
-from plugin.draft_info import decision_thresholds
-from plugin.pixels import PixelError, PixelOptions, prepare
-from plugin.views import InstanceHeader, ResolvedView, resolve_view, select_images, view_from_tags
+from plugin.drafting import indication as indication_mod
+from plugin.drafting import input_check as gate_mod
+from plugin.drafting import sr as sr_mod
+from plugin.drafting.pixels import PixelError, PixelOptions, prepare
+from plugin.drafting.views import (
+    InstanceHeader,
+    ResolvedView,
+    resolve_view,
+    select_images,
+    view_from_tags,
+)
+from plugin.review.draft_info import decision_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -404,7 +410,7 @@ def _commit(ctx: JobContext, study_id: int, draft_ds: Any, indication: str, find
 
 def _render(ctx: JobContext, draft_ds: Any, kind: str) -> None:
     """Store and enqueue a rendering of the draft for viewers without SR support."""
-    from plugin.render import render
+    from plugin.drafting.render import render
 
     rendered = render(draft_ds, kind)
     relpath = ctx.store.instance_relpath(str(rendered.StudyInstanceUID), str(rendered.SeriesInstanceUID),

@@ -1,6 +1,6 @@
 """Rebuild the shipped sample study from the shared IU X-ray data (developer tool, not run time).
 
-    python -m plugin.samples.build /path/to/shared/data/iu_xray
+    python -m plugin.drafting.samples.build /path/to/shared/data/iu_xray
 
 Takes IU X-ray study 653 (validation split): its real indication, and its two rendered views
 (256 x 256, 8-bit), and writes them as CR Image Storage, MONOCHROME1, 12 bits stored, with a
@@ -22,7 +22,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
-from plugin.sr import deterministic_uid
+from plugin.drafting.sr import deterministic_uid
 
 HERE = Path(__file__).resolve().parent
 STUDY_ID = "653"
