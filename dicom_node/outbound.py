@@ -6,6 +6,9 @@ due rows with the same lease scheme as the job queue (:mod:`dicom_node.jobs`), s
 (``outbound.backoff_s * 2**(attempts-1)``, capped at one hour). After ``outbound.max_attempts``
 failed attempts the row ends ``failed`` with the last error, visible in ``cxrnode status``.
 Rows survive restarts; a row left ``sending`` by a crashed sender is reclaimed after its lease.
+Every time that decides something (when a row is due, when its lease runs out, when the next
+attempt is) is the database's clock (:func:`dicom_node.db.db_utcnow`), as for the job queue, so
+senders on hosts whose clocks disagree still agree on what is due.
 
 This module is the queue only (no network): other packages call :func:`enqueue` without
 importing DIMSE code; the sender thread lives in :mod:`dicom_node.scu`.
@@ -23,7 +26,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Config, Destination
-from dicom_node.db import Transfer, TransferState, utcnow
+from dicom_node.db import Transfer, TransferState, db_utcnow
 from dicom_node.index import audit
 from dicom_node.jobs import _is_postgres, backoff_delay
 from dicom_node.store import Store
@@ -45,9 +48,12 @@ def wants(destination: Destination, kind: str) -> bool:
 
 
 def enqueue(session: Session, config: Config, sop_instance_uid: str, relpath: str, kind: str) -> list[Transfer]:
-    """Add one pending Transfer per destination that wants ``kind``; the caller commits."""
-    rows = []
-    now = utcnow()
+    """Add one pending Transfer per destination that wants ``kind``, due now by the database's
+    clock; the caller commits."""
+    rows: list[Transfer] = []
+    if not any(wants(d, kind) for d in config.destinations):
+        return rows
+    now = db_utcnow(session)
     for d in config.destinations:
         if wants(d, kind):
             t = Transfer(destination=d.name, sop_instance_uid=sop_instance_uid, path=relpath,
@@ -65,13 +71,15 @@ def _due(now: dt.datetime):  # type: ignore[no-untyped-def]
 
 
 def claim_transfer(sessions: sessionmaker, sender_id: str, now: dt.datetime | None = None) -> Transfer | None:
-    now = now or utcnow()
+    """Lease one due transfer (``None``: nothing due); ``now`` defaults to the database's clock."""
     token = f"{sender_id}/{uuid.uuid4().hex[:12]}"
-    candidate = select(Transfer.id).where(_due(now)).order_by(Transfer.next_attempt_at, Transfer.id).limit(1)
-    if _is_postgres(sessions):
-        candidate = candidate.with_for_update(skip_locked=True)
     try:
         with sessions() as s:
+            if now is None:
+                now = db_utcnow(s)  # due and lease expiry by the database's clock, not this host's
+            candidate = select(Transfer.id).where(_due(now)).order_by(Transfer.next_attempt_at, Transfer.id).limit(1)
+            if _is_postgres(sessions):
+                candidate = candidate.with_for_update(skip_locked=True)
             res = s.execute(
                 update(Transfer).where(Transfer.id == candidate.scalar_subquery(), _due(now))
                 .values(state=TransferState.SENDING, lease_owner=token,
@@ -104,17 +112,17 @@ def process_one(sessions: sessionmaker, config: Config, store: Store, sender_id:
             send(config, dest, str(store.abspath(t.path)))
         except Exception as exc:
             error = str(exc) or type(exc).__name__
-    now = utcnow()
     values: dict[str, object] = {"lease_owner": None, "lease_expires_at": None}
-    if error is None:
-        values.update(state=TransferState.DONE, sent_at=now, last_error=None)
-    elif dest is None or t.attempts >= config.outbound.max_attempts:
-        values.update(state=TransferState.FAILED, last_error=error)
-    else:
-        delay = backoff_delay(config.outbound.backoff_s, t.attempts, BACKOFF_CAP_S)
-        values.update(state=TransferState.PENDING, last_error=error,
-                      next_attempt_at=now + dt.timedelta(seconds=delay))
     with sessions() as s:
+        now = db_utcnow(s)  # the next attempt is due when every host agrees it is
+        if error is None:
+            values.update(state=TransferState.DONE, sent_at=now, last_error=None)
+        elif dest is None or t.attempts >= config.outbound.max_attempts:
+            values.update(state=TransferState.FAILED, last_error=error)
+        else:
+            delay = backoff_delay(config.outbound.backoff_s, t.attempts, BACKOFF_CAP_S)
+            values.update(state=TransferState.PENDING, last_error=error,
+                          next_attempt_at=now + dt.timedelta(seconds=delay))
         s.execute(update(Transfer).where(Transfer.id == t.id, Transfer.lease_owner == t.lease_owner).values(**values))
         if values["state"] in (TransferState.DONE, TransferState.FAILED):
             audit(s, sender_id, "sent" if error is None else "send_failed", object_uid=t.sop_instance_uid,
