@@ -279,6 +279,7 @@ class ViewState:
     picture: Picture
     window: WindowLevel | None = None  # None = as sent
     invert: bool = False
+    preset: str = ""  # the window preset in use (gui.presets), "" once dragged or stepped
 
     @property
     def effective_window(self) -> WindowLevel:
@@ -286,6 +287,11 @@ class ViewState:
 
     def drag(self, dx: float, dy: float) -> None:
         self.window = self.effective_window.dragged(dx, dy, drag_sensitivity(self.picture))
+        self.preset = ""
+
+    def set_window(self, window: WindowLevel | None, preset: str = "") -> None:
+        """A window chosen by key (a preset, or None: the image's own window as sent)."""
+        self.window, self.preset = window, preset
 
     def toggle_invert(self) -> None:
         self.invert = not self.invert
@@ -293,6 +299,7 @@ class ViewState:
     def reset(self) -> None:
         self.window = None
         self.invert = False
+        self.preset = ""
 
     def image(self) -> np.ndarray:
         return render(self.picture, self.window, self.invert)

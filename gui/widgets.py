@@ -33,6 +33,7 @@ from PyQt6.QtGui import (
     QMouseEvent,
     QPainter,
     QPaintEvent,
+    QPen,
     QResizeEvent,
     QShortcut,
     QSyntaxHighlighter,
@@ -50,7 +51,7 @@ from PyQt6.QtWidgets import (
     QWidget,
 )
 
-from gui import highlight, imaging, viewmodels
+from gui import highlight, imaging, presets, viewmodels
 from plugin.review.service import (
     STATE_FAILED,
     STATE_IN_REVIEW,
@@ -160,6 +161,12 @@ class ImageView(QWidget):
         self._drag: tuple[str, QPointF] | None = None
         self._fresh = False
         self.gate: tuple[str, bool | None] = ("", None)
+        # the magnifier (F9): a loupe over the image that follows the mouse (centred until it moves)
+        self.loupe = False
+        self.loupe_zoom = 3.0  # relative to the image as shown
+        self.loupe_size = 260  # screen pixels
+        self._mouse: QPointF | None = None
+        self._boxes: list[QRectF] = []
         self.setMinimumSize(200, 200)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
         self.setFocusPolicy(Qt.FocusPolicy.ClickFocus)
@@ -224,6 +231,57 @@ class ImageView(QWidget):
             self.update()
             self.changed.emit()
 
+    def set_window(self, window: imaging.WindowLevel | None, preset: str = "") -> None:
+        """Set the window by key: a preset's, or None for the image's own window as sent."""
+        if self.state:
+            self.state.set_window(window, preset)
+            self._rerender()
+            self.update()
+            self.changed.emit()
+
+    def apply_preset(self, name: str) -> None:
+        """A chest window preset (:mod:`gui.presets`), relative to this image's VOI range."""
+        if self.state:
+            self.set_window(presets.preset_window(self.state.picture, name, self.state.invert), name)
+
+    def step_window(self, wider: int = 0, brighter: int = 0) -> None:
+        """Window/level by key steps (:func:`gui.presets.stepped`)."""
+        if self.state:
+            s = self.state
+            self.set_window(presets.stepped(s.effective_window, s.picture, s.invert, wider, brighter))
+
+    # -- the magnifier ------------------------------------------------------------------------
+    def set_loupe(self, on: bool) -> None:
+        self.loupe = on
+        self.setMouseTracking(on)
+        self.update()
+
+    def loupe_centre(self) -> QPointF:
+        """Where the loupe is: under the mouse, or at the middle of the view before it moved."""
+        return self._mouse if self._mouse is not None else QPointF(self.width() / 2.0, self.height() / 2.0)
+
+    def loupe_rect(self) -> QRectF:
+        c, half = self.loupe_centre(), self.loupe_size / 2.0
+        return QRectF(c.x() - half, c.y() - half, self.loupe_size, self.loupe_size)
+
+    def _paint_loupe(self, p: QPainter) -> None:
+        """The image around the loupe's centre, ``loupe_zoom`` times larger, in a framed square."""
+        if self._qimage is None or self.state is None:
+            return
+        target = self.loupe_rect()
+        c = self.loupe_centre()
+        ix, iy = self.transform.to_image(c.x(), c.y())
+        scale = self.transform.scale * self.loupe_zoom
+        half = self.loupe_size / 2.0 / scale  # image pixels either side of the centre
+        source = QRectF(ix - half, iy - half, 2 * half, 2 * half)
+        p.save()
+        p.fillRect(target, QColor(0, 0, 0))
+        p.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform, scale < 2.0)
+        p.drawImage(target, self._qimage, source)
+        p.setPen(QPen(QColor(255, 214, 10), 2))
+        p.drawRect(target)
+        p.restore()
+
     # -- events -----------------------------------------------------------------------------
     def resizeEvent(self, event: QResizeEvent | None) -> None:  # noqa: N802 (Qt name)
         self.transform = self.transform.resized((self.width(), self.height()))
@@ -239,6 +297,9 @@ class ImageView(QWidget):
         self.setCursor(Qt.CursorShape.ClosedHandCursor if pan else Qt.CursorShape.SizeAllCursor)
 
     def mouseMoveEvent(self, event: QMouseEvent | None) -> None:  # noqa: N802
+        if event is not None and self.loupe:
+            self._mouse = event.position()
+            self.update()
         if event is None or self._drag is None:
             return
         mode, last = self._drag
@@ -256,6 +317,12 @@ class ImageView(QWidget):
         self._drag = None
         self.unsetCursor()
 
+    def leaveEvent(self, event: QEvent | None) -> None:  # noqa: N802
+        if self.loupe:
+            self._mouse = None
+            self.update()
+        super().leaveEvent(event)
+
     def mouseDoubleClickEvent(self, event: QMouseEvent | None) -> None:  # noqa: N802
         self.fit()
 
@@ -270,6 +337,7 @@ class ImageView(QWidget):
             self.changed.emit()
 
     def paintEvent(self, event: QPaintEvent | None) -> None:  # noqa: N802
+        self._boxes = []
         p = QPainter(self)
         p.fillRect(self.rect(), QColor(0, 0, 0))
         if self._qimage is not None and self.state is not None:
@@ -278,6 +346,8 @@ class ImageView(QWidget):
             target = QRectF(ox, oy, self.state.picture.columns * t.scale, self.state.picture.rows * t.scale)
             p.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform, t.scale < 2.0)
             p.drawImage(target, self._qimage)
+            if self.loupe:
+                self._paint_loupe(p)
             self._overlay(p)
         else:
             p.setPen(QColor(120, 120, 120))
@@ -323,12 +393,30 @@ class ImageView(QWidget):
         small = QFont(self.font())
         small.setPointSizeF(max(9.0, self.font().pointSizeF()))
         p.setFont(small)
-        p.setPen(QColor(230, 230, 230))
-        w = self.state.effective_window
         bottom = self.height() - margin
-        p.drawText(margin, bottom, w.label() + ("  INVERTED" if self.state.invert else ""))
-        zoom = f"{self.transform.zoom_percent()} %"
-        p.drawText(self.width() - margin - p.fontMetrics().horizontalAdvance(zoom), bottom, zoom)
+        self._backed_text(p, margin, bottom, self.window_text())
+        zoom = f"{self.transform.zoom_percent()} %" + ("  LOUPE" if self.loupe else "")
+        self._backed_text(p, self.width() - margin - p.fontMetrics().horizontalAdvance(zoom), bottom, zoom)
+
+    def window_text(self) -> str:
+        """The W/L overlay: ``LUNG  W 1234  L 567`` (the preset's name when one is in use)."""
+        if self.state is None:
+            return ""
+        s = self.state
+        return (f"{s.preset.upper()}  " if s.preset else "") + s.effective_window.label() + ("  INVERTED" if s.invert else "")
+
+    def overlay_boxes(self) -> list[QRectF]:
+        """Where the bottom overlays' dark backing boxes are (for tests and hit checks)."""
+        return list(self._boxes)
+
+    def _backed_text(self, p: QPainter, x: float, baseline: float, text: str) -> None:
+        """Text readable on any part of a radiograph: light, on a dark backing box."""
+        m = p.fontMetrics()
+        box = QRectF(x - 4, baseline - m.ascent() - 3, m.horizontalAdvance(text) + 8, m.ascent() + m.descent() + 6)
+        p.fillRect(box, QColor(0, 0, 0, 190))
+        self._boxes.append(box)
+        p.setPen(QColor(240, 240, 240))
+        p.drawText(QPointF(x, baseline), text)
 
 
 class StudyViewer(QWidget):
@@ -340,6 +428,8 @@ class StudyViewer(QWidget):
         super().__init__(parent)
         self.views: list[ImageView] = []
         self._waiting: set[int] = set()
+        self.magnifier = False
+        self.single: int | None = None  # the view shown alone (F8), None: all side by side
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         outer.setSpacing(4)
@@ -387,6 +477,39 @@ class StudyViewer(QWidget):
         for v in self.views:
             fn(v)
 
+    # -- keyboard tools over every view (window-wide keys, gui.keys) -------------------------------
+    def apply_preset(self, name: str) -> None:
+        self._each(lambda v: v.apply_preset(name))
+
+    def window_as_sent(self) -> None:
+        self._each(lambda v: v.set_window(None))
+
+    def step_window(self, wider: int = 0, brighter: int = 0) -> None:
+        self._each(lambda v: v.step_window(wider, brighter))
+
+    def set_magnifier(self, on: bool) -> None:
+        self.magnifier = on
+        self._each(lambda v: v.set_loupe(on))
+
+    def cycle_single_view(self) -> int | None:
+        """One view at a time: all -> the first -> the next ... -> all again. Returns the index of
+        the view shown alone, None when all are shown."""
+        n = len(self.views)
+        if n == 0:
+            self.single = None
+        elif self.single is None:
+            self.single = 0
+        else:
+            self.single = self.single + 1 if self.single + 1 < n else None
+        self._show_single()
+        return self.single
+
+    def _show_single(self) -> None:
+        if self.single is not None and self.single >= len(self.views):
+            self.single = None
+        for i, v in enumerate(self.views):
+            v.setVisible(self.single is None or i == self.single)
+
     def set_pictures(self, pictures: list[imaging.Picture],
                      gates: list[tuple[str, bool | None]] | None = None) -> None:
         """Show the pictures side by side (reusing widgets), each with its input-gate line;
@@ -406,6 +529,9 @@ class StudyViewer(QWidget):
         gates = gates if gates is not None and len(gates) == len(pictures) else [("", None)] * len(pictures)
         for v, pic, gate in zip(self.views, pictures, gates, strict=True):
             v.set_picture(pic, gate)
+            v.set_loupe(self.magnifier)
+        self._show_single()  # a hidden view is never painted: only wait for the shown ones
+        self._waiting = {i for i, v in enumerate(self.views) if not v.isHidden()}
         if not pictures:
             self.all_painted.emit()
 
