@@ -2,8 +2,9 @@
 
 Tables: studies, series, instances (what the SCP stored), jobs (the report-drafting queue),
 drafts (each SR we wrote for a study: the draft and, once signed, the verified SR), outbound
-(C-STORE transfers to destinations, with retries) and audit_events (append-only: the database
-itself refuses UPDATE and DELETE on it, see migration 0002).
+(C-STORE transfers to destinations, with retries), audit_events (append-only: the database
+itself refuses UPDATE and DELETE on it, see migration 0002) and report_templates (the reviewers'
+text snippets, migration 0005).
 
 The schema is created and upgraded only by Alembic (``dicom_node/migrations``); call
 :func:`migrate` at start. SQLite runs in WAL mode with a busy timeout so the SCP, workers and
@@ -113,6 +114,9 @@ class Study(Base):
     generation: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    # STAT / ED / inpatient / outpatient ("" = not stated): dicom_node.priority, the most urgent
+    # value the study's received instances gave (migration 0005)
+    priority: Mapped[str] = mapped_column(String(16), default="", server_default="")
 
     series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all, delete-orphan")
     instances: Mapped[list[Instance]] = relationship(back_populates="study", viewonly=True)
@@ -247,6 +251,23 @@ class AuditEvent(Base):
     study_instance_uid: Mapped[str] = mapped_column(UID, default="")
     object_uid: Mapped[str] = mapped_column(UID, default="")
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class ReportTemplate(Base):
+    """A site-defined text snippet (macro) the reviewer inserts by its trigger word (``.normal``)
+    or its slot key (Ctrl+1..9); managed by reviewers with the ``templates`` role, every change
+    audited (``plugin.review.templates``; migration 0005)."""
+
+    __tablename__ = "report_templates"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trigger: Mapped[str] = mapped_column(String(32), unique=True)  # typed as ".trigger"
+    name: Mapped[str] = mapped_column(String(64))
+    text: Mapped[str] = mapped_column(Text)
+    slot: Mapped[int | None] = mapped_column(Integer, nullable=True, unique=True)  # 1..9 or None
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_by: Mapped[str] = mapped_column(String(128), default="")
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:

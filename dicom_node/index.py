@@ -4,6 +4,8 @@
 every *new* received instance bumps it (so a study that gains images after its job ran is
 processed again); re-sending an instance that is already indexed with the same content is a
 no-op, and objects the node wrote itself (``generated=True``, e.g. our SRs) never bump it.
+Each received instance also updates ``Study.priority`` to the most urgent value its request
+attributes give (:func:`dicom_node.priority.study_priority`).
 
 A received instance never replaces or removes one the node generated: ``register_instance``
 raises :class:`InstanceConflict` for it, and :func:`check_received` (used by the Storage SCP
@@ -28,6 +30,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import AuditEvent, Instance, Series, Study, StudyState, db_utcnow
+from dicom_node.priority import more_urgent, study_priority
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +171,10 @@ def register_instance(
     inst.generated = 1 if generated else 0
     if changed:
         inst.received_at = now
+    if not generated:  # the request's priority (STAT/ED/inpatient/outpatient): the most urgent seen
+        urgent = more_urgent(study.priority or "", study_priority(ds))
+        if urgent != (study.priority or ""):
+            study.priority = urgent
     if not generated and changed:
         study.generation = (study.generation or 0) + 1
         study.last_received_at = now
