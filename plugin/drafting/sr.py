@@ -89,6 +89,29 @@ PRESENCE_CODES = {
 
 #: the coded statement of a withheld draft (private scheme, PS3.16 8.2: "99" prefix)
 DRAFT_WITHHELD = CodedConcept("CXRN-WITHHELD", "99CXRNODE", "AI draft withheld")
+#: the coded statement of a report written from the images with no AI draft (drafting failed,
+#: the study was skipped, or its draft rejected): private scheme, like DRAFT_WITHHELD
+NO_AI_DRAFT = CodedConcept("CXRN-NO-AI", "99CXRNODE", "No AI draft: reported from the images")
+
+# Sections added after signing (issue 17). PS3.16 CID 7001 "Diagnostic Imaging Report Heading"
+# lists both as LOINC codes (DCM 121078 "Addendum" is the older, retired heading code);
+# PS3.20 9.8.10 uses 73568-8 for the "Communication of Actionable Results" section.
+ADDENDUM = CodedConcept("55107-7", "LN", "Addendum")
+CRITICAL_RESULTS = CodedConcept("73568-8", "LN", "Communication of Critical Results")
+#: the coded communication item: DCM "Results communicated", valued with how it was done
+RESULTS_COMMUNICATED = CodedConcept("121291", "DCM", "Results communicated")
+#: how a critical result was communicated. No standard code set exists for the method (PS3.20
+#: 9.8.10 / RSNA template 297 give plain words: discussed directly, by telephone, described in
+#: a message), so the values are private (99CXRNODE) with those words as meanings
+COMMUNICATION_METHODS = {
+    "telephone": CodedConcept("CXRN-COMM-PHONE", "99CXRNODE", "Discussed by telephone"),
+    "in_person": CodedConcept("CXRN-COMM-DIRECT", "99CXRNODE", "Discussed directly in person"),
+    "secure_message": CodedConcept("CXRN-COMM-MSG", "99CXRNODE", "Described in a secure message"),
+}
+#: who was told and when (private concept names: DICOM has none for these)
+RECIPIENT = CodedConcept("CXRN-RECIPIENT", "99CXRNODE", "Person told of the critical result")
+RECIPIENT_ROLE = CodedConcept("CXRN-RCPT-ROLE", "99CXRNODE", "Role of the person told")
+COMMUNICATED_AT = CodedConcept("CXRN-COMM-DT", "99CXRNODE", "DateTime the critical result was told")
 
 MANUFACTURER = "cxrnode"
 DRAFT_SERIES_NUMBER = 9901
@@ -162,6 +185,62 @@ class DraftContent:
     notes: tuple[str, ...] = ()
 
 
+def spoken_name(pn: str) -> str:
+    """A DICOM PN as it is said: ``Moreau^Alice^^Dr`` -> ``Dr Alice Moreau`` (free text unchanged)."""
+    parts = (str(pn).split("=")[0].split("^") + [""] * 5)[:5]
+    family, given, middle, prefix, suffix = (p.strip() for p in parts)
+    return " ".join(p for p in (prefix, given, middle, family, suffix) if p)
+
+
+@dataclass(frozen=True)
+class CriticalCommunication:
+    """A critical result told to a clinician at signing: who (name and role), how, when.
+
+    ``method`` is a key of :data:`COMMUNICATION_METHODS`; ``communicated_at`` is timezone-aware
+    (a naive time is taken as local). Written into the verified SR as the "Communication of
+    Critical Results" section (LN 73568-8) with a coded "Results communicated" item.
+    """
+
+    recipient: str
+    role: str
+    method: str
+    communicated_at: dt.datetime
+    communicated_by: str = ""  # the radiologist who told them (display name)
+
+    def __post_init__(self) -> None:
+        if not self.recipient.strip():
+            raise SRError("critical result: the name of the person told is required")
+        if not self.role.strip():
+            raise SRError("critical result: the role of the person told is required")
+        if self.method not in COMMUNICATION_METHODS:
+            raise SRError(f"critical result: method must be one of {', '.join(COMMUNICATION_METHODS)}, "
+                          f"got {self.method!r}")
+        if len(self.recipient) > 200 or len(self.role) > 64:
+            raise SRError("critical result: the name (200) or role (64 characters) is too long")
+
+    def sentence(self) -> str:
+        """The narrative line (PS3.20 9.8.10: by whom, to whom, how, at what date/time)."""
+        how = {"telephone": "discussed by telephone with", "in_person": "discussed in person with",
+               "secure_message": "described in a secure message to"}[self.method]
+        when = self.communicated_at if self.communicated_at.tzinfo else self.communicated_at.astimezone()
+        by = f" by {spoken_name(self.communicated_by)}" if self.communicated_by.strip() else ""
+        return (f"Critical result {how} {self.recipient.strip()} ({self.role.strip()}) "
+                f"on {when:%Y-%m-%d} at {when:%H:%M} (UTC{when:%z}){by}.")
+
+
+@dataclass(frozen=True)
+class AddendumText:
+    """One addendum of a verified report: its text, who added it and when (timezone-aware)."""
+
+    text: str
+    author: str
+    added_at: dt.datetime
+
+    def byline(self) -> str:
+        when = self.added_at if self.added_at.tzinfo else self.added_at.astimezone()
+        return f"Addendum by {spoken_name(self.author)} on {when:%Y-%m-%d %H:%M} (UTC{when:%z})."
+
+
 @dataclass(frozen=True)
 class ReportText:
     """A report read back from an SR: the text, the coded observations and the flags."""
@@ -179,6 +258,12 @@ class ReportText:
     predecessors: tuple[str, ...]
     source_images: tuple[str, ...]
     device_model: str
+    #: the communication of a critical result recorded at signing (None: none recorded)
+    critical: CriticalCommunication | None = None
+    #: the addenda, oldest first
+    addenda: tuple[AddendumText, ...] = ()
+    #: the report was written from the images with no AI draft (NO_AI_DRAFT)
+    no_ai_draft: bool = False
 
 
 def draft_notice(model_name: str, model_version: str) -> str:
@@ -232,13 +317,16 @@ def _content_tree(
     model_name: str,
     model_version: str,
     verifier: tuple[str, str] | None,
+    no_ai_draft: bool = False,
+    critical: CriticalCommunication | None = None,
+    addenda: Sequence[AddendumText] = (),
 ) -> ContainerContentItem:
     root = ContainerContentItem(name=DOCUMENT_TITLE, template_id="2000")
     items: list[Any] = []
     items.extend(LanguageOfContentItemAndDescendants(LANGUAGE))
     person = _person_context(*verifier) if verifier else None
-    items.extend(ObservationContext(observer_person_context=person,
-                                    observer_device_context=_device_context(model_name, model_version)))
+    device = None if no_ai_draft else _device_context(model_name, model_version)  # no model wrote it
+    items.extend(ObservationContext(observer_person_context=person, observer_device_context=device))
     items.append(CodeContentItem(name=PROCEDURE_REPORTED, value=PLAIN_CHEST_XRAY, relationship_type=HAS_CONCEPT_MOD))
 
     if indication:
@@ -250,6 +338,8 @@ def _content_tree(
     children: list[Any] = [_text(COMMENT, c) for c in comments if c]
     if withheld:
         children.insert(0, CodeContentItem(name=FINDING, value=DRAFT_WITHHELD, relationship_type=CONTAINS))
+    if no_ai_draft:
+        children.insert(0, CodeContentItem(name=FINDING, value=NO_AI_DRAFT, relationship_type=CONTAINS))
     if findings:
         children.append(_text(FINDING, findings))
     for obs in observations:
@@ -273,8 +363,32 @@ def _content_tree(
         section = ContainerContentItem(name=IMPRESSIONS, relationship_type=CONTAINS)
         section.ContentSequence = DicomSequence([_text(IMPRESSION, impression)])
         items.append(section)
+    if critical is not None:
+        items.append(_critical_section(critical))
+    for addendum in addenda:
+        section = ContainerContentItem(name=ADDENDUM, relationship_type=CONTAINS)
+        section.ContentSequence = DicomSequence([_text(ADDENDUM, addendum.text), _text(COMMENT, addendum.byline())])
+        items.append(section)
     root.ContentSequence = DicomSequence(items)
     return root
+
+
+def _critical_section(c: CriticalCommunication) -> ContainerContentItem:
+    """TID 2001 section "Communication of Critical Results" (LN 73568-8, CID 7001): the narrative
+    (PS3.20 9.8.10) and the coded item: DCM 121291 "Results communicated" = how, with who was told,
+    their role and when."""
+    from highdicom.sr import DateTimeContentItem
+
+    when = c.communicated_at if c.communicated_at.tzinfo else c.communicated_at.astimezone()
+    section = ContainerContentItem(name=CRITICAL_RESULTS, relationship_type=CONTAINS)
+    section.ContentSequence = DicomSequence([
+        _text(CRITICAL_RESULTS, c.sentence()),
+        CodeContentItem(name=RESULTS_COMMUNICATED, value=COMMUNICATION_METHODS[c.method], relationship_type=CONTAINS),
+        _text(RECIPIENT, c.recipient.strip()),
+        _text(RECIPIENT_ROLE, c.role.strip()),
+        DateTimeContentItem(name=COMMUNICATED_AT, value=DT(when), relationship_type=CONTAINS),
+    ])
+    return section
 
 
 _PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
@@ -423,13 +537,16 @@ def build_signed_sr(
     verifier_name: str,
     verifier_org: str,
     signed_at: dt.datetime,
+    critical: CriticalCommunication | None = None,
 ) -> Dataset:
     """The verified SR (VERIFIED, COMPLETE, FINAL) that replaces ``draft`` with the edited text.
 
     Verifying Observer Sequence (PS3.3 C.17.2): ``verifier_name`` (PN), ``verifier_org``,
     VerificationDateTime = ``signed_at``; Predecessor Documents Sequence -> the draft. The
     coded observations are re-derived from the edited text. The SOP Instance UID is uuid5 of
-    the draft's UID, the text, the verifier and the time.
+    the draft's UID, the text, the verifier and the time. ``critical``: a critical result told
+    at signing, written as the "Communication of Critical Results" section. A draft marked
+    :data:`NO_AI_DRAFT` (reported from scratch) gives a report with no device observer.
     """
     if str(draft.get("SOPClassUID", "")) != COMPREHENSIVE_SR or "ContentSequence" not in draft:
         raise SRError("the draft is not a Comprehensive SR document")
@@ -458,14 +575,21 @@ def build_signed_sr(
     sop_uid = deterministic_uid("signed", draft_uid, findings, impression, verifier_name, verifier_org,
                                 signed_at.isoformat())
     series_uid = deterministic_uid("signed-series", str(draft.StudyInstanceUID))
-    comment = (f"Drafted by {before.device_model or 'an AI model'} (draft SR {draft_uid}); "
-               f"reviewed and verified by {str(verifier_name).replace('^', ' ').strip()}.")
+    if critical is not None:
+        sop_uid = deterministic_uid("signed", draft_uid, findings, impression, verifier_name, verifier_org,
+                                    signed_at.isoformat(), "critical", critical.sentence())
+    who = str(verifier_name).replace('^', ' ').strip()
+    if before.no_ai_draft:
+        comment = f"Reported from the images by {spoken_name(verifier_name)}; no AI draft was used."
+    else:
+        comment = (f"Drafted by {before.device_model or 'an AI model'} (draft SR {draft_uid}); "
+                   f"reviewed and verified by {who}.")
     tree = _content_tree(
         indication=before.indication, findings=findings, impression=impression,
         comments=[comment], observations=coded_observations(f"{findings}\n{impression}"),
         images=[(str(r.SOPClassUID), str(r.SOPInstanceUID)) for r in refs],
         model_name=model_name, model_version=model_version,
-        verifier=(verifier_name, verifier_org),
+        verifier=(verifier_name, verifier_org), no_ai_draft=before.no_ai_draft, critical=critical,
     )
     sr = hd.sr.ComprehensiveSR(
         evidence=evidence,
@@ -490,6 +614,125 @@ def build_signed_sr(
         specific_character_set="ISO_IR 192",
     )
     sr.VerifyingObserverSequence[0].VerificationDateTime = DT(signed_at)
+    return _finish(sr)
+
+
+def build_no_ai_draft_sr(sources: Sequence[Any], reason: str, indication: str = "",
+                         institution_name: str = "", created_at: dt.datetime | None = None) -> Dataset:
+    """The placeholder draft of a study reported from scratch (no AI draft: drafting failed, the
+    study was skipped or its draft rejected): UNVERIFIED, PARTIAL, no text, coded
+    :data:`NO_AI_DRAFT` with ``reason`` as a Comment, no device observer. Signed through
+    :func:`build_signed_sr` like any draft; never sent (it holds no report).
+    """
+    if not sources:
+        raise SRError("a report needs at least one source image")
+    _quiet_person_name_warning()
+    studies = {str(s.StudyInstanceUID) for s in sources}
+    if len(studies) != 1:
+        raise SRError(f"source images belong to {len(studies)} studies; a report covers one study")
+    reason = _check_text("reason", reason) or "no AI draft"
+    study_uid = studies.pop()
+    source_uids = sorted(str(s.SOPInstanceUID) for s in sources)
+    created = created_at or dt.datetime.now(dt.UTC).astimezone()
+    sop_uid = deterministic_uid("no-ai-draft", study_uid, *source_uids, created.isoformat())
+    tree = _content_tree(
+        indication=_check_text("indication", indication), findings="", impression="",
+        comments=[f"No AI draft ({reason.rstrip('.')}): a radiologist reports this study from the images."],
+        observations=(), images=[(str(s.SOPClassUID), str(s.SOPInstanceUID)) for s in sources],
+        model_name="", model_version="", verifier=None, no_ai_draft=True,
+    )
+    sr = hd.sr.ComprehensiveSR(
+        evidence=[_evidence_stub(s, i == 0) for i, s in enumerate(sources)],
+        content=tree,
+        series_instance_uid=deterministic_uid("draft-series", study_uid),
+        series_number=DRAFT_SERIES_NUMBER,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=False,
+        is_final=False,
+        is_verified=False,
+        institution_name=institution_name or None,
+        series_description="Report from scratch - UNVERIFIED",
+        manufacturer_model_name="none (no AI draft)",
+        software_versions=[f"cxrnode {_software_version()}"[:64]],
+        content_date=created.date(),
+        content_time=created.time().replace(tzinfo=None),
+        specific_character_set="ISO_IR 192",
+    )
+    return _finish(sr)
+
+
+def build_addendum_sr(
+    predecessor: Dataset,
+    text: str,
+    author_name: str,
+    author_org: str,
+    added_at: dt.datetime,
+) -> Dataset:
+    """A new verified SR amending ``predecessor`` (a verified report, or an earlier addendum).
+
+    It repeats the predecessor's report unchanged (indication, findings, impression, coded
+    observations, critical-result communication, earlier addenda) and adds an "Addendum"
+    section (LN 55107-7, PS3.16 CID 7001) with ``text`` and its byline. COMPLETE, VERIFIED,
+    FINAL; the verifying observer is the addendum's author; Predecessor Documents Sequence
+    (PS3.3 C.17.2.3) -> ``predecessor``, which is not changed. Same series as the signed report;
+    SOP Instance UID = uuid5 of the predecessor's UID, the text, the author and the time.
+    """
+    if str(predecessor.get("SOPClassUID", "")) != COMPREHENSIVE_SR or "ContentSequence" not in predecessor:
+        raise SRError("the report to amend is not a Comprehensive SR document")
+    if str(predecessor.get("VerificationFlag", "")) != "VERIFIED" or str(predecessor.get("CompletionFlag", "")) != "COMPLETE":
+        raise SRError("only a verified, complete report can be amended; sign the draft instead")
+    _quiet_person_name_warning()
+    if not author_name or not author_name.strip():
+        raise SRError("the addendum's author (verifying observer) is required")
+    if not author_org or not author_org.strip():
+        raise SRError("the verifying organisation is required")
+    text = _check_text("addendum", text)
+    if not text:
+        raise SRError("the addendum is empty")
+    if added_at.tzinfo is None:
+        added_at = added_at.astimezone()
+    before = read_report(predecessor)
+    refs = _references(predecessor)
+    if not refs:
+        raise SRError("the report to amend references no source images")
+    first = _evidence_stub(predecessor, True)
+    for kw in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID"):
+        setattr(first, kw, getattr(refs[0], kw))
+    addenda = (*before.addenda, AddendumText(text, str(author_name), added_at))
+    model_name, _, model_version = before.device_model.rpartition(" ")
+    pred_uid = str(predecessor.SOPInstanceUID)
+    tree = _content_tree(
+        indication=before.indication, findings=before.findings, impression=before.impression,
+        comments=[c for c in before.comments if c], observations=before.observations,
+        images=[(str(r.SOPClassUID), str(r.SOPInstanceUID)) for r in refs],
+        model_name=model_name, model_version=model_version, verifier=(author_name, author_org),
+        no_ai_draft=before.no_ai_draft, critical=before.critical, addenda=addenda,
+    )
+    sr = hd.sr.ComprehensiveSR(
+        evidence=[first, *refs[1:]],
+        content=tree,
+        series_instance_uid=deterministic_uid("signed-series", str(predecessor.StudyInstanceUID)),
+        series_number=SIGNED_SERIES_NUMBER,
+        sop_instance_uid=deterministic_uid("addendum", pred_uid, text, author_name, author_org, added_at.isoformat()),
+        instance_number=len(addenda) + 1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=True,
+        is_verified=True,
+        verifying_observer_name=author_name,
+        verifying_organization=author_org.strip()[:64],
+        institution_name=str(predecessor.get("InstitutionName", "") or "") or None,
+        previous_versions=[predecessor],
+        series_description=SIGNED_SERIES_DESCRIPTION,
+        manufacturer_model_name=str(predecessor.get("ManufacturerModelName", "") or "report model"),
+        software_versions=_versions(model_name, model_version),
+        content_date=added_at.date(),
+        content_time=added_at.time().replace(tzinfo=None),
+        specific_character_set="ISO_IR 192",
+    )
+    sr.VerifyingObserverSequence[0].VerificationDateTime = DT(added_at)
     return _finish(sr)
 
 
@@ -530,6 +773,9 @@ def read_report(ds: Dataset) -> ReportText:
     images: list[str] = []
     device_model = ""
     presence_by_code = {(c.value, c.scheme_designator): k for k, c in PRESENCE_CODES.items()}
+    critical: CriticalCommunication | None = None
+    addenda: list[AddendumText] = []
+    no_ai_draft = False
     root = sr.ContentSequence
     for section in root:
         code = _code_of(section)
@@ -537,6 +783,15 @@ def read_report(ds: Dataset) -> ReportText:
             device_model = str(section.TextValue)
         if section.ValueType != "CONTAINER":
             continue
+        if code == (CRITICAL_RESULTS.value, CRITICAL_RESULTS.scheme_designator):
+            critical = _read_critical(section) or critical
+            continue
+        if code == (ADDENDUM.value, ADDENDUM.scheme_designator):
+            addenda.append(_read_addendum(section))
+            continue
+        no_ai_draft = no_ai_draft or any(
+            item.ValueType == "CODE" and _code_of_value(item) == (NO_AI_DRAFT.value, NO_AI_DRAFT.scheme_designator)
+            for item in section.get("ContentSequence", None) or ())
         for item in _walk(section.get("ContentSequence", None) or ()):
             icode = _code_of(item)
             if item.ValueType == "TEXT":
@@ -580,7 +835,64 @@ def read_report(ds: Dataset) -> ReportText:
         predecessors=predecessors,
         source_images=tuple(images),
         device_model=device_model,
+        critical=critical,
+        addenda=tuple(addenda),
+        no_ai_draft=no_ai_draft,
     )
+
+
+def _code_of_value(item: Any) -> tuple[str, str]:
+    value = item.ConceptCodeSequence[0]
+    return str(value.CodeValue), str(value.CodingSchemeDesignator)
+
+
+def _parse_dt(value: str) -> dt.datetime | None:
+    try:
+        parsed = DT(value)
+    except ValueError:
+        return None
+    return dt.datetime(parsed.year, parsed.month, parsed.day, parsed.hour, parsed.minute, parsed.second,
+                       parsed.microsecond, parsed.tzinfo)
+
+
+def _read_critical(section: Any) -> CriticalCommunication | None:
+    """The "Communication of Critical Results" section as written by :func:`_critical_section`."""
+    fields: dict[str, Any] = {}
+    methods = {(c.value, c.scheme_designator): k for k, c in COMMUNICATION_METHODS.items()}
+    for item in section.get("ContentSequence", None) or ():
+        code = _code_of(item)
+        if item.ValueType == "CODE" and code == (RESULTS_COMMUNICATED.value, RESULTS_COMMUNICATED.scheme_designator):
+            fields["method"] = methods.get(_code_of_value(item), "")
+        elif item.ValueType == "TEXT" and code == (RECIPIENT.value, RECIPIENT.scheme_designator):
+            fields["recipient"] = str(item.TextValue)
+        elif item.ValueType == "TEXT" and code == (RECIPIENT_ROLE.value, RECIPIENT_ROLE.scheme_designator):
+            fields["role"] = str(item.TextValue)
+        elif item.ValueType == "DATETIME" and code == (COMMUNICATED_AT.value, COMMUNICATED_AT.scheme_designator):
+            fields["communicated_at"] = _parse_dt(str(item.DateTime))
+    try:
+        return CriticalCommunication(**fields)
+    except (TypeError, SRError):
+        return None  # written by someone else, another way: the narrative is still in the SR
+
+
+def _read_addendum(section: Any) -> AddendumText:
+    text, byline = [], ""
+    for item in section.get("ContentSequence", None) or ():
+        if item.ValueType != "TEXT":
+            continue
+        if _code_of(item) == (ADDENDUM.value, ADDENDUM.scheme_designator):
+            text.append(str(item.TextValue))
+        elif _code_of(item) == (COMMENT.value, COMMENT.scheme_designator):
+            byline = str(item.TextValue)
+    # the byline carries the author and time as written ("Addendum by NAME on DATE TIME (UTC+hhmm).")
+    author, added = "", dt.datetime.now(dt.UTC)
+    if byline.startswith("Addendum by ") and " on " in byline:
+        author, _, when = byline.removeprefix("Addendum by ").rpartition(" on ")
+        try:
+            added = dt.datetime.strptime(when.rstrip("."), "%Y-%m-%d %H:%M (UTC%z)")
+        except ValueError:
+            pass
+    return AddendumText("\n".join(text), author, added)
 
 
 def report_text(report: ReportText) -> str:
