@@ -32,6 +32,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # support.synthetic: the test fixtures
 if not os.environ.get("DISPLAY"):
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
@@ -64,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     import pydicom
     from PyQt6.QtCore import QEventLoop, QTimer
     from PyQt6.QtWidgets import QApplication
+    from support import synthetic
 
-    from gui import synthetic
     from gui.highlight import DEID_PLACEHOLDER as deid_placeholder
     from gui.window import ReviewerWindow
     from plugin.drafting import pixels

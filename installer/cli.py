@@ -28,12 +28,12 @@ Research use only: drafts are unverified until a radiologist signs them.
 
 
 # without --config or CXRNODE_CONFIG these find the installation's own config (see default_config)
-USES_INSTALLED_CONFIG = {"serve", "status", "jobs", "review", "worklist", "doctor"}
+USES_INSTALLED_CONFIG = {"serve", "status", "jobs", "review", "worklist", "doctor", "templates"}
 
 
 def _contributors() -> list:
     mods = []
-    for name in ("dicom_node.cli", "onnx_models.cli", "plugin.cli", "gui.cli", "installer.admin_cli"):
+    for name in ("dicom_node.cli", "onnx_models.cli", "gui.cli", "installer.admin_cli", "installer.demo"):
         try:
             mods.append(__import__(name, fromlist=["add_subcommands"]))
         except ModuleNotFoundError as exc:  # a package not built yet; never hide real import errors

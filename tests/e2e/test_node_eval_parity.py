@@ -27,10 +27,9 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
 
 from iu_dicom import IU_XRAY, write_study  # noqa: E402
-from nodeenv import bundle_for_tests  # noqa: E402
+from support.nodeenv import bundle_for_tests  # noqa: E402
 
 from dicom_node.config import Destination, PipelineConfig, load_config  # noqa: E402
 from dicom_node.db import Draft, Job, Study  # noqa: E402

@@ -23,11 +23,10 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
 
-from nodeenv import bundle_for_tests  # noqa: E402
 from orthanc import AE_TITLE, OrthancServer, available  # noqa: E402
-from sr_checks import check_sr_file  # noqa: E402
+from support.nodeenv import bundle_for_tests  # noqa: E402
+from support.sr_checks import check_sr_file  # noqa: E402
 
 from dicom_node.config import load_config  # noqa: E402
 from dicom_node.db import Draft, Study, Transfer  # noqa: E402

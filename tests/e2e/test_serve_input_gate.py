@@ -27,10 +27,7 @@ STORESCU = "/usr/bin/storescu"  # DCMTK's (a venv's pynetdicom storescu may shad
 
 def _cr_file(pixels: np.ndarray, path: Path) -> Path:
     """A real photograph-format film as a 12-bit MONOCHROME1 CR file of a study of its own."""
-    import sys as _sys
-
-    _sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
-    from synth import image  # tests/plugin/synth.py
+    from support.synth import image  # tests/plugin/synth.py
 
     values = np.round((1.0 - pixels) * 4095).astype(np.int64)
     ds = image(values, bits=12, photometric="MONOCHROME1", study_uid=generate_uid())

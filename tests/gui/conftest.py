@@ -16,7 +16,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 from support.postgres import private_database
 
-from gui import synthetic  # noqa: E402
+from support import synthetic  # noqa: E402
 from plugin.review.service import ReviewService  # noqa: E402
 
 

@@ -16,9 +16,11 @@ from pathlib import Path
 from PyQt6.QtCore import QEventLoop, QTimer
 from PyQt6.QtWidgets import QApplication
 
-from gui import synthetic
-from gui.window import ReviewerWindow
-from plugin.review.service import ReviewService
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the support package
+from support import synthetic  # noqa: E402
+
+from gui.window import ReviewerWindow  # noqa: E402
+from plugin.review.service import ReviewService  # noqa: E402
 
 
 def wait(signal: object, ms: int = 60000) -> None:

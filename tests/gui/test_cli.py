@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gui import cli, synthetic
+from gui import cli
+from support import synthetic
 from installer.cli import build_parser as cxrnode_parser
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from pydicom import Dataset
 
-from gui import imaging, synthetic
+from gui import imaging
+from support import synthetic
 from plugin.drafting import pixels
 
 

@@ -8,7 +8,8 @@ import pytest
 from sqlalchemy import select
 
 from dicom_node.db import AuditEvent, DraftState
-from gui import synthetic, viewmodels
+from gui import viewmodels
+from support import synthetic
 from gui.viewmodels import ReviewModel, WorklistModel, open_review
 from plugin.review.draft_info import InputCheck, ObservationCall, ViewCheck
 from plugin.review.service import DraftDetail, ReviewError, ReviewService, WorklistRow

@@ -15,7 +15,8 @@ from PyQt6.QtWidgets import QApplication
 from sqlalchemy import select
 
 from dicom_node.db import AuditEvent, Draft, DraftState, Transfer
-from gui import synthetic, viewmodels
+from gui import viewmodels
+from support import synthetic
 from gui.widgets import ImageView
 from gui.window import ReviewerWindow
 from plugin.drafting import sr

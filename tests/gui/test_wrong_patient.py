@@ -10,9 +10,10 @@ import datetime as dt
 import pytest
 from PyQt6.QtCore import Qt
 from sqlalchemy import select
+from support import synthetic
 
 from dicom_node.db import AuditEvent, Draft, DraftState, Instance, Transfer, utcnow
-from gui import synthetic, viewmodels
+from gui import viewmodels
 from gui.highlight import KIND_DEID
 from gui.window import ReviewerWindow
 from plugin.review.service import ReviewError, ReviewService, UndoExpiredError

@@ -7,7 +7,6 @@ study drafted through the node pipeline."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -142,11 +141,10 @@ def test_template_needs_image_and_int8_variant(tmp_path: Path, imported: tuple[P
 def test_drafts_a_study_through_the_node_pipeline(tmp_path: Path, imported: tuple[Path, Path],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     _, out = imported
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
-    from nodeenv import make_env
     from pydicom import dcmread
     from sqlalchemy import select
-    from sr_checks import check_sr_file
+    from support.nodeenv import make_env
+    from support.sr_checks import check_sr_file
 
     from dicom_node.db import Draft
     from plugin.drafting import pipeline, samples, sr

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from nodeenv import NodeEnv, make_env
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select
-from sr_checks import check_sr_file
 from support.gate_images import REAL_DICOM, hand_radiograph, real_films
-from synth import image
+from support.nodeenv import NodeEnv, make_env
+from support.sr_checks import check_sr_file
+from support.synth import image
 
 from dicom_node.db import AuditEvent, Draft, Study
 from plugin.drafting import input_check, pipeline, samples, sr

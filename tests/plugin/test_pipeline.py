@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from nodeenv import NodeEnv, bundle_for_tests, make_env
 from pydicom import dcmread
 from sqlalchemy import select
-from sr_checks import check_sr_file
-from synth import image, non_image
+from support.nodeenv import NodeEnv, bundle_for_tests, make_env
+from support.sr_checks import check_sr_file
+from support.synth import image, non_image
 
 from dicom_node.db import AuditEvent, Draft, Instance, Study, Transfer
 from plugin.drafting import pipeline, samples, sr

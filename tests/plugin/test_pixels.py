@@ -16,7 +16,7 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
-from synth import SC, gradient, image, jpeg_baseline
+from support.synth import SC, gradient, image, jpeg_baseline
 
 from plugin.drafting.pixels import PixelError, PixelOptions, prepare, voi, window
 

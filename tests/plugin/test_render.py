@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from synth import image
+from support.synth import image
 
 from plugin.drafting import render, sr
 

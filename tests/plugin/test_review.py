@@ -19,7 +19,7 @@ from sqlalchemy import select
 from support.postgres import private_database
 
 from dicom_node.db import AuditEvent, Draft, DraftState, Instance, Study, StudyState, Transfer
-from gui import synthetic
+from support import synthetic
 from plugin.drafting import sr
 from plugin.review import service as review
 from plugin.review.service import (

@@ -24,11 +24,11 @@ from pathlib import Path
 import pydicom
 import pytest
 from sqlalchemy import select
+from support import synthetic
 from support.postgres import private_database
 
 from dicom_node.config import load_config
 from dicom_node.db import AuditEvent, Draft, DraftState, Instance, Study
-from gui import synthetic
 from plugin.review import service as review
 from plugin.review.service import (
     ReviewService,

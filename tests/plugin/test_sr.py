@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from sr_checks import check_sr_file, write
-from synth import image
+from support.sr_checks import check_sr_file, write
+from support.synth import image
 
 from plugin.drafting import sr
 

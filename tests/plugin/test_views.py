@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from pydicom.dataset import Dataset
-from synth import CR, DX, SC, image, non_image
+from support.synth import CR, DX, SC, image, non_image
 
 from plugin.drafting.views import (
     InstanceHeader,

@@ -226,7 +226,7 @@ def add_subcommands(subparsers: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cxrnode-plugin")
+    parser = argparse.ArgumentParser(prog="cxrnode-demo")
     add_subcommands(parser.add_subparsers(dest="command"))
     return parser
 
