@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import pydicom.errors
 
-from dicom_node.db import Draft, DraftState
 from gui import imaging
 from gui.highlight import DEFAULT_POLICY, HighlightPolicy, deid_spans, highlight
 from gui.highlight import Span as Span  # re-exported for the widgets
@@ -36,11 +35,15 @@ from plugin.review.service import (
     STATE_NEW,
     STATE_REJECTED,
     STATE_SIGNED,
+    STATE_SUPERSEDED,
     ClaimConflictError,
+    CriticalNotice,
     DraftDetail,
     ReviewError,
     ReviewService,
     UnknownReviewerError,
+    RejectResult,
+    SignResult,
     WorklistRow,
     text_diff,
 )
@@ -94,6 +97,30 @@ def format_age(seconds: float) -> str:
     return f"{s // 86400} d {s % 86400 // 3600} h"
 
 
+def format_study_age(study_date: str, today: dt.date | None = None) -> str:
+    """How long ago the study was done, from its DA: ``today``, ``1 d``, ``12 d``, ``5 mo``,
+    ``2 y``; ``""`` without a valid date (the worklist's "Study age", beside the draft's age)."""
+    try:
+        day = dt.datetime.strptime(study_date, "%Y%m%d").date()
+    except ValueError:
+        return ""
+    days = ((today or dt.date.today()) - day).days
+    if days <= 0:
+        return "today" if days == 0 else "future date"
+    if days < 60:
+        return f"{days} d"
+    if days < 730:
+        return f"{days // 30} mo"
+    return f"{days // 365} y"
+
+
+def local_time(when: dt.datetime) -> str:
+    """A database time (naive UTC) as the reviewer's local time: ``2026-11-28 09:41 CET``."""
+    aware = when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
+    local = aware.astimezone()
+    return f"{local:%Y-%m-%d %H:%M} {local.tzname() or ''}".rstrip()
+
+
 def patient_age(birth_date: str, study_date: str) -> str:
     """Age at the study in years (``63 y``) from two DA values; ``""`` if unknown."""
     try:
@@ -130,10 +157,16 @@ COLUMNS = (
     Column("study_date", "Study date"),
     Column("accession_number", "Accession"),
     Column("", "Views"),
+    Column("", "Study age"),  # from the study date (sort by Study date)
     Column("age", "Draft age"),
     Column("state", "State"),
     Column("", "AI draft"),
 )
+
+
+def column_index(title: str) -> int:
+    """The worklist column with this title (columns are found by title, never by position)."""
+    return next(i for i, c in enumerate(COLUMNS) if c.title == title)
 
 
 def short_reason(reason: str, limit: int = 90) -> str:
@@ -180,6 +213,8 @@ def cell_text(row: WorklistRow, column: int, user: str = "") -> str:
         return row.accession_number
     if key == "Views":
         return " + ".join(row.views) if row.views else "—"
+    if key == "Study age":
+        return format_study_age(row.study_date)
     if key == "Draft age":
         return format_age(row.age_s)
     if key == "State":
@@ -210,7 +245,7 @@ class WorklistModel:
     user: str = ""  # rows this account holds read "in review by you"
     state_filter: str = "To review"
     search: str = ""
-    sort_column: int = 5  # draft age
+    sort_column: int = field(default_factory=lambda: column_index("Draft age"))
     descending: bool = True  # oldest first
     rows: list[WorklistRow] = field(default_factory=list)
 
@@ -233,6 +268,18 @@ class WorklistModel:
 
     def index_of(self, draft_id: int | None) -> int:
         return next((i for i, r in enumerate(self.rows) if r.draft_id is not None and r.draft_id == draft_id), -1)
+
+    def open_rows_after(self, draft_id: int | None) -> list[int]:
+        """Draft ids of the unclaimed rows (state new) after ``draft_id`` in worklist order,
+        wrapping round: what Sign & next tries, in turn."""
+        n = len(self.rows)
+        start = self.index_of(draft_id)
+        out: list[int] = []
+        for k in range(1, n + 1):
+            row = self.rows[(start + k) % n]
+            if row.draft_id is not None and row.state == STATE_NEW and row.draft_id != draft_id and row.draft_id not in out:
+                out.append(row.draft_id)
+        return out
 
     def next_open_after(self, draft_id: int | None) -> WorklistRow | None:
         """The next row (after ``draft_id``, wrapping) that can be reviewed now."""
@@ -301,12 +348,12 @@ class ReviewModel:
     impression: str = ""
     pictures: list[imaging.Picture] = field(default_factory=list)
     view_errors: list[str] = field(default_factory=list)  # views that could not be shown, and why
-    signed: Draft | None = None
+    signed: SignResult | None = None
     policy: HighlightPolicy = DEFAULT_POLICY
 
     def __post_init__(self) -> None:
         if not self.findings and not self.impression:
-            if self.detail.state == DraftState.SIGNED:
+            if self.detail.state == STATE_SIGNED:
                 self.findings, self.impression = self.detail.signed_findings, self.detail.signed_impression
             else:
                 self.findings, self.impression = self.detail.findings, self.detail.impression
@@ -342,11 +389,11 @@ class ReviewModel:
         if self.is_final:
             who = self.signed.signed_by if self.signed else d.signed_by
             when = self.signed.signed_at if self.signed else d.signed_at
-            stamp = f" on {when:%Y-%m-%d %H:%M} UTC" if when else ""
-            return "final", f"SIGNED — VERIFIED by {who}{stamp}. Read-only."
-        if d.state == DraftState.REJECTED:
+            stamp = f" on {local_time(when)}" if when else ""
+            return "final", f"SIGNED — VERIFIED by {self.signer_name(who or '')}{stamp}. Read-only."
+        if d.state == STATE_REJECTED:
             return "blocked", f"REJECTED: {d.reject_reason} — {AI_DRAFT_LABEL} ({model}), not a report."
-        if d.state == DraftState.SUPERSEDED:
+        if d.state == STATE_SUPERSEDED:
             return "blocked", f"SUPERSEDED by a newer draft — {AI_DRAFT_LABEL} ({model}), cannot be signed."
         if d.withheld:
             reason = short_reason(self.gate.reason) if self.gate and self.gate.reason else "the images failed the input check"
@@ -364,6 +411,15 @@ class ReviewModel:
             unused = ", ".join(view_label(v.view) for v in g.failed_views) or "some views"
             return "draft", f"{AI_DRAFT_LABEL} — drafted by {model} without {unused}; edit, then sign to make it a report."
         return "draft", f"{AI_DRAFT_LABEL} — drafted by {model}; edit, then sign to make it a report."
+
+    def signer_name(self, account: str) -> str:
+        """The verifying observer's name as configured (``Dr Alice Moreau``), not the account;
+        the account when it is no longer a configured reviewer."""
+        try:
+            r = self.service.find_reviewer(account) if account else None
+        except ReviewError:  # the configuration cannot be trusted now: say the account
+            r = None
+        return person_display(r.display_name) if r is not None else account or "(unknown)"
 
     @property
     def gate(self) -> InputCheck | None:
@@ -411,7 +467,7 @@ class ReviewModel:
 
     def model_line(self) -> str:
         d = self.detail
-        return f"Model: {d.model_name or 'unknown'} {d.model_version}".rstrip() + f" · drafted {d.created_at:%Y-%m-%d %H:%M} UTC"
+        return f"Model: {d.model_name or 'unknown'} {d.model_version}".rstrip() + f" · drafted {local_time(d.created_at)}"
 
     def patient_line(self) -> str:
         d = self.detail
@@ -515,21 +571,21 @@ class ReviewModel:
         """Signing an unchanged AI draft asks the radiologist to confirm."""
         return not self.edited
 
-    def sign(self) -> Draft:
+    def sign(self, critical: CriticalNotice | None = None) -> SignResult:
         """*Blocking*: sign as ``user`` (verified SR written, stored, indexed, queued)."""
         if self.read_only:
             raise ReviewError("this report cannot be signed: " + self.banner()[1])
         refusal = self.sign_refusal()
         if refusal:
             raise ReviewError(refusal)
-        signed = self.service.sign(self.detail.draft_id, self.user, self.findings, self.impression)
+        signed = self.service.sign(self.detail.draft_id, self.user, self.findings, self.impression, critical=critical)
         self.signed = signed
         self.detail = self.service.detail(self.detail.draft_id)
         # from now on show exactly what was signed
         self.findings, self.impression = signed.signed_findings or "", signed.signed_impression or ""
         return signed
 
-    def reject(self, reason: str) -> Draft:
+    def reject(self, reason: str) -> RejectResult:
         """*Blocking*: reject with a reason."""
         if self.read_only:
             raise ReviewError("this draft cannot be rejected: " + self.banner()[1])

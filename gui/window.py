@@ -7,11 +7,22 @@ attributes so tests can answer them.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
 
-from PyQt6.QtCore import QEvent, QItemSelectionModel, QObject, QSize, Qt, QTimer, pyqtSignal
+from PyQt6.QtCore import (
+    QByteArray,
+    QEvent,
+    QItemSelectionModel,
+    QObject,
+    QSettings,
+    QSize,
+    Qt,
+    QTimer,
+    pyqtSignal,
+)
 from PyQt6.QtGui import QBrush, QCloseEvent, QColor, QFont, QKeySequence, QShortcut
 from PyQt6.QtWidgets import (
     QAbstractItemView,
@@ -39,7 +50,8 @@ from PyQt6.QtWidgets import (
     QWidget,
 )
 
-from gui import viewmodels
+from gui import tools, viewmodels
+from gui.keys import KEYS
 from gui.widgets import (
     MARK_COLOURS,
     MarkedEditor,
@@ -83,6 +95,7 @@ QPushButton:disabled { color: #8c959f; background: #f6f8fa; }
 QPushButton#sign { background: #1f883d; color: white; border: 1px solid #1a7f37; font-weight: 700; }
 QPushButton#sign:disabled { background: #94d3a2; border-color: #94d3a2; }
 QPushButton#reject { color: #cf222e; }
+QPushButton#reject:disabled { color: #8c959f; background: #f6f8fa; border-color: #d8dee4; }
 QTableView { background: #ffffff; alternate-background-color: #f6f8fa; border: 1px solid #d0d7de;
     selection-background-color: #ddf4ff; selection-color: #1f2328; }
 QHeaderView::section { background: #f6f8fa; border: none; border-bottom: 1px solid #d0d7de;
@@ -130,12 +143,12 @@ class WorklistPane(QWidget):
         vheader = self.table.verticalHeader()
         assert vheader is not None
         vheader.setVisible(False)
-        vheader.setDefaultSectionSize(24)
+        vheader.setDefaultSectionSize(22)
         self.table.setShowGrid(False)
         self.table.setWordWrap(False)
         header = self.table.horizontalHeader()
         assert header is not None
-        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)  # widths are remembered (QSettings)
         header.setStretchLastSection(True)
         header.setSortIndicator(vm.sort_column, Qt.SortOrder.DescendingOrder if vm.descending else Qt.SortOrder.AscendingOrder)
         self.table.setSortingEnabled(True)
@@ -508,6 +521,7 @@ class ReviewerWindow(QMainWindow):
         user: str,
         refresh_interval_s: float = 15.0,
         study_uid: str = "",
+        settings: QSettings | None = None,
     ) -> None:
         super().__init__()
         self.service = service
@@ -523,6 +537,18 @@ class ReviewerWindow(QMainWindow):
         self.confirm: Callable[[str, str], bool] = self._confirm_dialog
         self.ask_reason: Callable[[], str | None] = self._reason_dialog
         self.show_error: Callable[[str, str], None] = self._error_dialog
+        # the sign question: (title, text, offer "don't ask again") -> (sign?, don't ask again?)
+        self.confirm_sign: Callable[[str, str, bool], tuple[bool, bool]] = self._confirm_sign
+        self.settings = settings if settings is not None else tools.open_settings()
+        self.skip_unchanged_confirmation = False  # "don't ask again for unchanged drafts this session"
+        self.min_dwell_s = 0.5  # a study shown less than this is not signed unasked (double key press)
+        self.status_timeout_s = 12.0  # status messages clear after this (errors: 3x)
+        self.text_px = tools.clamp_text_px(int(self.settings.value("text/size_px", tools.DEFAULT_TEXT_PX) or 14))
+        self._signing: int | None = None  # draft being signed (no second signature meanwhile)
+        self._shown_at = 0.0  # monotonic time the open study was shown
+        self._undo_who = ""  # the study whose signature Undo withdraws
+        self._image_fullscreen = False
+        self.key_help: tools.KeyHelp | None = None
 
         reviewer = service.find_reviewer(user)  # installed configuration only (docs/SECURITY.md)
         who = (
@@ -531,13 +557,14 @@ class ReviewerWindow(QMainWindow):
             else f"{user} — not a configured reviewer (read-only)"
         )
         self.setWindowTitle(f"cxrnode reviewer — {who}")
-        self.setStyleSheet(STYLE)
+        self._apply_text_size()
         self.resize(QSize(1600, 900))
 
         self.worklist = WorklistPane(self.worklist_vm, self)
         self.study = StudyViewer(self)
         self.report = ReportPane(self)
         lower = QSplitter(Qt.Orientation.Horizontal, self)
+        self.lower_splitter = lower
         lower.addWidget(self.study)
         lower.addWidget(self.report)
         lower.setStretchFactor(0, 1)
@@ -548,7 +575,7 @@ class ReviewerWindow(QMainWindow):
         splitter.addWidget(lower)
         splitter.setStretchFactor(0, 0)
         splitter.setStretchFactor(1, 1)
-        splitter.setSizes([250, 650])
+        splitter.setSizes([300, 600])  # the worklist shows ten rows or more
         splitter.setObjectName("central")
         self.setCentralWidget(splitter)
         self.splitter = splitter
@@ -629,6 +656,11 @@ class ReviewerWindow(QMainWindow):
         self._search_timer.setSingleShot(True)
         self._search_timer.setInterval(250)
         self._search_timer.timeout.connect(self.refresh)
+        self._status_timer = QTimer(self)
+        self._status_timer.setSingleShot(True)
+        self._status_timer.timeout.connect(lambda: self.status_label.setText(""))
+        self._bind_keys()
+        self.restore_layout()
         self.refresh()
 
     # -- keeping the claim ------------------------------------------------------------------
@@ -674,8 +706,15 @@ class ReviewerWindow(QMainWindow):
         QMessageBox.warning(self, title, text)
 
     # -- status -----------------------------------------------------------------------------
-    def say(self, text: str) -> None:
+    def say(self, text: str, timeout_s: float | None = None) -> None:
+        """Show a status message; it clears after ``timeout_s`` (default ``status_timeout_s``)
+        unless a newer one replaced it."""
         self.status_label.setText(text)
+        t = self.status_timeout_s if timeout_s is None else timeout_s
+        if t > 0 and text:
+            self._status_timer.start(int(t * 1000))
+        else:
+            self._status_timer.stop()
 
     def _busy(self, busy: bool) -> None:
         self.progress.setVisible(busy)
@@ -695,7 +734,7 @@ class ReviewerWindow(QMainWindow):
             if not isinstance(exc, ReviewError):
                 log.error("%s: %s", title, tb)
             message = str(exc) or type(exc).__name__
-            self.say(f"{title}: {message}")
+            self.say(f"{title}: {message}", self.status_timeout_s * 3)
             self.failed.emit(message)
             self.show_error(title, message)
 
@@ -830,7 +869,10 @@ class ReviewerWindow(QMainWindow):
 
     def _painted(self) -> None:
         if self.review is not None and self._opening == self.review.detail.draft_id:
+            import time
+
             self._opening = None
+            self._shown_at = time.monotonic()
             self.review_shown.emit(self.review.detail.draft_id)
 
     def _signer_text(self) -> str:
@@ -838,12 +880,17 @@ class ReviewerWindow(QMainWindow):
             r = self.service.reviewer(self.user)  # installed configuration only (docs/SECURITY.md)
         except ReviewError as exc:
             return f"Read-only, you cannot sign: {exc}"
-        return f"Signing as {viewmodels.person_display(r.display_name)}, {r.organisation} (account {self.user})"
+        text = f"Signing as {viewmodels.person_display(r.display_name)}, {r.organisation} (account {self.user})"
+        if self.skip_unchanged_confirmation:
+            text += ". Unchanged AI drafts are signed without asking this session."
+        return text
 
     # -- actions ----------------------------------------------------------------------------
-    def sign(self) -> None:
+    def sign(self, and_next: bool = False) -> None:
+        """Sign the open study (Ctrl+Enter); with ``and_next`` (Sign & next) then open the next
+        unclaimed study in worklist order. What is signed is always the study shown."""
         vm = self.review
-        if vm is None or self._opening is not None:
+        if vm is None or self._opening is not None or self._signing is not None:
             return
         if not vm.can_sign:
             self.say("This report cannot be signed: " + vm.banner()[1])
@@ -858,10 +905,29 @@ class ReviewerWindow(QMainWindow):
             self._sync_selection()
             self.say("Not signed: the highlighted worklist row was not the open study. Check the patient and sign again.")
             return
-        title, text = vm.sign_confirmation()  # every signature, edited or not, names the open study
-        if not self.confirm(title, text):
-            self.say("Not signed.")
+        if self.report.vm is not vm:  # the pane shows another study (cannot happen; checked anyway)
+            self.say("Not signed: the report shown is not the open study. Open it again and sign.")
             return
+        title, text = vm.sign_confirmation()  # names the open study: patient, ID, accession, date
+        unchanged = vm.needs_confirmation()
+        if unchanged and self.skip_unchanged_confirmation:
+            # not asked (the reviewer chose so this session; "Signing for" names the study), but a
+            # study shown a moment ago is never signed unasked: a double key press is not a reading
+            import time
+
+            if time.monotonic() - self._shown_at < self.min_dwell_s:
+                self.say("Not signed: this study opened a moment ago. Look at it, then sign.")
+                return
+        else:
+            ok, once = self.confirm_sign(title, text, unchanged)
+            if not ok:
+                self.say("Not signed.")
+                return
+            if once and unchanged:
+                self.skip_unchanged_confirmation = True
+                self.report.signer.setText(self._signer_text())
+        candidates = self.worklist_vm.open_rows_after(vm.detail.draft_id) if and_next else []
+        self._signing = vm.detail.draft_id
         self.report.sign_button.setEnabled(False)
         self.report.reject_button.setEnabled(False)
         for editor in (self.report.findings, self.report.impression):
@@ -873,18 +939,22 @@ class ReviewerWindow(QMainWindow):
             return vm.sign()
 
         def done(_: Any) -> None:
+            self._signing = None
             self.report.show_review(vm, self._signer_text())
             n = len(self.service.config.destinations)
             window = self.service.config.review.undo_window_s
             if window > 0:
-                self._start_undo(vm.detail.draft_id, window)
+                self._start_undo(vm.detail.draft_id, window, vm.signing_for())
                 self.say(f"Signed. The verified report goes to {n} destination(s) in {window:g} s: Undo (Ctrl+Z) until then.")
             else:
                 self.say(f"Signed. Verified report stored and queued to {n} destination(s).")
             self.signed.emit(vm.detail.draft_id)
+            if and_next:
+                self._open_next_unclaimed(candidates)
             self.refresh()
 
         def failed(exc: BaseException, tb: str) -> None:
+            self._signing = None
             if isinstance(exc, ClaimConflictError):
                 vm.holds_claim = False
                 vm.notice = f"read-only: {exc}"
@@ -895,10 +965,11 @@ class ReviewerWindow(QMainWindow):
         self.tasks.start(work, done, failed)
 
     # -- the undo window after signing ---------------------------------------------------
-    def _start_undo(self, draft_id: int, window_s: float) -> None:
+    def _start_undo(self, draft_id: int, window_s: float, who: str = "") -> None:
         import time
 
         self._undo = (draft_id, time.monotonic() + window_s)
+        self._undo_who = who
         self.report.undo_bar.setVisible(True)
         self.undo_shortcut.setEnabled(True)
         self._undo_tick()
@@ -917,24 +988,35 @@ class ReviewerWindow(QMainWindow):
             return
         draft_id, deadline = self._undo
         left = deadline - time.monotonic()
-        if left <= 0 or self.review is None or self.review.detail.draft_id != draft_id:
-            # passed, or another study was opened: the report goes out as signed
+        if left <= 0:  # passed: the report goes out as signed
             self._end_undo()
             self.sign_released.emit(draft_id)
             return
-        self.report.undo_label.setText(f"Signed. Sending in {left:.0f} s: Undo returns the report to you.")
+        if self.review is not None and self.review.detail.draft_id == draft_id:
+            self.report.undo_label.setText(f"Signed. Sending in {left:.0f} s: Undo returns the report to you.")
+        else:  # moved on (Sign & next): the window still runs and says whose report it is
+            self.report.undo_label.setText(f"Signed {self._undo_who}. Sending in {left:.0f} s: "
+                                           "Undo reopens that study with your report.")
 
     def undo_sign(self) -> None:
         """Withdraw the signature within the undo window: nothing is sent, the draft (with the
         signed text) is back in the editor, claimed by this reviewer (audited)."""
-        if self._undo is None or self._opening is not None:
+        if self._undo is None or self._opening is not None or self._signing is not None:
             return
         draft_id = self._undo[0]
+        current = self.review if self.review is not None and self.review.detail.draft_id != draft_id else None
+        if current is not None and current.holds_claim and not current.is_final and current.edited and not self.confirm(
+                "Discard your changes?", f"Undo reopens the signed study ({self._undo_who}). "
+                                         "Discard your changes to the study open now?"):
+            return
         self._end_undo()
         self.say("Undoing the signature…")
+        self._opening = draft_id  # nothing else is opened or signed meanwhile
 
         def work(progress: Callable[[int, int, str], None]) -> viewmodels.ReviewModel:
             findings, impression = self.service.undo_sign(draft_id, self.user)
+            if current is not None:
+                current.release()  # the study moved on to is given back
             vm = viewmodels.open_review(self.service, self.user, draft_id, progress=progress)
             if vm.holds_claim:
                 vm.findings, vm.impression = findings, impression
@@ -947,6 +1029,11 @@ class ReviewerWindow(QMainWindow):
             self.sign_undone.emit(draft_id)
 
         def failed(exc: BaseException, tb: str) -> None:
+            self._opening = None
+            if current is not None and not current.holds_claim and self.review is current:
+                current.notice = "read-only: released for the undo; choose it in the worklist to claim it again"
+                self.report.show_review(current, self._signer_text())
+            self._sync_selection()
             self._fail("Not undone")(exc, tb)
             self.sign_released.emit(draft_id)
 
@@ -1021,7 +1108,223 @@ class ReviewerWindow(QMainWindow):
             return
         self.open_draft(nxt.draft_id)
 
+    # -- the fast normal flow: Sign & next, the sign question -----------------------------------
+    def sign_and_next(self) -> None:
+        """Sign the open study, then open the next unclaimed one in worklist order (F12)."""
+        self.sign(and_next=True)
+
+    def _confirm_sign(self, title: str, text: str, offer_session: bool) -> tuple[bool, bool]:
+        if self.confirm != self._confirm_dialog:  # answered through ``confirm`` (tests, embedding)
+            return self.confirm(title, text), False
+        return tools.sign_question(self, title, text, offer_session)
+
+    def _open_next_unclaimed(self, candidates: list[int]) -> None:
+        """Open the first of ``candidates`` this reviewer can claim (another reviewer may have
+        taken one since the worklist was fetched: it is passed over, not opened read-only)."""
+        if not candidates:
+            self.say("Signed. No other draft is waiting.")
+            return
+        first = candidates[0]
+        self._opening = first
+        self._sync_selection()
+
+        def work(progress: Callable[[int, int, str], None]) -> viewmodels.ReviewModel | None:
+            for draft_id in candidates:
+                vm = viewmodels.open_review(self.service, self.user, draft_id, progress=progress)
+                if vm.holds_claim:
+                    return vm
+            return None
+
+        def done(vm: viewmodels.ReviewModel | None) -> None:
+            if self._opening != first:  # the reviewer chose another study meanwhile
+                if vm is not None:
+                    self.tasks.start(lambda progress: vm.release(), lambda _: None, lambda e, tb: None)
+                return
+            if vm is None:
+                self._opening = None
+                self._sync_selection()
+                self.say("Signed. No other unclaimed draft is waiting.")
+                return
+            self._opening = vm.detail.draft_id
+            self._opened(vm)
+
+        def failed(exc: BaseException, tb: str) -> None:
+            if self._opening == first:
+                self._opening = None
+                self._sync_selection()
+            self._fail("Signed, but the next study cannot be opened")(exc, tb)
+
+        self.tasks.start(work, done, failed)
+
+    # -- keys ---------------------------------------------------------------------------------
+    #: actions bound where the window is built (above), not from the table
+    _BOUND_INLINE = frozenset({"sign", "undo_sign", "reject", "toggle_diff", "next", "focus_search", "refresh"})
+
+    def _bind_keys(self) -> None:
+        """Window-wide shortcuts of :data:`gui.keys.KEYS` (they work with the focus anywhere)."""
+        self.shortcuts: dict[str, list[QShortcut]] = {}
+        for k in KEYS:
+            if not k.window_wide or k.action in self._BOUND_INLINE:
+                continue
+            slot = getattr(self, k.action)
+            for seq in k.keys:
+                sc = QShortcut(QKeySequence(seq), self)
+                sc.setContext(Qt.ShortcutContext.WindowShortcut)
+                sc.setWhatsThis(k.text)
+                sc.activated.connect(slot)
+                self.shortcuts.setdefault(k.action, []).append(sc)
+        self.escape_shortcut = QShortcut(QKeySequence("Esc"), self)
+        self.escape_shortcut.setWhatsThis("Leave images full screen")
+        self.escape_shortcut.activated.connect(self.toggle_image_fullscreen)
+        self.escape_shortcut.setEnabled(False)
+
+    def show_key_help(self) -> None:
+        """F1 or ?: every shortcut of the window."""
+        if self.key_help is None:
+            self.key_help = tools.KeyHelp(self)
+        self.key_help.show()
+        self.key_help.raise_()
+
+    # -- image tools on keys (all views, no image needs the focus) ------------------------------
+    def _preset(self, name: str) -> None:
+        if not self.study.views:
+            return
+        self.study.apply_preset(name)
+        self.say(f"{name.capitalize()} window.")
+
+    def preset_lung(self) -> None:
+        self._preset("lung")
+
+    def preset_mediastinum(self) -> None:
+        self._preset("mediastinum")
+
+    def preset_bone(self) -> None:
+        self._preset("bone")
+
+    def window_as_sent(self) -> None:
+        self.study.window_as_sent()
+
+    def window_narrower(self) -> None:
+        self.study.step_window(wider=-1)
+
+    def window_wider(self) -> None:
+        self.study.step_window(wider=1)
+
+    def level_brighter(self) -> None:
+        self.study.step_window(brighter=1)
+
+    def level_darker(self) -> None:
+        self.study.step_window(brighter=-1)
+
+    def invert_all(self) -> None:
+        self.study.buttons["invert"].click()
+
+    def zoom_in_all(self) -> None:
+        self.study.buttons["zoom_in"].click()
+
+    def zoom_out_all(self) -> None:
+        self.study.buttons["zoom_out"].click()
+
+    def fit_all(self) -> None:
+        self.study.buttons["fit"].click()
+
+    def toggle_magnifier(self) -> None:
+        self.study.set_magnifier(not self.study.magnifier)
+        self.say("Magnifier on: the loupe follows the mouse (F9 turns it off)." if self.study.magnifier
+                 else "Magnifier off.")
+
+    def cycle_single_view(self) -> None:
+        i = self.study.cycle_single_view()
+        if i is not None and i < len(self.study.views):
+            self.say(f"One view: {self.study.views[i].label()} (F8: next view).")
+        else:
+            self.say("All views.")
+
+    def toggle_image_fullscreen(self) -> None:
+        """F11: the images alone, full screen; F11 or Esc gives the worklist and report back."""
+        on = not self._image_fullscreen
+        self._image_fullscreen = on
+        self.worklist.setVisible(not on)
+        self.report.setVisible(not on)
+        self.escape_shortcut.setEnabled(on)
+        if on:
+            self._was_maximized = self.isMaximized()
+            self.showFullScreen()
+        elif getattr(self, "_was_maximized", False):
+            self.showMaximized()
+        else:
+            self.showNormal()
+
+    # -- text size and layout, remembered (QSettings) -------------------------------------------
+    def _apply_text_size(self) -> None:
+        self.setStyleSheet(STYLE + tools.text_size_style(self.text_px))
+
+    def set_text_px(self, px: int) -> None:
+        self.text_px = tools.clamp_text_px(px)
+        self._apply_text_size()
+        self.settings.setValue("text/size_px", self.text_px)
+        self.say(f"Text size {self.text_px} px.")
+
+    def text_bigger(self) -> None:
+        self.set_text_px(self.text_px + 1)
+
+    def text_smaller(self) -> None:
+        self.set_text_px(self.text_px - 1)
+
+    def text_reset(self) -> None:
+        self.set_text_px(tools.DEFAULT_TEXT_PX)
+
+    def save_layout(self) -> None:
+        """Window geometry, splitters, worklist column widths (by title), sort and filter."""
+        st = self.settings
+        st.setValue("window/geometry", self.saveGeometry())
+        st.setValue("window/splitter", self.splitter.saveState())
+        st.setValue("window/lower", self.lower_splitter.saveState())
+        header = self.worklist.table.horizontalHeader()
+        if header is not None:
+            widths = {c.title: header.sectionSize(i) for i, c in enumerate(viewmodels.COLUMNS)}
+            st.setValue("worklist/widths", json.dumps(widths))
+        st.setValue("worklist/sort", viewmodels.COLUMNS[self.worklist_vm.sort_column].title)
+        st.setValue("worklist/descending", "1" if self.worklist_vm.descending else "0")
+        st.setValue("worklist/filter", self.worklist_vm.state_filter)
+        st.sync()
+
+    def restore_layout(self) -> None:
+        """Put back what :meth:`save_layout` kept; anything missing or unknown keeps its default."""
+        st = self.settings
+        for key, restore in (("window/geometry", self.restoreGeometry), ("window/splitter", self.splitter.restoreState),
+                             ("window/lower", self.lower_splitter.restoreState)):
+            value = st.value(key)
+            if isinstance(value, QByteArray) and not value.isEmpty():
+                restore(value)
+        header = self.worklist.table.horizontalHeader()
+        try:
+            widths = json.loads(str(st.value("worklist/widths", "") or "{}"))
+        except ValueError:
+            widths = {}
+        self._widths_restored = bool(widths)
+        if header is not None and isinstance(widths, dict):
+            for i, c in enumerate(viewmodels.COLUMNS):
+                w = widths.get(c.title)
+                if isinstance(w, int) and 20 <= w <= 2000:
+                    header.resizeSection(i, w)
+        titles = [c.title for c in viewmodels.COLUMNS]
+        sort = str(st.value("worklist/sort", "") or "")
+        if sort in titles and viewmodels.COLUMNS[titles.index(sort)].key:
+            self.worklist_vm.sort_column = titles.index(sort)
+            self.worklist_vm.descending = str(st.value("worklist/descending", "1")) == "1"
+            if header is not None:
+                header.setSortIndicator(self.worklist_vm.sort_column, Qt.SortOrder.DescendingOrder
+                                        if self.worklist_vm.descending else Qt.SortOrder.AscendingOrder)
+        state_filter = str(st.value("worklist/filter", "") or "")
+        if state_filter in viewmodels.STATE_FILTERS and state_filter != self.worklist_vm.state_filter:
+            self.worklist.state.blockSignals(True)
+            self.worklist.state.setCurrentText(state_filter)
+            self.worklist.state.blockSignals(False)
+            self.worklist_vm.state_filter = state_filter
+
     def closeEvent(self, event: QCloseEvent | None) -> None:  # noqa: N802
+        self.save_layout()
         self.timer.stop()
         self.heartbeat.stop()
         vm = self.review
