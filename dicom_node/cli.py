@@ -54,7 +54,6 @@ import signal
 import sys
 import threading
 import traceback
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -81,7 +80,10 @@ def add_config_arguments(p: argparse.ArgumentParser, nested: bool = False) -> No
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.overrides)
+    overrides = list(args.overrides or [])
+    if getattr(args, "health_port", None) is not None:  # --health-port N: the same as --set node.health_port=N
+        overrides.append(f"node.health_port={int(args.health_port)}")
+    return load_config(args.config, overrides)
 
 
 # third-party loggers kept at WARNING unless DEBUG is asked for (highdicom alone writes seven
@@ -127,6 +129,10 @@ def _add_process_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--verbose", action="store_true", help=f"print the traceback when the {what} cannot start")
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="text lines, or one JSON object per line for log shippers (default: text)")
+    parser.add_argument("--health-port", type=int, default=None, metavar="N",
+                        help="answer HTTP /healthz and /metrics (Prometheus) on port N of node.health_host "
+                             "(default 127.0.0.1; 0.0.0.0 in a container); the same as --set node.health_port=N "
+                             "(default: node.health_port, 0 = off)")
 
 
 def _run_process(args: argparse.Namespace, command: str, start: Callable[[Config, list[Any]], Any],
@@ -134,8 +140,6 @@ def _run_process(args: argparse.Namespace, command: str, start: Callable[[Config
     """The life of a ``serve`` or ``worker`` process: config and logging, SIGTERM/SIGINT stop it,
     ``start(config)`` returns the started Node (a start problem is one line naming the key, with
     its exit code; the traceback only with --verbose), ``ready`` is printed, then wait."""
-    from dicom_node.startup import EXIT_ERROR, StartupError
-
     verbose = bool(getattr(args, "verbose", False))
     config = config_from_args(args)
     configure_logging(config.node.log_level, getattr(args, "log_format", "text"))
@@ -145,8 +149,18 @@ def _run_process(args: argparse.Namespace, command: str, start: Callable[[Config
         logging.getLogger(__name__).info("received %s: shutting down", signal.Signals(signum).name)
         stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _start_and_wait(command, start, ready, config, stop, verbose)
+    finally:
+        for sig, handler in previous.items():  # a caller in the same process (tests) gets its own back
+            signal.signal(sig, handler)
+
+
+def _start_and_wait(command: str, start: Callable[[Config, list[Any]], Any], ready: Callable[[Config, Any], str],
+                    config: Config, stop: threading.Event, verbose: bool) -> int:
+    from dicom_node.startup import EXIT_ERROR, StartupError
+
     started: list[Any] = []  # start() appends the Node before starting it, so a failure can stop it
     try:
         node = start(config, started)
@@ -184,7 +198,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         handler = preflight(config)
         # SQLite (one host): serve migrates it itself; PostgreSQL: only `cxrnode migrate` does
-        node = Node(config, job_handler=handler, migrate_schema=is_sqlite(config.node.resolved_database_url()))
+        node = Node(config, job_handler=handler, migrate_schema=is_sqlite(config.node.resolved_database_url()),
+                    model=config.model.bundle if handler is not None else None)
         started.append(node)
         try:
             return node.start()
@@ -204,32 +219,31 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """Claim and run drafting jobs and outbound transfers (no SCP, no promoter) until SIGTERM."""
 
     def start(config: Config, started: list[Any]) -> Any:
-        from dicom_node.db import is_sqlite
         from dicom_node.node import Node
         from dicom_node.startup import (
             EXIT_CONFIG,
             StartupError,
             check_database,
             check_free_space,
+            check_health_port,
             check_schema,
             check_storage,
+            check_worker_database,
             load_and_prepare_handler,
         )
 
         if args.threads is not None and args.threads < 1:
             raise StartupError(EXIT_CONFIG, "--threads", f"expected a number >= 1, got {args.threads}",
                                "give the number of drafting threads of this worker")
-        if is_sqlite(config.node.resolved_database_url()):
-            raise StartupError(EXIT_CONFIG, "node.database_url",
-                               "cxrnode worker needs PostgreSQL (an SQLite index belongs to one host's serve)",
-                               "set node.database_url = \"postgresql+psycopg://...\" for every host, or run the "
-                               "workers inside serve (jobs.workers > 0)")
+        check_worker_database(config)
         check_storage(config)
         check_free_space(config)
         check_database(config)
         check_schema(config)
+        check_health_port(config)
         handler = load_and_prepare_handler(config, always=True)
-        node = Node(config, job_handler=handler, migrate_schema=False, role="worker", workers=args.threads)
+        node = Node(config, job_handler=handler, migrate_schema=False, role="worker", workers=args.threads,
+                    model=config.model.bundle)
         started.append(node)
         return node.start()
 
@@ -292,11 +306,9 @@ def collect_status(config: Config, limit: int = 100) -> dict[str, Any]:
     root = config.storage_path.resolve()
     try:
         with session_factory(engine)() as s:
-            counts = {
-                "studies": dict(Counter(s.scalars(select(Study.state)).all())),
-                "jobs": dict(Counter(s.scalars(select(Job.state)).all())),
-                "outbound": dict(Counter(s.scalars(select(Transfer.state)).all())),
-            }
+            from dicom_node.ops import queue_summary, status_counts
+
+            counts = status_counts(s)
             studies = s.scalars(select(Study).order_by(Study.last_received_at.desc(), Study.id.desc()).limit(limit)).all()
             ids = [st.id for st in studies]
             n_inst = dict(s.execute(
@@ -308,8 +320,6 @@ def collect_status(config: Config, limit: int = 100) -> dict[str, Any]:
             drafts: dict[int, list[Draft]] = {}
             for d in s.scalars(select(Draft).where(Draft.study_id.in_(ids)).order_by(Draft.id)).all() if ids else []:
                 drafts.setdefault(d.study_id, []).append(d)
-            from dicom_node.ops import queue_summary
-
             queue = queue_summary(s, config)
             pending = s.scalars(select(Transfer).where(Transfer.state != "done").order_by(Transfer.id)).all()
             done = s.scalars(select(Transfer).where(Transfer.state == "done").order_by(Transfer.id.desc()).limit(limit)).all()
@@ -534,10 +544,15 @@ def add_subcommands(subparsers: Any) -> None:
                     "outbound sender in the foreground. Before it listens it checks the storage folder, "
                     "free space, the database, the port and (with jobs.workers > 0) loads the model and runs "
                     "one tiny generation; a problem is one line naming the config key. Logs go to stderr. "
-                    "SIGTERM or SIGINT stop it cleanly: no new associations, in-flight ones finish.",
+                    "SIGTERM or SIGINT stop it cleanly: no new associations, in-flight ones finish. An SQLite "
+                    "index on a network filesystem (NFS, SMB, sshfs...) is refused. With --health-port it "
+                    "answers GET /healthz (200 or 503 naming the failing check: process, database, and the "
+                    "model when jobs.workers > 0) and GET /metrics (Prometheus text) over HTTP.",
         epilog="exit status: 0 stopped cleanly; 1 unexpected error; 2 configuration (a key, model.bundle, "
-               "the plugin); 3 node.port/node.host cannot be bound; 4 node.storage_dir not writable; "
-               "5 free space below node.min_free_space_mb; 6 node.database_url unreachable",
+               "the plugin, a schema not at this version on PostgreSQL); 3 node.port/node.host cannot be bound; "
+               "4 node.storage_dir not writable; 5 free space below node.min_free_space_mb; 6 node.database_url "
+               "unreachable; 7 the SQLite index lies on a network filesystem; 8 node.health_port/node.health_host "
+               "cannot be bound",
     )
     _add_process_arguments(serve, "node")
     serve.set_defaults(func=cmd_serve)
@@ -549,10 +564,12 @@ def add_subcommands(subparsers: Any) -> None:
                     "node.host_id, else its host name, for its spool folder). Quiet studies are queued by "
                     "`cxrnode serve`. Refuses an SQLite index and a schema it does not know (run `cxrnode "
                     "migrate`). SIGTERM or SIGINT stop it; a job in progress is finished or, after its lease, "
-                    "taken over by another worker.",
+                    "taken over by another worker. With --health-port it answers GET /healthz (process, "
+                    "database, model) and GET /metrics (Prometheus text) over HTTP.",
         epilog="exit status: 0 stopped cleanly; 1 unexpected error; 2 configuration (SQLite index, schema "
                "not at this version, model.bundle, the plugin); 4 node.storage_dir not writable; 5 free space "
-               "below node.min_free_space_mb; 6 node.database_url unreachable",
+               "below node.min_free_space_mb; 6 node.database_url unreachable; 8 node.health_port/"
+               "node.health_host cannot be bound",
     )
     _add_process_arguments(worker, "worker")
     worker.add_argument("--threads", type=int, default=None, metavar="N",

@@ -91,6 +91,14 @@ class NodeConfig:
         "This host's name among hosts sharing storage_dir: its spool folder is `storage_dir/tmp/<host_id>` and "
         "it cleans only that one at start. Empty: the machine's host name. 1-64 of `A-Z a-z 0-9 . _ -`.", ""
     )
+    health_port: int = _doc(
+        "TCP port of the HTTP health and metrics server of `serve` and `worker` (`/healthz`, `/metrics` in "
+        "Prometheus text); also `--health-port N`. 0: off.", 0
+    )
+    health_host: str = _doc(
+        "Address the health and metrics server listens on: this machine only by default; `0.0.0.0` in a "
+        "container, so the orchestrator's probes and Prometheus reach it.", "127.0.0.1"
+    )
 
     def resolved_database_url(self) -> str:
         if self.database_url:
@@ -360,6 +368,9 @@ def validate(c: Config) -> None:
     """Range and cross-field checks that types alone cannot express."""
     _check_ae("node.ae_title", c.node.ae_title)
     _check_range("node.port", c.node.port, 0, 65535)
+    _check_range("node.health_port", c.node.health_port, 0, 65535)
+    if not c.node.health_host:
+        raise ConfigError("node.health_host: expected an address to listen on, e.g. 127.0.0.1 or 0.0.0.0, got ''")
     _check_range("node.max_associations", c.node.max_associations, 1, 1000)
     _check_range("node.max_pending_associations", c.node.max_pending_associations, 1, 1000)
     _check_range("node.max_inflated_mb", c.node.max_inflated_mb, 1, 65536)

@@ -9,6 +9,9 @@ ephemeral) and starts the threads; ``stop()`` stops accepting associations, lets
 ones finish (up to ``node.network_timeout_s``), then stops the threads (a job in progress is
 given up to ``grace_s`` to finish; otherwise its lease expires and it is reclaimed later).
 Without ``job_handler`` workers use the ``draft`` entry point of ``cxrnode.job_handlers``.
+With ``node.health_port`` set, ``start()`` also serves ``/healthz`` and ``/metrics``
+(:mod:`dicom_node.health`) once everything else runs, and ``stop()`` stops that first;
+``model`` names the bundle the caller loaded for the workers (what ``/healthz`` reports).
 
 Roles: ``role="serve"`` (``cxrnode serve``) runs the SCP, the promoter, ``jobs.workers`` drafting
 threads and the outbound sender; ``role="worker"`` (``cxrnode worker``, any number on any host
@@ -38,6 +41,7 @@ from sqlalchemy.orm import sessionmaker
 
 from dicom_node.config import Config
 from dicom_node.db import make_engine, migrate_locked, session_factory
+from dicom_node.health import HealthServer
 from dicom_node.jobs import JobHandler, Promoter, Worker
 from dicom_node.outbound import Sender
 from dicom_node.scp import StorageSCP
@@ -83,7 +87,8 @@ def restrict_path(path: Path, shared: bool, folder: bool) -> None:
 
 class Node:
     def __init__(self, config: Config, job_handler: JobHandler | None = None, sender: Sender | None = None,
-                 migrate_schema: bool = True, role: str = "serve", workers: int | None = None) -> None:
+                 migrate_schema: bool = True, role: str = "serve", workers: int | None = None,
+                 model: str | None = None) -> None:
         if role not in ("serve", "worker"):
             raise ValueError(f"role: expected 'serve' or 'worker', got {role!r}")
         self.config = config
@@ -94,6 +99,8 @@ class Node:
             config.jobs.workers if role == "serve" else max(1, config.jobs.workers))
         self.job_handler = job_handler
         self.sender = sender
+        self.model = model  # the bundle loaded for the workers before start (reported by /healthz)
+        self.health: HealthServer | None = None
         self._shared = shared_with_group(config.node.storage_dir)
         self._umask_before: int | None = None  # the inherited umask while the node runs
         before = os.umask(0o077)
@@ -152,6 +159,11 @@ class Node:
         self._threads.append(OutboundSender(self.config, self.sessions, self.store, self._stop, send=self.sender))
         for t in self._threads:
             t.start()
+        if self.config.node.health_port:
+            self.health = HealthServer(
+                self.config, role=self.role, host_id=self.store.host_id, workers=self.workers, model=self.model,
+                threads=lambda: list(self._threads),
+                scp_stats=lambda: self.scp.stats if self.scp is not None else None).start()
         if self.role == "serve":
             log.info("node %s started: port %d, %d worker(s), %d destination(s)", self.config.node.ae_title,
                      self._port, self.workers, len(self.config.destinations))
@@ -173,6 +185,9 @@ class Node:
                 restrict_path(p, self._shared, folder=False)
 
     def stop(self, grace_s: float | None = None) -> None:
+        if self.health is not None:  # probes fail from now on: no new work is routed here
+            self.health.stop()
+            self.health = None
         if self.scp is not None:
             self.scp.stop(grace_s)
             self.scp = None

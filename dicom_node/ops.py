@@ -17,6 +17,11 @@ Metrics of ``cxrnode status --prometheus FILE`` (a node_exporter textfile; writt
     cxrnode_outbound_failed{destination}               transfers failed for good, per destination
     cxrnode_status_generated_timestamp_seconds         when the file was written (alert on staleness)
 
+The ``/metrics`` endpoint of ``serve`` and ``worker`` (:mod:`dicom_node.health`) serves the same
+metrics from the same functions (:func:`status_counts`, :func:`queue_summary`,
+:func:`status_registry`), plus ``cxrnode_job_duration_seconds`` (:func:`job_durations`, a histogram
+of the handler's time per finished job), all database-wide.
+
 Example alerts: ``cxrnode_oldest_pending_job_age_seconds > 900`` (a stuck queue),
 ``cxrnode_jobs{state="failed"} > 0``, ``time() - cxrnode_status_generated_timestamp_seconds > 600``.
 """
@@ -27,11 +32,12 @@ import datetime as dt
 import json
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, case, func, select
 from sqlalchemy.orm import Session
 
 from dicom_node.config import Config
@@ -46,6 +52,9 @@ from dicom_node.db import (
     TransferState,
     utcnow,
 )
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 JOBS_SCHEMA = "cxrnode.jobs/1"
 JOB_SCHEMA = "cxrnode.job/1"
@@ -203,10 +212,36 @@ def retry_failed(s: Session, actor: str) -> tuple[list[Retried], list[str]]:
 # -- prometheus ------------------------------------------------------------------------------
 
 
-def write_prometheus(report: dict[str, Any], path: str) -> None:
-    """Write ``report`` (``collect_status``'s dict) as a node_exporter textfile (atomically), or
-    to stdout when ``path`` is ``-``."""
-    from prometheus_client import CollectorRegistry, Gauge, generate_latest, write_to_textfile
+def status_counts(s: Session) -> dict[str, dict[str, int]]:
+    """Studies, jobs and outbound transfers per state (``status --json``'s ``counts``)."""
+    def per_state(column: Any) -> dict[str, int]:
+        return {state: int(n) for state, n in s.execute(select(column, func.count()).group_by(column)).all()}
+
+    return {"studies": per_state(Study.state), "jobs": per_state(Job.state), "outbound": per_state(Transfer.state)}
+
+
+#: upper bounds (seconds) of the job duration histogram: a draft takes seconds on a CPU
+JOB_DURATION_BUCKETS_S = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+def job_durations(s: Session, buckets_s: tuple[float, ...] = JOB_DURATION_BUCKETS_S) -> dict[str, Any]:
+    """Durations of finished jobs (done or skipped; the handler's run, ``Job.duration_ms``) as a
+    cumulative histogram: ``{"buckets": [(le_s, count), ...], "count": n, "sum_s": total}``."""
+    finished = and_(Job.state.in_((JobState.DONE, JobState.SKIPPED)), Job.duration_ms.is_not(None))
+    row = s.execute(select(
+        func.count(), func.coalesce(func.sum(Job.duration_ms), 0.0),
+        *[func.coalesce(func.sum(case((Job.duration_ms <= b * 1000.0, 1), else_=0)), 0) for b in buckets_s],
+    ).where(finished)).one()
+    return {"buckets": [(b, int(n)) for b, n in zip(buckets_s, row[2:], strict=True)],
+            "count": int(row[0]), "sum_s": float(row[1]) / 1000.0}
+
+
+def status_registry(report: dict[str, Any], durations: dict[str, Any] | None = None) -> CollectorRegistry:
+    """The queue figures of ``report`` (``counts``, ``queue``, ``generated_at`` as in
+    ``collect_status``) as Prometheus metrics in a registry of their own; with ``durations``
+    (:func:`job_durations`) also ``cxrnode_job_duration_seconds``. Shared by ``status
+    --prometheus`` and the ``/metrics`` endpoint (:mod:`dicom_node.health`)."""
+    from prometheus_client import CollectorRegistry, Gauge
 
     reg = CollectorRegistry()
     q = report["queue"]
@@ -233,6 +268,45 @@ def write_prometheus(report: dict[str, Any], path: str) -> None:
     generated = dt.datetime.fromisoformat(report["generated_at"].removesuffix("Z")).replace(tzinfo=dt.UTC)
     Gauge("cxrnode_status_generated_timestamp_seconds", "When this status was generated (Unix time)",
           registry=reg).set(generated.timestamp())
+    if durations is not None:
+        _DurationHistogram(durations).register_in(reg)
+    return reg
+
+
+class _DurationHistogram:
+    """``cxrnode_job_duration_seconds``: the database's figures (:func:`job_durations`) as a
+    histogram family (a custom collector: the library's Histogram only counts observations made
+    in this process)."""
+
+    def __init__(self, durations: dict[str, Any]) -> None:
+        self.durations = durations
+
+    def register_in(self, reg: CollectorRegistry) -> None:
+        reg.register(self)  # type: ignore[arg-type]
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import HistogramMetricFamily
+
+        d = self.durations
+        family = HistogramMetricFamily("cxrnode_job_duration_seconds",
+                                       "Time the handler took per finished (done or skipped) drafting job")
+        family.add_metric([], [(_le(b), n) for b, n in d["buckets"]] + [("+Inf", d["count"])], d["sum_s"])
+        yield family
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+def write_prometheus(report: dict[str, Any], path: str) -> None:
+    """Write ``report`` (``collect_status``'s dict) as a node_exporter textfile (atomically), or
+    to stdout when ``path`` is ``-``."""
+    from prometheus_client import generate_latest, write_to_textfile
+
+    reg = status_registry(report)
     if path == "-":
         os.write(1, generate_latest(reg))
         return
