@@ -65,9 +65,6 @@ class Bundle:
         except KeyError as exc:
             raise BundleError(f"{self.path}: manifest has no graph with role {role!r}") from exc
 
-    def has_graph(self, role: str) -> bool:
-        return role in self.manifest.get("graphs", {})
-
 
 def resolve(name_or_path: str | Path) -> Path:
     """A bundle name (a folder in ``onnx_models/bundles/``) or a path to a bundle folder."""

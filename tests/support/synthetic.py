@@ -406,20 +406,6 @@ def build_node(
     return node
 
 
-def sr_text(ds: Dataset) -> str:
-    """All TEXT content items of an SR, depth first, joined by newlines (for checks)."""
-    out: list[str] = []
-
-    def walk(items: Any) -> None:
-        for item in items or ():
-            if item.get("ValueType") == "TEXT":
-                out.append(str(item.TextValue))
-            walk(item.get("ContentSequence"))
-
-    walk(ds.get("ContentSequence"))
-    return "\n".join(out)
-
-
 def set_input_check(
     node: NodeFixture,
     draft_id: int,
