@@ -185,10 +185,46 @@ class ReviewConfig:
 
 
 @dataclass(frozen=True)
+class PriorsConfig:
+    enabled: bool = _doc(
+        "Fetch the same patient's most recent prior chest radiograph study and its report from the PACS when a "
+        "study is drafted (C-FIND study + series level, then C-GET on the same association), for the reviewer "
+        "to compare. Priors never block drafting: a PACS that does not answer is logged and the draft goes on.",
+        False)
+    destination: str = _doc('The Query/Retrieve SCP (Study Root, C-FIND + C-GET) as `AE@host:port`, '
+                            'e.g. `"PACS@10.1.2.3:104"`. Required when enabled.', "")
+    max_priors: int = _doc("How many of the most recent prior studies to fetch (the reviewer shows the most recent).", 1)
+    modalities: tuple[str, ...] = _doc("Series modalities that make a study a prior chest radiograph.", ("CR", "DX"))
+    retention_days: float = _doc(
+        "Fetched priors older than this are deleted (files and rows) unless an open draft still compares with "
+        "them. The prune runs in `cxrnode serve` every prune_interval_s.", 30.0)
+    prune_interval_s: float = _doc("How often `cxrnode serve` prunes expired priors.", 3600.0)
+    timeout_s: float = _doc(
+        "Connection, association (ACSE), DIMSE and network timeout of each Query/Retrieve call, seconds.", 10.0)
+    max_instances: int = _doc("At most this many instances are retrieved per prior study (images and reports).", 20)
+
+    def parsed_destination(self) -> tuple[str, str, int]:
+        """``destination`` as ``(ae_title, host, port)``; :class:`ConfigError` if malformed."""
+        m = re.fullmatch(r"(?P<ae>[^@]{1,16})@(?P<host>\[[0-9A-Fa-f:.]+\]|[^@:\s]+):(?P<port>[0-9]{1,5})",
+                         self.destination.strip())
+        if m is None:
+            raise ConfigError(f"priors.destination: expected AE@host:port (e.g. PACS@10.1.2.3:104), "
+                              f"got {self.destination!r}")
+        return m["ae"], m["host"].strip("[]"), int(m["port"])
+
+
+#: the roles a ``[[reviewers]]`` entry may have (``roles = ["templates"]``)
+REVIEWER_ROLES = ("templates",)
+
+
+@dataclass(frozen=True)
 class Reviewer:
     username: str = _doc("OS account (or database role) of the reviewer.", "")
     display_name: str = _doc("Name written as Verifying Observer Name (PN, e.g. `Doe^Jane`).", "")
     organisation: str = _doc("Verifying Organization.", "")
+    roles: tuple[str, ...] = _doc(
+        'Extra rights besides signing: `"templates"` lets this reviewer add, change and remove the site\'s '
+        "report templates (`cxrnode templates`). Only from the installed (root-owned) configuration.", ())
 
 
 @dataclass(frozen=True)
@@ -211,6 +247,7 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
     review: ReviewConfig = field(default_factory=ReviewConfig)
+    priors: PriorsConfig = field(default_factory=PriorsConfig)
     reviewers: tuple[Reviewer, ...] = field(default_factory=tuple)
     destinations: tuple[Destination, ...] = field(default_factory=tuple)
     source: str = ""  # where the file came from ("" = defaults only); informational
@@ -232,6 +269,7 @@ SECTIONS: dict[str, type] = {
     "pipeline": PipelineConfig,
     "outbound": OutboundConfig,
     "review": ReviewConfig,
+    "priors": PriorsConfig,
 }
 TABLE_ARRAYS: dict[str, type] = {"destinations": Destination, "reviewers": Reviewer}
 
@@ -424,6 +462,18 @@ def validate(c: Config) -> None:
     _check_range("review.claim_timeout_s", c.review.claim_timeout_s, 1)
     _check_range("review.refresh_s", c.review.refresh_s, 0)
     _check_range("review.undo_window_s", c.review.undo_window_s, 0, 300)
+    _check_range("priors.max_priors", c.priors.max_priors, 1, 10)
+    _check_range("priors.retention_days", c.priors.retention_days, 0)
+    _check_range("priors.prune_interval_s", c.priors.prune_interval_s, 1)
+    _check_range("priors.timeout_s", c.priors.timeout_s, 0.1, 600)
+    _check_range("priors.max_instances", c.priors.max_instances, 1, 1000)
+    for i, mod in enumerate(c.priors.modalities):
+        if not re.fullmatch(r"[A-Z0-9_]{1,16}", mod):
+            raise ConfigError(f"priors.modalities[{i}]: expected a DICOM modality like CR or DX, got {mod!r}")
+    if c.priors.enabled or c.priors.destination:
+        ae, _, port = c.priors.parsed_destination()
+        _check_ae("priors.destination", ae)
+        _check_range("priors.destination (port)", port, 1, 65535)
     names: set[str] = set()
     for i, d in enumerate(c.destinations):
         key = f"destinations[{i}]"
@@ -443,6 +493,9 @@ def validate(c: Config) -> None:
     for i, r in enumerate(c.reviewers):
         if not r.username or not r.display_name:
             raise ConfigError(f"reviewers[{i}]: username and display_name are required")
+        for j, role in enumerate(r.roles):
+            if role not in REVIEWER_ROLES:
+                raise ConfigError(f"reviewers[{i}].roles[{j}]: expected one of {', '.join(REVIEWER_ROLES)}, got {role!r}")
 
 
 def reference_markdown() -> str:

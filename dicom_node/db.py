@@ -270,6 +270,62 @@ class ReportTemplate(Base):
     updated_by: Mapped[str] = mapped_column(String(128), default="")
 
 
+class PriorStudy(Base):
+    """A prior study of a patient fetched from the PACS for comparison (issue 17, migration
+    0003). Read-only and kept apart: its files live under ``storage_dir/priors/`` and it is never
+    a :class:`Study` (never drafted, never sent); deleted after ``priors.retention_days`` unless
+    an open draft still compares with it (:func:`dicom_node.priors.prune`)."""
+
+    __tablename__ = "prior_studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    study_date: Mapped[str] = mapped_column(String(8), default="")
+    study_time: Mapped[str] = mapped_column(String(16), default="")
+    study_description: Mapped[str] = mapped_column(String(64), default="")
+    accession_number: Mapped[str] = mapped_column(String(16), default="")
+    modalities: Mapped[str] = mapped_column(String(64), default="")  # e.g. "CR\\SR"
+    source: Mapped[str] = mapped_column(String(128), default="")  # the Q/R destination (AE@host:port)
+    #: the report found with it: "sr", "pdf", "text" or "" (none); its SOP Instance UID and text
+    report_kind: Mapped[str] = mapped_column(String(8), default="")
+    report_sop_instance_uid: Mapped[str] = mapped_column(UID, default="")
+    report_text: Mapped[str] = mapped_column(Text, default="")
+    fetched_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+    instances: Mapped[list[PriorInstance]] = relationship(back_populates="prior", cascade="all, delete-orphan",
+                                                          order_by="PriorInstance.id")
+
+
+class PriorInstance(Base):
+    """One object of a prior study (image or report) in ``storage_dir/priors/``."""
+
+    __tablename__ = "prior_instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prior_id: Mapped[int] = mapped_column(ForeignKey("prior_studies.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    view_position: Mapped[str] = mapped_column(String(16), default="")
+    path: Mapped[str] = mapped_column(String(512))  # relative to storage_dir, under priors/
+
+    prior: Mapped[PriorStudy] = relationship(back_populates="instances")
+
+
+class DraftPrior(Base):
+    """Which prior a draft was compared with (its SR names it); keeps the prior from pruning
+    while the draft is open."""
+
+    __tablename__ = "draft_priors"
+
+    draft_id: Mapped[int] = mapped_column(ForeignKey("drafts.id", ondelete="CASCADE"), primary_key=True)
+    prior_id: Mapped[int] = mapped_column(ForeignKey("prior_studies.id", ondelete="CASCADE"), primary_key=True,
+                                          index=True)
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for ``url``; SQLite gets WAL, a busy timeout and foreign keys."""
     if url.startswith("sqlite"):

@@ -151,6 +151,10 @@ class Node:
             self._port = self.scp.start()
             self._threads.append(Promoter(self.config, self.sessions, self._stop, wake=self._wake,
                                           received=self._received))
+            if self.config.priors.enabled:  # priors fetched for comparison are kept priors.retention_days
+                from dicom_node.priors import PriorPruner
+
+                self._threads.append(PriorPruner(self.config, self.sessions, self.store, self._stop))
         self._threads += [
             Worker(self.config, self.sessions, self.store, self._stop, handler=self.job_handler, index=i,
                    wake=self._wake)
