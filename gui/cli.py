@@ -63,6 +63,10 @@ def add_subcommands(subparsers: Any) -> None:
     w.add_argument("--json", action="store_true", help="print JSON")
     w.set_defaults(func=run_worklist)
 
+    from gui import templates_cli  # `cxrnode templates` (no Qt)
+
+    templates_cli.add_subcommands(subparsers)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxrnode", description="cxrnode reviewer commands")

@@ -81,8 +81,10 @@ from dicom_node.db import (
     TransferState,
     utcnow,
 )
+from dicom_node.priority import rank as priority_rank
 from dicom_node.store import Store
 from plugin.drafting import sr
+from plugin.review.critical import critical_markers
 from plugin.review.draft_info import (
     InputCheck,
     ObservationCall,
@@ -107,7 +109,7 @@ STATE_FAILED = "failed"  # drafting failed for good: there is no draft to review
 WORKLIST_STATES = (STATE_NEW, STATE_IN_REVIEW, STATE_SIGNED, STATE_REJECTED, STATE_FAILED)
 OPEN_STATES = (STATE_NEW, STATE_IN_REVIEW)
 
-SORT_KEYS = ("age", "patient_name", "patient_id", "study_date", "accession_number", "state")
+SORT_KEYS = ("age", "patient_name", "patient_id", "study_date", "accession_number", "state", "priority")
 
 
 class ReviewError(Exception):
@@ -259,12 +261,14 @@ def installed_reviewers(config: Config) -> tuple[Reviewer, ...]:
     fields = ("username", "display_name", "organisation")
     out: list[Reviewer] = []
     for i, item in enumerate(items if isinstance(items, list) else [None]):
-        if (not isinstance(item, dict) or set(item) - set(fields)
+        if (not isinstance(item, dict) or set(item) - set(fields) - {"roles"}
                 or not all(isinstance(item.get(k, ""), str) for k in fields)
-                or not item.get("username") or not item.get("display_name")):
+                or not item.get("username") or not item.get("display_name")
+                or not isinstance(item.get("roles", []), list)
+                or not all(isinstance(r, str) for r in item.get("roles", []))):
             raise UntrustedConfigError(f"{config.source}: reviewers[{i}]: expected username, display_name "
-                                       "and organisation (strings)")
-        out.append(Reviewer(**{k: item[k] for k in fields if k in item}))
+                                       "and organisation (strings), optionally roles (a list of strings)")
+        out.append(Reviewer(**{k: item[k] for k in fields if k in item}, roles=tuple(item.get("roles", []))))
     return tuple(out)
 
 
@@ -291,6 +295,10 @@ class WorklistRow:
     input_outcome: str = ""
     input_reason: str = ""
     views_not_used: tuple[str, ...] = ()
+    #: STAT, ED, inpatient, outpatient or "" (not stated): ``Study.priority`` (dicom_node.priority)
+    priority: str = ""
+    #: why the draft is critical, one line per rule crossed (plugin.review.critical); () = not critical
+    critical: tuple[str, ...] = ()
 
     @property
     def state_label(self) -> str:
@@ -633,6 +641,8 @@ class ReviewService:
                         model_version=d.model_version,
                         detail=d.reject_reason or "",
                         **_gate_fields(d.token_info),
+                        priority=st.priority or "",
+                        critical=critical_markers(d.token_info or "", d.findings or "", d.impression or ""),
                     )
                 )
             if STATE_FAILED in wanted:
@@ -665,6 +675,7 @@ class ReviewService:
                             model_name=job.model_name if job else "",
                             model_version=job.model_version if job else "",
                             detail=(job.last_error or "") if job else "",
+                            priority=st.priority or "",
                         )
                     )
         return sort_rows(rows, sort, descending)
@@ -1085,9 +1096,14 @@ class ReviewService:
 
 
 def sort_rows(rows: Sequence[WorklistRow], key: str = "age", descending: bool = False) -> list[WorklistRow]:
-    """Sort worklist rows by one of :data:`SORT_KEYS` (``age`` descending = oldest first)."""
+    """Sort worklist rows by one of :data:`SORT_KEYS` (``age`` descending = oldest first;
+    ``priority`` ascending = most urgent first: STAT, ED, inpatient, outpatient, not stated, and
+    within each the critical drafts first, then the oldest)."""
     if key not in SORT_KEYS:
         raise ValueError(f"sort: expected one of {', '.join(SORT_KEYS)}, got {key!r}")
+    if key == "priority":
+        return sorted(rows, key=lambda r: (priority_rank(r.priority), not r.critical, -r.age_s, r.draft_id or 0),
+                      reverse=descending)
     if key == "age":
         return sorted(rows, key=lambda r: (r.age_s, r.draft_id or 0), reverse=descending)
     if key == "state":
