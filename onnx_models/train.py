@@ -71,6 +71,13 @@ class Encoded:
     indications: list[list[int]]
     reports: list[list[int]]
     labels: np.ndarray  # (N, 13)
+    none_id: int  # the tokenizer's [NONE]: the indication of a study without one (and indication dropout)
+
+    def pos_weight(self) -> torch.Tensor:
+        """Positive-class weights of the observation loss: sqrt(negatives / positives) per
+        observation, clipped to [1, 5] (computed on the training split, used for every split)."""
+        pos = self.labels.sum(0)
+        return torch.from_numpy(np.clip(np.sqrt((len(self.labels) - pos) / np.maximum(pos, 1)), 1, 5)).float()
 
 
 def _study_seq(tok: Any, s: Study, cfg: ModelConfig) -> list[int]:
@@ -115,6 +122,7 @@ def encode_studies(studies: list[Study], tok: Any, cfg: ModelConfig, cache: Path
         indications=inds,
         reports=[_study_seq(tok, s, cfg) for s in studies],
         labels=np.array([binary_vector(label(s.report), ABNORMAL_OBSERVATIONS) for s in studies], dtype=np.float32),
+        none_id=int(none or 0),
     )
 
 
@@ -138,14 +146,14 @@ def make_batch(enc: Encoded, idx: list[int], cfg: ModelConfig, tc: TrainConfig, 
         for vj, k in enumerate(order):
             img = torch.from_numpy(enc.images[i][k].astype(np.float32))
             if rng is not None:
-                img = _augment(img, rng)
+                img = augment(img, rng)
             images[bi, vj, 0] = (img - mean) / std
             view_ids[bi, vj] = UNKNOWN if (rng is not None and rng.random() < tc.view_dropout) else enc.views[i][k]
             view_mask[bi, vj] = 1.0
             if enc.lateral[i][k] >= 0:
                 sm = torch.from_numpy(enc.small[i][k].astype(np.float32))
                 if rng is not None:
-                    sm = _augment(sm, rng, shift=3)
+                    sm = augment(sm, rng, shift=3)
                 small.append((sm - mean) / std)
                 lat.append(enc.lateral[i][k])
     li = max(len(enc.indications[i]) for i in idx)
@@ -154,7 +162,7 @@ def make_batch(enc: Encoded, idx: list[int], cfg: ModelConfig, tc: TrainConfig, 
     for bi, i in enumerate(idx):
         ids = enc.indications[i]
         if rng is not None and rng.random() < tc.indication_dropout:
-            ids = [NONE_ID[0]]
+            ids = [enc.none_id]
         ind[bi, : len(ids)] = torch.tensor(ids)
         ind_mask[bi, : len(ids)] = 1.0
     lr = max(len(enc.reports[i]) for i in idx)
@@ -175,10 +183,7 @@ def make_batch(enc: Encoded, idx: list[int], cfg: ModelConfig, tc: TrainConfig, 
     }
 
 
-NONE_ID = [5]  # index of [NONE]; set from the tokenizer in train()
-
-
-def _augment(img: torch.Tensor, rng: random.Random, shift: int = 6) -> torch.Tensor:
+def augment(img: torch.Tensor, rng: random.Random, shift: int = 6) -> torch.Tensor:
     """Small translation (no flips: laterality matters) and a contrast/gamma jitter."""
     dy, dx = rng.randint(-shift, shift), rng.randint(-shift, shift)
     img = torch.roll(img, shifts=(dy, dx), dims=(0, 1))
@@ -263,22 +268,20 @@ def _lr(step: int, total: int, tc: TrainConfig) -> float:
     return tc.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
-def _losses(model: ReportModel, batch: dict[str, torch.Tensor], tc: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _losses(model: ReportModel, batch: dict[str, torch.Tensor], tc: TrainConfig,
+            pos_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rep = batch["report"]
     logits, obs_logits = model(batch["images"], batch["view_ids"], batch["view_mask"], batch["states"],
                                batch["ind"], batch["ind_mask"], rep[:, :-1])
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rep[:, 1:].reshape(-1), ignore_index=0,
                          label_smoothing=tc.label_smoothing)
-    bce = F.binary_cross_entropy_with_logits(obs_logits, batch["labels"], pos_weight=POS_WEIGHT[0])
+    bce = F.binary_cross_entropy_with_logits(obs_logits, batch["labels"], pos_weight=pos_weight)
     return ce, bce
-
-
-POS_WEIGHT: list[torch.Tensor] = [torch.ones(13)]
 
 
 @torch.no_grad()
 def evaluate_split(model: ReportModel, view_clf: ViewClassifier, enc: Encoded, cfg: ModelConfig,
-                   tc: TrainConfig, mean: float, std: float) -> dict[str, Any]:
+                   tc: TrainConfig, mean: float, std: float, pos_weight: torch.Tensor) -> dict[str, Any]:
     model.eval()
     view_clf.eval()
     n = len(enc.reports)
@@ -287,7 +290,7 @@ def evaluate_split(model: ReportModel, view_clf: ViewClassifier, enc: Encoded, c
         idx = list(range(start, min(n, start + 32)))
         batch = make_batch(enc, idx, cfg, tc, mean, std, None)
         tc0 = TrainConfig(**{**tc.__dict__, "label_smoothing": 0.0})
-        ce, bce = _losses(model, batch, tc0)
+        ce, bce = _losses(model, batch, tc0, pos_weight)
         ces.append(float(ce) * len(idx))
         bces.append(float(bce) * len(idx))
         _, obs = model.encode_images(batch["images"], batch["view_ids"], batch["view_mask"])
@@ -323,7 +326,6 @@ def train(tc: TrainConfig) -> Path:
     if not train_s or not val_s:
         raise SystemExit(f"{tc.data}: need studies in both the train and the val split")
     tok = build_tokenizer([s.report for s in train_s] + [s.indication for s in train_s])
-    NONE_ID[0] = int(tok.token_to_id("[NONE]") or 0)
     cfg = ModelConfig(vocab_size=tok.get_vocab_size())
     log.info("train %d studies, val %d, vocab %d", len(train_s), len(val_s), cfg.vocab_size)
     tr = encode_studies(train_s, tok, cfg, out)
@@ -332,8 +334,7 @@ def train(tc: TrainConfig) -> Path:
     mean, std = round(float(allpx.mean()), 4), round(float(allpx.std()), 4)
     if not std > 0.02:  # (nearly) constant pixels, e.g. a tiny test set: keep a sane scale
         std = 0.25
-    pos = tr.labels.sum(0)
-    POS_WEIGHT[0] = torch.from_numpy(np.clip(np.sqrt((len(tr.labels) - pos) / np.maximum(pos, 1)), 1, 5)).float()
+    pos_weight = tr.pos_weight()
 
     model = ReportModel(cfg)
     view_clf = ViewClassifier()
@@ -388,7 +389,7 @@ def train(tc: TrainConfig) -> Path:
             batch = make_batch(tr, idx, cfg, tc, mean, std, rng)
             for g in opt.param_groups:
                 g["lr"] = _lr(step, total, tc)
-            ce, bce = _losses(model, batch, tc)
+            ce, bce = _losses(model, batch, tc, pos_weight)
             loss = ce + tc.head_weight * bce
             if len(batch["lateral"]) and not tc.freeze_image:
                 loss = loss + 0.2 * F.cross_entropy(view_clf(batch["small"]), batch["lateral"])
@@ -404,7 +405,7 @@ def train(tc: TrainConfig) -> Path:
             if tc.max_steps and step >= tc.max_steps:
                 break
         bar.close()
-        ev = evaluate_split(model, view_clf, va, cfg, tc, mean, std)
+        ev = evaluate_split(model, view_clf, va, cfg, tc, mean, std, pos_weight)
         score = ev["ce"] + ev["bce"]
         if math.isnan(score):
             score = float("inf")
@@ -443,6 +444,7 @@ def finetune_head(tc: TrainConfig, tr: Encoded, va: Encoded, out: Path, mean: fl
     trained on the BCE loss alone for ``head_epochs`` epochs; the epoch with the best validation
     mean AUROC is kept (stage 1 stays in ``best_stage1.pt``)."""
     stage1 = out / "best_stage1.pt"
+    pos_weight = tr.pos_weight()
     ck, model, view_clf = load_checkpoint(stage1)
     cfg = model.cfg
     torch.manual_seed(tc.seed + 1)
@@ -455,7 +457,7 @@ def finetune_head(tc: TrainConfig, tr: Encoded, va: Encoded, out: Path, mean: fl
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     steps_per_epoch = math.ceil(len(tr.reports) / tc.batch_size)
     total = steps_per_epoch * tc.head_epochs
-    ev0 = evaluate_split(model, view_clf, va, cfg, tc, mean, std)
+    ev0 = evaluate_split(model, view_clf, va, cfg, tc, mean, std, pos_weight)
     best_auc, best_state, best_ev, best_epoch = ev0["mean_auroc"], None, ev0, 0
     log.info("stage 2 start: val mean AUROC %.4f", best_auc)
     history = list(ck["training"].get("history", []))
@@ -473,7 +475,7 @@ def finetune_head(tc: TrainConfig, tr: Encoded, va: Encoded, out: Path, mean: fl
             for g in opt.param_groups:
                 g["lr"] = tc.lr * 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
             _, obs = model.encode_images(batch["images"], batch["view_ids"], batch["view_mask"])
-            loss = F.binary_cross_entropy_with_logits(obs, batch["labels"], pos_weight=POS_WEIGHT[0])
+            loss = F.binary_cross_entropy_with_logits(obs, batch["labels"], pos_weight=pos_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -484,7 +486,7 @@ def finetune_head(tc: TrainConfig, tr: Encoded, va: Encoded, out: Path, mean: fl
             if tc.max_steps and n >= tc.max_steps:
                 break
         bar.close()
-        ev = evaluate_split(model, view_clf, va, cfg, tc, mean, std)
+        ev = evaluate_split(model, view_clf, va, cfg, tc, mean, std, pos_weight)
         rec = {"head_epoch": epoch + 1, "train_bce": run / max(1, n), "val_ce": ev["ce"], "val_bce": ev["bce"],
                "val_mean_auroc": ev["mean_auroc"]}
         history.append(rec)

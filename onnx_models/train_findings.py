@@ -32,7 +32,7 @@ from .data import VIEWS, Study, is_tune, load_studies, read_image
 from .imaging import resize
 from .labels import ABNORMAL_OBSERVATIONS, binary_vector, label
 from .torch_model import FindingsClassifier
-from .train import _augment, auroc, best_thresholds
+from .train import augment, auroc, best_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def _batch(px: list[np.ndarray], views: list[list[int]], idx: list[int], max_vie
         for vj, k in enumerate(order):
             img = torch.from_numpy(px[i][k].astype(np.float32) / 255.0)
             if rng is not None:
-                img = _augment(img, rng, shift=12)
+                img = augment(img, rng, shift=12)
             images[bi, vj, 0] = (img - mean) / std
             view_ids[bi, vj] = views[i][k] if rng is None or rng.random() > 0.1 else VIEWS.index("UNKNOWN")
             mask[bi, vj] = 1.0
