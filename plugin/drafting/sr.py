@@ -13,7 +13,12 @@ Imaging Report" (PS3.16):
   Indications for Procedure (121109), Findings (121070: the text as TEXT "Finding" 121071,
   the CheXpert-style observations as SNOMED CT coded items whose value is Present / Absent /
   Indeterminate, and the source images as IMAGE references), Impressions (121072: TEXT
-  "Impression" 121073).
+  "Impression" 121073);
+- when priors are on (``[priors]``), a CONTAINS CONTAINER (121066, DCM, "Prior Procedure
+  Descriptions") (CID 7001) whose HAS OBS CONTEXT (TID 2000 row 9 -> TID 1001 -> TID 1005
+  Procedure Context) names the compared prior: UIDREF (121018, DCM, "Procedure Study Instance
+  UID") and TEXT (121022, DCM, "Accession Number"), and whose TEXT (121065, DCM, "Procedure
+  Description") says the date, the prior's report and that the model does not use priors yet.
 
 The source images are also listed in the Current Requested Procedure Evidence Sequence
 (PS3.3 C.17.2), same patient and study as the images, in a new series.
@@ -47,6 +52,7 @@ from highdicom.sr import (
     PersonObserverIdentifyingAttributes,
     RelationshipTypeValues,
     TextContentItem,
+    UIDRefContentItem,
 )
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
@@ -55,6 +61,7 @@ from pydicom.valuerep import DT
 
 CONTAINS = RelationshipTypeValues.CONTAINS
 HAS_CONCEPT_MOD = RelationshipTypeValues.HAS_CONCEPT_MOD
+HAS_OBS_CONTEXT = RelationshipTypeValues.HAS_OBS_CONTEXT
 
 def _quiet_person_name_warning() -> None:
     """highdicom warns about a one-component person name by quoting it whole (the patient's
@@ -81,6 +88,11 @@ IMPRESSIONS = CodedConcept("121072", "DCM", "Impressions")
 IMPRESSION = CodedConcept("121073", "DCM", "Impression")
 COMMENT = CodedConcept("121106", "DCM", "Comment")
 SOURCE_IMAGE = CodedConcept("121324", "DCM", "Source image")
+#: the comparison (CID 7001 heading; TID 1005 procedure context; CID 7002 element)
+PRIOR_PROCEDURES = CodedConcept("121066", "DCM", "Prior Procedure Descriptions")
+PROCEDURE_STUDY_UID = CodedConcept("121018", "DCM", "Procedure Study Instance UID")
+ACCESSION_NUMBER = CodedConcept("121022", "DCM", "Accession Number")
+PROCEDURE_DESCRIPTION = CodedConcept("121065", "DCM", "Procedure Description")
 PRESENCE_CODES = {
     "present": CodedConcept("121053", "DCM", "Present"),
     "absent": CodedConcept("121054", "DCM", "Absent"),
@@ -167,6 +179,17 @@ def coded_observations(text: str) -> tuple[CodedObservation, ...]:
 
 
 @dataclass(frozen=True)
+class PriorComparison:
+    """The prior study shown for comparison (the "Prior Procedure Descriptions" section);
+    without ``study_instance_uid`` the section only says why there is none."""
+
+    description: str
+    study_instance_uid: str = ""
+    study_date: str = ""
+    accession_number: str = ""
+
+
+@dataclass(frozen=True)
 class DraftContent:
     """What the draft says and who (which model) said it."""
 
@@ -183,6 +206,8 @@ class DraftContent:
     withheld_reason: str = ""
     #: plain sentences about the input (views not used and why), Comments in Findings
     notes: tuple[str, ...] = ()
+    #: the prior compared (or why none), when priors are on
+    prior: PriorComparison | None = None
 
 
 def spoken_name(pn: str) -> str:
@@ -264,6 +289,8 @@ class ReportText:
     addenda: tuple[AddendumText, ...] = ()
     #: the report was written from the images with no AI draft (NO_AI_DRAFT)
     no_ai_draft: bool = False
+    #: the prior compared ("Prior Procedure Descriptions"); None: no such section
+    prior: PriorComparison | None = None
 
 
 def draft_notice(model_name: str, model_version: str) -> str:
@@ -320,6 +347,7 @@ def _content_tree(
     no_ai_draft: bool = False,
     critical: CriticalCommunication | None = None,
     addenda: Sequence[AddendumText] = (),
+    prior: PriorComparison | None = None,
 ) -> ContainerContentItem:
     root = ContainerContentItem(name=DOCUMENT_TITLE, template_id="2000")
     items: list[Any] = []
@@ -333,6 +361,9 @@ def _content_tree(
         section = ContainerContentItem(name=INDICATIONS, relationship_type=CONTAINS)
         section.ContentSequence = DicomSequence([_text(INDICATIONS, indication)])
         items.append(section)
+
+    if prior is not None:
+        items.append(_comparison_section(prior))
 
     section = ContainerContentItem(name=FINDINGS, relationship_type=CONTAINS)
     children: list[Any] = [_text(COMMENT, c) for c in comments if c]
@@ -373,6 +404,22 @@ def _content_tree(
     return root
 
 
+def _comparison_section(prior: PriorComparison) -> ContainerContentItem:
+    """TID 2000 rows 8-10: a CID 7001 heading with its own observation context (TID 1005:
+    the prior's Study Instance UID and accession number) and a TID 2002 narrative."""
+    section = ContainerContentItem(name=PRIOR_PROCEDURES, relationship_type=CONTAINS)
+    children: list[Any] = []
+    if prior.study_instance_uid:
+        children.append(UIDRefContentItem(name=PROCEDURE_STUDY_UID, value=prior.study_instance_uid,
+                                          relationship_type=HAS_OBS_CONTEXT))
+        if prior.accession_number:
+            children.append(TextContentItem(name=ACCESSION_NUMBER, value=prior.accession_number,
+                                            relationship_type=HAS_OBS_CONTEXT))
+    children.append(_text(PROCEDURE_DESCRIPTION, _check_text("prior description", prior.description)))
+    section.ContentSequence = DicomSequence(children)
+    return section
+
+
 def _critical_section(c: CriticalCommunication) -> ContainerContentItem:
     """TID 2001 section "Communication of Critical Results" (LN 73568-8, CID 7001): the narrative
     (PS3.20 9.8.10) and the coded item: DCM 121291 "Results communicated" = how, with who was told,
@@ -380,6 +427,9 @@ def _critical_section(c: CriticalCommunication) -> ContainerContentItem:
     from highdicom.sr import DateTimeContentItem
 
     when = c.communicated_at if c.communicated_at.tzinfo else c.communicated_at.astimezone()
+    when = when.replace(microsecond=0)
+    if not when.utcoffset():  # DCMTK refuses the offset "+0000": a DT without one is the writer's local time
+        when = when.replace(tzinfo=None)
     section = ContainerContentItem(name=CRITICAL_RESULTS, relationship_type=CONTAINS)
     section.ContentSequence = DicomSequence([
         _text(CRITICAL_RESULTS, c.sentence()),
@@ -467,7 +517,9 @@ def build_draft_sr(sources: Sequence[Any], content: DraftContent) -> Dataset:
     study_uid = studies.pop()
     source_uids = sorted(str(s.SOPInstanceUID) for s in sources)
     sop_uid = deterministic_uid("draft", study_uid, content.model_name, content.model_version, *source_uids,
-                                *(["withheld"] if withheld else []))
+                                *(["withheld"] if withheld else []),
+                                *([f"prior:{content.prior.study_instance_uid}"]
+                                  if content.prior and content.prior.study_instance_uid else []))
     series_uid = deterministic_uid("draft-series", study_uid)
     evidence = [_evidence_stub(s, i == 0) for i, s in enumerate(sources)]
     images = [(str(s.SOPClassUID), str(s.SOPInstanceUID)) for s in sources]
@@ -477,7 +529,7 @@ def build_draft_sr(sources: Sequence[Any], content: DraftContent) -> Dataset:
                   *(_check_text("note", n) for n in content.notes)],
         observations=() if withheld else content.observations, images=images,
         model_name=content.model_name, model_version=content.model_version, verifier=None,
-        withheld=bool(withheld),
+        withheld=bool(withheld), prior=content.prior,
     )
     created = content.created_at or dt.datetime.now(dt.UTC).astimezone()
     sr = hd.sr.ComprehensiveSR(
@@ -590,6 +642,7 @@ def build_signed_sr(
         images=[(str(r.SOPClassUID), str(r.SOPInstanceUID)) for r in refs],
         model_name=model_name, model_version=model_version,
         verifier=(verifier_name, verifier_org), no_ai_draft=before.no_ai_draft, critical=critical,
+        prior=before.prior,
     )
     sr = hd.sr.ComprehensiveSR(
         evidence=evidence,
@@ -708,7 +761,7 @@ def build_addendum_sr(
         comments=[c for c in before.comments if c], observations=before.observations,
         images=[(str(r.SOPClassUID), str(r.SOPInstanceUID)) for r in refs],
         model_name=model_name, model_version=model_version, verifier=(author_name, author_org),
-        no_ai_draft=before.no_ai_draft, critical=before.critical, addenda=addenda,
+        no_ai_draft=before.no_ai_draft, critical=before.critical, addenda=addenda, prior=before.prior,
     )
     sr = hd.sr.ComprehensiveSR(
         evidence=[first, *refs[1:]],
@@ -776,6 +829,7 @@ def read_report(ds: Dataset) -> ReportText:
     critical: CriticalCommunication | None = None
     addenda: list[AddendumText] = []
     no_ai_draft = False
+    prior: PriorComparison | None = None
     root = sr.ContentSequence
     for section in root:
         code = _code_of(section)
@@ -788,6 +842,9 @@ def read_report(ds: Dataset) -> ReportText:
             continue
         if code == (ADDENDUM.value, ADDENDUM.scheme_designator):
             addenda.append(_read_addendum(section))
+            continue
+        if code == (PRIOR_PROCEDURES.value, PRIOR_PROCEDURES.scheme_designator):
+            prior = _read_comparison(section)
             continue
         no_ai_draft = no_ai_draft or any(
             item.ValueType == "CODE" and _code_of_value(item) == (NO_AI_DRAFT.value, NO_AI_DRAFT.scheme_designator)
@@ -838,7 +895,22 @@ def read_report(ds: Dataset) -> ReportText:
         critical=critical,
         addenda=tuple(addenda),
         no_ai_draft=no_ai_draft,
+        prior=prior,
     )
+
+
+def _read_comparison(section: Any) -> PriorComparison:
+    uid = accession = ""
+    text: list[str] = []
+    for item in section.get("ContentSequence", None) or ():
+        code = _code_of(item)
+        if code == (PROCEDURE_STUDY_UID.value, PROCEDURE_STUDY_UID.scheme_designator):
+            uid = str(item.UID)
+        elif code == (ACCESSION_NUMBER.value, ACCESSION_NUMBER.scheme_designator):
+            accession = str(item.TextValue)
+        elif item.ValueType == "TEXT":
+            text.append(str(item.TextValue))
+    return PriorComparison(description="\n".join(text), study_instance_uid=uid, accession_number=accession)
 
 
 def _code_of_value(item: Any) -> tuple[str, str]:
@@ -851,8 +923,9 @@ def _parse_dt(value: str) -> dt.datetime | None:
         parsed = DT(value)
     except ValueError:
         return None
-    return dt.datetime(parsed.year, parsed.month, parsed.day, parsed.hour, parsed.minute, parsed.second,
-                       parsed.microsecond, parsed.tzinfo)
+    out = dt.datetime(parsed.year, parsed.month, parsed.day, parsed.hour, parsed.minute, parsed.second,
+                      parsed.microsecond, parsed.tzinfo)
+    return out if out.tzinfo is not None else out.astimezone()  # no offset: the writer's local time
 
 
 def _read_critical(section: Any) -> CriticalCommunication | None:
