@@ -75,16 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _service(args: argparse.Namespace) -> ReviewService:
-    from dicom_node.db import make_engine, migrate, session_factory
-    from dicom_node.store import Store
+    from plugin.review.connect import open_service
 
     config = load_config(args.config, overrides=args.overrides)
-    url = config.node.resolved_database_url()
-    migrate(url)
-    store = Store(config.node.storage_dir, fsync=config.node.fsync, min_free_space_mb=config.node.min_free_space_mb)
-    return ReviewService(config, session_factory(make_engine(url)), store,
-                         claim_timeout_s=max(1.0, args.claim_timeout) if args.claim_timeout
-                         else config.review.claim_timeout_s)
+    return open_service(config, max(1.0, args.claim_timeout) if args.claim_timeout else None)
 
 
 def run_worklist(args: argparse.Namespace) -> int:

@@ -226,4 +226,19 @@ __all__ = [
     "parse_input_check",
     "parse_observations",
     "parse_thresholds",
+    "parse_no_ai_draft",
 ]
+
+
+def parse_no_ai_draft(raw: str | None) -> str:
+    """Why a draft row holds no AI draft (``token_info["no_ai_draft"]["reason"]``, written when a
+    radiologist reports a study from scratch: :mod:`plugin.review.scratch`); "" for an AI draft."""
+    try:
+        data = json.loads(raw or "")
+    except (TypeError, ValueError):
+        return ""
+    item = data.get("no_ai_draft") if isinstance(data, dict) else None
+    if not isinstance(item, dict):
+        return ""
+    return str(item.get("reason") or "no AI draft")
+

@@ -92,9 +92,11 @@ from plugin.review.draft_info import (
     bundle_thresholds,
     observation_calls,
     parse_input_check,
+    parse_no_ai_draft,
     parse_observations,
     parse_thresholds,
 )
+from plugin.review.results import CriticalNotice, RejectResult, SignResult
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +108,9 @@ STATE_IN_REVIEW = "in_review"
 STATE_SIGNED = "signed"
 STATE_REJECTED = "rejected"
 STATE_FAILED = "failed"  # drafting failed for good: there is no draft to review
-WORKLIST_STATES = (STATE_NEW, STATE_IN_REVIEW, STATE_SIGNED, STATE_REJECTED, STATE_FAILED)
+STATE_SUPERSEDED = DraftState.SUPERSEDED  # a draft replaced by a newer one (never listed)
+STATE_SKIPPED = "skipped"  # the pipeline had nothing to read (e.g. no chest radiograph): why is in detail
+WORKLIST_STATES = (STATE_NEW, STATE_IN_REVIEW, STATE_SIGNED, STATE_REJECTED, STATE_FAILED, STATE_SKIPPED)
 OPEN_STATES = (STATE_NEW, STATE_IN_REVIEW)
 
 SORT_KEYS = ("age", "patient_name", "patient_id", "study_date", "accession_number", "state", "priority")
@@ -358,6 +362,8 @@ class DraftDetail:
     observations: tuple[ObservationCall, ...] = ()
     #: the input gate's outcome; None for a draft made before the gate (not checked)
     input_check: InputCheck | None = None
+    #: why there is no AI draft when the radiologist reports from scratch ("" = an AI draft)
+    no_ai_draft_reason: str = ""
 
     @property
     def withheld(self) -> bool:
@@ -645,8 +651,11 @@ class ReviewService:
                         critical=critical_markers(d.token_info or "", d.findings or "", d.impression or ""),
                     )
                 )
-            if STATE_FAILED in wanted:
-                fq = select(Study).where(Study.state == StudyState.FAILED).limit(limit)
+            # studies with no draft: drafting failed, or the pipeline skipped them (the job says why)
+            undrafted = [db for x, db in ((STATE_FAILED, StudyState.FAILED), (STATE_SKIPPED, StudyState.SKIPPED))
+                         if x in wanted]
+            if undrafted:
+                fq = select(Study).where(Study.state.in_(undrafted)).limit(limit)
                 for st in s.scalars(fq).all():
                     hay = " ".join(
                         [st.patient_name, st.patient_id, st.accession_number, st.study_instance_uid]
@@ -655,7 +664,8 @@ class ReviewService:
                         continue
                     job = s.scalars(
                         select(Job)
-                        .where(Job.study_id == st.id, Job.state == JobState.FAILED)
+                        .where(Job.study_id == st.id,
+                               Job.state == (JobState.FAILED if st.state == StudyState.FAILED else JobState.SKIPPED))
                         .order_by(Job.id.desc())
                         .limit(1)
                     ).first()
@@ -671,7 +681,7 @@ class ReviewService:
                             views=(),
                             created_at=since,
                             age_s=max(0.0, (now - since).total_seconds()),
-                            state=STATE_FAILED,
+                            state=STATE_FAILED if st.state == StudyState.FAILED else STATE_SKIPPED,
                             model_name=job.model_name if job else "",
                             model_version=job.model_version if job else "",
                             detail=(job.last_error or "") if job else "",
@@ -761,6 +771,7 @@ class ReviewService:
             reject_reason=d.reject_reason or "",
             observations=observation_calls(parse_observations(d.token_info), thresholds),
             input_check=gate,
+            no_ai_draft_reason=parse_no_ai_draft(d.token_info),
         )
 
     # -- the lock ---------------------------------------------------------------------------
@@ -869,8 +880,13 @@ class ReviewService:
 
     # -- sign-off ---------------------------------------------------------------------------
 
-    def sign(self, draft_id: int, user: str, findings: str, impression: str) -> Draft:
+    def sign(self, draft_id: int, user: str, findings: str, impression: str,
+             critical: CriticalNotice | None = None) -> SignResult:
         """Write the verified SR, store and index it, mark the draft signed, audit, enqueue.
+
+        ``critical``: a critical result the radiologist told a clinician (who, role, how, when):
+        recorded (``critical_results``), audited ``critical_result`` and written into the verified
+        SR as its "Communication of Critical Results" section, in the same transaction.
 
         The verifying observer is ``user``'s reviewer in the installed configuration (display
         name, organisation). ``user`` must hold (or be able to take) the claim, and the study must
@@ -887,6 +903,7 @@ class ReviewService:
         if n := placeholders(findings + "\n" + impression):
             raise PlaceholderError(f"the report still holds {n} de-identification placeholder(s) (\"xxxx\"): "
                                    "replace them with what the images show before signing")
+        communication = _communication(critical, reviewer.display_name)
         self.claim(draft_id, user)  # take or renew the lock; raises if someone else holds it
 
         with self.sessions() as s:
@@ -910,6 +927,7 @@ class ReviewService:
                 reviewer.display_name,
                 reviewer.organisation,
                 signed_at_local,
+                critical=communication,
             )
         except sr.SRError as exc:
             raise ReviewError(f"cannot write the verified report: {exc}") from exc
@@ -977,6 +995,8 @@ class ReviewService:
                         }
                     ),
                 )
+                if critical is not None and communication is not None:
+                    _record_critical(s, draft_id, study_uid, signed_ds.SOPInstanceUID, user, communication, now)
                 # the undo window (review.undo_window_s): queued now, due only when it has passed
                 # (or when the reviewer sends it at once, send_signed_now); undo_sign withdraws it
                 hold = dt.timedelta(seconds=self.config.review.undo_window_s)
@@ -987,11 +1007,14 @@ class ReviewService:
                 self.store.remove(relpath)
             raise
         log.info("draft %s signed: verified SR %s", draft_id, signed_ds.SOPInstanceUID)
-        with self.sessions() as s:
-            signed = s.get(Draft, draft_id)
-            assert signed is not None
-            s.expunge(signed)
-            return signed
+        return SignResult(
+            draft_id=draft_id, study_instance_uid=study_uid, state=DraftState.SIGNED, signed_by=user, signed_at=now,
+            signed_sop_instance_uid=signed_ds.SOPInstanceUID, signed_path=relpath, signed_findings=findings,
+            signed_impression=impression, verifier_name=reviewer.display_name,
+            critical=None if critical is None or communication is None else CriticalNotice(
+                communication.recipient, communication.role, communication.method,
+                _naive_utc(communication.communicated_at), user),
+        )
 
     def send_signed_now(self, draft_id: int, user: str) -> int:
         """End the undo window of ``user``'s signature: its verified SR's transfers become due now.
@@ -1050,6 +1073,10 @@ class ReviewService:
             )
             if _rowcount(res) != 1:
                 raise ReviewError("only your own signature can be undone")
+            from dicom_node.review_records import CriticalResult
+
+            s.execute(delete(CriticalResult).where(CriticalResult.sop_instance_uid == sop)
+                      .execution_options(synchronize_session=False))  # it was recorded in the withdrawn SR
             inst = s.scalars(select(Instance).where(Instance.sop_instance_uid == sop)).one_or_none()
             if inst is not None:
                 series_id = inst.series_id
@@ -1067,7 +1094,7 @@ class ReviewService:
         log.info("draft %s: signature undone, verified SR %s withdrawn before sending", draft_id, sop)
         return text
 
-    def reject(self, draft_id: int, user: str, reason: str) -> Draft:
+    def reject(self, draft_id: int, user: str, reason: str) -> RejectResult:
         """Reject the draft with a reason (no SR is sent); the study stays for a manual report."""
         self.reviewer(user)
         reason = reason.strip()
@@ -1089,10 +1116,9 @@ class ReviewService:
             d = s.get(Draft, draft_id)
             assert d is not None
             index.audit(s, user, "rejected", d.study.study_instance_uid, d.sop_instance_uid, reason)
-            s.flush()
-            s.expunge(d)
+            result = RejectResult(draft_id, d.study.study_instance_uid, DraftState.REJECTED, reason)
         log.info("draft %s rejected", draft_id)
-        return d
+        return result
 
 
 def sort_rows(rows: Sequence[WorklistRow], key: str = "age", descending: bool = False) -> list[WorklistRow]:
@@ -1136,6 +1162,41 @@ def _rowcount(result: Any) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+def _naive_utc(when: dt.datetime) -> dt.datetime:
+    """A time as the database keeps it (naive UTC); a naive input is taken as UTC already."""
+    return when.astimezone(dt.UTC).replace(tzinfo=None) if when.tzinfo is not None else when
+
+
+def _communication(critical: CriticalNotice | None, told_by: str) -> sr.CriticalCommunication | None:
+    """The SR's form of a critical-result notice (the time aware, the teller named); a clear
+    :class:`ReviewError` when a field is missing or wrong."""
+    if critical is None:
+        return None
+    when = critical.communicated_at
+    when = (when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)).astimezone()
+    if when > dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5):
+        raise ReviewError("critical result: the time it was told is in the future")
+    try:
+        return sr.CriticalCommunication(critical.recipient.strip(), critical.role.strip(), critical.method, when,
+                                        communicated_by=told_by)
+    except sr.SRError as exc:
+        raise ReviewError(str(exc)) from None
+
+
+def _record_critical(s: Session, draft_id: int, study_uid: str, sop_uid: str, user: str,
+                     c: sr.CriticalCommunication, now: dt.datetime) -> None:
+    """Store and audit the critical-result communication (inside the signing transaction)."""
+    from dicom_node.review_records import CriticalResult
+
+    at = _naive_utc(c.communicated_at)
+    s.add(CriticalResult(draft_id=draft_id, study_instance_uid=study_uid, sop_instance_uid=sop_uid,
+                         recipient_name=c.recipient, recipient_role=c.role, method=c.method,
+                         communicated_at=at, recorded_by=user, recorded_at=now))
+    index.audit(s, user, "critical_result", study_uid, sop_uid,
+                json.dumps({"recipient": c.recipient, "role": c.role, "method": c.method,
+                            "communicated_at": at.isoformat(timespec="seconds") + "Z"}))
+
+
 __all__ = [
     "DEID_PLACEHOLDER",
     "ClaimConflictError",
@@ -1144,6 +1205,9 @@ __all__ = [
     "PlaceholderError",
     "ReviewError",
     "ReviewService",
+    "CriticalNotice",
+    "RejectResult",
+    "SignResult",
     "StudyChangedError",
     "SupersededError",
     "UnknownReviewerError",

@@ -1,7 +1,7 @@
 """ReviewService: worklist, the exclusive claim, sign, reject, audit; no Qt, no network.
 
 Fixtures are real: synthetic DX studies written through the node's Store and index, drafted
-by the real plugin pipeline (see ``gui.synthetic.build_node``), copied fresh for every test.
+by the real plugin pipeline (see ``support.synthetic.build_node``), copied fresh for every test.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 import pydicom
 import pytest
 from sqlalchemy import select
+from support import synthetic
 from support.postgres import private_database
 
 from dicom_node.db import AuditEvent, Draft, DraftState, Instance, Study, StudyState, Transfer
-from support import synthetic
 from plugin.drafting import sr
 from plugin.review import service as review
 from plugin.review.service import (
@@ -27,6 +27,7 @@ from plugin.review.service import (
     NotReviewableError,
     ReviewError,
     ReviewService,
+    SignResult,
     UnknownReviewerError,
 )
 
@@ -351,11 +352,11 @@ def test_two_reviewers_never_both_sign(node: synthetic.NodeFixture) -> None:
     for row in ReviewService(node.config, node.sessions, node.store).worklist():
         assert row.draft_id is not None
         results = _race(node, row.draft_id, threading.Barrier(2))
-        winners = [r for r in results if isinstance(r, Draft)]
+        winners = [r for r in results if isinstance(r, SignResult)]
         losers = [r for r in results if isinstance(r, ReviewError)]
         assert len(winners) == 1 and len(losers) == 1, results
         winner = winners[0]
-        assert isinstance(winner, Draft)
+        assert isinstance(winner, SignResult)
         d = draft_row(node, row.draft_id)
         assert d.state == DraftState.SIGNED and d.signed_by == winner.signed_by
         assert d.signed_findings == f"Findings by {d.signed_by}."
@@ -384,7 +385,7 @@ def test_two_reviewers_on_postgresql(tmp_path: Path, postgres_url: str) -> None:
         for row in ReviewService(node.config, node.sessions, node.store).worklist():
             assert row.draft_id is not None
             results = _race(node, row.draft_id, threading.Barrier(2))
-            assert sum(isinstance(r, Draft) for r in results) == 1, results
+            assert sum(isinstance(r, SignResult) for r in results) == 1, results
             assert sum(isinstance(r, ReviewError) for r in results) == 1, results
         assert len(audits(node, "signed")) == 2
     finally:

@@ -1,0 +1,28 @@
+"""Open the review service from a configuration: the database (migrated) and the store.
+
+The reviewer (``gui``) starts here, so it never touches the schema module itself: what it gets
+back is a :class:`~plugin.review.service.ReviewService` returning typed results.
+"""
+
+from __future__ import annotations
+
+from dicom_node.config import Config
+from dicom_node.db import make_engine, migrate, session_factory
+from dicom_node.store import Store
+from plugin.review.service import ReviewService
+
+
+def open_service(config: Config, claim_timeout_s: float | None = None) -> ReviewService:
+    """A :class:`ReviewService` on ``config``'s database (migrated to head first) and store.
+
+    ``claim_timeout_s``: how long a claim lasts without a heartbeat (default: the config's
+    ``review.claim_timeout_s``).
+    """
+    url = config.node.resolved_database_url()
+    migrate(url)
+    store = Store(config.node.storage_dir, fsync=config.node.fsync, min_free_space_mb=config.node.min_free_space_mb)
+    return ReviewService(config, session_factory(make_engine(url)), store,
+                         claim_timeout_s=claim_timeout_s or config.review.claim_timeout_s)
+
+
+__all__ = ["open_service"]

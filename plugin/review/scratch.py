@@ -1,0 +1,200 @@
+"""Studies with no usable AI draft stay reachable (issue 17): open their images, report them from
+scratch, or ask for drafting again.
+
+- :func:`study_detail`: a read-only :class:`~plugin.review.service.DraftDetail` of a study with
+  no draft (drafting failed, or the pipeline skipped it), ``draft_id == 0``: its images and why
+  it has no draft, for the reviewer to look at.
+- :func:`report_from_scratch`: the radiologist writes the report with an empty editor. The node
+  makes a placeholder draft (:func:`plugin.drafting.sr.build_no_ai_draft_sr`: no text, coded
+  "No AI draft", never sent) and a draft row claimed by the reviewer; its job is of kind
+  ``manual``, finished at the study's current generation, so the sign path is the one every draft
+  takes (claim, "changed underneath" check, verified SR with Predecessor Documents, undo window,
+  outbound queue) and the verified SR carries no AI text and no device observer. Works for a
+  failed, skipped or rejected study, i.e. any study with no open or signed draft. Audited
+  ``report_from_scratch``.
+- :func:`retry_drafting`: a new ``draft`` job for a failed or skipped study (audited
+  ``drafting_retried``); the worker picks it up like any job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pydicom
+import pydicom.errors
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from dicom_node import index
+from dicom_node.db import Draft, DraftState, Instance, Job, JobState, Study, StudyState
+from plugin.drafting import sr
+from plugin.drafting.indication import extract
+from plugin.review.results import RetryResult
+from plugin.review.service import (
+    STATE_FAILED,
+    STATE_SKIPPED,
+    DraftDetail,
+    NotReviewableError,
+    ReviewError,
+    ReviewService,
+    ViewRef,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _study(s: Session, study_uid: str) -> Study:
+    st = s.scalars(select(Study).where(Study.study_instance_uid == study_uid)).one_or_none()
+    if st is None:
+        raise NotReviewableError(f"study {study_uid} is not in the index")
+    return st
+
+
+def _no_draft_reason(s: Session, st: Study) -> str:
+    """Why the study has no AI draft to review, in one plain line."""
+    job = s.scalars(select(Job).where(Job.study_id == st.id, Job.kind == "draft")
+                    .order_by(Job.id.desc()).limit(1)).first()
+    rejected = s.scalars(select(Draft).where(Draft.study_id == st.id, Draft.state == DraftState.REJECTED)
+                         .order_by(Draft.id.desc()).limit(1)).first()
+    if rejected is not None and st.state != StudyState.FAILED:
+        return f"the AI draft was rejected: {rejected.reject_reason or 'no reason given'}"
+    if st.state == StudyState.SKIPPED:
+        return f"drafting skipped the study: {(job.last_error if job else '') or 'nothing the model can read'}"
+    if st.state == StudyState.FAILED:
+        return f"drafting failed: {(job.last_error if job else '') or 'unknown error'}"
+    return "no AI draft"
+
+
+def _images(s: Session, st: Study) -> list[Instance]:
+    return list(s.scalars(select(Instance).where(Instance.study_id == st.id, Instance.generated == 0)
+                          .order_by(Instance.id)).all())
+
+
+def study_detail(service: ReviewService, study_uid: str) -> DraftDetail:
+    """The images of a study that has no draft, read-only (``draft_id == 0``, state ``failed`` or
+    ``skipped``, the reason in ``reject_reason`` and ``no_ai_draft_reason``)."""
+    with service.sessions() as s:
+        st = _study(s, study_uid)
+        reason = _no_draft_reason(s, st)
+        views = tuple(ViewRef(sop_instance_uid=i.sop_instance_uid, view=(i.view_position or "UNKNOWN").upper(),
+                              source="tag", path=service.store.abspath(i.path)) for i in _images(s, st))
+        state = STATE_SKIPPED if st.state == StudyState.SKIPPED else STATE_FAILED
+        return DraftDetail(
+            draft_id=0, study_instance_uid=st.study_instance_uid, sop_instance_uid="", path=Path(),
+            patient_name=st.patient_name, patient_id=st.patient_id, patient_birth_date=st.patient_birth_date,
+            patient_sex=st.patient_sex, study_date=st.study_date, study_description=st.study_description,
+            accession_number=st.accession_number, indication="", findings="", impression="", tokens=(),
+            views=views, model_name="", model_version="", created_at=st.last_received_at, state=state,
+            claimed_by="", claimed_at=None, reject_reason=reason, no_ai_draft_reason=reason,
+        )
+
+
+def report_from_scratch(service: ReviewService, study_uid: str, user: str) -> int:
+    """Start a report with no AI text for ``study_uid``, claimed by ``user``; returns its draft id
+    (open it like any draft: the editor is empty, Sign writes the verified SR).
+
+    Refused (:class:`ReviewError`) while the study has an open draft (review that one) or a signed
+    one (add an addendum instead), or while drafting runs; :class:`UnknownReviewerError` for an
+    account that is not a reviewer of the installed configuration.
+    """
+    service.reviewer(user)
+    now = service.clock()
+    with service.sessions() as s:
+        st = _study(s, study_uid)
+        _refuse_busy(s, st, "report it from scratch")
+        reason = _no_draft_reason(s, st)
+        images = [(i.sop_instance_uid, i.view_position, i.path) for i in _images(s, st)]
+        generation = st.generation
+    if not images:
+        raise ReviewError("the study has no images in the store to report from")
+    sources = []
+    for _uid, _view, relpath in images:
+        try:
+            sources.append(pydicom.dcmread(service.store.abspath(relpath), stop_before_pixels=True))
+        except (OSError, pydicom.errors.InvalidDicomError) as exc:
+            raise ReviewError(f"cannot read image {_uid} of the study: {exc}") from exc
+    pipe = service.config.pipeline
+    indication = extract(sources, pipe.indication_sources, pipe.indication_max_chars).text
+    try:
+        ds = sr.build_no_ai_draft_sr(sources, reason, indication=indication)
+    except sr.SRError as exc:
+        raise ReviewError(f"cannot start a report for this study: {exc}") from exc
+    relpath = service.store.instance_relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    existed = service.store.abspath(relpath).exists()
+    size, sha256 = service.store.write_dataset(ds, relpath)
+    try:
+        with service.sessions() as s, s.begin():
+            st = s.scalars(select(Study).where(Study.study_instance_uid == study_uid).with_for_update()).one()
+            if st.generation != generation:
+                raise ReviewError("the study gained images just now: wait for its new draft, then open it")
+            _refuse_busy(s, st, "report it from scratch")
+            job = Job(study_id=st.id, kind="manual", state=JobState.DONE, study_generation=generation, attempts=0,
+                      not_before=now, log=f"{now:%Y-%m-%d %H:%M:%S} reported from scratch by {user}: {reason}\n",
+                      created_at=now, updated_at=now)
+            s.add(job)
+            s.flush()
+            index.register_instance(s, ds, relpath, size, sha256, service.config.node.ae_title, generated=True)
+            d = Draft(study_id=st.id, job_id=job.id, state=DraftState.IN_REVIEW, sop_instance_uid=ds.SOPInstanceUID,
+                      path=relpath, indication=indication, findings="", impression="",
+                      token_info=json.dumps({"no_ai_draft": {"reason": reason}}),
+                      views=json.dumps([{"sop_instance_uid": uid, "view": (view or "UNKNOWN").upper(), "source": "tag"}
+                                        for uid, view, _ in images]),
+                      model_name="", model_version="", created_at=now, claimed_by=user, claimed_at=now)
+            s.add(d)
+            st.state = StudyState.DRAFTED
+            s.flush()
+            index.audit(s, user, "report_from_scratch", study_uid, ds.SOPInstanceUID, json.dumps({"reason": reason}))
+            draft_id = d.id
+    except BaseException:
+        if not existed:
+            service.store.remove(relpath)
+        raise
+    log.info("study %s: report from scratch started (draft %s)", study_uid, draft_id)
+    return int(draft_id)
+
+
+def retry_drafting(service: ReviewService, study_uid: str, user: str) -> RetryResult:
+    """Queue a new drafting job for a study whose drafting failed or was skipped (audited
+    ``drafting_retried``). Refused while a job is pending or running, or when the study has an
+    open or signed draft."""
+    service.reviewer(user)
+    now = service.clock()
+    with service.sessions() as s, s.begin():
+        st = s.scalars(select(Study).where(Study.study_instance_uid == study_uid).with_for_update()).one_or_none()
+        if st is None:
+            raise NotReviewableError(f"study {study_uid} is not in the index")
+        if st.state not in (StudyState.FAILED, StudyState.SKIPPED):
+            raise ReviewError("drafting is retried only for a study whose drafting failed or was skipped; "
+                              "report a rejected draft's study from scratch")
+        _refuse_busy(s, st, "retry drafting")
+        job = Job(study_id=st.id, kind="draft", state=JobState.PENDING, study_generation=st.generation, attempts=0,
+                  not_before=now, log=f"{now:%Y-%m-%d %H:%M:%S} queued again by {user} (generation {st.generation})\n",
+                  created_at=now, updated_at=now)
+        s.add(job)
+        s.execute(update(Study).where(Study.id == st.id).values(state=StudyState.QUEUED)
+                  .execution_options(synchronize_session=False))
+        s.flush()
+        index.audit(s, user, "drafting_retried", study_uid, "",
+                    json.dumps({"job": job.id, "was": st.state, "generation": st.generation}))
+        result = RetryResult(study_uid, int(job.id), int(st.generation))
+    log.info("study %s: drafting queued again (job %s)", study_uid, result.job_id)
+    return result
+
+
+def _refuse_busy(s: Session, st: Study, what: str) -> None:
+    active = s.scalar(select(func.count(Job.id)).where(
+        Job.study_id == st.id, Job.state.in_((JobState.PENDING, JobState.RUNNING))))
+    if active:
+        raise ReviewError(f"drafting is running for this study: wait for its draft before you {what}")
+    row = s.execute(select(Draft.id, Draft.state).where(
+        Draft.study_id == st.id, Draft.state.in_((DraftState.NEW, DraftState.IN_REVIEW, DraftState.SIGNED)))
+        .order_by(Draft.id.desc()).limit(1)).first()
+    if row is not None:
+        if row[1] == DraftState.SIGNED:
+            raise ReviewError(f"the study is already reported (draft {row[0]} is signed): add an addendum instead")
+        raise ReviewError(f"the study has an open draft (draft {row[0]}): open and review it instead")
+
+
+__all__ = ["report_from_scratch", "retry_drafting", "study_detail"]
