@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import dicom_node.store as store_mod
-from dicom_node.scp import _recv_exactly
+from dicom_node.pynetdicom_patches import _recv_exactly
 from dicom_node.store import WRITEBACK_EVERY, SpoolFile
 
 
@@ -82,12 +82,12 @@ def test_waiting_socket_returns_as_soon_as_data_arrives() -> None:
     import time
     from types import SimpleNamespace
 
-    from dicom_node.scp import _READY_WAIT_S, _WaitingSocket
+    from dicom_node.pynetdicom_patches import _READY_WAIT_S, NodeSocket
 
     a, b = socket.socketpair()
     events: queue.Queue[str] = queue.Queue()
     assoc = SimpleNamespace(dul=SimpleNamespace(event_queue=events))
-    ws = _WaitingSocket(assoc, client_socket=b)  # type: ignore[arg-type]
+    ws = NodeSocket(assoc, client_socket=b)  # type: ignore[arg-type]
     while not events.empty():  # the constructor announces the connection (Evt5)
         events.get_nowait()
     t0 = time.perf_counter()

@@ -1,0 +1,189 @@
+"""The one commit service: an object's file and its index rows are committed together or not at all.
+
+Every object the node keeps goes through the same steps: the file is made durable in the store
+(:meth:`~dicom_node.store.Store.write_dataset`: temp file, fsync, rename, fsync of the folder),
+then **one** database transaction registers the instance
+(:func:`~dicom_node.index.register_instance`), writes the caller's own rows and audit events,
+and enqueues the object to the destinations that want it (:func:`~dicom_node.outbound.enqueue`);
+if anything in the transaction fails, nothing is committed and the file written for it is
+removed again (a file that was already there before is left alone: it is someone else's).
+
+:func:`commit_dataset` does all of it for an object the node writes (a draft SR, its rendering,
+a verified SR); :func:`commit_stored` is the transaction and the clean-up for a file already
+placed by the caller (the Storage SCP places received files itself, with a no-replace link).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from pydicom import Dataset
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import index, outbound
+from dicom_node.config import Config
+from dicom_node.store import Store
+
+__all__ = ["Committed", "Enqueue", "StoredFile", "commit_dataset", "commit_stored"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A file in the store: where (relative to the store) and what (size, SHA-256)."""
+
+    relpath: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Enqueue:
+    """Send the committed object to the destinations whose ``send`` policy wants ``kind``
+    (``"draft"`` or ``"signed"``), due ``hold`` after now (the reviewer's undo window)."""
+
+    config: Config
+    kind: str
+    hold: dt.timedelta = dt.timedelta(0)
+
+
+@dataclass(frozen=True)
+class Committed(Generic[T]):
+    """What a commit did: the file, whether rows were written (``False``: ``prepare`` found the
+    object already recorded and nothing was written), the callback's value, the transfers queued."""
+
+    stored: StoredFile
+    new: bool
+    value: T | None
+    transfers: int
+
+
+def commit_dataset(
+    store: Store,
+    sessions: sessionmaker[Session],
+    ds: Dataset,
+    relpath: str,
+    rows: Callable[[Session, StoredFile], T] | None = None,
+    *,
+    registered_by: str,
+    generated: bool = True,
+    prepare: Callable[[Session], bool | None] | None = None,
+    enqueue: Enqueue | None = None,
+) -> Committed[T]:
+    """Write ``ds`` durably at ``relpath`` and record it in one transaction (see the module).
+
+    Parameters
+    ----------
+    store, sessions:
+        The store the file goes to and the index it is recorded in.
+    ds:
+        The data set, with its File Meta Information.
+    relpath:
+        Where it goes, relative to the store (``Store.instance_relpath``).
+    rows:
+        ``rows(session, stored)``: the caller's own rows and audit events, written in the same
+        transaction after the instance is registered; its return value is ``Committed.value``.
+    registered_by:
+        The AE title recorded as the instance's calling AE (the node's own for its objects).
+    generated:
+        Whether the node generated the object (its SRs: ``Study.generation`` is not bumped and
+        no received instance may replace it).
+    prepare:
+        ``prepare(session)``: runs first in the transaction (take locks, refuse with an
+        exception); returning ``False`` means the object is already recorded: nothing is
+        written and the file is kept.
+    enqueue:
+        Queue the object to the destinations that want it (see :class:`Enqueue`).
+
+    Returns
+    -------
+    Committed
+        The stored file, ``new``, the value of ``rows`` and the number of transfers queued.
+
+    Raises
+    ------
+    dicom_node.store.OutOfSpace, OSError
+        The file could not be written (nothing was recorded).
+    Exception
+        Whatever the transaction raised (``prepare``, ``rows``,
+        :class:`~dicom_node.index.InstanceConflict`, a database error): nothing was committed
+        and the file written by this call was removed.
+    """
+    existed = store.abspath(relpath).exists()
+    size, sha256 = store.write_dataset(ds, relpath)
+    return commit_stored(store, sessions, ds, StoredFile(relpath, size, sha256), rows,
+                         registered_by=registered_by, generated=generated, prepare=prepare, enqueue=enqueue,
+                         remove_on_failure=not existed)
+
+
+def commit_stored(
+    store: Store,
+    sessions: sessionmaker[Session],
+    ds: Dataset,
+    stored: StoredFile,
+    rows: Callable[[Session, StoredFile], T] | None = None,
+    *,
+    registered_by: str,
+    generated: bool = True,
+    prepare: Callable[[Session], bool | None] | None = None,
+    enqueue: Enqueue | None = None,
+    remove_on_failure: bool = True,
+    attempts: int = 1,
+) -> Committed[T]:
+    """Record a file already in the store in one transaction; remove it if that fails.
+
+    Parameters
+    ----------
+    store, sessions, ds, rows, registered_by, generated, prepare, enqueue:
+        As for :func:`commit_dataset`.
+    stored:
+        The file already placed at ``stored.relpath``.
+    remove_on_failure:
+        Remove the file when the transaction fails (``False`` when the caller did not place
+        it: it belongs to someone else).
+    attempts:
+        Run the transaction up to this many times when it loses a race on a unique key or the
+        database is busy (:func:`~dicom_node.index.register_with_retry`); 1: no retry.
+
+    Returns
+    -------
+    Committed
+        As for :func:`commit_dataset`.
+
+    Raises
+    ------
+    Exception
+        Whatever the transaction raised, after the clean-up (nothing was committed).
+    """
+    if attempts < 1:
+        raise ValueError(f"attempts: expected at least 1, got {attempts}")
+
+    def transaction(session: Session) -> Committed[T]:
+        if prepare is not None and prepare(session) is False:
+            return Committed(stored, False, None, 0)
+        index.register_instance(session, ds, stored.relpath, stored.size, stored.sha256, registered_by,
+                                generated=generated)
+        value = rows(session, stored) if rows is not None else None
+        transfers = 0
+        if enqueue is not None:
+            queued = outbound.enqueue(session, enqueue.config, str(ds.SOPInstanceUID), stored.relpath, enqueue.kind)
+            for t in queued:
+                if enqueue.hold:
+                    t.next_attempt_at = t.next_attempt_at + enqueue.hold
+            transfers = len(queued)
+        return Committed(stored, True, value, transfers)
+
+    try:
+        if attempts > 1:
+            result: Committed[T] = index.register_with_retry(sessions, transaction, attempts)
+            return result
+        with sessions() as session, session.begin():
+            return transaction(session)
+    except BaseException:
+        if remove_on_failure:
+            store.remove(stored.relpath)
+        raise
