@@ -63,7 +63,9 @@ def sign_question(parent: QWidget, title: str, text: str, offer_session: bool) -
         box.setCheckBox(check)
     box.setObjectName("sign_question")
     box.exec()
-    return box.clickedButton() is sign, bool(check is not None and check.isChecked() and box.clickedButton() is sign)
+    answer = box.clickedButton() is sign, bool(check is not None and check.isChecked() and box.clickedButton() is sign)
+    box.deleteLater()
+    return answer
 
 
 class KeyHelp(QDialog):

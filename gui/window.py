@@ -112,18 +112,17 @@ class WorklistPane(QWidget):
         super().__init__(parent)
         self.vm = vm
         lay = QVBoxLayout(self)
-        lay.setContentsMargins(8, 8, 4, 8)
+        lay.setContentsMargins(8, 6, 4, 4)
+        lay.setSpacing(4)
+        # one line above the table (title, search, filter, refresh): the rows get the height
         head = QHBoxLayout()
         title = QLabel("Worklist", self)
         title.setObjectName("title")
         head.addWidget(title)
-        head.addStretch(1)
         self.refresh_button = QToolButton(self)
         self.refresh_button.setText("⟳")
         self.refresh_button.setToolTip("Refresh now (F5); refreshes by itself")
-        head.addWidget(self.refresh_button)
-        lay.addLayout(head)
-        filters = QHBoxLayout()
+        filters = head
         self.search = QLineEdit(self)
         self.search.setPlaceholderText("Search name, ID, accession (Ctrl+F)")
         self.search.setClearButtonEnabled(True)
@@ -132,6 +131,7 @@ class WorklistPane(QWidget):
         self.state.addItems(list(viewmodels.STATE_FILTERS))
         self.state.setToolTip("Which drafts to list")
         filters.addWidget(self.state)
+        filters.addWidget(self.refresh_button)
         lay.addLayout(filters)
         self.model = WorklistTable(vm, self)
         self.table = QTableView(self)
@@ -575,7 +575,7 @@ class ReviewerWindow(QMainWindow):
         splitter.addWidget(lower)
         splitter.setStretchFactor(0, 0)
         splitter.setStretchFactor(1, 1)
-        splitter.setSizes([300, 600])  # the worklist shows ten rows or more
+        splitter.setSizes([320, 580])  # the worklist shows ten rows or more
         splitter.setObjectName("central")
         self.setCentralWidget(splitter)
         self.splitter = splitter
@@ -865,6 +865,8 @@ class ReviewerWindow(QMainWindow):
             self.show_error("Some views cannot be shown", "\n".join(vm.view_errors))
         if vm.holds_claim:
             self.report.findings.setFocus()
+        if self._undo is not None:
+            self._undo_tick()  # the undo bar says at once whose signature it withdraws
         self.refresh()
 
     def _painted(self) -> None:
@@ -1277,7 +1279,9 @@ class ReviewerWindow(QMainWindow):
     def save_layout(self) -> None:
         """Window geometry, splitters, worklist column widths (by title), sort and filter."""
         st = self.settings
-        st.setValue("window/geometry", self.saveGeometry())
+        g = self.normalGeometry() if not self._image_fullscreen else self.geometry()
+        st.setValue("window/rect", json.dumps([g.x(), g.y(), g.width(), g.height()]))
+        st.setValue("window/maximized", "1" if self.isMaximized() else "0")
         st.setValue("window/splitter", self.splitter.saveState())
         st.setValue("window/lower", self.lower_splitter.saveState())
         header = self.worklist.table.horizontalHeader()
@@ -1292,7 +1296,16 @@ class ReviewerWindow(QMainWindow):
     def restore_layout(self) -> None:
         """Put back what :meth:`save_layout` kept; anything missing or unknown keeps its default."""
         st = self.settings
-        for key, restore in (("window/geometry", self.restoreGeometry), ("window/splitter", self.splitter.restoreState),
+        try:
+            x, y, width, height = (int(v) for v in json.loads(str(st.value("window/rect", "") or "null")))
+        except (TypeError, ValueError):
+            pass
+        else:
+            if width >= 400 and height >= 300:
+                self.setGeometry(x, y, width, height)
+        if str(st.value("window/maximized", "0")) == "1":
+            self.setWindowState(self.windowState() | Qt.WindowState.WindowMaximized)
+        for key, restore in (("window/splitter", self.splitter.restoreState),
                              ("window/lower", self.lower_splitter.restoreState)):
             value = st.value(key)
             if isinstance(value, QByteArray) and not value.isEmpty():
