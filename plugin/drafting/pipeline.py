@@ -10,11 +10,11 @@
    or disagree, and the job log says so);
 5. generate the report with ``onnx_models.runtime.ReportGenerator`` (loaded once per process
    and cached per bundle/providers/threads/beam);
-6. build the draft SR (:mod:`plugin.drafting.sr`), store it durably through the node's Store, then in
-   one transaction: index it (``generated=True``), supersede the study's older unsigned
+6. build the draft SR (:mod:`plugin.drafting.sr`) and commit it with the node's commit service
+   (:func:`dicom_node.commit.commit_dataset`): stored durably, then in one transaction: index it (``generated=True``), supersede the study's older unsigned
    drafts, add the Draft row (state ``new``), audit, and enqueue it to the destinations that
    want drafts (``outbound.enqueue(kind="draft")``);
-7. optionally (``[pipeline] render_report``) also store and enqueue a rendering of the text.
+7. optionally (``[pipeline] render_report``) also commit (store, index, enqueue) a rendering of the text.
 
 A study with nothing to read ends ``skipped`` with the reason; any other error raises, which
 the job queue counts as a failed attempt (retried with backoff). Nothing is deleted: on error
@@ -35,14 +35,17 @@ from typing import Any
 import numpy as np
 import pydicom
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
-from dicom_node import index, outbound
+from dicom_node import index
+from dicom_node.commit import Enqueue, StoredFile, commit_dataset
 from dicom_node.config import Config
 from dicom_node.db import Draft, DraftState, Instance, Study
 from dicom_node.jobs import JobContext, JobResult
 from onnx_models.views import order as view_order
 from plugin.drafting import indication as indication_mod
 from plugin.drafting import input_check as gate_mod
+from plugin.drafting import priors as priors_mod
 from plugin.drafting import sr as sr_mod
 from plugin.drafting.pixels import PixelError, PixelOptions, prepare
 from plugin.drafting.views import (
@@ -221,6 +224,8 @@ def _run(ctx: JobContext, generator: Callable[[Config], Any]) -> DraftOutcome | 
         return JobResult("skipped", f"no chest radiograph to read ({reasons})")
 
     by_uid = {li.header.sop_instance_uid: li for li in loaded}
+    # priors (when [priors] enabled) are fetched beside the drafting; they never block it
+    prior_fetch = priors_mod.start(ctx, [by_uid[h.sop_instance_uid].dataset for h in selection.images])
     t = lap("headers", t_start)
     gen = generator(cfg)
     # native size: the runtime alone resizes and normalises (onnx_models.runtime.StudyInput)
@@ -271,15 +276,20 @@ def _run(ctx: JobContext, generator: Callable[[Config], Any]) -> DraftOutcome | 
     for note in (*decision.notes(), *decision.study):
         ctx.log(f"input check: {note}")
     if decision.withheld:
+        prior = prior_fetch.comparison() if prior_fetch is not None else None
         draft_ds = sr_mod.build_draft_sr([full for _, full, _ in images], sr_mod.DraftContent(
             findings="", impression="", indication=ind.text, model_name=gen.name, model_version=gen.version,
             institution_name=str(images[0][1].get("InstitutionName", "") or ""),
-            withheld_reason=decision.reason, notes=decision.study,
+            withheld_reason=decision.reason, notes=decision.study, prior=prior.comparison if prior else None,
         ))
         t = lap("sr", t)
         info = {"tokens": [], "observations": {}, "grounded": [], "duration_ms": 0.0,
                 "input_check": decision.as_json()}
+        if prior is not None:
+            info["prior"] = prior.info
         outcome = _commit(ctx, study_id, draft_ds, ind.text, "", "", info, resolved, gen, 0.0)
+        if prior_fetch is not None and prior is not None and isinstance(outcome, DraftOutcome):
+            prior_fetch.link(outcome.draft_id, prior)
         if isinstance(outcome, DraftOutcome):
             ctx.log(f"draft SR {outcome.sop_instance_uid} (withheld) stored in "
                     f"{(time.perf_counter() - t_start) * 1000:.0f} ms")
@@ -311,12 +321,13 @@ def _run(ctx: JobContext, generator: Callable[[Config], Any]) -> DraftOutcome | 
         raise RuntimeError(f"model {gen.name} {gen.version} generated an empty report")
 
     observations = sr_mod.coded_observations(f"{findings}\n{impression}")
+    prior = prior_fetch.comparison() if prior_fetch is not None else None  # waited for after the model
     sources = [full for _, full, _ in images]
     draft_ds = sr_mod.build_draft_sr(sources, sr_mod.DraftContent(
         findings=findings, impression=impression, indication=ind.text,
         model_name=gen.name, model_version=gen.version, observations=observations,
         institution_name=str(sources[0].get("InstitutionName", "") or ""),
-        notes=(*decision.notes(), *decision.study),
+        notes=(*decision.notes(), *decision.study), prior=prior.comparison if prior else None,
     ))
     t = lap("sr", t)
     info = {
@@ -327,7 +338,11 @@ def _run(ctx: JobContext, generator: Callable[[Config], Any]) -> DraftOutcome | 
         "duration_ms": round(gen_ms, 1),
         "input_check": decision.as_json(),
     }
+    if prior is not None:
+        info["prior"] = prior.info
     outcome = _commit(ctx, study_id, draft_ds, ind.text, findings, impression, info, resolved, gen, gen_ms)
+    if prior_fetch is not None and prior is not None and isinstance(outcome, DraftOutcome):
+        prior_fetch.link(outcome.draft_id, prior)
     if isinstance(outcome, JobResult):
         return outcome
     t = lap("store+index", t)
@@ -360,50 +375,48 @@ def _commit(ctx: JobContext, study_id: int, draft_ds: Any, indication: str, find
             ctx.log(f"draft {uid} for these images and this model exists ({existing.state}); not redrafted")
             return JobResult("done", f"draft {uid} already exists ({existing.state})",
                              model_name=gen.name, model_version=gen.version)
-    existed = ctx.store.abspath(relpath).exists()
-    size, sha256 = ctx.store.write_dataset(draft_ds, relpath)
     token_info = json.dumps(info)
     views_json = json.dumps([rv.as_json() for rv in resolved])
-    try:
-        with ctx.sessions() as s, s.begin():
-            index.register_instance(s, draft_ds, relpath, size, sha256, ctx.config.node.ae_title, generated=True)
-            superseded = s.execute(
-                update(Draft)
-                .where(Draft.study_id == study_id, Draft.sop_instance_uid != uid,
-                       Draft.state.in_((DraftState.NEW, DraftState.IN_REVIEW)))
-                .values(state=DraftState.SUPERSEDED)
-                .execution_options(synchronize_session=False)
-            )
-            n_superseded = int(getattr(superseded, "rowcount", 0) or 0)
-            d = s.scalars(select(Draft).where(Draft.sop_instance_uid == uid)).one_or_none()
-            if d is None:
-                d = Draft(study_id=study_id, sop_instance_uid=uid)
-                s.add(d)
-            d.job_id = ctx.job_id
-            d.state = DraftState.NEW
-            d.path = relpath
-            d.indication = indication
-            d.findings = findings
-            d.impression = impression
-            d.token_info = token_info
-            d.views = views_json
-            d.model_name = gen.name[:64]
-            d.model_version = gen.version[:32]
-            s.flush()
-            draft_id = d.id
-            index.audit(s, ACTOR, "drafted", ctx.study_instance_uid, uid,
-                        json.dumps({"job": ctx.job_id, "model": f"{gen.name} {gen.version}",
-                                    "views": len(resolved), "superseded": n_superseded,
-                                    "input_check": info.get("input_check", {}).get("outcome", "")}))
-            transfers = outbound.enqueue(s, ctx.config, uid, relpath, kind="draft")
-    except BaseException:
-        if not existed:
-            ctx.store.remove(relpath)
-        raise
+
+    def draft_rows(s: Session, stored: StoredFile) -> tuple[int, int]:
+        superseded = s.execute(
+            update(Draft)
+            .where(Draft.study_id == study_id, Draft.sop_instance_uid != uid,
+                   Draft.state.in_((DraftState.NEW, DraftState.IN_REVIEW)))
+            .values(state=DraftState.SUPERSEDED)
+            .execution_options(synchronize_session=False)
+        )
+        n_superseded = int(getattr(superseded, "rowcount", 0) or 0)
+        d = s.scalars(select(Draft).where(Draft.sop_instance_uid == uid)).one_or_none()
+        if d is None:
+            d = Draft(study_id=study_id, sop_instance_uid=uid)
+            s.add(d)
+        d.job_id = ctx.job_id
+        d.state = DraftState.NEW
+        d.path = stored.relpath
+        d.indication = indication
+        d.findings = findings
+        d.impression = impression
+        d.token_info = token_info
+        d.views = views_json
+        d.model_name = gen.name[:64]
+        d.model_version = gen.version[:32]
+        s.flush()
+        index.audit(s, ACTOR, "drafted", ctx.study_instance_uid, uid,
+                    json.dumps({"job": ctx.job_id, "model": f"{gen.name} {gen.version}",
+                                "views": len(resolved), "superseded": n_superseded,
+                                "input_check": info.get("input_check", {}).get("outcome", "")}))
+        return d.id, n_superseded
+
+    done = commit_dataset(ctx.store, ctx.sessions, draft_ds, relpath, draft_rows,
+                          registered_by=ctx.config.node.ae_title, enqueue=Enqueue(ctx.config, "draft"))
+    assert done.value is not None
+    draft_id, n_superseded = done.value
+    transfers = done.transfers
     if n_superseded:
         ctx.log(f"superseded {n_superseded} older unsigned draft(s)")
     if transfers:
-        ctx.log(f"queued the draft to {len(transfers)} destination(s)")
+        ctx.log(f"queued the draft to {transfers} destination(s)")
     return DraftOutcome(draft_id, uid, relpath, findings, impression, indication, tuple(resolved), gen_ms,
                         gen.name, gen.version, dict(info.get("input_check", {})))
 
@@ -415,8 +428,6 @@ def _render(ctx: JobContext, draft_ds: Any, kind: str) -> None:
     rendered = render(draft_ds, kind)
     relpath = ctx.store.instance_relpath(str(rendered.StudyInstanceUID), str(rendered.SeriesInstanceUID),
                                          str(rendered.SOPInstanceUID))
-    size, sha256 = ctx.store.write_dataset(rendered, relpath)
-    with ctx.sessions() as s, s.begin():
-        index.register_instance(s, rendered, relpath, size, sha256, ctx.config.node.ae_title, generated=True)
-        outbound.enqueue(s, ctx.config, str(rendered.SOPInstanceUID), relpath, kind="draft")
+    commit_dataset(ctx.store, ctx.sessions, rendered, relpath, registered_by=ctx.config.node.ae_title,
+                   enqueue=Enqueue(ctx.config, "draft"))
     ctx.log(f"rendered the draft as {kind.upper()} {rendered.SOPInstanceUID}")
