@@ -96,6 +96,7 @@ from plugin.review.draft_info import (
     parse_observations,
     parse_thresholds,
 )
+from plugin.review.priors import PriorDetail, prior_for_draft
 from plugin.review.results import CriticalNotice, RejectResult, SignResult
 
 log = logging.getLogger(__name__)
@@ -707,6 +708,11 @@ class ReviewService:
         """The draft with its study, views (resolved to store paths) and token probabilities."""
         with self.sessions() as s:
             return self._detail(s, draft_id)
+
+    def prior(self, draft_id: int) -> PriorDetail:
+        """The prior study the draft is compared with (read-only; its images and report text),
+        or why there is none (:mod:`plugin.review.priors`)."""
+        return prior_for_draft(self.sessions, self.store, draft_id)
 
     def _detail(self, s: Session, draft_id: int) -> DraftDetail:
         d = s.get(Draft, draft_id)
