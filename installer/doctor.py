@@ -297,9 +297,9 @@ def check_providers(ctx: Context) -> list[Check]:
 
 
 def sample_study_files() -> list[Path]:
-    """The sample study shipped with the plugin (``plugin/samples``)."""
+    """The sample study shipped with the plugin (``plugin/drafting/samples``)."""
     plugin = importlib.import_module("plugin")
-    root = Path(plugin.__file__ or ".").parent / "samples"
+    root = Path(plugin.__file__ or ".").parent / "drafting" / "samples"
     return sorted(p for p in root.rglob("*.dcm") if p.is_file())
 
 
@@ -339,15 +339,24 @@ def check_inference(ctx: Context) -> list[Check]:
         reports = gen.generate([StudyInput(views=views, indication=indication)],
                                max_tokens=m.max_report_tokens or None)
         latency_ms = (time.perf_counter() - t0) * 1000
+        # decoding speed alone: greedy steps of the same study after its encoding (tokens = model tokens)
+        _, state = gen._encode([StudyInput(views=views, indication=indication)])
+        t0 = time.perf_counter()
+        [(ids, _)] = gen._greedy(state, m.max_report_tokens or gen.max_tokens, 0)
+        decode_s = time.perf_counter() - t0
     except Exception as exc:
         return [Check("inference", FAIL, f"the sample study did not run: {type(exc).__name__}: {exc}",
                       "check the model bundle and ONNX Runtime rows above; reinstall the bundle if they are OK")]
     text = (reports[0].impression or reports[0].findings).strip().replace("\n", " ")
     providers = list(getattr(gen, "providers", []))
+    steps = len(ids) + (len(ids) < (m.max_report_tokens or gen.max_tokens))  # + the step that chose the end
+    tps = steps / decode_s if decode_s > 0 else 0.0
     data = {"latency_ms": round(latency_ms, 1), "load_s": round(load_s, 2), "views": len(views),
-            "providers": providers, "model": f"{gen.name} {gen.version}"}
+            "providers": providers, "model": f"{gen.name} {gen.version}", "greedy_tokens": len(ids),
+            "tokens_per_s": round(tps, 1)}
     return [Check("inference", OK, f"sample study ({len(views)} view(s)) drafted in {latency_ms:.0f} ms on "
-                  f"{', '.join(providers) or '?'} (model load {load_s:.1f} s): \"{text[:60]}\"", data=data)]
+                  f"{', '.join(providers) or '?'} (model load {load_s:.1f} s; greedy decoding {tps:.0f} tokens/s): "
+                  f"\"{text[:60]}\"", data=data)]
 
 
 def _echo(ctx: Context, ae_title: str, host: str, port: int, tls: bool) -> tuple[bool, str, bool]:
