@@ -66,7 +66,8 @@ import pydicom.errors
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import index, outbound
+from dicom_node import index
+from dicom_node.commit import Enqueue, StoredFile, commit_dataset
 from dicom_node.config import Config, Reviewer
 from dicom_node.db import (
     Draft,
@@ -940,78 +941,72 @@ class ReviewService:
         relpath = self.store.instance_relpath(
             signed_ds.StudyInstanceUID, signed_ds.SeriesInstanceUID, signed_ds.SOPInstanceUID
         )
-        existed = self.store.abspath(relpath).exists()
-        size, sha256 = self.store.write_dataset(signed_ds, relpath)
         now = self.clock()
-        try:
-            with self.sessions() as s, s.begin():
-                # lock the study row first (PostgreSQL; SQLite has one writer anyway): an instance
-                # registered now waits for this transaction, so the generation checked below is the
-                # one committed with the signature
-                s.execute(
-                    select(Study.id).where(Study.study_instance_uid == study_uid).with_for_update()
-                ).first()
-                res = s.execute(
-                    update(Draft)
-                    .where(
-                        and_(
-                            Draft.id == draft_id,
-                            Draft.state == DraftState.IN_REVIEW,
-                            Draft.claimed_by == user,
-                            self._study_unchanged(),
-                        )
+
+        def take_draft(s: Session) -> None:
+            # lock the study row first (PostgreSQL; SQLite has one writer anyway): an instance
+            # registered now waits for this transaction, so the generation checked below is the
+            # one committed with the signature
+            s.execute(select(Study.id).where(Study.study_instance_uid == study_uid).with_for_update()).first()
+            res = s.execute(
+                update(Draft)
+                .where(
+                    and_(
+                        Draft.id == draft_id,
+                        Draft.state == DraftState.IN_REVIEW,
+                        Draft.claimed_by == user,
+                        self._study_unchanged(),
                     )
-                    .values(
-                        state=DraftState.SIGNED,
-                        signed_by=user,
-                        signed_at=now,
-                        signed_sop_instance_uid=signed_ds.SOPInstanceUID,
-                        signed_path=relpath,
-                        signed_findings=findings,
-                        signed_impression=impression,
-                    )
-                    .execution_options(synchronize_session=False)
                 )
-                if _rowcount(res) != 1:
-                    raise self._explain_refusal(s, draft_id, user, now)
-                index.register_instance(
-                    s, signed_ds, relpath, size, sha256, self.config.node.ae_title, generated=True
+                .values(
+                    state=DraftState.SIGNED,
+                    signed_by=user,
+                    signed_at=now,
+                    signed_sop_instance_uid=signed_ds.SOPInstanceUID,
+                    signed_path=relpath,
+                    signed_findings=findings,
+                    signed_impression=impression,
                 )
-                s.execute(
-                    update(Study)
-                    .where(Study.study_instance_uid == study_uid)
-                    .values(state=StudyState.SIGNED)
-                    .execution_options(synchronize_session=False)
-                )
-                changes = _edit_summary(ai_findings, ai_impression, findings, impression)
-                if changes:
-                    index.audit(s, user, "edited", study_uid, draft_uid, changes)
-                index.audit(
-                    s,
-                    user,
-                    "signed",
-                    study_uid,
-                    signed_ds.SOPInstanceUID,
-                    json.dumps(
-                        {
-                            "draft": draft_uid,
-                            "verifier": reviewer.display_name,
-                            "organisation": reviewer.organisation,
-                            "edited": bool(changes),
-                        }
-                    ),
-                )
-                if critical is not None and communication is not None:
-                    _record_critical(s, draft_id, study_uid, signed_ds.SOPInstanceUID, user, communication, now)
-                # the undo window (review.undo_window_s): queued now, due only when it has passed
-                # (or when the reviewer sends it at once, send_signed_now); undo_sign withdraws it
-                hold = dt.timedelta(seconds=self.config.review.undo_window_s)
-                for t in outbound.enqueue(s, self.config, signed_ds.SOPInstanceUID, relpath, kind="signed"):
-                    t.next_attempt_at = t.next_attempt_at + hold
-        except BaseException:
-            if not existed:
-                self.store.remove(relpath)
-            raise
+                .execution_options(synchronize_session=False)
+            )
+            if _rowcount(res) != 1:
+                raise self._explain_refusal(s, draft_id, user, now)
+
+        def signed_rows(s: Session, stored: StoredFile) -> None:
+            s.execute(
+                update(Study)
+                .where(Study.study_instance_uid == study_uid)
+                .values(state=StudyState.SIGNED)
+                .execution_options(synchronize_session=False)
+            )
+            changes = _edit_summary(ai_findings, ai_impression, findings, impression)
+            if changes:
+                index.audit(s, user, "edited", study_uid, draft_uid, changes)
+            index.audit(
+                s,
+                user,
+                "signed",
+                study_uid,
+                signed_ds.SOPInstanceUID,
+                json.dumps(
+                    {
+                        "draft": draft_uid,
+                        "verifier": reviewer.display_name,
+                        "organisation": reviewer.organisation,
+                        "edited": bool(changes),
+                    }
+                ),
+            )
+            if critical is not None and communication is not None:
+                _record_critical(s, draft_id, study_uid, signed_ds.SOPInstanceUID, user, communication, now)
+
+        # one commit (dicom_node.commit): the file, then the signature, the index row, the audit and
+        # the transfers in one transaction; the file is removed if it fails. The transfers are due only
+        # when the undo window (review.undo_window_s) has passed, or when the reviewer sends at once
+        # (send_signed_now); undo_sign withdraws them
+        commit_dataset(self.store, self.sessions, signed_ds, relpath, signed_rows,
+                       registered_by=self.config.node.ae_title, prepare=take_draft,
+                       enqueue=Enqueue(self.config, "signed", dt.timedelta(seconds=self.config.review.undo_window_s)))
         log.info("draft %s signed: verified SR %s", draft_id, signed_ds.SOPInstanceUID)
         return SignResult(
             draft_id=draft_id, study_instance_uid=study_uid, state=DraftState.SIGNED, signed_by=user, signed_at=now,
