@@ -14,10 +14,21 @@ from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from support import synthetic  # noqa: E402
 from support.postgres import private_database
 
-from support import synthetic  # noqa: E402
 from plugin.review.service import ReviewService  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def reviewer_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Each test's reviewer keeps its layout and text size (QSettings, INI) in a fresh folder,
+    never in the user's ~/.config: nothing carries over from one test to the next."""
+    from PyQt6.QtCore import QSettings
+
+    folder = tmp_path_factory.mktemp("qsettings")
+    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(folder))
+    yield folder
 
 
 @pytest.fixture(scope="session")

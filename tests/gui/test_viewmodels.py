@@ -6,10 +6,10 @@ import datetime as dt
 
 import pytest
 from sqlalchemy import select
+from support import synthetic
 
 from dicom_node.db import AuditEvent, DraftState
 from gui import viewmodels
-from support import synthetic
 from gui.viewmodels import ReviewModel, WorklistModel, open_review
 from plugin.review.draft_info import InputCheck, ObservationCall, ViewCheck
 from plugin.review.service import DraftDetail, ReviewError, ReviewService, WorklistRow
@@ -43,10 +43,12 @@ def row(i: int, state: str = "new", **kw: object) -> WorklistRow:
 def test_cells_and_next_open_row() -> None:
     r = row(1, "in_review", claimed_by="bob")
     texts = [viewmodels.cell_text(r, c) for c in range(len(viewmodels.COLUMNS))]
-    assert texts == ["P, 1", "ID1", "2026-11-24", "A1", "PA + LATERAL", "1 min", "in review by bob",
+    age = viewmodels.format_study_age("20261124")
+    assert texts == ["—", "P, 1", "ID1", "2026-11-24", "A1", "PA + LATERAL", age, "1 min", "in review by bob",
                      "drafted (input not checked)"]
-    assert viewmodels.cell_text(r, 6, user="bob") == "in review by you"
-    assert viewmodels.cell_text(r, 6, user="alice") == "in review by bob"
+    state = viewmodels.column_index("State")
+    assert viewmodels.cell_text(r, state, user="bob") == "in review by you"
+    assert viewmodels.cell_text(r, state, user="alice") == "in review by bob"
     assert "Reason: too dark" in viewmodels.row_tooltip(row(2, "rejected", detail="too dark"))
     assert "Failed: model missing" in viewmodels.row_tooltip(row(3, "failed", detail="model missing"))
     vm = WorklistModel(service=None)  # type: ignore[arg-type]
@@ -56,7 +58,7 @@ def test_cells_and_next_open_row() -> None:
     assert nxt is not None and nxt.draft_id == 4  # skips in-review and signed rows
     nxt = vm.next_open_after(4)
     assert nxt is not None and nxt.draft_id == 1  # wraps around
-    assert vm.sort_by(4, False) is False  # Views cannot be sorted
+    assert vm.sort_by(viewmodels.column_index("Views"), False) is False  # Views cannot be sorted
     assert vm.sort_by(0, True) is True and vm.sort_column == 0 and vm.descending
 
 
@@ -88,7 +90,14 @@ def test_grounded_sentences_are_marked_whatever_their_probability() -> None:
     assert [(s.start, s.end) for s in viewmodels.grounded_spans("a. b. A.", (("a.", 0.5),))] == [(0, 2), (6, 8)]
 
 
-def test_review_model_states_and_banner() -> None:
+def test_review_model_states_and_banner(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+    import types
+
+    from dicom_node.config import Reviewer
+
+    monkeypatch.setenv("TZ", "Europe/Oslo")  # the banner says the reviewer's local time
+    time.tzset()
     vm = ReviewModel(service=None, user="alice", detail=detail(), holds_claim=True)  # type: ignore[arg-type]
     kind, text = vm.banner()
     assert kind == "draft" and "AI DRAFT — UNVERIFIED" in text and "cxr-tiny 1.0" in text
@@ -108,13 +117,21 @@ def test_review_model_states_and_banner() -> None:
     with pytest.raises(ReviewError):
         other.set_text("x", "y")
 
-    signed = ReviewModel(service=None, user="bob", holds_claim=False, detail=detail(  # type: ignore[arg-type]
+    reviewers = {"alice": Reviewer(username="alice", display_name="Moreau^Alice^^Dr", organisation="Hospital")}
+    svc = types.SimpleNamespace(find_reviewer=reviewers.get)
+    signed = ReviewModel(service=svc, user="bob", holds_claim=False, detail=detail(  # type: ignore[arg-type]
         state=DraftState.SIGNED, signed_by="alice", signed_at=dt.datetime(2026, 11, 25, 9, 30),
         signed_findings="Signed findings.", signed_impression="Signed impression."))
     assert signed.is_final and signed.read_only
     assert signed.findings == "Signed findings."  # a signed report shows what was signed
     kind, text = signed.banner()
-    assert kind == "final" and "SIGNED — VERIFIED by alice on 2026-11-25 09:30" in text
+    # the reviewer's configured name and local time (09:30 UTC is 10:30 in Oslo in November), not the account and UTC
+    assert kind == "final" and "SIGNED — VERIFIED by Dr Alice Moreau on 2026-11-25 10:30 CET" in text
+    assert "alice" not in text and "UTC" not in text
+    reviewers.clear()  # no longer a configured reviewer: the account is all there is to say
+    assert "VERIFIED by alice on" in signed.banner()[1]
+    monkeypatch.delenv("TZ")
+    time.tzset()
     assert "UNVERIFIED" not in text
 
     for state, word in ((DraftState.REJECTED, "REJECTED"), (DraftState.SUPERSEDED, "SUPERSEDED")):

@@ -13,10 +13,10 @@ from PyQt6.QtCore import QPoint, QPointF, Qt
 from PyQt6.QtGui import QWheelEvent
 from PyQt6.QtWidgets import QApplication
 from sqlalchemy import select
+from support import synthetic
 
 from dicom_node.db import AuditEvent, Draft, DraftState, Transfer
 from gui import viewmodels
-from support import synthetic
 from gui.widgets import ImageView
 from gui.window import ReviewerWindow
 from plugin.drafting import sr
@@ -55,7 +55,7 @@ def test_full_review_worklist_open_edit_sign(qtbot, make_window, node: synthetic
     wait_refreshed(qtbot, w)
     assert [r.patient_id for r in w.worklist_vm.rows] == ["CXR-10001", "CXR-10002", "CXR-10003"]  # oldest first
     assert w.worklist.model.rowCount() == 3
-    assert w.worklist.model.index(0, 6).data() == "new"
+    assert w.worklist.model.index(0, viewmodels.column_index("State")).data() == "new"
 
     draft_id = open_row(qtbot, w, "CXR-10001")
     # both views side by side, labelled; indication above the report; the draft is marked unverified
@@ -73,7 +73,7 @@ def test_full_review_worklist_open_edit_sign(qtbot, make_window, node: synthetic
     assert not pane.findings.isReadOnly() and pane.sign_button.isEnabled()
     wait_refreshed(qtbot, w)
     assert w.worklist_vm.rows[row_of(w, "CXR-10001")].state_label == "in review by alice"
-    assert w.worklist.model.index(row_of(w, "CXR-10001"), 6).data() == "in review by you"
+    assert w.worklist.model.index(row_of(w, "CXR-10001"), viewmodels.column_index("State")).data() == "in review by you"
 
     # edit with the keyboard, look at the diff, sign with Ctrl+Enter
     pane.impression.setFocus()
@@ -368,7 +368,7 @@ def test_withheld_study_not_drafted_empty_editor_signed_from_scratch(qtbot, make
     i = row_of(w, patient_id)
     status = w.worklist.model.index(i, len(viewmodels.COLUMNS) - 1).data()
     assert status.startswith("not drafted: ") and "model" in status
-    assert w.worklist.model.index(i, 6).data() == "new"  # it waits for a report like any other study
+    assert w.worklist.model.index(i, viewmodels.column_index("State")).data() == "new"  # it waits for a report like any other study
     assert open_row(qtbot, w, patient_id) == draft_id
     pane = w.report
     assert pane.banner.objectName() == "banner_withheld"
@@ -408,7 +408,7 @@ def test_partial_draft_says_which_view_was_not_used(qtbot, make_window, node: sy
                               failed={"LL": ["unlike the images the model was trained on (score 7.2 > limit 5.1)"]})
     w = make_window("alice")
     wait_refreshed(qtbot, w)
-    assert w.worklist.model.index(row_of(w, "CXR-10003"), 7).data() == (
+    assert w.worklist.model.index(row_of(w, "CXR-10003"), viewmodels.column_index("AI draft")).data() == (
         "drafted without LL: the lateral view is unlike the training images")
     open_row(qtbot, w, "CXR-10003")
     pane = w.report
