@@ -82,10 +82,10 @@ def test_transfer_decisions_follow_the_database_clock(pg_url: str, make_config: 
 
         # 2. the attempt fails (connection refused): the next one is backoff_s after the
         #    database's now, whatever this host's clock says
-        t = process_one(sessions, config, store, "host-a:1:outbound", send_file)
-        assert t is not None and t.state == TransferState.PENDING and t.attempts == 1
-        assert "pacs" in (t.last_error or "")  # the real attempt failed (nothing listens)
-        delay = (t.next_attempt_at - _db_now(sessions)).total_seconds()
+        tried = process_one(sessions, config, store, "host-a:1:outbound", send_file)
+        assert tried is not None and tried.state == TransferState.PENDING and tried.attempts == 1
+        assert "pacs" in (tried.last_error or "")  # the real attempt failed (nothing listens)
+        delay = (tried.next_attempt_at - _db_now(sessions)).total_seconds()
         assert 110 < delay <= 120, f"next attempt {delay:.0f} s after the database's now, expected ~120"
 
         # 3. a host whose clock runs a day ahead sees it due at once by its own clock: it must not
