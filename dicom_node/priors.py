@@ -38,12 +38,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
-from sqlalchemy import exists, select, update
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
 from dicom_node.config import Config
-from dicom_node.db import Draft, DraftPrior, DraftState, PriorInstance, PriorStudy, db_utcnow
+from dicom_node.db import (
+    Draft,
+    DraftPrior,
+    DraftState,
+    Job,
+    JobState,
+    PriorInstance,
+    PriorStudy,
+    db_utcnow,
+)
 from dicom_node.qr import REPORT_MODALITIES, QRError, QRSession, SeriesMatch, StudyMatch
 from dicom_node.store import Store, _safe_component
 
@@ -213,12 +222,16 @@ def link_draft(session: object, draft_id: int, prior_id: int) -> None:
 
 def prune(config: Config, sessions: sessionmaker, store: Store, now: dt.datetime | None = None) -> int:
     """Delete priors fetched more than ``priors.retention_days`` ago that no open draft compares
-    with (rows, then files and their folder); return how many."""
+    with and no running job may still link (rows, then files and their folder); return how many."""
     with sessions() as s:
         now = now or db_utcnow(s)
         cutoff = now - dt.timedelta(days=config.priors.retention_days)
         in_use = exists().where(DraftPrior.prior_id == PriorStudy.id, DraftPrior.draft_id == Draft.id,
                                 Draft.state.in_((DraftState.NEW, DraftState.IN_REVIEW)))
+        # a job still running may have fetched a prior it has not linked to its draft yet
+        running_since = s.scalar(select(func.min(Job.updated_at)).where(Job.state == JobState.RUNNING))
+        if running_since is not None:
+            cutoff = min(cutoff, running_since)
         expired = s.execute(select(PriorStudy.id, PriorStudy.study_instance_uid)
                             .where(PriorStudy.fetched_at < cutoff, ~in_use)).all()
     n = 0

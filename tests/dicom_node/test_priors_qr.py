@@ -20,8 +20,18 @@ from sqlalchemy import func, select
 from support.priors import ISSUER, patient_history
 
 from dicom_node.config import Config, load_config
-from dicom_node.db import Draft, DraftPrior, Instance, PriorInstance, PriorStudy, Study, make_engine, migrate, \
-    session_factory
+from dicom_node.db import (
+    Draft,
+    DraftPrior,
+    Instance,
+    Job,
+    PriorInstance,
+    PriorStudy,
+    Study,
+    make_engine,
+    migrate,
+    session_factory,
+)
 from dicom_node.priors import fetch_priors, prune
 from dicom_node.qr import QRError, QRSession
 from dicom_node.store import Store
@@ -187,6 +197,14 @@ def test_prior_retention_prunes_old_priors_not_in_use(pacs: OrthancServer, node_
         paths = [i.path for i in s.scalars(select(PriorInstance).where(PriorInstance.prior_id == ids[0]))]
     assert prune(config, sessions, store) == 0  # all fresh
     later = dt.datetime.now(dt.UTC).replace(tzinfo=None) + dt.timedelta(days=config.priors.retention_days + 1)
+    # a job that started before the fetch and still runs may yet link the prior to its draft
+    with sessions() as s, s.begin():
+        job = Job(study_id=study.id, state="running", updated_at=dt.datetime.now(dt.UTC).replace(tzinfo=None)
+                  - dt.timedelta(hours=1))
+        s.add(job)
+    assert prune(config, sessions, store, now=later) == 0
+    with sessions() as s, s.begin():
+        s.get(Job, job.id).state = "done"  # type: ignore[union-attr]
     assert prune(config, sessions, store, now=later) == 1
     with sessions() as s:
         assert s.get(PriorStudy, ids[0]) is None and s.get(PriorStudy, ids[1]) is not None
