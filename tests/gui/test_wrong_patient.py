@@ -90,7 +90,7 @@ def test_wrong_patient_highlight_follows_open_study_after_sort_refresh_failure_a
     first = open_row(qtbot, w, "CXR-10001")
     before = row_of(w, "CXR-10001")
     # sorting moves the open study's row: the highlight moves with it
-    w.worklist.table.sortByColumn(1, Qt.SortOrder.DescendingOrder)  # Patient ID, descending
+    w.worklist.table.sortByColumn(viewmodels.column_index("Patient ID"), Qt.SortOrder.DescendingOrder)
     wait_idle(qtbot, w)
     assert row_of(w, "CXR-10001") != before
     assert highlighted(w) == [first]
@@ -349,3 +349,73 @@ def test_wrong_patient_undo_window_on_postgresql(tmp_path, postgres_url: str) ->
             assert d is not None and d.state == DraftState.SIGNED
     finally:
         node.engine.dispose()
+
+
+# -- Sign & next (F12): what is signed is the study shown, never the one moved to ------------------
+
+def _signed_patient(node: synthetic.NodeFixture, draft_id: int) -> str:
+    import pydicom
+
+    with node.sessions() as s:
+        d = s.get(Draft, draft_id)
+        assert d is not None and d.signed_path
+        return str(pydicom.dcmread(node.store.abspath(d.signed_path)).PatientID)
+
+
+def test_wrong_patient_sign_and_next_signs_only_the_study_shown(qtbot, make_window, node, service) -> None:  # type: ignore[no-untyped-def]
+    w = make_window("alice")
+    w.skip_unchanged_confirmation, w.min_dwell_s = True, 0.0  # the fastest flow: no question asked
+    first = open_row(qtbot, w, "CXR-10001")
+    assert "CXR-10001" in w.report.signing_for.text()
+    # bob takes CXR-10002 after alice's worklist was fetched: it is passed over, not opened read-only
+    bobs = next(r.draft_id for r in service.worklist() if r.patient_id == "CXR-10002")
+    service.claim(bobs, "bob")
+    # two presses at once: the second comes while the first signature is being written: ignored
+    with qtbot.waitSignal(w.review_shown, timeout=WAIT):
+        qtbot.keyClick(w.report.findings, Qt.Key.Key_F12)
+        qtbot.keyClick(w.report.findings, Qt.Key.Key_F12)
+    wait_idle(qtbot, w)
+    assert signed_ids(node) == [first]
+    assert _signed_patient(node, first) == "CXR-10001"  # the verified SR is the study that was shown
+    assert w.review is not None and w.review.detail.patient_id == "CXR-10003" and w.review.holds_claim
+    assert highlighted(w) == [w.review.detail.draft_id] and "CXR-10003" in w.report.signing_for.text()
+    with node.sessions() as s:
+        held = s.get(Draft, bobs)
+        assert held is not None and held.claimed_by == "bob" and held.state == DraftState.IN_REVIEW
+    # while the next study is still opening, the key signs nothing (neither the old nor the new)
+    third = w.review.detail.draft_id
+    w._opening = third
+    qtbot.keyClick(w.report.findings, Qt.Key.Key_F12)
+    w.tasks.wait()
+    w._opening = None
+    assert signed_ids(node) == [first]
+    # the report pane must show the study being signed: an empty pane signs nothing
+    w.report.show_review(None)
+    qtbot.keyClick(w, Qt.Key.Key_F12)
+    w.tasks.wait()
+    assert signed_ids(node) == [first] and "not the open study" in w.status_label.text()
+    w.report.show_review(w.review, w._signer_text())
+    # Undo after moving on: the signed study (CXR-10001) comes back with its text, highlighted;
+    # the study moved to is given back to the worklist
+    assert w.report.undo_bar.isVisible() and "CXR-10001" in w.report.undo_label.text()
+    with qtbot.waitSignal(w.sign_undone, timeout=WAIT):
+        qtbot.keyClick(w, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)
+    wait_idle(qtbot, w)
+    assert signed_ids(node) == []
+    assert w.review.detail.draft_id == first and w.review.holds_claim and highlighted(w) == [first]
+    assert "CXR-10001" in w.report.signing_for.text()
+    with node.sessions() as s:
+        moved_to = s.get(Draft, third)
+        assert moved_to is not None and moved_to.claimed_by in (None, "") and moved_to.state == DraftState.NEW
+
+
+def test_wrong_patient_sign_and_next_refuses_placeholders_and_keeps_the_study(qtbot, make_window, node) -> None:  # type: ignore[no-untyped-def]
+    """CXR-10002's draft holds an "xxxx": Sign & next refuses it, signs nothing, opens nothing."""
+    w = make_window("alice")
+    w.skip_unchanged_confirmation, w.min_dwell_s = True, 0.0
+    draft_id = open_row(qtbot, w, "CXR-10002")
+    qtbot.keyClick(w.report.findings, Qt.Key.Key_F12)
+    w.tasks.wait()
+    wait_idle(qtbot, w)
+    assert signed_ids(node) == [] and w.errors and w.errors[-1][0] == "Not signed"
+    assert w.review is not None and w.review.detail.draft_id == draft_id and highlighted(w) == [draft_id]
