@@ -100,6 +100,7 @@ def run_worklist(args: argparse.Namespace) -> int:
                 "model": f"{r.model_name} {r.model_version}".strip(), "detail": r.detail,
                 "input_check": r.input_outcome or None, "input_reason": r.input_reason,
                 "views_not_used": list(r.views_not_used), "ai_draft": viewmodels.draft_status(r, full=True),
+                "priority": r.priority or None, "critical": list(r.critical),
             }
             for r in rows
         ], indent=2))

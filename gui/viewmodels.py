@@ -152,6 +152,7 @@ class Column:
 
 
 COLUMNS = (
+    Column("priority", "Priority"),  # STAT, ED, inpatient, outpatient; ⚠ = a critical draft
     Column("patient_name", "Patient"),
     Column("patient_id", "Patient ID"),
     Column("study_date", "Study date"),
@@ -201,8 +202,21 @@ def draft_status(row: WorklistRow, full: bool = False) -> str:
     return "drafted (input not checked)"
 
 
+#: what the Priority column shows before the priority of a critical draft
+CRITICAL_MARK = "⚠"
+
+
+def priority_text(row: WorklistRow) -> str:
+    """The Priority cell: ``STAT``, ``ED``, ``inpatient``, ``outpatient`` or ``—`` (the request
+    did not say), after :data:`CRITICAL_MARK` when the draft crossed a critical threshold."""
+    label = row.priority or "—"
+    return f"{CRITICAL_MARK} {label}" if row.critical else label
+
+
 def cell_text(row: WorklistRow, column: int, user: str = "") -> str:
     key = COLUMNS[column].title
+    if key == "Priority":
+        return priority_text(row)
     if key == "Patient":
         return format_person_name(row.patient_name)
     if key == "Patient ID":
@@ -227,6 +241,11 @@ def cell_text(row: WorklistRow, column: int, user: str = "") -> str:
 
 def row_tooltip(row: WorklistRow) -> str:
     lines = [f"Study {row.study_instance_uid}"]
+    lines.append(f"Priority: {row.priority}" if row.priority else
+                 "Priority: not stated in the request (no STAT priority, patient location or admission)")
+    if row.critical:
+        lines.append("Critical draft (reading-order aid, not a diagnosis; see the README):")
+        lines += [f"  {c}" for c in row.critical]
     if row.model_name:
         lines.append(f"Model {row.model_name} {row.model_version}".rstrip())
     if row.detail:
@@ -245,8 +264,10 @@ class WorklistModel:
     user: str = ""  # rows this account holds read "in review by you"
     state_filter: str = "To review"
     search: str = ""
-    sort_column: int = field(default_factory=lambda: column_index("Draft age"))
-    descending: bool = True  # oldest first
+    #: most urgent first (STAT, ED, inpatient, outpatient, not stated), critical drafts first
+    #: within each, then the oldest (plugin.review.service.sort_rows)
+    sort_column: int = field(default_factory=lambda: column_index("Priority"))
+    descending: bool = False
     rows: list[WorklistRow] = field(default_factory=list)
 
     def fetch(self) -> list[WorklistRow]:

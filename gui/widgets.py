@@ -681,6 +681,11 @@ GATE_COLOURS = {
 }
 
 
+#: the Priority column: a critical draft in red, STAT and ED in warm colours
+CRITICAL_COLOUR = QColor(207, 34, 46)
+PRIORITY_COLOURS = {"STAT": QColor(207, 34, 46), "ED": QColor(188, 76, 0)}
+
+
 class WorklistTable(QAbstractTableModel):
     """Qt face of :class:`gui.viewmodels.WorklistModel`; sorting asks for a refetch."""
 
@@ -713,6 +718,13 @@ class WorklistTable(QAbstractTableModel):
             return STATE_COLOURS.get(row.state)
         if role == Qt.ItemDataRole.ForegroundRole and viewmodels.COLUMNS[index.column()].title == "AI draft":
             return GATE_COLOURS.get(row.input_outcome)
+        if viewmodels.COLUMNS[index.column()].title == "Priority":
+            if role == Qt.ItemDataRole.ForegroundRole:
+                return CRITICAL_COLOUR if row.critical else PRIORITY_COLOURS.get(row.priority)
+            if role == Qt.ItemDataRole.FontRole and (row.critical or row.priority in PRIORITY_COLOURS):
+                f = QFont()
+                f.setBold(True)
+                return f
         if role == Qt.ItemDataRole.FontRole and row.state == STATE_NEW:
             f = QFont()
             f.setBold(True)

@@ -52,6 +52,7 @@ from PyQt6.QtWidgets import (
 
 from gui import tools, viewmodels
 from gui.keys import KEYS
+from gui.templates import TemplateHook
 from gui.widgets import (
     MARK_COLOURS,
     MarkedEditor,
@@ -660,6 +661,7 @@ class ReviewerWindow(QMainWindow):
         self._status_timer.setSingleShot(True)
         self._status_timer.timeout.connect(lambda: self.status_label.setText(""))
         self._bind_keys()
+        self.template_hook = TemplateHook(self)  # report templates: .trigger + Tab, Ctrl+1..9, Ctrl+T
         self.restore_layout()
         self.refresh()
 

@@ -63,7 +63,7 @@ def test_worklist_says_not_drafted(node: synthetic.NodeFixture, capsys: pytest.C
 def test_worklist_table_text(node: synthetic.NodeFixture, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["worklist", "--config", str(node.root / "cxrnode.toml"), "--search", "nakamura"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split()[:2] == ["Patient", "Patient"] and "NAKAMURA, Yui" in out[2]
+    assert out[0].split()[:3] == ["Priority", "Patient", "Patient"] and "NAKAMURA, Yui" in out[2]
     assert len(out) == 3
     assert cli.main(["worklist", "--config", str(node.root / "cxrnode.toml"), "--state", "signed"]) == 0
     assert capsys.readouterr().out.strip() == "No drafts."

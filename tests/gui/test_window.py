@@ -243,7 +243,7 @@ def test_search_filter_and_sort(qtbot, make_window) -> None:  # type: ignore[no-
     qtbot.waitUntil(lambda: [r.patient_id for r in w.worklist_vm.rows] == ["CXR-10002"], timeout=WAIT)
     w.worklist.search.clear()
     qtbot.waitUntil(lambda: len(w.worklist_vm.rows) == 3, timeout=WAIT)
-    w.worklist.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)
+    w.worklist.table.sortByColumn(viewmodels.column_index("Patient"), Qt.SortOrder.AscendingOrder)
     qtbot.waitUntil(lambda: [r.patient_name for r in w.worklist_vm.rows] == ["Lindqvist^Erik", "Moreau^Claire", "Nakamura^Yui"], timeout=WAIT)
     w.worklist.state.setCurrentText("Signed")
     qtbot.waitUntil(lambda: w.worklist_vm.rows == [] and not w._refreshing, timeout=WAIT)
