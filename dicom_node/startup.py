@@ -221,6 +221,27 @@ def check_schema(config: Config) -> None:
                            str(exc).split("; ", 1)[1] if "; " in str(exc) else "run `cxrnode migrate`") from exc
 
 
+def prepare_schema(config: Config) -> None:
+    """What every other program that opens the index does before it uses it (the reviewer, the
+    worklist), as ``serve`` does: an SQLite index (one host) is migrated under
+    :func:`dicom_node.db.migrate_locked` and must not lie on a network filesystem; a PostgreSQL
+    one must answer and be at this code's revision (only ``cxrnode migrate`` changes it).
+    Raises :class:`StartupError` (one line with :meth:`StartupError.line`)."""
+    from dicom_node.db import SchemaMismatch, is_sqlite, migrate_locked
+
+    url = config.node.resolved_database_url()
+    if not is_sqlite(url):
+        check_database(config)
+        check_schema(config)
+        return
+    check_sqlite_location(config)
+    try:
+        migrate_locked(url)
+    except SchemaMismatch as exc:
+        what, _, todo = str(exc).partition("; ")
+        raise StartupError(EXIT_CONFIG, "node.database_url", what, todo or "upgrade cxrnode on this host") from exc
+
+
 def check_port(config: Config) -> None:
     host, port = config.node.host, config.node.port
     if port == 0:

@@ -82,9 +82,14 @@ def _service(args: argparse.Namespace) -> ReviewService:
 
 
 def run_worklist(args: argparse.Namespace) -> int:
+    from dicom_node.startup import StartupError
     from gui import viewmodels
 
-    svc = _service(args)
+    try:
+        svc = _service(args)
+    except StartupError as exc:  # the schema is not this version's (or unreachable): one line, as serve says it
+        print(exc.line("worklist"), file=sys.stderr)
+        return exc.code
     if args.all:
         rows = svc.worklist(states=None, search=args.search)
     elif args.state:
@@ -182,7 +187,13 @@ def run_review(args: argparse.Namespace) -> int:
     if problem:
         print(f"cxrnode review: {problem}", file=sys.stderr)
         return 2
-    svc = _service(args)
+    from dicom_node.startup import StartupError
+
+    try:
+        svc = _service(args)
+    except StartupError as exc:
+        print(exc.line("review"), file=sys.stderr)
+        return exc.code
     user = current_user()
     from gui.app import run
 

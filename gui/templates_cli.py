@@ -82,11 +82,16 @@ def add_subcommands(subparsers: Any) -> None:
 
 
 def _library(args: argparse.Namespace) -> TemplateLibrary:
-    from dicom_node.db import make_engine, migrate, session_factory
+    from dicom_node.db import make_engine, session_factory
+    from dicom_node.startup import StartupError, prepare_schema
 
     config = load_config(args.config, overrides=args.overrides)
     url = config.node.resolved_database_url()
-    migrate(url)
+    try:
+        prepare_schema(config)  # as serve: SQLite migrated under the lock; PostgreSQL only by `cxrnode migrate`
+    except StartupError as exc:
+        print(exc.line("templates"), file=sys.stderr)
+        raise SystemExit(exc.code) from exc
     return TemplateLibrary(config, session_factory(make_engine(url)))
 
 

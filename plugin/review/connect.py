@@ -1,4 +1,5 @@
-"""Open the review service from a configuration: the database (migrated) and the store.
+"""Open the review service from a configuration: the database (its schema checked as ``cxrnode
+serve`` checks it) and the store.
 
 The reviewer (``gui``) starts here, so it never touches the schema module itself: what it gets
 back is a :class:`~plugin.review.service.ReviewService` returning typed results.
@@ -7,19 +8,23 @@ back is a :class:`~plugin.review.service.ReviewService` returning typed results.
 from __future__ import annotations
 
 from dicom_node.config import Config
-from dicom_node.db import make_engine, migrate, session_factory
+from dicom_node.db import make_engine, session_factory
+from dicom_node.startup import prepare_schema
 from dicom_node.store import Store
 from plugin.review.service import ReviewService
 
 
 def open_service(config: Config, claim_timeout_s: float | None = None) -> ReviewService:
-    """A :class:`ReviewService` on ``config``'s database (migrated to head first) and store.
+    """A :class:`ReviewService` on ``config``'s database and store. The schema is prepared as
+    ``serve`` does (:func:`dicom_node.startup.prepare_schema`): the embedded SQLite index migrated
+    under the lock, a PostgreSQL one only checked (``cxrnode migrate`` changes it); a problem is
+    a :class:`dicom_node.startup.StartupError` (one line: ``exc.line(command)``).
 
     ``claim_timeout_s``: how long a claim lasts without a heartbeat (default: the config's
     ``review.claim_timeout_s``).
     """
     url = config.node.resolved_database_url()
-    migrate(url)
+    prepare_schema(config)
     store = Store(config.node.storage_dir, fsync=config.node.fsync, min_free_space_mb=config.node.min_free_space_mb)
     return ReviewService(config, session_factory(make_engine(url)), store,
                          claim_timeout_s=claim_timeout_s or config.review.claim_timeout_s)
