@@ -490,8 +490,18 @@ class StorageSCP:
             log.warning("C-STORE of %r from %r refused with 0x%04X: SOP Class %r sent on a presentation context "
                         "for %r", sop_uid, calling, SOP_CLASS_NOT_SUPPORTED, sop_class, context_class)
             return SOP_CLASS_NOT_SUPPORTED
-        if not isinstance(spool, SpoolFile):
-            return self._store_path(Path(event.dataset_path), sop_class, sop_uid, calling)
+        if isinstance(spool, SpoolFile):
+            return self._store_spool(spool, sop_class, sop_uid, calling)
+        # the fast path is off (see the start-up self-check): pynetdicom kept the data set
+        # elsewhere; copy it into a spool file in tmp/ so it is checked and placed the same way
+        spool = self._copy_to_spool(event)
+        try:
+            return self._store_spool(spool, sop_class, sop_uid, calling)
+        finally:
+            spool.discard()
+
+    def _store_spool(self, spool: SpoolFile, sop_class: str, sop_uid: str, calling: str) -> int:
+        """Check a received data set in ``spool`` and place and index it (or refuse it)."""
         try:
             spool.finish(self.store.fsync)
         except OSError as exc:
@@ -521,31 +531,26 @@ class StorageSCP:
     def _max_inflated(self) -> int:
         return self.config.node.max_inflated_mb * (1 << 20)
 
-    def _store_path(self, path: Path, sop_class: str, sop_uid: str, calling: str) -> int:
-        """Fallback when pynetdicom spooled elsewhere (spooling not installed)."""
+    def _copy_to_spool(self, event: evt.Event) -> SpoolFile:
+        """The received data set as a Part 10 file in a new spool file (not yet finished): from
+        the file pynetdicom wrote (chunked receive without our spool files) or from memory."""
+        spool = self.store.new_spool()
         try:
-            self.store.check_space(os.path.getsize(path))
-            ds = inspect_received(path, sop_class, sop_uid, self._max_inflated)
-        except OutOfSpace:
-            return OUT_OF_RESOURCES
-        except Rejected as exc:
-            log.warning("C-STORE of %r refused with 0x%04X: %s", sop_uid, exc.status, exc.reason)
-            return exc.status
-        relpath = self.store.instance_relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID, sop_uid)
-        spool = self.store.new_spool()  # a copy in tmp/, so placing it is one no-replace link
-        try:
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    spool.write(chunk)
-            spool.finish(self.store.fsync)
+            try:
+                received = event.dataset_path
+            except AttributeError:
+                received = None
+            path = Path(received) if received else None  # None: not received chunked, in memory
+            if path is None:
+                spool.write(event.encoded_dataset(include_meta=True))
+            else:
+                with open(path, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        spool.write(chunk)
         except BaseException:
             spool.discard()
             raise
-        try:
-            return self._accept(ds, relpath, spool.size, spool.sha256.hexdigest(), calling,
-                                lambda: self.store.commit_spool(spool, relpath, replace=False), spool.name)
-        finally:
-            spool.discard()
+        return spool
 
     def _same_data_set(self, relpath: str, received: str | os.PathLike[str]) -> bool:
         """Whether the stored file at ``relpath`` and the received file hold the same data set

@@ -157,3 +157,35 @@ def test_threads_of_the_node_use_the_spool(node, tmp_path: Path) -> None:  # typ
         assert int(assoc.send_c_store(ds).Status) == 0
         assoc.release()
     assert len(created) == 1 and created[0][1] == Path(node.store.tmp_dir)
+
+
+@pytest.mark.parametrize("lost", ["chunked_receive", "spool_file"])
+def test_the_node_still_stores_when_a_patch_is_lost(node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    lost: str) -> None:  # type: ignore[no-untyped-def]
+    """Slower, not broken: without the chunked receive (data set in memory) or without the spool
+    factory (pynetdicom's own temporary file) the SCP copies the data set into its spool folder."""
+    import tempfile
+
+    from sqlalchemy import select
+
+    from dicom_node.db import Instance
+
+    if lost == "chunked_receive":
+        monkeypatch.setattr(patches._dimse_messages, "_config", patches._UPSTREAM_CONFIG)
+        monkeypatch.setattr(patches._UPSTREAM_CONFIG, "STORE_RECV_CHUNKED_DATASET", False)
+    else:
+        monkeypatch.setattr(patches._dimse_messages, "NamedTemporaryFile", tempfile.NamedTemporaryFile)
+    assert not patches.fast_path_active()[lost]
+    path = make_instance(tmp_path / "dx.dcm", generate_uid())
+    ds = pydicom.dcmread(path)
+    scu = AE(ae_title="SENDER")
+    scu.add_requested_context(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+    assoc = scu.associate("127.0.0.1", node.port, ae_title="CXRNODE")
+    assert assoc.is_established
+    assert int(assoc.send_c_store(ds).Status) == 0
+    assoc.release()
+    with node.sessions() as s:
+        inst = s.scalars(select(Instance).where(Instance.sop_instance_uid == str(ds.SOPInstanceUID))).one()
+    stored = pydicom.dcmread(node.store.abspath(inst.path))
+    assert stored.PixelData == ds.PixelData and node.store.file_sha256(inst.path) == inst.sha256
+    wait_for(lambda: not any(Path(node.store.tmp_dir).iterdir()), timeout=10)
