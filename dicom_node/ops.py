@@ -50,7 +50,7 @@ from dicom_node.db import (
     StudyState,
     Transfer,
     TransferState,
-    utcnow,
+    db_utcnow,
 )
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ def _age(now: dt.datetime, then: dt.datetime | None) -> float | None:
 
 def queue_summary(s: Session, config: Config, now: dt.datetime | None = None) -> dict[str, Any]:
     """Queue depth and ages for ``status --json`` (key ``queue``) and the Prometheus metrics."""
-    now = now or utcnow()
+    now = now or db_utcnow(s)  # ages by the database's clock, as the queue decides
     waiting = (JobState.PENDING, JobState.RUNNING)
     oldest_pending = s.scalar(select(func.min(Job.created_at)).where(Job.state == JobState.PENDING))
     with_errors = s.scalar(select(func.count()).select_from(Job).where(
@@ -183,7 +183,7 @@ def retry_job(s: Session, job_id: int, actor: str) -> Retried:
     newer = s.scalar(select(func.max(Job.id)).where(Job.study_id == study.id, Job.id > job_id))
     if newer is not None:
         raise RetryRefused(f"job {job_id}: the study has a newer job ({newer}); retry that one")
-    now = utcnow()
+    now = db_utcnow(s)  # due now by the clock every worker claims by
     was = job.state
     detail = f"job {job_id} was {was} after {job.attempts} attempt(s)" + (f": {job.last_error}" if job.last_error else "")
     job.state, job.not_before, job.updated_at = JobState.PENDING, now, now

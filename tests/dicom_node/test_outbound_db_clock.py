@@ -114,3 +114,40 @@ def test_transfer_decisions_follow_the_database_clock(pg_url: str, make_config: 
             assert row.lease_owner is not None and row.lease_owner.startswith("host-c:3:outbound/")
     finally:
         engine.dispose()
+
+
+def test_a_retried_job_is_due_by_the_database_clock(pg_url: str, make_config: Any,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cxrnode jobs retry`` run on a host whose clock is a day ahead: the job is due now for
+    every worker (claimed at once), not in a day."""
+    import dicom_node.ops as ops_mod
+    from dicom_node.db import Job, JobState, Study, StudyState
+    from dicom_node.jobs import claim_job
+    from dicom_node.ops import retry_job
+
+    config = make_config(node={"database_url": pg_url})
+    engine = make_engine(pg_url)
+    sessions = session_factory(engine)
+    try:
+        with sessions() as s:
+            now = db_utcnow(s)
+            study = Study(study_instance_uid="1.2.826.0.1.3680043.10.2.1", state=StudyState.FAILED, generation=1,
+                          first_received_at=now, last_received_at=now)
+            s.add(study)
+            s.flush()
+            s.add(Job(study_id=study.id, kind="draft", state=JobState.FAILED, study_generation=1, attempts=3,
+                      not_before=now, log="", model_name="", model_version="", created_at=now, updated_at=now,
+                      last_error="RuntimeError: boom"))
+            s.commit()
+        _skew(monkeypatch, dt.timedelta(days=1))
+        monkeypatch.setattr(ops_mod, "utcnow", lambda: dt.datetime(2099, 1, 1), raising=False)  # used before
+        with sessions() as s:
+            job_id = s.scalars(select(Job.id)).one()
+            retry_job(s, job_id, "admin")
+            s.commit()
+            not_before = s.scalars(select(Job.not_before)).one()
+            assert abs((not_before - db_utcnow(s)).total_seconds()) < 5, not_before
+        claimed = claim_job(sessions, config, "host-a:1:0")
+        assert claimed is not None and claimed.job_id == job_id
+    finally:
+        engine.dispose()
