@@ -1170,7 +1170,10 @@ class ReviewerWindow(QMainWindow):
         for k in KEYS:
             if not k.window_wide or k.action in self._BOUND_INLINE:
                 continue
-            slot = getattr(self, k.action)
+            slot = getattr(self, k.action, None)
+            if slot is None:  # an action of the table this window does not have (yet)
+                log.warning("key table: the window has no action %r", k.action)
+                continue
             for seq in k.keys:
                 sc = QShortcut(QKeySequence(seq), self)
                 sc.setContext(Qt.ShortcutContext.WindowShortcut)
