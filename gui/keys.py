@@ -32,7 +32,7 @@ class Key:
 
     def shown(self) -> str:
         """The keys as written in the help and README: ``Ctrl+Shift+Enter / F12``."""
-        return " / ".join(k.replace("Return", "Enter") for k in self.keys)
+        return " / ".join(dict.fromkeys(k.replace("Return", "Enter") for k in self.keys))
 
 
 KEYS: tuple[Key, ...] = (
@@ -64,6 +64,7 @@ KEYS: tuple[Key, ...] = (
     Key("toggle_magnifier", ("F9",), "Magnifier: a loupe that follows the mouse", IMAGES),
     Key("cycle_single_view", ("F8",), "One view at a time: all, each view, all again", IMAGES),
     Key("toggle_image_fullscreen", ("F11",), "Images full screen (Esc or F11 leaves)", IMAGES),
+    Key("toggle_prior", ("Ctrl+P",), "Show or hide the prior study beside the current one", IMAGES),
     Key("next", ("Ctrl+N",), "Open the next waiting draft", WORKLIST),
     Key("focus_search", ("Ctrl+F",), "Search the worklist", WORKLIST),
     Key("refresh", ("F5",), "Refresh the worklist", WORKLIST),
