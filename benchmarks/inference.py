@@ -9,7 +9,9 @@
 - ORT beam-3 p50 (the default decoding) for reference;
 - the fraction of studies whose greedy token sequences are identical (ORT vs torch; the
   decoder's ids, before the runtime drops repeated sentences);
-- peak RSS after the ORT part (torch not yet imported) and after the torch part.
+- peak RSS after the ORT part (torch not yet imported) and after the torch part;
+- with ``--compare-io-binding``: greedy and beam-3 p50 with the decoder's I/O binding on and
+  off (``ReportGenerator.io_binding``), interleaved study by study, and whether the texts agree.
 The torch part needs ``--checkpoint`` (the checkpoint the bundle was exported from; with a
 bundle that has a findings classifier also ``--findings``, its checkpoint) and the ``[train]``
 extra; without it only ORT is measured. Not a timed test.
@@ -54,6 +56,29 @@ def _studies(data: str | None, n: int) -> tuple[list[StudyInput], str]:
     return out, f"{n} synthetic 2-view studies (random pixels)"
 
 
+def compare_io_binding(gen: ReportGenerator, studies: list[StudyInput]) -> dict:
+    """p50 latency with ``gen.io_binding`` on and off, greedy and beam 3, each study run with
+    both settings back to back (load changes hit both alike); texts compared."""
+    times: dict[str, list[float]] = {"greedy_on": [], "greedy_off": [], "beam3_on": [], "beam3_off": []}
+    same = 0
+    for s in studies:
+        texts = {}
+        for beam, mode in ((1, "greedy"), (3, "beam3")):
+            for on in (True, False):
+                gen.io_binding = on
+                t0 = time.perf_counter()
+                r = gen.generate([s], beam_size=beam)[0]
+                times[f"{mode}_{'on' if on else 'off'}"].append((time.perf_counter() - t0) * 1000)
+                texts[(mode, on)] = (r.findings, r.impression)
+        same += int(texts[("greedy", True)] == texts[("greedy", False)] and texts[("beam3", True)] == texts[("beam3", False)])
+    gen.io_binding = True
+    out: dict = {f"{k}_p50_ms": round(_pct(v, 50), 1) for k, v in times.items()}
+    out["greedy_off_over_on"] = round(_pct(times["greedy_off"], 50) / _pct(times["greedy_on"], 50), 3)
+    out["beam3_off_over_on"] = round(_pct(times["beam3_off"], 50) / _pct(times["beam3_on"], 50), 3)
+    out["identical_texts"] = f"{same}/{len(studies)}"
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", default="default")
@@ -64,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="intra-op threads for both ORT and torch (1 is fastest for this small model)")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--compare-io-binding", action="store_true",
+                    help="also time the decoder with I/O binding on and off (same generator, interleaved)")
     args = ap.parse_args(argv)
 
     gen = ReportGenerator(args.bundle, threads=args.threads)
@@ -91,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                 "beam3_p50_ms": _pct(ort_beam, 50), "mean_tokens": statistics.mean(len(t) for t in ort_tokens)},
         "peak_rss_mb_ort_only": round(rss_ort, 1),
     }
+    if args.compare_io_binding:
+        result["io_binding"] = compare_io_binding(gen, studies)
     if args.checkpoint:
         import torch
 

@@ -125,6 +125,22 @@ def test_batching_changes_nothing(imported: tuple[Path, Path]) -> None:
                                                           .tokens] for s in studies[:2]]
 
 
+def test_io_binding_changes_nothing(imported: tuple[Path, Path]) -> None:
+    """Decoder-only bundles through I/O binding (the cache as OrtValues between steps) give the
+    tokens and probabilities of plain ``run`` calls, greedy and beam."""
+    _, out = imported
+    gen = ReportGenerator(out, threads=1)
+    gen.consistency = False
+    studies = _studies()[:2]
+    assert gen.kv_device == "cpu" and not gen.io_binding
+    for beam in (1, 3):
+        plain = gen.generate(studies, beam_size=beam, max_tokens=10)
+        gen.io_binding = True
+        bound = gen.generate(studies, beam_size=beam, max_tokens=10)
+        gen.io_binding = False
+        assert [r.tokens for r in bound] == [r.tokens for r in plain] and all(r.tokens for r in bound)
+
+
 def test_template_needs_image_and_int8_variant(tmp_path: Path, imported: tuple[Path, Path]) -> None:
     ck, _ = imported
     with pytest.raises(ImportHFError, match="must contain <image>"):
