@@ -207,3 +207,13 @@ def test_key_help_lists_every_shortcut_of_the_window(qtbot, make_window) -> None
     w.worklist.table.setFocus()
     qtbot.keyClick(w.worklist.table, Qt.Key.Key_Question)
     assert help_.isVisible()
+
+
+def test_key_help_readme_keys_table_is_the_key_table() -> None:
+    """README's keys table is :func:`gui.keys.markdown_table` (regenerate it when a key changes)."""
+    from pathlib import Path
+
+    from gui.keys import markdown_table
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert markdown_table() in readme
