@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.config import load_config
-from plugin.review.service import WORKLIST_STATES, ReviewService, current_user
+from plugin.review.service import SORT_KEYS, WORKLIST_STATES, ReviewService, current_user
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -60,6 +60,9 @@ def add_subcommands(subparsers: Any) -> None:
                    help="only these states (repeatable; default: new, in_review, failed)")
     w.add_argument("--all", action="store_true", help="every state")
     w.add_argument("--search", default="", help="match patient name, patient ID, accession or study UID")
+    w.add_argument("--sort", choices=SORT_KEYS, default="age",
+                   help="age (default: oldest first) or priority (STAT, ED, inpatient, outpatient, not stated; "
+                   "critical drafts first within each, then the oldest), or a column")
     w.add_argument("--json", action="store_true", help="print JSON")
     w.set_defaults(func=run_worklist)
 
@@ -81,6 +84,12 @@ def _service(args: argparse.Namespace) -> ReviewService:
     return open_service(config, max(1.0, args.claim_timeout) if args.claim_timeout else None)
 
 
+def _order(args: argparse.Namespace) -> dict[str, Any]:
+    """``--sort``: age descending (oldest first); priority ascending (most urgent first)."""
+    sort = getattr(args, "sort", "age")
+    return {"sort": sort, "descending": sort == "age"}
+
+
 def run_worklist(args: argparse.Namespace) -> int:
     from dicom_node.startup import StartupError
     from gui import viewmodels
@@ -91,11 +100,11 @@ def run_worklist(args: argparse.Namespace) -> int:
         print(exc.line("worklist"), file=sys.stderr)
         return exc.code
     if args.all:
-        rows = svc.worklist(states=None, search=args.search)
+        rows = svc.worklist(states=None, search=args.search, **_order(args))
     elif args.state:
-        rows = svc.worklist(states=args.state, search=args.search)
+        rows = svc.worklist(states=args.state, search=args.search, **_order(args))
     else:
-        rows = svc.worklist(search=args.search)
+        rows = svc.worklist(search=args.search, **_order(args))
     if args.json:
         print(json.dumps([
             {

@@ -180,3 +180,25 @@ def test_priority_migration_0005_up_down_sqlite(tmp_path: Path) -> None:
 def test_priority_migration_0005_up_down_postgres() -> None:
     with private_database("prio_mig") as url:
         _migration_roundtrip(url)
+
+
+def test_priority_from_images_sent_with_dcmtk_storescu(make_config, start_node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The rule runs on what the Storage SCP received over a real association (DCMTK storescu)."""
+    import subprocess
+
+    from dcmnode_helpers import dcmtk, make_instance
+    from pydicom.uid import generate_uid
+
+    node = start_node(make_config(jobs={"workers": 0}))
+    stat, ward, none = generate_uid(), generate_uid(), generate_uid()
+    files = [
+        make_instance(tmp_path / "stat.dcm", stat, RequestAttributesSequence=[ds_with(RequestedProcedurePriority="STAT")]),
+        make_instance(tmp_path / "ward.dcm", ward, CurrentPatientLocation="Ward 7 North"),
+        make_instance(tmp_path / "none.dcm", none),
+    ]
+    r = subprocess.run([dcmtk("storescu"), "-aet", "MODALITY", "-aec", "CXRNODE", "127.0.0.1", str(node.port),
+                        *map(str, files)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    with node.sessions() as s:
+        got = {st.study_instance_uid: st.priority for st in s.scalars(select(Study))}
+    assert got == {stat: STAT, ward: INPATIENT, none: UNKNOWN}

@@ -140,3 +140,19 @@ def test_priority_sort_key_is_accepted_by_the_worklist(crit_node: synthetic.Node
     svc = ReviewService(crit_node.config, crit_node.sessions, crit_node.store)
     with pytest.raises(ValueError, match="priority"):
         svc.worklist(sort="urgency")
+
+
+def test_priority_and_critical_in_cxrnode_worklist(crit_node: synthetic.NodeFixture,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from installer.cli import main
+
+    cfg = str(crit_node.root / "cxrnode.toml")
+    assert main(["worklist", "--config", cfg, "--sort", "priority", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["patient_id"] for r in rows] == ["CXR-10003", "CXR-10002", "CXR-10001", "CXR-10004"]
+    assert [r["priority"] for r in rows] == ["ED", "outpatient", "outpatient", None]
+    assert rows[1]["critical"] == ["pneumothorax: model probability 0.93 ≥ 0.50"] and rows[2]["critical"] == []
+    assert main(["worklist", "--config", cfg, "--sort", "priority"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[0] == "Priority"
+    assert [ln.split()[0] for ln in lines[2:]] == ["ED", "⚠", "outpatient", "⚠"]

@@ -239,3 +239,14 @@ def test_template_cli_import_list_export_remove(node: synthetic.NodeFixture, tmp
     assert "cannot change templates" in err and 'roles = ["templates"]' in err
     assert main(["templates", "--config", cfg, "list", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 13
+
+
+def test_template_role_names_are_checked_at_load(tmp_path: Path) -> None:
+    from dicom_node.config import ConfigError, load_config
+
+    cfg = synthetic.write_config(tmp_path / "n", reviewers_toml=REVIEWERS.replace('["templates"]', '["admin"]'))
+    with pytest.raises(ConfigError, match=r"reviewers\[0\]\.roles\[0\]: expected one of templates, got 'admin'"):
+        load_config(cfg, env={})
+    cfg = synthetic.write_config(tmp_path / "m", reviewers_toml=REVIEWERS.replace('["templates"]', '"templates"'))
+    with pytest.raises(ConfigError, match=r"reviewers\[0\]\.roles: expected a list of str"):
+        load_config(cfg, env={})
