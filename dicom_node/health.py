@@ -148,7 +148,8 @@ class HealthServer:
         self._engine_lock = threading.Lock()
         self._ping = _OneAtATime("cxrnode-health-db")
         self._figures = _OneAtATime("cxrnode-metrics-db")
-        self._database_was_up = True
+        self._last_failing: list[str] = []  # what the last /healthz said failed (logged when it changes)
+        self._figures_failed = False  # the last scrape's database queries failed (logged when it changes)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_NodeCollector(self))  # type: ignore[arg-type]
         ProcessCollector(registry=self.registry)
@@ -209,8 +210,12 @@ class HealthServer:
             "checks": {c.name: {"ok": c.ok, "detail": c.detail} for c in done},
             "not_applicable": skipped, "failing": failing,
         }
-        if failing:
-            log.warning("health check failing: %s", "; ".join(f"{c.name}: {c.detail}" for c in done if not c.ok))
+        if failing != self._last_failing:  # a change, not every probe
+            if failing:
+                log.warning("health check failing: %s", "; ".join(f"{c.name}: {c.detail}" for c in done if not c.ok))
+            else:
+                log.info("health checks pass again")
+            self._last_failing = failing
         return (503 if failing else 200), body
 
     # -- /metrics -----------------------------------------------------------------------------
@@ -229,6 +234,18 @@ class HealthServer:
                 return report, job_durations(s)
 
         return self._figures.run(query, self.metrics_timeout_s)
+
+    def database_figures_or_none(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """:meth:`database_figures`, or ``None`` when the database did not answer in time."""
+        try:
+            figures = self.database_figures()
+        except Exception as exc:
+            if not self._figures_failed:
+                log.warning("metrics: the index database did not answer: %s", _first_line(exc))
+            self._figures_failed = True
+            return None
+        self._figures_failed = False
+        return figures
 
     def metrics(self, accept: str = "") -> tuple[bytes, str]:
         """``(body, content type)`` of ``/metrics``."""
@@ -293,22 +310,14 @@ class _NodeCollector:
              "Associations this process's Storage SCP rejected (AE title or network not allowed)"),
         ):
             yield CounterMetricFamily(name, doc, value=float(getattr(stats, attr, 0) if stats is not None else 0))
+        figures = h.database_figures_or_none()
         up = GaugeMetricFamily("cxrnode_database_up", "1 when the index database answered this scrape's queries")
-        try:
-            report, durations = h.database_figures()
-        except Exception as exc:
-            if h._database_was_up:  # noqa: SLF001 - log the change, not every scrape
-                log.warning("metrics: the index database did not answer: %s", _first_line(exc))
-            h._database_was_up = False  # noqa: SLF001
-            up.add_metric([], 0.0)
-            yield up
-            return
-        h._database_was_up = True  # noqa: SLF001
-        up.add_metric([], 1.0)
+        up.add_metric([], 0.0 if figures is None else 1.0)
         yield up
-        from dicom_node.ops import status_registry
+        if figures is not None:  # no figures rather than stale ones
+            from dicom_node.ops import status_registry
 
-        yield from status_registry(report, durations).collect()
+            yield from status_registry(*figures).collect()
 
 
 class _Server(ThreadingHTTPServer):
