@@ -18,6 +18,7 @@ from gui import imaging
 from gui.highlight import DEFAULT_POLICY, HighlightPolicy, deid_spans, highlight
 from gui.highlight import Span as Span  # re-exported for the widgets
 from gui.highlight import grounded_spans as grounded_spans  # re-exported
+from plugin.review.addenda import ReportRecord, report_record
 from plugin.review.draft_info import (
     OUTCOME_OFF,
     OUTCOME_PARTIAL,
@@ -28,6 +29,7 @@ from plugin.review.draft_info import (
     ObservationCall,
     ViewCheck,
 )
+from plugin.review.scratch import study_detail
 from plugin.review.service import (
     OPEN_STATES,
     STATE_FAILED,
@@ -39,11 +41,11 @@ from plugin.review.service import (
     ClaimConflictError,
     CriticalNotice,
     DraftDetail,
+    RejectResult,
     ReviewError,
     ReviewService,
-    UnknownReviewerError,
-    RejectResult,
     SignResult,
+    UnknownReviewerError,
     WorklistRow,
     text_diff,
 )
@@ -370,6 +372,8 @@ class ReviewModel:
     pictures: list[imaging.Picture] = field(default_factory=list)
     view_errors: list[str] = field(default_factory=list)  # views that could not be shown, and why
     signed: SignResult | None = None
+    #: a signed report's critical-result communication and addenda (loaded with a signed draft)
+    record: ReportRecord | None = None
     policy: HighlightPolicy = DEFAULT_POLICY
 
     def __post_init__(self) -> None:
@@ -412,6 +416,14 @@ class ReviewModel:
             when = self.signed.signed_at if self.signed else d.signed_at
             stamp = f" on {local_time(when)}" if when else ""
             return "final", f"SIGNED — VERIFIED by {self.signer_name(who or '')}{stamp}. Read-only."
+        if d.draft_id == 0:  # a study with no draft (drafting failed or skipped): its images only
+            return "blocked", (f"{NOT_DRAFTED_LABEL} — {d.no_ai_draft_reason or 'no AI draft'}. Look at the images, "
+                               "then report from scratch or retry drafting.")
+        if d.no_ai_draft_reason and d.state not in (STATE_REJECTED, STATE_SUPERSEDED):
+            head = f"NO AI DRAFT — report from scratch ({d.no_ai_draft_reason})."
+            if self.notice:
+                return "blocked", f"{head} {self.notice}"
+            return "withheld", f"{head} Write the report from the images, then sign as usual."
         if d.state == STATE_REJECTED:
             return "blocked", f"REJECTED: {d.reject_reason} — {AI_DRAFT_LABEL} ({model}), not a report."
         if d.state == STATE_SUPERSEDED:
@@ -486,8 +498,15 @@ class ReviewModel:
             return []
         return observation_rows(self.detail.observations, self.policy)
 
+    @property
+    def no_ai_text(self) -> bool:
+        """There is no AI text to show: the gate withheld it, or the report is written from scratch."""
+        return self.detail.withheld or bool(self.detail.no_ai_draft_reason)
+
     def model_line(self) -> str:
         d = self.detail
+        if d.no_ai_draft_reason:
+            return "No AI draft: the report is written from the images."
         return f"Model: {d.model_name or 'unknown'} {d.model_version}".rstrip() + f" · drafted {local_time(d.created_at)}"
 
     def patient_line(self) -> str:
@@ -602,6 +621,7 @@ class ReviewModel:
         signed = self.service.sign(self.detail.draft_id, self.user, self.findings, self.impression, critical=critical)
         self.signed = signed
         self.detail = self.service.detail(self.detail.draft_id)
+        self.record = report_record(self.service, self.detail.draft_id)  # the critical result, if recorded
         # from now on show exactly what was signed
         self.findings, self.impression = signed.signed_findings or "", signed.signed_impression or ""
         return signed
@@ -653,18 +673,40 @@ def open_review(
                 notice = f"read-only: {exc}"
                 detail = service.detail(draft_id)
     model = ReviewModel(service=service, user=user, detail=detail, holds_claim=holds, notice=notice)
+    if detail.state == STATE_SIGNED:
+        model.record = report_record(service, draft_id)
     if load_views:
-        total = len(detail.views)
-        for i, v in enumerate(detail.views):
-            if progress:
-                progress(i, total, f"Loading {view_label(v.view)} view")
-            if v.path is None:
-                model.view_errors.append(f"{view_label(v.view)}: image {v.sop_instance_uid} is not in the store")
-                continue
-            try:
-                model.pictures.append(imaging.load_picture(v.path, view=view_label(v.view)))
-            except (OSError, ValueError, pydicom.errors.InvalidDicomError) as exc:  # PixelError is a ValueError
-                model.view_errors.append(f"{view_label(v.view)}: cannot display {v.sop_instance_uid}: {exc}")
+        load_pictures(model, progress)
+    return model
+
+
+def load_pictures(model: ReviewModel, progress: Callable[[int, int, str], None] | None = None) -> None:
+    """*Blocking*: decode the views of ``model.detail`` into ``model.pictures`` (errors in
+    ``model.view_errors``); ``progress(done, total, what)`` as views are decoded."""
+    detail = model.detail
+    total = len(detail.views)
+    for i, v in enumerate(detail.views):
         if progress:
-            progress(total, total, "Views loaded")
+            progress(i, total, f"Loading {view_label(v.view)} view")
+        if v.path is None:
+            model.view_errors.append(f"{view_label(v.view)}: image {v.sop_instance_uid} is not in the store")
+            continue
+        try:
+            model.pictures.append(imaging.load_picture(v.path, view=view_label(v.view)))
+        except (OSError, ValueError, pydicom.errors.InvalidDicomError) as exc:  # PixelError is a ValueError
+            model.view_errors.append(f"{view_label(v.view)}: cannot display {v.sop_instance_uid}: {exc}")
+    if progress:
+        progress(total, total, "Views loaded")
+
+
+def open_study_images(
+    service: ReviewService,
+    user: str,
+    study_uid: str,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> ReviewModel:
+    """*Blocking*: a study with no draft (drafting failed or skipped), read-only: its images and
+    why there is no draft (``detail.draft_id == 0``); report it from scratch or retry drafting."""
+    model = ReviewModel(service=service, user=user, detail=study_detail(service, study_uid), holds_claim=False)
+    load_pictures(model, progress)
     return model

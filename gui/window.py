@@ -51,6 +51,7 @@ from PyQt6.QtWidgets import (
 )
 
 from gui import tools, viewmodels
+from gui.after_signing import AfterSigning, confirmation_line
 from gui.keys import KEYS
 from gui.templates import TemplateHook
 from gui.widgets import (
@@ -62,7 +63,14 @@ from gui.widgets import (
     WorklistTable,
     diff_html,
 )
-from plugin.review.service import ClaimConflictError, ReviewError, ReviewService
+from plugin.review import addenda, scratch
+from plugin.review.service import (
+    ClaimConflictError,
+    ReviewError,
+    ReviewService,
+    StudyChangedError,
+    SupersededError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +186,20 @@ class WorklistPane(QWidget):
             else:
                 sel.clearSelection()
                 sel.setCurrentIndex(self.model.index(-1, -1), QItemSelectionModel.SelectionFlag.NoUpdate)
+        finally:
+            self.syncing = False
+
+    def select_study(self, study_uid: str) -> None:
+        """Highlight the row of a study with no draft (failed or skipped), found by its study UID."""
+        i = next((k for k, r in enumerate(self.vm.rows) if r.draft_id is None and r.study_instance_uid == study_uid), -1)
+        sel = self.table.selectionModel()
+        if sel is None or i < 0:
+            return
+        self.syncing = True
+        try:
+            sel.setCurrentIndex(self.model.index(i, 0),
+                                QItemSelectionModel.SelectionFlag.ClearAndSelect | QItemSelectionModel.SelectionFlag.Rows)
+            self.table.scrollTo(self.model.index(i, 0))
         finally:
             self.syncing = False
 
@@ -327,6 +349,9 @@ class ReportPane(QWidget):
         ub.addWidget(self.send_now_button)
         self.undo_bar.setVisible(False)
         lay.addWidget(self.undo_bar)
+        # critical result at signing, addenda, no-draft actions, "changed underneath" (gui.after_signing)
+        self.after = AfterSigning(self)
+        lay.addWidget(self.after)
         self.signing_for = QLabel("", self)
         self.signing_for.setObjectName("signing_for")
         self.signing_for.setWordWrap(True)
@@ -457,6 +482,7 @@ class ReportPane(QWidget):
             self.signer.setText("")
             self.signing_for.setText("")
             self.signing_for.setVisible(False)
+            self.after.show_for(None)
             self._update_buttons()
             return
         self.signing_for.setText(("Signed for: " if vm.is_final else "Signing for: ") + vm.signing_for())
@@ -487,7 +513,7 @@ class ReportPane(QWidget):
         self.indication.setText(vm.detail.indication or "(no indication in the request)")
         self.findings.setPlainText(vm.findings)
         self.impression.setPlainText(vm.impression)
-        withheld = vm.detail.withheld and not vm.is_final
+        withheld = vm.no_ai_text and not vm.is_final
         self.side.setVisible(not withheld)  # no model output to show: the editors take the room
         self.findings.setPlaceholderText("No AI draft: write the findings here." if withheld else "")
         self.impression.setPlaceholderText("Write the impression here." if withheld else "")
@@ -499,6 +525,7 @@ class ReportPane(QWidget):
                 st.unpolish(e)
                 st.polish(e)
         self.signer.setText(signer)
+        self.after.show_for(vm, undo_pending=self.undo_bar.isVisible())
         self.vm = vm
         self._toggle_highlight(self.highlight.isChecked() and not vm.is_final)
         self._update_buttons()
@@ -513,6 +540,9 @@ class ReviewerWindow(QMainWindow):
     sign_undone = pyqtSignal(int)
     sign_released = pyqtSignal(int)  # the undo window ended (passed, or Send now): the SR goes out
     rejected = pyqtSignal(int)
+    addendum_added = pyqtSignal(str)  # SOP Instance UID of the addendum's verified SR
+    drafting_retried = pyqtSignal(str)  # Study Instance UID
+    study_changed = pyqtSignal(str)  # why nothing was signed: the study gained images
     worklist_refreshed = pyqtSignal()
     failed = pyqtSignal(str)
 
@@ -617,6 +647,11 @@ class ReviewerWindow(QMainWindow):
         self.report.next_button.clicked.connect(self.next)
         self.study.all_painted.connect(self._painted)
         self.report.undo_button.clicked.connect(self.undo_sign)
+        self.report.after.records.add_requested.connect(self.add_addendum)
+        self.report.after.no_draft.scratch_requested.connect(self.report_from_scratch)
+        self.report.after.no_draft.retry_requested.connect(self.retry_drafting)
+        self.report.after.changed.open_requested.connect(self.open_new_draft)
+        self._newer: tuple[str, int | None] | None = None  # (study UID, newer draft) after a change underneath
         self.report.send_now_button.clicked.connect(self.send_now)
         self._undo: tuple[int, float] | None = None  # (draft id, monotonic deadline) while undo is offered
         self.undo_timer = QTimer(self)
@@ -685,6 +720,9 @@ class ReviewerWindow(QMainWindow):
         draft_id = vm.detail.draft_id
 
         def lost(exc: BaseException, tb: str) -> None:
+            if self.review is vm and isinstance(exc, StudyChangedError | SupersededError):
+                self._study_changed(vm, exc)
+                return
             if self.review is vm and isinstance(exc, ReviewError):
                 vm.holds_claim = False
                 vm.notice = f"read-only: {exc}"
@@ -785,6 +823,9 @@ class ReviewerWindow(QMainWindow):
     def _sync_selection(self) -> None:
         """Highlight the open study's row (or the one being opened); none if it is not listed."""
         target = self._opening if self._opening is not None else (self.review.detail.draft_id if self.review else None)
+        if target == 0 and self.review is not None and self.review.detail.draft_id == 0:
+            self.worklist.select_study(self.review.detail.study_instance_uid)  # a study with no draft
+            return
         self.worklist.select_draft(target)
 
     def _current_row_changed(self, row: int) -> None:
@@ -795,10 +836,8 @@ class ReviewerWindow(QMainWindow):
     def _row_chosen(self, row: int) -> None:
         if 0 <= row < len(self.worklist_vm.rows):
             r = self.worklist_vm.rows[row]
-            if r.draft_id is None:
-                self.say(f"No draft: drafting failed for this study. {r.detail}".strip())
-                # the highlight goes back to the study that is open (after this selection change)
-                QTimer.singleShot(0, self._sync_selection)
+            if r.draft_id is None:  # failed or skipped: its images, report from scratch, retry
+                self.open_study_images(r.study_instance_uid)
                 return
             self.open_draft(r.draft_id)
 
@@ -912,8 +951,15 @@ class ReviewerWindow(QMainWindow):
         if self.report.vm is not vm:  # the pane shows another study (cannot happen; checked anyway)
             self.say("Not signed: the report shown is not the open study. Open it again and sign.")
             return
+        critical_box = self.report.after.critical
+        if critical_box.problem():  # the critical-result box is ticked but not filled in
+            self.say("Not signed: " + critical_box.problem())
+            self.show_error("Not signed", critical_box.problem())
+            return
+        critical = critical_box.notice()
         title, text = vm.sign_confirmation()  # names the open study: patient, ID, accession, date
-        unchanged = vm.needs_confirmation()
+        text += confirmation_line(critical)
+        unchanged = vm.needs_confirmation() and critical is None  # a critical result is always confirmed
         if unchanged and self.skip_unchanged_confirmation:
             # not asked (the reviewer chose so this session; "Signing for" names the study), but a
             # study shown a moment ago is never signed unasked: a double key press is not a reading
@@ -940,7 +986,7 @@ class ReviewerWindow(QMainWindow):
 
         def work(progress: Callable[[int, int, str], None]) -> Any:
             progress(0, 1, "Signing…")
-            return vm.sign()
+            return vm.sign(critical)
 
         def done(_: Any) -> None:
             self._signing = None
@@ -959,6 +1005,10 @@ class ReviewerWindow(QMainWindow):
 
         def failed(exc: BaseException, tb: str) -> None:
             self._signing = None
+            if isinstance(exc, StudyChangedError | SupersededError):
+                self._study_changed(vm, exc)
+                self.refresh()
+                return
             if isinstance(exc, ClaimConflictError):
                 vm.holds_claim = False
                 vm.notice = f"read-only: {exc}"
@@ -968,6 +1018,127 @@ class ReviewerWindow(QMainWindow):
 
         self.tasks.start(work, done, failed)
 
+    # -- a draft that changed underneath ---------------------------------------------------
+    def _study_changed(self, vm: viewmodels.ReviewModel, exc: BaseException) -> None:
+        """The study gained images while its draft was open: nothing was signed. Say so plainly,
+        keep the draft read-only, and offer the new draft in one action (the dialog's Yes, or the
+        bar's button; when the new draft is still being made, the button looks for it)."""
+        newer = exc.newer_draft_id if isinstance(exc, SupersededError) else None
+        self._newer = (vm.detail.study_instance_uid, newer)
+        vm.holds_claim = False  # it can no longer be signed: the edit is not "unsigned work" to keep
+        vm.notice = "cannot be signed: the study gained images after this draft was made"
+        self.report.show_review(vm, self._signer_text())
+        text = (f"NOT SIGNED — new images arrived for {vm.signing_for()} after this draft was made, "
+                "so it no longer describes the whole study.")
+        text += (" A new draft covering every image is ready." if newer is not None else
+                 " A new draft is being made; it replaces this one when it is ready.")
+        self.report.after.changed.show_change(text, newer is not None)
+        self.say(text)
+        self.study_changed.emit(str(exc))
+        if newer is not None and self.confirm(
+                "The study changed: not signed",
+                f"{text}\n\n{exc}\n\nOpen the new draft now? Your edits to this draft are not carried over: "
+                "read the new images and the new draft."):
+            self.open_new_draft()
+
+    def open_new_draft(self) -> None:
+        """Open the draft that replaces the one that changed underneath (or look for it)."""
+        if self._newer is None:
+            return
+        study_uid, newer = self._newer
+
+        def found(draft_id: int | None) -> None:
+            current = self.review.detail.draft_id if self.review else None
+            if draft_id is None or draft_id == current:
+                self.say("The new draft is not ready yet: it appears in the worklist when it is.")
+                return
+            self._newer = None
+            self.report.after.changed.setVisible(False)
+            self.open_draft(draft_id)
+
+        if newer is not None:
+            found(newer)
+        else:
+            self.tasks.start(lambda progress: self.service.find_draft(study_uid), found,
+                             self._fail("Cannot look for the new draft"))
+
+    # -- after signing: addenda; studies with no draft ---------------------------------------
+    def add_addendum(self) -> None:
+        """Add the typed addendum to the open signed report: a new verified SR (audited, sent)."""
+        vm = self.review
+        if vm is None or not vm.is_final:
+            return
+        text = self.report.after.records.text.toPlainText().strip()
+        if not text:
+            self.show_error("No addendum", "Write the addendum first.")
+            return
+        if not self.confirm("Add this addendum?",
+                            f"Patient: {vm.signing_for()}\n\n{text}\n\nSign it as your addendum to the verified "
+                            "report? A new verified report is sent; the signed one is kept unchanged."):
+            self.say("No addendum added.")
+            return
+        draft_id = vm.detail.draft_id
+
+        def work(progress: Callable[[int, int, str], None]) -> tuple[Any, Any]:
+            progress(0, 1, "Adding the addendum…")
+            result = addenda.add_addendum(self.service, draft_id, self.user, text)
+            return result, addenda.report_record(self.service, draft_id)
+
+        def done(out: tuple[Any, Any]) -> None:
+            result, record = out
+            if self.review is vm:
+                vm.record = record
+                self.report.after.records.text.clear()
+                self.report.show_review(vm, self._signer_text())
+            self.say(f"Addendum signed: a new verified report, queued to {result.transfers} destination(s).")
+            self.addendum_added.emit(result.sop_instance_uid)
+
+        self.tasks.start(work, done, self._fail("No addendum added"))
+
+    def open_study_images(self, study_uid: str) -> None:
+        """Show a study with no draft (drafting failed or skipped): its images, read-only, with
+        Report from scratch and Retry drafting."""
+        previous = self.review
+        if previous is not None and previous.holds_claim and not previous.is_final and previous.edited:
+            if not self.confirm("Discard your changes?",
+                                "You edited this draft but did not sign it. Discard your changes and open another study?"):
+                QTimer.singleShot(0, self._sync_selection)
+                return
+        self._opening = 0
+        self.say("Opening…")
+
+        def work(progress: Callable[[int, int, str], None]) -> viewmodels.ReviewModel:
+            if previous is not None:
+                previous.release()
+            return viewmodels.open_study_images(self.service, self.user, study_uid, progress=progress)
+
+        self.tasks.start(work, self._opened, self._open_failed)
+
+    def report_from_scratch(self) -> None:
+        """Start a report with an empty editor for the open study (no AI text); sign as usual."""
+        vm = self.review
+        if vm is None:
+            return
+        study_uid = vm.detail.study_instance_uid
+        self.say("Starting a report from scratch…")
+        self.tasks.start(lambda progress: scratch.report_from_scratch(self.service, study_uid, self.user),
+                         self.open_draft, self._fail("Cannot report from scratch"))
+
+    def retry_drafting(self) -> None:
+        """Queue drafting again for the open study (failed or skipped); audited."""
+        vm = self.review
+        if vm is None:
+            return
+        study_uid = vm.detail.study_instance_uid
+
+        def done(result: Any) -> None:
+            self.say(f"Drafting queued again (job {result.job_id}): the draft appears in the worklist when it is made.")
+            self.drafting_retried.emit(study_uid)
+            self.refresh()
+
+        self.tasks.start(lambda progress: scratch.retry_drafting(self.service, study_uid, self.user), done,
+                         self._fail("Drafting not queued"))
+
     # -- the undo window after signing ---------------------------------------------------
     def _start_undo(self, draft_id: int, window_s: float, who: str = "") -> None:
         import time
@@ -975,6 +1146,8 @@ class ReviewerWindow(QMainWindow):
         self._undo = (draft_id, time.monotonic() + window_s)
         self._undo_who = who
         self.report.undo_bar.setVisible(True)
+        if self.report.vm is not None:  # no addendum while the signature can be undone
+            self.report.after.show_for(self.report.vm, undo_pending=True)
         self.undo_shortcut.setEnabled(True)
         self._undo_tick()
         self.undo_timer.start()
@@ -984,6 +1157,8 @@ class ReviewerWindow(QMainWindow):
         self.undo_timer.stop()
         self.undo_shortcut.setEnabled(False)
         self.report.undo_bar.setVisible(False)
+        if self.report.vm is not None:  # the signed report may now take an addendum
+            self.report.after.show_for(self.report.vm)
 
     def _undo_tick(self) -> None:
         import time
