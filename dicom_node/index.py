@@ -103,6 +103,30 @@ def register_instance(
     ``ds`` needs the identifying attributes only (it may be read with ``stop_before_pixels``):
     StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, SOPClassUID, and the descriptive
     attributes that exist. The transfer syntax is taken from ``ds.file_meta`` when present.
+
+    Parameters
+    ----------
+    session:
+        The caller's session; the caller commits (or use :func:`dicom_node.commit.commit_dataset`).
+    ds, relpath, size, sha256:
+        The data set and its stored file (relative to the store, size in bytes, SHA-256 hex).
+    calling_ae:
+        Who sent it (the node's own AE title for objects it generated).
+    generated:
+        The node generated the object (its SRs): ``Study.generation`` is not bumped.
+
+    Returns
+    -------
+    Instance
+        The (new or updated) row, flushed.
+
+    Raises
+    ------
+    InstanceConflict
+        A received (not ``generated``) instance would change an object the node generated.
+    sqlalchemy.exc.IntegrityError
+        A concurrent first instance of the same study or series won the race (see
+        :func:`register_with_retry`).
     """
     study_uid = str(ds.StudyInstanceUID)
     series_uid = str(ds.SeriesInstanceUID)
@@ -188,7 +212,27 @@ def register_with_retry(
     fn: Callable[[Session], Any],
     attempts: int = 5,
 ) -> Any:
-    """Run ``fn(session)`` and commit, retrying a lost race on a unique key or a busy database."""
+    """Run ``fn(session)`` and commit, retrying a lost race on a unique key or a busy database.
+
+    Parameters
+    ----------
+    sessions:
+        The session factory; each attempt gets a new session.
+    fn:
+        The transaction's work; it must be safe to run again after a rollback.
+    attempts:
+        How many times to try.
+
+    Returns
+    -------
+    Any
+        What ``fn`` returned in the attempt that committed.
+
+    Raises
+    ------
+    sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError
+        The last one, when every attempt lost; any other exception of ``fn`` at once.
+    """
     last: Exception | None = None
     for _ in range(attempts):
         with sessions() as session:
@@ -212,7 +256,24 @@ def audit(
     object_uid: str = "",
     detail: str = "",
 ) -> AuditEvent:
-    """Append an audit event (who did what to which study/object). Never put PHI in ``detail``."""
+    """Append an audit event (who did what to which study/object). Never put PHI in ``detail``.
+
+    Parameters
+    ----------
+    session:
+        The caller's session; the event is committed with the caller's transaction.
+    actor:
+        A user name or an AE title (cut to 128 characters).
+    action:
+        What was done (``received``, ``drafted``, ``signed``, ...; cut to 32 characters).
+    study_uid, object_uid, detail:
+        Which study and object, and a detail text (UIDs and figures only).
+
+    Returns
+    -------
+    AuditEvent
+        The new row (added, not flushed).
+    """
     ev = AuditEvent(
         actor=actor[:128], action=action[:32], study_instance_uid=study_uid, object_uid=object_uid, detail=detail
     )

@@ -86,6 +86,31 @@ def restrict_path(path: Path, shared: bool, folder: bool) -> None:
 
 
 class Node:
+    """The running node (see the module docstring): ``start()``, ``stop(grace_s)``, ``.port``.
+
+    Parameters
+    ----------
+    config:
+        The validated configuration.
+    job_handler:
+        The ``draft`` job handler; by default the ``cxrnode.job_handlers`` entry point.
+    sender:
+        How transfers are sent (default :func:`dicom_node.scu.send_file`); tests pass their own.
+    migrate_schema:
+        Migrate the database at start (``False``: ``cxrnode migrate`` does it).
+    role:
+        ``"serve"`` (SCP, promoter, workers, sender) or ``"worker"`` (workers and sender).
+    workers:
+        Override ``jobs.workers``.
+    model:
+        The model bundle the workers loaded before start (reported by ``/healthz``).
+
+    Raises
+    ------
+    ValueError
+        An unknown ``role``.
+    """
+
     def __init__(self, config: Config, job_handler: JobHandler | None = None, sender: Sender | None = None,
                  migrate_schema: bool = True, role: str = "serve", workers: int | None = None,
                  model: str | None = None) -> None:

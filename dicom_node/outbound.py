@@ -49,7 +49,27 @@ def wants(destination: Destination, kind: str) -> bool:
 
 def enqueue(session: Session, config: Config, sop_instance_uid: str, relpath: str, kind: str) -> list[Transfer]:
     """Add one pending Transfer per destination that wants ``kind``, due now by the database's
-    clock; the caller commits."""
+    clock; the caller commits (or use :func:`dicom_node.commit.commit_dataset`).
+
+    Parameters
+    ----------
+    session, config:
+        The caller's session; the configuration whose ``destinations`` are asked (:func:`wants`).
+    sop_instance_uid, relpath:
+        The object to send and its file, relative to the store.
+    kind:
+        ``"draft"`` or ``"signed"``.
+
+    Returns
+    -------
+    list[Transfer]
+        The new rows (none when no destination wants ``kind``).
+
+    Raises
+    ------
+    ValueError
+        ``kind`` is not one of :data:`KINDS`.
+    """
     rows: list[Transfer] = []
     if not any(wants(d, kind) for d in config.destinations):
         return rows

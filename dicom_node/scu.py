@@ -46,7 +46,28 @@ def client_ssl_context(config: Config) -> ssl.SSLContext:
 
 
 def send_file(config: Config, destination: Destination, path: str | os.PathLike[str]) -> int:
-    """C-STORE the DICOM file at ``path`` to ``destination``; return the status or raise SendError."""
+    """C-STORE the DICOM file at ``path`` to ``destination`` (PS3.4 B, PS3.7 9.1.1).
+
+    Parameters
+    ----------
+    config:
+        The node's configuration (its AE title, timeouts and, for TLS, ``[security]``).
+    destination:
+        Where to send it (``destination.tls``: TLS, verified against ``security.tls_ca``).
+    path:
+        The file to send, as stored (its transfer syntax is proposed first).
+
+    Returns
+    -------
+    int
+        The C-STORE response status (one of :data:`STORED_STATUSES`).
+
+    Raises
+    ------
+    SendError
+        No connection, association refused or aborted, no response, or a failure status; the
+        message says which.
+    """
     ds = dcmread(path)
     sop_class = str(ds.SOPClassUID)
     ts = UID(str(ds.file_meta.TransferSyntaxUID))

@@ -287,7 +287,28 @@ class Store:
         return size_sha
 
     def write_dataset(self, ds: Dataset, relpath: str) -> tuple[int, str]:
-        """Write ``ds`` (with its file meta) durably at ``relpath``; return ``(size, sha256)``."""
+        """Write ``ds`` (with its file meta) durably at ``relpath``; return ``(size, sha256)``.
+
+        Parameters
+        ----------
+        ds:
+            The data set with its File Meta Information (written as a Part 10 file).
+        relpath:
+            Where, relative to the store (:meth:`instance_relpath`); an existing file is replaced.
+
+        Returns
+        -------
+        tuple[int, str]
+            The file's size in bytes and SHA-256 (hex).
+
+        Raises
+        ------
+        OutOfSpace
+            Free space is below ``min_free_space_mb`` (checked first).
+        OSError
+            The file could not be written, ENOSPC included (:func:`is_enospc`); nothing is
+            left behind.
+        """
         self.check_space()
         buf = io.BytesIO()
         dcmwrite(buf, ds, enforce_file_format=True)
