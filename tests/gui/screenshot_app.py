@@ -98,5 +98,45 @@ def main(workdir: str, out: str, out_withheld: str = "") -> int:
     return 0
 
 
+def after_signing_scenes(workdir: str, out_critical: str, out_addendum: str) -> int:
+    """``--after-signing WORKDIR CRITICAL.png ADDENDUM.png`` (issue 17): alice flags a critical
+    result before signing (who was told, role, how, when: ``CRITICAL.png``), signs, then adds an
+    addendum to the signed report (``ADDENDUM.png``: the recorded critical result and the addendum
+    under the verified report)."""
+    import datetime as dt
+
+    root = Path(workdir)
+    specs = synthetic.sample_studies(2, size=1024, prefix="shot-after")
+    node = synthetic.build_node(root / "node", specs, extra_toml="[review]\nundo_window_s = 0\n")
+    svc = ReviewService(node.config, node.sessions, node.store)
+    app = QApplication(sys.argv[:1])
+    app.setStyle("Fusion")
+    w = ReviewerWindow(svc, "alice", refresh_interval_s=0)
+    w.setGeometry(0, 0, 1600, 900)
+    w.confirm = lambda title, text: True
+    w.show()
+    wait(w.worklist_refreshed)
+    open_patient(w, specs[0].patient_id)
+    w.report.findings.setPlainText("Large right pneumothorax with leftward mediastinal shift. "
+                                   "The left lung is clear. Heart size is normal.")
+    w.report.impression.setPlainText("Large right tension pneumothorax. Findings discussed with the ED physician.")
+    w.report.after.critical.fill("Dr Ann Lee", "ED physician", "telephone",
+                                 dt.datetime.now(dt.UTC) - dt.timedelta(minutes=4))
+    w.tasks.wait()
+    ok = grab(app, out_critical)
+    w.sign()
+    wait(w.signed)
+    w.tasks.wait()
+    w.report.after.records.text.setPlainText("Chest tube placed at 10:20; follow-up radiograph requested.")
+    w.add_addendum()
+    wait(w.addendum_added)
+    w.tasks.wait()
+    ok = grab(app, out_addendum) and ok
+    w.close()
+    return 0 if ok else 1
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--after-signing"]:
+        sys.exit(after_signing_scenes(*sys.argv[2:]))
     sys.exit(main(*sys.argv[1:]))
