@@ -339,7 +339,16 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _cli_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``section.key=value`` items (``--set``) as ``{section: {key: value}}``; the value is read as
+    TOML (``5``, ``true``, ``"text"``, ``["a", "b"]``), a bare word is a string. The one parser of
+    ``--set`` (the node's commands and the installer alike).
+
+    Raises
+    ------
+    ConfigError
+        An item without ``=`` or without ``section.``.
+    """
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         dotted, sep, raw = item.partition("=")
@@ -367,7 +376,7 @@ def load_config(
             raise ConfigError(f"config file {p}: not found") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {p}: not valid TOML: {exc}") from None
-    for layer in (_env_overrides(env), _cli_overrides(overrides or [])):
+    for layer in (_env_overrides(env), parse_overrides(overrides or [])):
         for section, values in layer.items():
             if section in TABLE_ARRAYS:
                 raise ConfigError(f"{section}: set it in the config file, not as an override")

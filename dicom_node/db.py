@@ -349,15 +349,28 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 def migrate(url: str, revision: str = "head") -> None:
     """Upgrade the database at ``url`` to ``revision`` with Alembic (creates it if new)."""
     from alembic import command
-    from alembic.config import Config as AlembicConfig
 
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    command.upgrade(alembic_config(url), revision)
+
+
+def alembic_config(url: str | None = None) -> Any:
+    """The Alembic configuration of cxrnode's migrations (for ``url``, when given), for
+    ``alembic.command`` calls: upgrade here, downgrade in ``cxrnode upgrade --rollback``."""
+    from alembic.config import Config as AlembicConfig
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
-    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    if url is not None:
+        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     cfg.attributes["configure_logger"] = False
-    command.upgrade(cfg, revision)
+    return cfg
+
+
+def head_revision() -> str:
+    """The newest schema revision this code knows."""
+    return str(_script_directory().get_current_head() or "")
 
 
 #: key of the PostgreSQL advisory lock ``cxrnode migrate`` holds while Alembic runs (any bigint
@@ -370,12 +383,9 @@ def is_sqlite(url: str) -> bool:
 
 
 def _script_directory() -> Any:
-    from alembic.config import Config as AlembicConfig
     from alembic.script import ScriptDirectory
 
-    cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
-    return ScriptDirectory.from_config(cfg)
+    return ScriptDirectory.from_config(alembic_config())
 
 
 def migrate_locked(url: str, revision: str = "head") -> tuple[str | None, str | None]:

@@ -11,6 +11,7 @@ import os
 import sys
 
 from installer import install as inst
+from installer import layout as lay
 from installer.bundle import BundleError
 
 
@@ -32,12 +33,12 @@ def default_config() -> str | None:
     if os.environ.get("CXRNODE_CONFIG"):
         return None
     try:
-        layout = inst.detect_layout(None)
+        layout = lay.detect_layout(None)
         if layout.manifest.is_file():
-            return str(inst.read_manifest(layout)["config"])
-    except (inst.InstallError, OSError, ValueError, KeyError):
+            return str(lay.read_manifest(layout)["config"])
+    except (lay.InstallError, OSError, ValueError, KeyError):
         pass
-    system = inst.Layout(None).config
+    system = lay.Layout(None).config
     return str(system) if system.is_file() else None
 
 

@@ -433,12 +433,12 @@ def check_reviewers(ctx: Context) -> list[Check]:
 def _installed_unit() -> str | None:
     """The systemd unit name of this installation, when the installer registered one."""
     try:
-        from installer import install as inst
+        from installer import layout as lay
 
-        layout = inst.detect_layout(None)
+        layout = lay.detect_layout(None)
         if not layout.manifest.is_file():
             return None
-        manifest = inst.read_manifest(layout)
+        manifest = lay.read_manifest(layout)
     except Exception:  # not installed, or an unreadable manifest: the port tells what it can
         return None
     return Path(manifest["unit"]).name if manifest.get("systemd") and manifest.get("unit") else None
@@ -487,24 +487,93 @@ def check_service(ctx: Context) -> list[Check]:
                   {"unit": unit}, code="node.not_running")]
 
 
-DISPLAY_PROBE = """\
-import sys
-from gui.cli import display_problem
-problem = display_problem()
-if problem:
-    print(problem)
-    sys.exit(3)
-from PyQt6.QtGui import QGuiApplication
-app = QGuiApplication(sys.argv[:1])
-print(app.platformName())
-"""
+#: the line the node logs when it loads the model (plugin.drafting.pipeline.generator_for)
+PROVIDERS_LOG = "loaded model "
+
+
+def _installed_flavour() -> str:
+    """The bundle flavour of the installed current version ('' when not installed)."""
+    try:
+        from installer import layout as lay
+
+        layout = lay.detect_layout(None)
+        if not layout.manifest.is_file():
+            return ""
+        manifest = lay.read_manifest(layout)
+        return str(manifest["versions"][manifest["current"]].get("flavour", ""))
+    except Exception:
+        return ""
+
+
+def _service_log_providers(unit: str) -> str:
+    """The newest model-load line of the running service's own log (journald), '' if none."""
+    journalctl = shutil.which("journalctl")
+    if not journalctl:
+        return ""
+    try:
+        out = subprocess.run([journalctl, "-u", unit, "-o", "cat", "--no-pager", "-n", "20000", "--grep", PROVIDERS_LOG],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    lines = [ln for ln in out.stdout.splitlines() if PROVIDERS_LOG in ln and "providers" in ln]
+    return lines[-1] if lines else ""
+
+
+def sandbox_gpu_check(unit: str, flavour: str, props: dict[str, str], log_line: str) -> list[Check]:
+    """Whether the GPU flavour's service can use the GPU *inside its systemd sandbox* (doctor runs
+    outside it, so its own provider check can see a GPU the service cannot). ``props``: the unit's
+    ``PrivateDevices``, ``DevicePolicy`` and ``DeviceAllow`` (``systemctl show``); ``log_line``: the
+    service's newest model-load line (which providers its session uses)."""
+    from installer.unit import uses_gpu
+
+    if not uses_gpu(flavour):
+        return []
+    data = {"unit": unit, "flavour": flavour, **props, "service_log": log_line}
+    if props.get("PrivateDevices") == "yes" or "nvidia" not in props.get("DeviceAllow", ""):
+        return [Check("gpu in service", FAIL, f"{unit} hides the NVIDIA devices (PrivateDevices="
+                      f"{props.get('PrivateDevices', '?')}, DeviceAllow={props.get('DeviceAllow') or 'none'}): "
+                      "the service drafts on the CPU", "re-render the unit: `cxrnode upgrade --bundle` of a GPU bundle "
+                      "writes DeviceAllow=char-nvidia-*; remove drop-ins that set PrivateDevices=yes", data,
+                      code="service.gpu_hidden")]
+    if not log_line:
+        return [Check("gpu in service", WARN, f"{unit} allows the NVIDIA devices; the service has not logged a model "
+                      "load yet, so the provider it uses is unknown", "send a study, or set node.log_level = \"INFO\"",
+                      data, code="service.gpu_unknown")]
+    if "CUDAExecutionProvider" in log_line:
+        return [Check("gpu in service", OK, f"{unit} uses the GPU ({log_line.split('(providers', 1)[-1].strip(' )')})",
+                      data=data, code="service.gpu_used")]
+    return [Check("gpu in service", FAIL, f"{unit} runs on the CPU although the GPU flavour is installed: {log_line}",
+                  f"see journalctl -u {unit}: CUDA/cuDNN libraries of the bundle, driver, /dev/nvidia* inside the unit",
+                  data, code="service.gpu_not_used")]
+
+
+def check_service_gpu(ctx: Context) -> list[Check]:
+    """The GPU inside the service's sandbox (see :func:`sandbox_gpu_check`); only for an installed
+    GPU flavour whose unit systemd knows."""
+    unit = _installed_unit()
+    flavour = _installed_flavour()
+    if not unit or not flavour:
+        return []
+    systemctl = shutil.which("systemctl")
+    if not systemctl:
+        return []
+    try:
+        out = subprocess.run([systemctl, "show", unit, "-p", "PrivateDevices,DevicePolicy,DeviceAllow"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    props: dict[str, str] = {}
+    for line in out.stdout.splitlines():
+        key, _, value = line.partition("=")
+        props[key] = f"{props[key]} {value}".strip() if key in props else value
+    return sandbox_gpu_check(unit, flavour, props, _service_log_providers(unit))
 
 
 def check_display(ctx: Context) -> list[Check]:
     """Qt's platform plugin loads (in a subprocess: doctor never imports Qt, and Qt aborts the
     process it fails in)."""
     try:
-        out = subprocess.run([sys.executable, "-c", DISPLAY_PROBE], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([sys.executable, "-m", "gui.display_probe"], capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
         return [Check("display", FAIL, "the Qt probe did not finish in 60 s", "check the display server",
                       code="display.timeout")]
@@ -517,6 +586,7 @@ def check_display(ctx: Context) -> list[Check]:
     tail = [ln for ln in (out.stderr or out.stdout).splitlines() if ln.strip()][-3:]
     return [Check("display", FAIL, f"Qt's platform plugin did not load (exit {out.returncode}): {' | '.join(tail)}",
                   "install the reviewer extra (PyQt6) and the libraries Qt names", code="display.qt_failed")]
+
 
 def check_destinations(ctx: Context) -> list[Check]:
     dests = ctx.config.destinations
@@ -661,9 +731,9 @@ def _age(seconds: float) -> str:
 
 CHECKS: tuple[Callable[[Context], list[Check]], ...] = (
     check_reviewers, check_storage, check_database, check_model, check_providers, check_inference,
-    check_port, check_service, check_destinations, check_tls, check_queue, check_display,
+    check_port, check_service, check_service_gpu, check_destinations, check_tls, check_queue, check_display,
 )
-NODE_ONLY = {check_service}
+NODE_ONLY = {check_service, check_service_gpu}
 REVIEWER_ONLY = {check_display}
 
 

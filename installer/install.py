@@ -1,20 +1,15 @@
-"""Install, upgrade, roll back and uninstall cxrnode from an offline bundle.
-
-Layout (``--prefix P``; without a prefix the system paths on the right)::
-
-    program   P/lib/cxrnode/versions/<version>-<build>/venv     /opt/cxrnode/versions/...
-              P/lib/cxrnode/current -> versions/<...>            /opt/cxrnode/current
-              P/lib/cxrnode/install.json (what was installed)    /opt/cxrnode/install.json
-    command   P/bin/cxrnode -> current/venv/bin/cxrnode          /usr/local/bin/cxrnode
-    config    P/etc/cxrnode/cxrnode.toml (0640)                  /etc/cxrnode/cxrnode.toml
-    data      P/var/lib/cxrnode (or --storage-dir)               /var/lib/cxrnode
-    unit      /etc/systemd/system/cxrnode.service (or P/lib/cxrnode/cxrnode.service with --no-systemd)
-    launcher  P/share/applications/cxrnode-review.desktop        /usr/share/applications/...
+"""Install, upgrade, roll back and uninstall cxrnode from an offline bundle: the four commands.
 
 Each version gets its own virtual environment, created from the bundle's wheelhouse only
 (``pip --no-index``, no pip configuration read), so an upgrade installs beside the running
 version, migrates the database, then switches the ``current`` symlink atomically; ``--rollback``
 switches back. Configuration and data are never touched by an upgrade or a plain uninstall.
+
+The parts, each in a module named for it: :mod:`installer.layout` (where things go, install.json),
+:mod:`installer.site_config` (the configuration from the site's answers), :mod:`installer.accounts`
+(system user, group, ownership), :mod:`installer.venv` (virtual environments and the commands run
+with an installed version's interpreter, :mod:`installer.in_venv`), :mod:`installer.unit` (the
+systemd unit and the launcher).
 
 Runs from the project's wheel before any dependency exists (``install.sh``), so it imports
 only the standard library and :mod:`dicom_node.config` (standard library only too).
@@ -23,531 +18,52 @@ only the standard library and :mod:`dicom_node.config` (standard library only to
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import getpass
-import json
 import os
-import re
 import shutil
-import sqlite3
-import string
 import subprocess
 import sys
 import tempfile
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from dicom_node.config import AE_TITLE_RE, ConfigError, load_config
+from installer.accounts import (
+    add_to_group,
+    check_interpreter_for_services,
+    chown_nofollow,
+    chown_tree,
+    ensure_user,
+)
 from installer.bundle import BundleError, open_bundle, say, template_text
-
-SYSTEM_ROOT = Path("/opt/cxrnode")
-DEFAULT_USER = "cxrnode"
-
-
-class InstallError(RuntimeError):
-    """The installation cannot proceed; the message says why and what to do."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Where things go for a prefix (None = the system paths)."""
-
-    prefix: Path | None
-
-    @property
-    def root(self) -> Path:
-        return self.prefix / "lib" / "cxrnode" if self.prefix else SYSTEM_ROOT
-
-    @property
-    def versions(self) -> Path:
-        return self.root / "versions"
-
-    @property
-    def current(self) -> Path:
-        return self.root / "current"
-
-    @property
-    def previous(self) -> Path:
-        return self.root / "previous"
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / "install.json"
-
-    @property
-    def bin(self) -> Path:
-        return self.prefix / "bin" / "cxrnode" if self.prefix else Path("/usr/local/bin/cxrnode")
-
-    @property
-    def config_dir(self) -> Path:
-        return self.prefix / "etc" / "cxrnode" if self.prefix else Path("/etc/cxrnode")
-
-    @property
-    def config(self) -> Path:
-        return self.config_dir / "cxrnode.toml"
-
-    @property
-    def storage(self) -> Path:
-        return self.prefix / "var" / "lib" / "cxrnode" if self.prefix else Path("/var/lib/cxrnode")
-
-    @property
-    def desktop(self) -> Path:
-        base = self.prefix / "share" if self.prefix else Path("/usr/share")
-        return base / "applications" / "cxrnode-review.desktop"
-
-    def unit(self, systemd: bool) -> Path:
-        return Path("/etc/systemd/system/cxrnode.service") if systemd else self.root / "cxrnode.service"
-
-
-def is_root() -> bool:
-    return os.geteuid() == 0
-
-
-def systemd_running() -> bool:
-    return Path("/run/systemd/system").is_dir()
-
-
-_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
-
-
-def toml_string(value: str) -> str:
-    """A TOML basic string: UTF-8 as is (also outside the BMP: "Radiology 🩻"), quotes, backslashes
-    and control characters escaped (json.dumps would write a surrogate pair, which TOML rejects)."""
-    return '"' + "".join(_TOML_ESCAPES.get(ch) or (f"\\u{ord(ch):04X}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch)
-                         for ch in value) + '"'
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return toml_string(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise InstallError(f"cannot write {value!r} to TOML")
-
-
-def render_config(example: str, values: dict[str, dict[str, Any]], tables: dict[str, list[dict[str, Any]]]) -> str:
-    """The example configuration with ``values`` set (section -> key -> value) and
-    ``tables`` (destinations/reviewers) appended. Comments are kept."""
-    lines = example.splitlines()
-    for section, kv in values.items():
-        try:
-            start = lines.index(f"[{section}]")
-        except ValueError:
-            lines += ["", f"[{section}]"]
-            start = len(lines) - 1
-        for key, value in kv.items():
-            end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("[")), len(lines))
-            pat = re.compile(rf"^{re.escape(key)}\s*=")
-            idx = next((i for i in range(start + 1, end) if pat.match(lines[i])), None)
-            new = f"{key} = {toml_value(value)}"
-            if idx is None:
-                lines.insert(start + 1, new)
-                continue
-            stop = idx + 1
-            if lines[idx].rstrip().endswith("["):  # a multi-line array: drop its continuation lines
-                while stop < end and lines[stop].strip() != "]":
-                    stop += 1
-                stop += 1
-            lines[idx:stop] = [new]
-    for name, items in tables.items():
-        for item in items:
-            lines += ["", f"[[{name}]]"] + [f"{k} = {toml_value(v)}" for k, v in item.items()]
-    return "\n".join(lines) + "\n"
-
-
-def parse_destination(text: str) -> dict[str, Any]:
-    """``NAME=AE@HOST:PORT[,send=drafts_and_signed][,tls]`` -> a [[destinations]] table."""
-    m = re.fullmatch(r"([^=]+)=([^@]+)@(.+):(\d+)((?:,[a-z_]+(?:=[a-z_]+)?)*)", text.strip())
-    if not m:
-        raise InstallError(f"--destination {text!r}: expected NAME=AE_TITLE@HOST:PORT[,send=drafts_and_signed][,tls]")
-    item: dict[str, Any] = {"name": m[1], "ae_title": m[2], "host": m[3], "port": int(m[4])}
-    for opt in filter(None, m[5].split(",")):
-        k, _, v = opt.partition("=")
-        if k == "send" and v:
-            item["send"] = v
-        elif k == "tls" and not v:
-            item["tls"] = True
-        else:
-            raise InstallError(f"--destination {text!r}: unknown option {opt!r} (send=..., tls)")
-    return item
-
-
-def parse_reviewer(text: str) -> dict[str, Any]:
-    """``USERNAME:Family^Given[:Organisation]`` -> a [[reviewers]] table."""
-    parts = text.split(":")
-    if len(parts) not in (2, 3) or not all(parts[:2]):
-        raise InstallError(f"--reviewer {text!r}: expected USERNAME:Family^Given[:Organisation]")
-    item = {"username": parts[0], "display_name": parts[1]}
-    if len(parts) == 3:
-        item["organisation"] = parts[2]
-    return item
-
-
-def _parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for item in items:
-        dotted, sep, raw = item.partition("=")
-        section, dot, key = dotted.strip().partition(".")
-        if not sep or not dot:
-            raise InstallError(f"--set {item!r}: expected section.key=value (value in TOML syntax)")
-        try:
-            value = tomllib.loads(f"v = {raw.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw.strip()
-        out.setdefault(section, {})[key] = value
-    return out
-
-
-def site_answers(args: argparse.Namespace, layout: Layout) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-    values: dict[str, dict[str, Any]] = {"node": {}}
-    node = values["node"]
-    flags = {"ae_title": args.ae_title, "host": args.host, "port": args.port, "database_url": args.database_url,
-             "min_free_space_mb": args.min_free_space_mb}
-    node.update({k: v for k, v in flags.items() if v is not None})
-    node["storage_dir"] = str(Path(args.storage_dir).resolve()) if args.storage_dir else str(layout.storage)
-    model: dict[str, Any] = {}
-    if args.model_bundle:
-        model["bundle"] = args.model_bundle
-    if args.providers is not None:
-        model["providers"] = [p for p in args.providers.split(",") if p]
-    if model:
-        values["model"] = model
-    security: dict[str, Any] = {}
-    if args.allowed_ae:
-        security["allowed_calling_ae_titles"] = args.allowed_ae
-    if args.allowed_network:
-        security["allowed_networks"] = args.allowed_network
-    for k in ("tls_certificate", "tls_private_key", "tls_ca"):
-        if getattr(args, k):
-            security[k] = str(Path(getattr(args, k)).resolve())
-    if security:
-        values["security"] = security
-    for section, kv in _parse_set(args.set or []).items():
-        values.setdefault(section, {}).update(kv)
-    tables = {
-        "destinations": [parse_destination(d) for d in args.destination or []],
-        "reviewers": [parse_reviewer(r) for r in args.reviewer or []],
-    }
-    return values, tables
-
-
-def prompt_answers(values: dict[str, dict[str, Any]]) -> None:
-    """Ask for the site's answers not given as flags (only on a terminal)."""
-    node = values["node"]
-    questions = [("ae_title", "AE title of this node", "CXRNODE", str),
-                 ("port", "TCP port of the Storage SCP", 11112, int),
-                 ("storage_dir", "Storage folder", node.get("storage_dir"), str)]
-    for key, text, default, conv in questions:
-        if key in node and key != "storage_dir":
-            continue
-        while True:
-            raw = input(f"{text} [{node.get(key, default)}]: ").strip()
-            if not raw:
-                node.setdefault(key, default)
-                break
-            try:
-                node[key] = conv(raw)
-                break
-            except ValueError:
-                print(f"  expected {conv.__name__}")
-
-
-def write_private(path: Path, text: str, mode: int, group: str | None = None) -> None:
-    """Write ``path`` atomically with exactly ``mode`` (whatever the umask), owned by root and
-    ``group`` when running as root. The temporary file is created fresh (``O_EXCL``, never
-    through a symlink) and its mode and owner are set on the descriptor before any content."""
-    tmp = path.with_name(path.name + ".new")
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        os.fchmod(fd, mode)
-        if group and is_root():
-            import grp
-
-            os.fchown(fd, 0, grp.getgrnam(group).gr_gid)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            fd = -1
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-
-
-def write_config(layout: Layout, text: str, group: str | None) -> Path:
-    """The configuration, 0640 root:``group``: the installed configuration, the only one whose
-    ``[[reviewers]]`` may sign (plugin.review.read_installed_config)."""
-    path = layout.config
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_private(path, text, 0o640, group)
-    return path
-
-
-def validate_config_text(text: str) -> Any:
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False, encoding="utf-8") as f:
-        f.write(text)
-    try:
-        return load_config(f.name, env={})
-    finally:
-        os.unlink(f.name)
-
-
-# --- users -----------------------------------------------------------------------------------
-
-def ensure_user(user: str, home: Path) -> bool:
-    """Create the system user (and its group); True when we created it."""
-    import pwd
-
-    try:
-        pwd.getpwnam(user)
-        return False
-    except KeyError:
-        pass
-    useradd = shutil.which("useradd") or "/usr/sbin/useradd"
-    subprocess.run([useradd, "--system", "--user-group", "--home-dir", str(home), "--no-create-home",
-                    "--shell", "/usr/sbin/nologin", "--comment", "cxrnode DICOM node", user], check=True)
-    return True
-
-
-def _add_to_group(account: str, group: str) -> None:
-    """Let a reviewer's OS account read the config and the store (the desktop reviewer)."""
-    import pwd
-
-    try:
-        pwd.getpwnam(account)
-    except KeyError:
-        say(f"  reviewer {account!r} has no account on this machine: add it later with usermod -aG {group} {account}")
-        return
-    subprocess.run([shutil.which("usermod") or "/usr/sbin/usermod", "-aG", group, account], check=True)
-    say(f"  added reviewer {account!r} to group {group!r} (config and studies readable, signing allowed)")
-
-
-def check_interpreter_for_services() -> None:
-    """The service user must be able to run the Python the virtual environment is built on;
-    one under a private home (``/root/.pyenv``...) cannot. Checked as ``nobody``."""
-    import pwd
-
-    runuser = shutil.which("runuser")
-    try:
-        pwd.getpwnam("nobody")
-    except KeyError:
-        return
-    if not runuser:
-        return
-    py = _base_python()
-    proc = subprocess.run([runuser, "-u", "nobody", "--", py, "-I", "-c", "pass"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise InstallError(
-            f"an unprivileged service user cannot run {py} ({(proc.stderr or '').strip() or 'permission denied'}); "
-            "use a system-wide Python 3.11, e.g. PYTHON=/usr/bin/python3.11 ./install.sh ..., "
-            "or --no-user to run the node as the installing user")
-
-
-def chown_nofollow(path: Path, user: str, group: str | None = None) -> None:
-    """chown that never follows a symlink: a link planted in a folder the service user can write
-    (``cxrnode.db-x -> /etc/shadow``) gets the new owner itself, its target stays root's."""
-    import grp
-    import pwd
-
-    os.chown(path, pwd.getpwnam(user).pw_uid, grp.getgrnam(group or user).gr_gid, follow_symlinks=False)
-
-
-def chown_tree(path: Path, user: str, group: str | None = None) -> None:
-    """Give ``path`` and everything below it to ``user`` (and ``group``, default the user's own
-    group); symlinks are neither followed nor descended into."""
-    chown_nofollow(path, user, group)
-    for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
-        for name in dirnames + filenames:
-            chown_nofollow(Path(dirpath) / name, user, group)
-
-
-# --- the program: one virtual environment per version ----------------------------------------
-
-def _clean_pip_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") and k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env["PIP_CONFIG_FILE"] = os.devnull  # no site pip.conf: it could point at an index
-    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
-    env["PYTHONNOUSERSITE"] = "1"
-    return env
-
-
-def _base_python() -> str:
-    return getattr(sys, "_base_executable", None) or sys.executable
-
-
-def create_venv(bundle: Path, info: dict[str, Any], target: Path) -> Path:
-    """A virtual environment at ``target`` with cxrnode and its pinned dependencies, offline."""
-    wheelhouse = bundle / "wheelhouse"
-    pip_wheels = sorted(wheelhouse.glob("pip-*.whl"))
-    own = sorted(wheelhouse.glob("cxrnode-*.whl"))
-    if not pip_wheels or not own:
-        raise InstallError(f"{wheelhouse}: no pip or cxrnode wheel; the bundle is incomplete")
-    if (sys.version_info.major, sys.version_info.minor) != (3, 11) and info.get("python") == "cp311":
-        say(f"note: the bundle's wheels are for CPython 3.11; this is {sys.version.split()[0]}")
-    env = _clean_pip_env()
-    # -I: the working directory (wherever root ran install.sh from) is not on sys.path
-    subprocess.run([_base_python(), "-I", "-m", "venv", "--without-pip", str(target)], check=True, env=env)
-    py = target / "bin" / "python"
-    pip = [str(py), str(pip_wheels[-1] / "pip"), "install", "--isolated", "--no-index",
-           "--find-links", str(wheelhouse), "--no-cache-dir", "--progress-bar", "off", "-q"]
-    say("  installing the runtime dependencies from the wheelhouse (no network)")
-    _check_call([*pip, "-r", str(wheelhouse / "requirements.txt"), str(pip_wheels[-1])], env, "pip install")
-    say("  installing cxrnode")
-    _check_call([*pip, "--no-deps", str(own[-1])], env, "pip install cxrnode")
-    return py
-
-
-def _check_call(cmd: list[str], env: dict[str, str], what: str) -> str:
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise InstallError(f"{what} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
-    return proc.stdout
-
-
-MIGRATE = """
-import json, sys
-from dicom_node.config import load_config
-from dicom_node.db import current_revision, migrate
-c = load_config(sys.argv[1], env={})
-url = c.node.resolved_database_url()
-migrate(url, sys.argv[2]) if sys.argv[2] != "head" else migrate(url)
-print(json.dumps(dict(zip(("revision", "head"), current_revision(url)))))
-"""
-
-DOWNGRADE = """
-import sys
-from pathlib import Path
-import dicom_node.db as db
-from alembic import command
-from alembic.config import Config
-from dicom_node.config import load_config
-c = load_config(sys.argv[1], env={})
-cfg = Config()
-cfg.set_main_option("script_location", str(Path(db.__file__).parent / "migrations"))
-cfg.set_main_option("sqlalchemy.url", c.node.resolved_database_url().replace("%", "%%"))
-cfg.attributes["configure_logger"] = False
-command.downgrade(cfg, sys.argv[2])
-"""
-
-HEAD = """
-from pathlib import Path
-import dicom_node.db as db
-from alembic.config import Config
-from alembic.script import ScriptDirectory
-cfg = Config()
-cfg.set_main_option("script_location", str(Path(db.__file__).parent / "migrations"))
-print(ScriptDirectory.from_config(cfg).get_current_head() or "")
-"""
-
-
-def run_in(py: Path, script: str, *args: str) -> str:
-    env = _clean_pip_env()
-    env.pop("CXRNODE_CONFIG", None)
-    # -I: isolated, so neither the working directory (a source checkout?) nor PYTHON* variables
-    # can shadow the installed packages
-    return _check_call([str(py), "-I", "-c", script, *args], env, "running the installed cxrnode").strip()
-
-
-def migrate_with(py: Path, config: Path, revision: str = "head") -> dict[str, str]:
-    out = run_in(py, MIGRATE, str(config), revision)
-    return dict(json.loads(out.splitlines()[-1]))
-
-
-def backup_sqlite(url: str, dest_dir: Path, label: str) -> Path | None:
-    """A consistent copy of the SQLite index (taken while the node may be running)."""
-    if not url.startswith("sqlite:///"):
-        return None
-    src = Path(url.removeprefix("sqlite:///"))
-    if not src.is_file():
-        return None
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    dest = dest_dir / f"cxrnode-{label}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.db"
-    with sqlite3.connect(src) as s, sqlite3.connect(dest) as d:
-        s.backup(d)
-    return dest
-
-
-def switch_link(link: Path, target: Path) -> None:
-    """Point ``link`` at ``target`` atomically (rename over the old link)."""
-    tmp = link.with_name(link.name + ".new")
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    tmp.symlink_to(os.path.relpath(target, link.parent))
-    os.replace(tmp, link)
-
-
-def render_template(name: str, **values: str) -> str:
-    return string.Template(template_text(name)).substitute(values)
-
-
-#: resource ceilings of the unit (MemoryHigh throttles, MemoryMax kills; TasksMax counts threads).
-#: The node measures ~150-300 MB RSS (README); a study's pixels and the model add a few hundred MB.
-UNIT_MEMORY_HIGH = "3G"
-UNIT_MEMORY_MAX = "4G"
-UNIT_TASKS_MAX = 512
-
-
-def render_unit(bin_path: Path, config: Path, storage: Path, user: str, port: int) -> str:
-    caps = "CAP_NET_BIND_SERVICE" if port and port < 1024 else ""
-    return render_template("cxrnode.service", bin=str(bin_path), config=str(config), storage_dir=str(storage),
-                           user=user, group=user, capabilities=caps, memory_high=UNIT_MEMORY_HIGH,
-                           memory_max=UNIT_MEMORY_MAX, tasks_max=str(UNIT_TASKS_MAX))
-
-
-def systemctl(*args: str) -> None:
-    subprocess.run(["systemctl", *args], check=True)
-
-
-def read_manifest(layout: Layout, allow_removed: bool = False) -> dict[str, Any]:
-    """install.json; with ``allow_removed`` also the copy a plain uninstall leaves beside the config."""
-    kept = layout.config_dir / "install.json"
-    if allow_removed and not layout.manifest.is_file() and kept.is_file():
-        return {**json.loads(kept.read_text(encoding="utf-8")), "removed": True}
-    if not layout.manifest.is_file():
-        where = f"--prefix {layout.prefix}" if layout.prefix else f"{SYSTEM_ROOT}"
-        raise InstallError(f"cxrnode is not installed at {where} (no {layout.manifest}); install it first")
-    return dict(json.loads(layout.manifest.read_text(encoding="utf-8")))
-
-
-def redact_url(url: str) -> str:
-    """A database URL without its password (``postgresql+psycopg://user:***@host/db``)."""
-    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/@]*)@(.*)$", url)
-    if not m or ":" not in m[2]:
-        return url
-    return f"{m[1]}{m[2].split(':', 1)[0]}:***@{m[3]}"
-
-
-def write_manifest(layout: Layout, manifest: dict[str, Any], path: Path | None = None) -> None:
-    """install.json: mode 0600 whatever the umask, and without the database password (the
-    configuration file, 0640 root:cxrnode, is the one place it is kept)."""
-    manifest = {**manifest, "database_url": redact_url(str(manifest.get("database_url", "")))}
-    write_private(path or layout.manifest, json.dumps(manifest, indent=2) + "\n", 0o600)
-
-
-def detect_layout(prefix: str | None) -> Layout:
-    """The layout for ``--prefix``, or the one this program runs from, or the system one."""
-    if prefix:
-        p = Path(prefix).resolve()
-        if not p.is_dir():
-            raise InstallError(f"--prefix {p}: no such folder")
-        return Layout(p)
-    here = Path(sys.prefix).resolve()  # .../versions/<v>/venv
-    root = here.parent.parent.parent
-    if (root / "install.json").is_file():
-        m = json.loads((root / "install.json").read_text(encoding="utf-8"))
-        return Layout(Path(m["prefix"]) if m.get("prefix") else None)
-    return Layout(None)
+from installer.layout import (
+    DEFAULT_USER,
+    InstallError,
+    Layout,
+    detect_layout,
+    is_root,
+    read_manifest,
+    switch_link,
+    systemd_running,
+    write_manifest,
+)
+from installer.site_config import (
+    prompt_answers,
+    render_config,
+    site_answers,
+    validate_config_text,
+    write_config,
+)
+from installer.unit import render_template, render_unit, systemctl
+from installer.venv import (
+    backup_sqlite,
+    create_venv,
+    downgrade_with,
+    migrate_with,
+    run_in,
+    schema_head,
+)
 
 
 def _undo_program(layout: Layout, vdir: Path, systemd: bool) -> None:
@@ -618,7 +134,7 @@ def install(args: argparse.Namespace) -> int:
         vdir.mkdir()
         try:
             py = create_venv(bundle, info, vdir / "venv")
-            head = run_in(py, HEAD)
+            head = schema_head(py)
             for m in sorted((bundle / "models").glob("*")) if (bundle / "models").is_dir() else []:
                 shutil.copytree(m, layout.root / "models" / m.name, dirs_exist_ok=True)
         except BaseException:
@@ -645,12 +161,13 @@ def install(args: argparse.Namespace) -> int:
             if create_user:
                 chown_tree(storage, user)
                 for account in [r["username"] for r in tables["reviewers"]]:
-                    _add_to_group(account, user)
+                    add_to_group(account, user)
 
             say(f"[6/{steps}] service unit")
             unit = layout.unit(systemd)
             unit.parent.mkdir(parents=True, exist_ok=True)
-            unit.write_text(render_unit(layout.bin, layout.config, storage, user, config_obj.node.port), encoding="utf-8")
+            unit.write_text(render_unit(layout.bin, layout.config, storage, user, config_obj.node.port, str(info["flavour"])),
+                            encoding="utf-8")
             say(f"  wrote {unit}")
             registered = False
             if systemd:
@@ -705,7 +222,7 @@ def upgrade(args: argparse.Namespace) -> int:
         vdir.mkdir(parents=True)
         try:
             py = create_venv(bundle, info, vdir / "venv")
-            head = run_in(py, HEAD)
+            head = schema_head(py)
         except BaseException:
             shutil.rmtree(vdir, ignore_errors=True)
             raise
@@ -720,7 +237,7 @@ def upgrade(args: argparse.Namespace) -> int:
         switch_link(layout.previous, layout.versions / old)
         switch_link(layout.current, vdir)
         say(f"  {layout.current} -> {vdir.name} (previous: {old})")
-        _rerender_unit(layout.current / "venv" / "bin" / "python", manifest)
+        rerender_unit(layout.current / "venv" / "bin" / "python", manifest, str(info["flavour"]))
         manifest["versions"][vdir.name] = {"version": info["version"], "flavour": info["flavour"], "head": head,
                                            "installed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                                            "backup": str(backup or "")}
@@ -732,23 +249,19 @@ def upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
-RENDER_UNIT = """
-import sys
-from pathlib import Path
-from dicom_node.config import load_config
-from installer.install import render_unit
-bin_path, config, user = sys.argv[1:4]
-c = load_config(config, env={})
-sys.stdout.write(render_unit(Path(bin_path), Path(config), Path(c.node.storage_dir), user, c.node.port))
-"""
-
-
-def _rerender_unit(py: Path, manifest: dict[str, Any]) -> None:
-    """The unit from the version now current (its template may carry new hardening)."""
+def rerender_unit(py: Path, manifest: dict[str, Any], flavour: str) -> None:
+    """The unit from the version now current (its template may carry new hardening); a version
+    installed before :mod:`installer.in_venv` existed cannot render it: the unit is kept."""
     unit = Path(manifest["unit"])
     if not unit.is_file():
         return
-    text = run_in(py, RENDER_UNIT, manifest["bin"], manifest["config"], manifest["user"]) + "\n"
+    try:
+        text = run_in(py, "render-unit", manifest["bin"], manifest["config"], manifest["user"], flavour) + "\n"
+    except InstallError as exc:
+        if "No module named installer.in_venv" not in str(exc):
+            raise
+        say(f"  kept {unit} (that version cannot render its unit)")
+        return
     if text != unit.read_text(encoding="utf-8"):
         unit.write_text(text, encoding="utf-8")
         say(f"  updated {unit}")
@@ -780,11 +293,12 @@ def rollback(layout: Layout, manifest: dict[str, Any]) -> int:
     have = manifest["versions"][cur]["head"]
     if want != have:
         say(f"downgrading the database {have} -> {want} with {cur}'s migrations")
-        run_in(layout.versions / cur / "venv" / "bin" / "python", DOWNGRADE, manifest["config"], want)
+        downgrade_with(layout.versions / cur / "venv" / "bin" / "python", manifest["config"], want)
         _chown_database(manifest)
     switch_link(layout.current, layout.versions / prev)
     switch_link(layout.previous, layout.versions / cur)
-    _rerender_unit(layout.current / "venv" / "bin" / "python", manifest)
+    rerender_unit(layout.current / "venv" / "bin" / "python", manifest,
+                  str(manifest["versions"][prev].get("flavour", "cpu")))
     manifest["current"], manifest["previous"] = prev, cur
     write_manifest(layout, manifest)
     _restart(manifest)

@@ -104,17 +104,12 @@ def test_postgresql_refuses_truncate(postgres_url: str) -> None:
 
 
 def _downgrade(url: str, revision: str) -> None:
-    """What ``cxrnode upgrade --rollback`` runs (installer.install.DOWNGRADE)."""
+    """What ``cxrnode upgrade --rollback`` runs (``python -m installer.in_venv downgrade``)."""
     from alembic import command
-    from alembic.config import Config
 
     import dicom_node.db as db
 
-    cfg = Config()
-    cfg.set_main_option("script_location", str(Path(db.__file__).parent / "migrations"))
-    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    cfg.attributes["configure_logger"] = False
-    command.downgrade(cfg, revision)
+    command.downgrade(db.alembic_config(url), revision)
 
 
 def test_the_migration_goes_down_and_up(url: str) -> None:

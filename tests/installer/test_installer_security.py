@@ -26,7 +26,9 @@ from pathlib import Path
 import pytest
 from installer_helpers import REPO
 
+from installer import accounts, site_config, venv
 from installer import install as inst
+from installer import layout as lay
 from installer.bundle import BundleError, open_bundle, verify_folder, write_sha256sums
 
 NOBODY = 65534
@@ -104,8 +106,8 @@ def test_create_venv_does_not_import_from_the_working_directory(tmp_path: Path, 
         (wheelhouse / name).write_bytes(b"not a wheel")
     (wheelhouse / "requirements.txt").write_text("")
     monkeypatch.chdir(evil)
-    with pytest.raises(inst.InstallError, match="pip install failed"):  # the stand-in pip wheel is junk
-        inst.create_venv(tmp_path / "b", {"python": "cp311"}, tmp_path / "venv")
+    with pytest.raises(lay.InstallError, match="pip install failed"):  # the stand-in pip wheel is junk
+        venv.create_venv(tmp_path / "b", {"python": "cp311"}, tmp_path / "venv")
     assert not Path(f"{pwned}.venv").exists(), "python -m venv imported evil/venv.py"
     assert (tmp_path / "venv" / "bin" / "python").exists()
 
@@ -185,7 +187,7 @@ def _planted(tmp_path: Path) -> tuple[Path, Path]:
 @root_only
 def test_chown_tree_does_not_follow_a_planted_symlink(tmp_path: Path) -> None:
     storage, secret = _planted(tmp_path)
-    inst.chown_tree(storage, "nobody", "nogroup")
+    accounts.chown_tree(storage, "nobody", "nogroup")
     assert secret.stat().st_uid == 0 and secret.stat().st_gid == 0, "the symlink handed a root file over"
     assert tmp_path.stat().st_uid == 0, "chown descended through a directory symlink"
     assert (storage / "cxrnode.db").stat().st_uid == NOBODY and storage.stat().st_uid == NOBODY
@@ -204,17 +206,17 @@ def test_chown_database_after_a_migration_does_not_follow_a_planted_symlink(tmp_
 
 
 def test_install_json_is_0600_and_keeps_no_password(tmp_path: Path, umask0: None) -> None:
-    layout = inst.Layout(tmp_path)
+    layout = lay.Layout(tmp_path)
     layout.root.mkdir(parents=True)
     url = "postgresql+psycopg://cxrnode:s3cr%40t@db.example:5432/cxrnode"
-    inst.write_manifest(layout, {"database_url": url, "config": "c"})
+    lay.write_manifest(layout, {"database_url": url, "config": "c"})
     st = layout.manifest.stat()
     assert stat.S_IMODE(st.st_mode) == 0o600
     text = layout.manifest.read_text()
     assert "s3cr" not in text and json.loads(text)["database_url"] == "postgresql+psycopg://cxrnode:***@db.example:5432/cxrnode"
     # the copy a plain uninstall leaves beside the configuration, too
     kept = tmp_path / "kept.json"
-    inst.write_manifest(layout, {"database_url": url}, kept)
+    lay.write_manifest(layout, {"database_url": url}, kept)
     assert stat.S_IMODE(kept.stat().st_mode) == 0o600 and "s3cr" not in kept.read_text()
 
 
@@ -225,16 +227,16 @@ def test_install_json_is_0600_and_keeps_no_password(tmp_path: Path, umask0: None
     ("postgresql+psycopg://u:p:q@h:1/db?sslmode=require", "postgresql+psycopg://u:***@h:1/db?sslmode=require"),
 ])
 def test_redact_url(url: str, shown: str) -> None:
-    assert inst.redact_url(url) == shown
+    assert lay.redact_url(url) == shown
 
 
 def test_config_is_0640_whatever_the_umask_and_never_written_through_a_symlink(tmp_path: Path, umask0: None) -> None:
-    layout = inst.Layout(tmp_path)
+    layout = lay.Layout(tmp_path)
     layout.config_dir.mkdir(parents=True)
     victim = tmp_path / "victim"
     victim.write_text("untouched\n")
     (layout.config_dir / "cxrnode.toml.new").symlink_to(victim)
-    inst.write_config(layout, "[node]\n", None)
+    site_config.write_config(layout, "[node]\n", None)
     assert victim.read_text() == "untouched\n"
     assert stat.S_IMODE(layout.config.stat().st_mode) == 0o640 and not layout.config.is_symlink()
     assert layout.config.read_text() == "[node]\n"

@@ -18,7 +18,9 @@ import pytest
 from installer_helpers import REPO, example_config_text
 
 from dicom_node.config import SECTIONS, TABLE_ARRAYS, Config, ConfigError, load_config
-from installer import install as inst
+from installer import accounts, site_config
+from installer import layout as lay
+from installer import unit as svc_unit
 from installer.bundle import (
     BundleError,
     runtime_requirements,
@@ -57,10 +59,10 @@ def test_render_config_applies_site_answers_and_keeps_comments(tmp_path: Path) -
         "pipeline": {"indication_sources": ["ReasonForStudy"]},  # replaces a multi-line array
         "model": {"providers": ["CPUExecutionProvider"]},
     }
-    tables = {"destinations": [inst.parse_destination("pacs=PACS@10.0.0.5:104,send=drafts_and_signed")],
-              "reviewers": [inst.parse_reviewer("jdoe:Doe^Jane:General Hospital")]}
-    text = inst.render_config(example_config_text(), values, tables)
-    c = inst.validate_config_text(text)
+    tables = {"destinations": [site_config.parse_destination("pacs=PACS@10.0.0.5:104,send=drafts_and_signed")],
+              "reviewers": [site_config.parse_reviewer("jdoe:Doe^Jane:General Hospital")]}
+    text = site_config.render_config(example_config_text(), values, tables)
+    c = site_config.validate_config_text(text)
     assert (c.node.ae_title, c.node.port, c.node.storage_dir) == ("SITE_CXR", 11200, str(tmp_path / "data"))
     assert c.pipeline.indication_sources == ("ReasonForStudy",)
     assert c.model.providers == ("CPUExecutionProvider",)
@@ -70,20 +72,20 @@ def test_render_config_applies_site_answers_and_keeps_comments(tmp_path: Path) -
 
 
 def test_render_config_rejects_a_bad_answer_naming_the_key() -> None:
-    text = inst.render_config(example_config_text(), {"node": {"port": 70000}}, {})
+    text = site_config.render_config(example_config_text(), {"node": {"port": 70000}}, {})
     with pytest.raises(ConfigError, match="node.port"):
-        inst.validate_config_text(text)
+        site_config.validate_config_text(text)
 
 
 @pytest.mark.parametrize("bad", ["pacs", "pacs=PACS@host", "pacs=PACS@host:104,bogus", "=PACS@h:1"])
 def test_destination_flag_errors_are_clear(bad: str) -> None:
-    with pytest.raises(inst.InstallError, match="--destination"):
-        inst.parse_destination(bad)
+    with pytest.raises(lay.InstallError, match="--destination"):
+        site_config.parse_destination(bad)
 
 
 def test_reviewer_flag_errors_are_clear() -> None:
-    with pytest.raises(inst.InstallError, match="--reviewer"):
-        inst.parse_reviewer("onlyuser")
+    with pytest.raises(lay.InstallError, match="--reviewer"):
+        site_config.parse_reviewer("onlyuser")
 
 
 def _unit(tmp_path: Path, port: int = 11112) -> str:
@@ -91,7 +93,7 @@ def _unit(tmp_path: Path, port: int = 11112) -> str:
     exe.parent.mkdir(parents=True, exist_ok=True)
     exe.write_text("#!/bin/sh\nexit 0\n")
     exe.chmod(0o755)
-    return inst.render_unit(exe, tmp_path / "etc" / "cxrnode.toml", tmp_path / "data", "root", port)
+    return svc_unit.render_unit(exe, tmp_path / "etc" / "cxrnode.toml", tmp_path / "data", "root", port)
 
 
 def test_unit_is_hardened(tmp_path: Path) -> None:
@@ -109,11 +111,28 @@ def test_unit_is_hardened(tmp_path: Path) -> None:
     # issue 13: system calls, /proc and resources bounded
     assert svc["SystemCallFilter"] == "@system-service" and svc["SystemCallErrorNumber"] == "EPERM"
     assert svc["ProtectProc"] == "invisible"
-    assert svc["MemoryMax"] == inst.UNIT_MEMORY_MAX and svc["MemoryHigh"] == inst.UNIT_MEMORY_HIGH
-    assert int(svc["TasksMax"]) == inst.UNIT_TASKS_MAX
+    assert svc["MemoryMax"] == svc_unit.UNIT_MEMORY_MAX and svc["MemoryHigh"] == svc_unit.UNIT_MEMORY_HIGH
+    assert int(svc["TasksMax"]) == svc_unit.UNIT_TASKS_MAX
     assert svc["UMask"] == "0007"
     low = _unit(tmp_path, port=104)
     assert "AmbientCapabilities=CAP_NET_BIND_SERVICE" in low, "port 104 needs the bind capability"
+    assert svc["PrivateDevices"] == "yes" and "DeviceAllow" not in svc, "the CPU flavour sees no devices"
+
+
+@pytest.mark.parametrize("flavour", ["gpu", "gpu-headless"])
+def test_gpu_unit_lets_the_service_open_the_nvidia_devices(tmp_path: Path, flavour: str) -> None:
+    """Issue 16: PrivateDevices=yes hid /dev/nvidia* from the GPU flavour under systemd (it ran on
+    the CPU while doctor, outside the unit, saw a GPU). Devices closed except NVIDIA's."""
+    exe = tmp_path / "bin" / "cxrnode"
+    text = svc_unit.render_unit(exe, tmp_path / "c.toml", tmp_path / "data", "root", 11112, flavour)
+    lines = [ln.strip() for ln in text.splitlines()]
+    assert "PrivateDevices=yes" not in lines and "PrivateDevices=no" in lines
+    assert "DevicePolicy=closed" in lines
+    allowed = {ln.split("=", 1)[1] for ln in lines if ln.startswith("DeviceAllow=")}
+    assert allowed == {"char-nvidia-frontend rw", "char-nvidia-uvm rw", "char-nvidia-caps rw"}
+    assert "ProtectSystem=strict" in lines and "NoNewPrivileges=yes" in lines, "the rest of the hardening stays"
+    cpu = svc_unit.render_unit(exe, tmp_path / "c.toml", tmp_path / "data", "root", 11112, "cpu-headless")
+    assert "PrivateDevices=yes" in cpu.splitlines() and "DeviceAllow" not in cpu
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed (apt package systemd)")
@@ -130,7 +149,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path, port: int) -> None:
 
 
 def test_desktop_launcher(tmp_path: Path) -> None:
-    text = inst.render_template("cxrnode-review.desktop", bin="/opt/x/bin/cxrnode", config="/etc/cxrnode/cxrnode.toml")
+    text = svc_unit.render_template("cxrnode-review.desktop", bin="/opt/x/bin/cxrnode", config="/etc/cxrnode/cxrnode.toml")
     cp = configparser.ConfigParser(interpolation=None)
     cp.optionxform = str  # type: ignore[assignment,method-assign]
     cp.read_string(text)
@@ -203,7 +222,7 @@ def test_prompts_fill_only_missing_answers(monkeypatch: pytest.MonkeyPatch) -> N
     answers = iter(["MY_AE", "notaport", "11300", ""])
     monkeypatch.setattr("builtins.input", lambda _prompt: next(answers))
     values: dict[str, dict[str, object]] = {"node": {"storage_dir": "/srv/cxr"}}
-    inst.prompt_answers(values)
+    site_config.prompt_answers(values)
     assert values["node"] == {"ae_title": "MY_AE", "port": 11300, "storage_dir": "/srv/cxr"}
 
 
@@ -223,10 +242,10 @@ def test_a_python_the_service_user_cannot_run_is_refused() -> None:
         pytest.skip("needs root and runuser")
     can = subprocess.run(["runuser", "-u", "nobody", "--", base, "-I", "-c", "pass"], capture_output=True).returncode == 0
     if can:
-        inst.check_interpreter_for_services()  # a system-wide Python passes
+        accounts.check_interpreter_for_services()  # a system-wide Python passes
     else:
-        with pytest.raises(inst.InstallError, match="PYTHON=/usr/bin/python3.11"):
-            inst.check_interpreter_for_services()
+        with pytest.raises(lay.InstallError, match="PYTHON=/usr/bin/python3.11"):
+            accounts.check_interpreter_for_services()
 
 
 def test_safe_extract_refuses_escaping_members(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,7 @@ import pytest
 from installer_helpers import REPO
 
 from dicom_node.config import load_config
-from installer.install import parse_reviewer, render_config, toml_string, toml_value
+from installer.site_config import parse_reviewer, render_config, toml_string, toml_value
 
 TRICKY = ["Radiology 🩻", "Ünïcödé Hôpital", 'say "hi"', "C:\\dicom\\in", "two\nlines\tand tab", "\x01\x1f\x7f", "",
           "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 outside the BMP 🫁"]
