@@ -46,6 +46,8 @@ KEYS: tuple[Key, ...] = (
         "Insert report template 1-9 (its slot; also: type .trigger then Tab or Space)", REPORT, window_wide=False),
     Key("template_picker", ("Ctrl+T",), "Choose a report template to insert (type to filter)", REPORT,
         window_wide=False),
+    Key("template_save", ("Ctrl+Shift+T",), "Save the selected text as a report template (templates role)", REPORT,
+        window_wide=False),
     Key("text_bigger", ("Ctrl+=", "Ctrl++"), "Larger text (remembered)", REPORT),
     Key("text_smaller", ("Ctrl+-",), "Smaller text (remembered)", REPORT),
     Key("text_reset", ("Ctrl+0",), "Text size back to 14 px", REPORT),

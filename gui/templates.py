@@ -1,5 +1,7 @@
 """Report templates in the reviewer's editors: type ``.trigger`` then Tab or Space, press
-Ctrl+1..9 (a template's slot), or pick one with Ctrl+T (type to filter, Enter inserts).
+Ctrl+1..9 (a template's slot), or pick one with Ctrl+T (type to filter, Enter inserts). A
+reviewer with the ``templates`` role saves the selected text as a new template with
+Ctrl+Shift+T (asked for its trigger, name and optional slot; audited like the CLI's changes).
 
 The templates come from the node's database (:class:`plugin.review.templates.TemplateLibrary`,
 read off the GUI thread when the window starts and at every worklist refresh); which word
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PICKER_KEY = "Ctrl+T"
+SAVE_KEY = "Ctrl+Shift+T"
 NOTHING_TO_EDIT = "No report open for editing: open a draft you hold to insert a template."
 
 
@@ -113,6 +116,8 @@ class TemplateHook(QObject):
         self._loading = False
         #: asks the reviewer for a template (Ctrl+T); replaceable by tests
         self.choose: Callable[[list[Template]], Template | None] = self._choose_dialog
+        #: asks for the trigger, name and slot of a new template (Ctrl+Shift+T); replaceable by tests
+        self.ask_new: Callable[[str], Template | None] = self._new_dialog
         self.editors: tuple[QPlainTextEdit, ...] = (window.report.findings, window.report.impression)
         for editor in self.editors:
             editor.installEventFilter(self)
@@ -120,6 +125,7 @@ class TemplateHook(QObject):
         for slot in SLOTS:
             self._shortcut(slot_key(slot), functools.partial(self.insert_slot, slot))
         self._shortcut(PICKER_KEY, self.pick)
+        self._shortcut(SAVE_KEY, self.save_selection)
         window.worklist_refreshed.connect(self.reload)
         self.reload()
 
@@ -197,6 +203,57 @@ class TemplateHook(QObject):
         picker = TemplatePicker(templates, self.window)
         return picker.chosen() if picker.exec() == QDialog.DialogCode.Accepted else None
 
+    def save_selection(self) -> bool:
+        """Ctrl+Shift+T: the selected report text becomes a new template (``templates`` role)."""
+        editor = next((e for e in self.editors if e.hasFocus()), None) or self.editors[0]
+        text = editor.textCursor().selectedText().replace("\u2029", "\n").strip()
+        if not text:
+            self.window.say("Select the text to keep as a template first, then press " + SAVE_KEY + ".")
+            return False
+        user = self.window.user
+        if not self.library.may_edit(user):
+            self.window.say(f"Only reviewers with the \"templates\" role can save templates ({user} has not).")
+            return False
+        wanted = self.ask_new(text)
+        if wanted is None:
+            return False
+        template = Template(wanted.trigger, wanted.name, text, wanted.slot)
+
+        def done(saved: Template) -> None:
+            self.templates[saved.trigger] = saved
+            self.window.say(f"Template .{saved.trigger} saved: type .{saved.trigger} then Tab to insert it.")
+            self.reload()
+
+        def failed(exc: BaseException, tb: str) -> None:
+            self.window.show_error("Template not saved", str(exc))
+
+        self.window.tasks.start(lambda progress: self.library.add(user, template), done, failed)
+        return True
+
+    def _new_dialog(self, text: str) -> Template | None:
+        from PyQt6.QtWidgets import QFormLayout, QSpinBox
+
+        dialog = QDialog(self.window)
+        dialog.setWindowTitle("Save as a report template")
+        form = QFormLayout(dialog)
+        trigger, name, slot = QLineEdit(dialog), QLineEdit(dialog), QSpinBox(dialog)
+        trigger.setPlaceholderText("typed as .trigger (a-z 0-9 _ -)")
+        slot.setRange(0, 9)
+        slot.setSpecialValueText("none")
+        form.addRow("Trigger", trigger)
+        form.addRow("Name", name)
+        form.addRow("Ctrl+ slot", slot)
+        preview = QLabel(text[:300] + ("…" if len(text) > 300 else ""), dialog)
+        preview.setWordWrap(True)
+        form.addRow("Text", preview)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Save | QDialogButtonBox.StandardButton.Cancel, dialog)
+        buttons.accepted.connect(dialog.accept)
+        buttons.rejected.connect(dialog.reject)
+        form.addRow(buttons)
+        if dialog.exec() != QDialog.DialogCode.Accepted:
+            return None
+        return Template(trigger.text(), name.text() or trigger.text(), text, slot.value() or None)
+
     def expand(self, editor: QPlainTextEdit) -> bool:
         """Replace the ``.trigger`` just before the cursor by its template; False if none."""
         if editor.isReadOnly() or self.window.review is None or self.window.review.read_only:
@@ -222,4 +279,4 @@ class TemplateHook(QObject):
         return False
 
 
-__all__ = ["PICKER_KEY", "TemplateHook", "TemplatePicker", "slot_key"]
+__all__ = ["PICKER_KEY", "SAVE_KEY", "TemplateHook", "TemplatePicker", "slot_key"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PyQt6.QtCore import Qt
 from PyQt6.QtGui import QTextCursor
 from sqlalchemy import select, update
@@ -188,3 +189,52 @@ def test_critical_draft_floats_up_with_a_marker_and_says_why(qtbot, make_window,
     assert "pneumothorax: model probability 0.91 ≥ 0.50" in tip and "Priority: outpatient" in tip
     assert index.data(Qt.ItemDataRole.ForegroundRole).name() == "#cf222e"
     assert w.worklist.model.index(j, col).data(Qt.ItemDataRole.ForegroundRole) is None
+
+
+def test_template_saved_from_the_selection_by_a_reviewer_with_the_role(qtbot, make_window, node) -> None:  # type: ignore[no-untyped-def]
+    from dicom_node.config import load_config
+    from dicom_node.db import AuditEvent
+    from plugin.review.service import ReviewService
+    from plugin.review.templates import Template
+
+    cfg = node.root / "cxrnode.toml"
+    text = cfg.read_text(encoding="utf-8")
+    cfg.write_text(text.replace('organisation = "Hôpital Saint-Louis, Radiology"\n',
+                                'organisation = "Hôpital Saint-Louis, Radiology"\nroles = ["templates"]\n', 1),
+                   encoding="utf-8")
+    svc = ReviewService(load_config(cfg, env={}), node.sessions, node.store)
+    w = make_window("alice", svc=svc)
+    open_patient(qtbot, w, "CXR-10002")
+    findings = w.report.findings
+    findings.setPlainText("Sternotomy wires are intact.")
+    findings.setFocus()
+    findings.selectAll()
+    asked: list[str] = []
+    w.template_hook.ask_new = lambda t: (asked.append(t), Template("wires", "Sternotomy wires", "", 7))[1]
+    qtbot.keyClick(findings, Qt.Key.Key_T, Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.ShiftModifier)
+    qtbot.waitUntil(lambda: "wires" in w.template_hook.templates, timeout=WAIT)
+    idle(qtbot, w)
+    assert asked == ["Sternotomy wires are intact."]
+    saved = TemplateLibrary(node.config, node.sessions).by_trigger()["wires"]
+    assert (saved.text, saved.slot, saved.updated_by) == ("Sternotomy wires are intact.", 7, "alice")
+    with node.sessions() as s:
+        ev = s.scalars(select(AuditEvent).where(AuditEvent.action == "template_added")).one()
+        assert ev.actor == "alice" and json.loads(ev.detail)["text"] == "Sternotomy wires are intact."
+    # and it is usable at once: Ctrl+7 in the impression
+    w.report.impression.setPlainText("")
+    w.report.impression.setFocus()
+    qtbot.keyClick(w.report.impression, Qt.Key.Key_7, Qt.KeyboardModifier.ControlModifier)
+    assert w.report.impression.toPlainText() == "Sternotomy wires are intact."
+
+
+def test_template_save_refused_without_the_role(qtbot, make_window, node) -> None:  # type: ignore[no-untyped-def]
+    w = make_window("alice")  # the gui fixtures' alice has no roles
+    open_patient(qtbot, w, "CXR-10001")
+    w.report.findings.setPlainText("Some words.")
+    w.report.findings.setFocus()
+    w.report.findings.selectAll()
+    w.template_hook.ask_new = lambda t: pytest.fail("the role holder's dialog must not open")
+    qtbot.keyClick(w.report.findings, Qt.Key.Key_T,
+                   Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.ShiftModifier)
+    assert 'Only reviewers with the "templates" role' in w.status_label.text()
+    assert TemplateLibrary(node.config, node.sessions).templates() == []
