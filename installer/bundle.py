@@ -58,6 +58,10 @@ PLATFORM_TAGS = (
 FLAVOURS = {"gpu": "onnxruntime-gpu", "cpu": "onnxruntime",
             "gpu-headless": "onnxruntime-gpu", "cpu-headless": "onnxruntime"}
 ORT_NAMES = ("onnxruntime", "onnxruntime-gpu")
+#: the GPU flavours ship the CUDA and cuDNN libraries onnxruntime-gpu needs as pip wheels (its
+#: ``cuda`` and ``cudnn`` extras), so an offline site needs only the NVIDIA driver; the runtime
+#: loads them with ``onnxruntime.preload_dlls()`` (onnx_models.runtime)
+GPU_LIBRARY_EXTRAS = "[cuda,cudnn]"
 
 Progress = Callable[[str], None]
 
@@ -122,7 +126,8 @@ def runtime_requirements(source: Path, flavour: str) -> tuple[str, list[str]]:
             ort_spec = ort_spec or r[len(re.match(r"\s*[A-Za-z0-9._-]+", r).group(0)):]  # type: ignore[union-attr]
             continue
         reqs.append(r)
-    reqs.append(FLAVOURS[flavour] + ort_spec)
+    gpu_libraries = GPU_LIBRARY_EXTRAS if FLAVOURS[flavour] == "onnxruntime-gpu" else ""
+    reqs.append(FLAVOURS[flavour] + gpu_libraries + ort_spec)
     if not flavour.endswith("-headless"):
         reqs += [r for r in extras.get("reviewer", []) if r not in reqs]  # the desktop reviewer
     return str(project["version"]), reqs

@@ -98,9 +98,25 @@ def choose_providers(requested: Sequence[str] = ()) -> list[str]:
             _log_once(logging.WARNING, f"execution providers not available, ignored: {missing}")
     else:
         chosen = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available and _gpu_present() else []
+    if "CUDAExecutionProvider" in chosen:
+        _preload_cuda_libraries()
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
     return chosen
+
+
+def _preload_cuda_libraries() -> None:
+    """Load the CUDA/cuDNN libraries the GPU bundle ships as pip wheels (onnxruntime-gpu's
+    ``cuda``/``cudnn`` extras) before a CUDA session is made; without them ONNX Runtime looks only
+    in the system's library path. Once per process; a failure is logged and the session falls
+    back as ONNX Runtime decides (the providers in use are logged and checked by ``doctor``)."""
+    if "preload" in _LOGGED or not hasattr(ort, "preload_dlls"):
+        return
+    _LOGGED.add("preload")
+    try:
+        ort.preload_dlls()
+    except Exception as exc:  # missing wheels (a system CUDA install) is fine; say what happened
+        log.info("onnxruntime.preload_dlls: %s (using the system's CUDA libraries, if any)", exc)
 
 
 def binding_device(providers: Sequence[str]) -> str:

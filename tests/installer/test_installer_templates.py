@@ -179,7 +179,7 @@ def test_install_sh_without_a_wheelhouse_says_so(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("flavour,want,unwanted", [("cpu", "onnxruntime>=", "onnxruntime-gpu"),
-                                                   ("gpu", "onnxruntime-gpu>=", None)])
+                                                   ("gpu", "onnxruntime-gpu[cuda,cudnn]>=", None)])
 def test_flavour_picks_onnxruntime(flavour: str, want: str, unwanted: str | None) -> None:
     version, reqs = runtime_requirements(REPO, flavour)
     assert version

@@ -48,9 +48,13 @@ def test_extras_pick_one_onnx_runtime_and_the_reviewer() -> None:
     assert extras["reviewer"] == ["PyQt6>=6.6"]
 
     def names(flavour: str) -> set[str]:
-        return {r.split(">")[0].split("=")[0].strip().lower() for r in runtime_requirements(REPO, flavour)[1]}
+        return {r.split(">")[0].split("=")[0].split("[")[0].strip().lower() for r in runtime_requirements(REPO, flavour)[1]}
 
     assert {"onnxruntime", "pyqt6"} <= names("cpu") and "onnxruntime-gpu" not in names("cpu")
     assert {"onnxruntime-gpu", "pyqt6"} <= names("gpu") and "onnxruntime" not in names("gpu")
     assert "pyqt6" not in names("cpu-headless") and "onnxruntime" in names("cpu-headless")
     assert "pyqt6" not in names("gpu-headless") and "onnxruntime-gpu" in names("gpu-headless")
+    # issue 16: the GPU bundle carries the CUDA/cuDNN wheels onnxruntime-gpu needs (its extras)
+    for flavour in ("gpu", "gpu-headless"):
+        assert any(r.startswith("onnxruntime-gpu[cuda,cudnn]>=") for r in runtime_requirements(REPO, flavour)[1])
+    assert not any("[cuda" in r for r in runtime_requirements(REPO, "cpu")[1])
