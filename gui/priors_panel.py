@@ -9,7 +9,15 @@ from __future__ import annotations
 from dataclasses import replace
 
 from PyQt6.QtCore import Qt
-from PyQt6.QtWidgets import QHBoxLayout, QLabel, QPlainTextEdit, QSplitter, QVBoxLayout, QWidget
+from PyQt6.QtWidgets import (
+    QHBoxLayout,
+    QLabel,
+    QPlainTextEdit,
+    QSizePolicy,
+    QSplitter,
+    QVBoxLayout,
+    QWidget,
+)
 
 from gui import prior_model
 from gui.widgets import ImageView, StudyViewer
@@ -28,12 +36,15 @@ class PriorPanel(QWidget):
         self.views: list[ImageView] = []
         self.current: StudyViewer | None = None
         self._syncing = False
+        self.hidden_by_user = False  # Ctrl+P hid it: it stays hidden from study to study
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 4, 0, 0)
         lay.setSpacing(4)
         self.header = QLabel("No prior shown", self)
         self.header.setObjectName("prior_header")
         self.header.setStyleSheet(HEADER_STYLE)
+        self.header.setWordWrap(True)
+        self.header.setMinimumWidth(120)
         self.header.setToolTip("The prior study is read-only: it cannot be edited or signed here. "
                                "Window/level and zoom follow the current views (Ctrl+P hides it).")
         lay.addWidget(self.header)
@@ -52,6 +63,7 @@ class PriorPanel(QWidget):
         blay = QVBoxLayout(box)
         blay.setContentsMargins(0, 0, 0, 0)
         self.report_title = QLabel("", box)
+        self.report_title.setWordWrap(True)
         self.report_title.setObjectName("prior_report_title")
         blay.addWidget(self.report_title)
         self.report = QPlainTextEdit(box)
@@ -74,6 +86,7 @@ class PriorPanel(QWidget):
             v.deleteLater()
         while len(self.views) < len(pictures):
             v = ImageView(self)
+            v.setMinimumSize(100, 100)  # beside the current views, the prior gives way first
             v.setToolTip("Prior view (read-only). Window/level and zoom are linked with the current views.")
             v.changed.connect(lambda v=v: self._from_prior(v))
             self.views.append(v)
@@ -90,7 +103,26 @@ class PriorPanel(QWidget):
         self.report_title.setText(model.report_title() if model is not None else "")
         self.report.setPlainText(model.report_text() if model is not None else "")
         self.report.setVisible(bool(model is not None and model.found))
+        self._place(model)
         self._from_current()
+
+    def _place(self, model: prior_model.PriorModel | None) -> None:
+        """A found prior gets half the image area; "none found" / "unavailable" a narrow strip that
+        says so; a draft made with priors off (or no draft) no panel at all."""
+        shown = model is not None and model.detail.outcome != "off"
+        self.setVisible(shown and not self.hidden_by_user)
+        splitter = self.parentWidget()
+        if shown and isinstance(splitter, QSplitter) and splitter.indexOf(self) == 1:
+            total = sum(splitter.sizes()) or 1000
+            side = total // 2 if model is not None and model.found else min(280, total // 3)
+            splitter.setSizes([total - side, side])
+
+    def toggle(self) -> None:
+        """Show or hide the panel (Ctrl+P); remembered while the window is open."""
+        self.hidden_by_user = self.isVisible()
+        self.setVisible(not self.hidden_by_user)
+        if not self.hidden_by_user:
+            self._place(self.model)
 
     def header_text(self) -> str:
         return self.header.text()
@@ -102,6 +134,8 @@ class PriorPanel(QWidget):
     def link(self, current: StudyViewer) -> None:
         """Follow ``current``'s views (and let them follow ours); views it adds later too."""
         self.current = current
+        # its mouse hint may be clipped, so that the current and the prior views share the width
+        current.hint.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         current.all_painted.connect(self._connect_current)
         self._connect_current()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
@@ -91,3 +92,30 @@ def patient_history(tag: str, number: int = 1) -> History:
                                 dt.datetime(2010, 1, 15, 10, 0, tzinfo=dt.UTC))
     pdf = encapsulated_pdf(prior[0], f"PRIOR REPORT: {PRIOR_IMPRESSION}")
     return History(patient_id, prior, signed, pdf, current)
+
+
+def attach_prior(sessions: Any, store: Any, draft_id: int, images: list[Dataset], report: str,
+                 study_date: str = "20100115", report_kind: str = "sr") -> int:
+    """Keep ``images`` as a fetched prior of ``draft_id`` (as the drafting job would after a
+    C-GET: files under ``priors/``, rows in prior_studies / prior_instances / draft_priors) with
+    ``report`` as its report text; return the prior's id. For reviewer tests without a PACS."""
+    from dicom_node.db import DraftPrior, PriorInstance, PriorStudy
+    from dicom_node.priors import prior_relpath
+
+    study_uid = str(images[0].StudyInstanceUID)
+    with sessions() as s, s.begin():
+        prior = PriorStudy(study_instance_uid=study_uid, patient_id=str(images[0].PatientID), study_date=study_date,
+                           study_time="093000", study_description="XR CHEST PA AND LATERAL", modalities="CR",
+                           source="test", report_kind=report_kind, report_sop_instance_uid="", report_text=report)
+        s.add(prior)
+        s.flush()
+        for ds in images:
+            relpath = prior_relpath(study_uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+            store.write_dataset(ds, relpath)
+            s.add(PriorInstance(prior_id=prior.id, sop_instance_uid=str(ds.SOPInstanceUID),
+                                sop_class_uid=str(ds.SOPClassUID), series_instance_uid=str(ds.SeriesInstanceUID),
+                                modality=str(ds.get("Modality", "CR")), view_position=str(ds.get("ViewPosition", "")),
+                                path=relpath))
+        s.add(DraftPrior(draft_id=draft_id, prior_id=prior.id))
+        s.flush()
+        return int(prior.id)
