@@ -18,6 +18,7 @@ from gui import imaging
 from gui.highlight import DEFAULT_POLICY, HighlightPolicy, deid_spans, highlight
 from gui.highlight import Span as Span  # re-exported for the widgets
 from gui.highlight import grounded_spans as grounded_spans  # re-exported
+from gui.prior_model import PriorModel, safe_load_prior
 from plugin.review.addenda import ReportRecord, report_record
 from plugin.review.draft_info import (
     OUTCOME_OFF,
@@ -375,6 +376,8 @@ class ReviewModel:
     #: a signed report's critical-result communication and addenda (loaded with a signed draft)
     record: ReportRecord | None = None
     policy: HighlightPolicy = DEFAULT_POLICY
+    #: the draft's prior study for comparison (gui.prior_model; None: not loaded)
+    prior: PriorModel | None = None
 
     def __post_init__(self) -> None:
         if not self.findings and not self.impression:
@@ -677,6 +680,7 @@ def open_review(
         model.record = report_record(service, draft_id)
     if load_views:
         load_pictures(model, progress)
+        model.prior = safe_load_prior(service, draft_id, detail.study_date, progress)
     return model
 
 

@@ -53,6 +53,7 @@ from PyQt6.QtWidgets import (
 from gui import tools, viewmodels
 from gui.after_signing import AfterSigning, confirmation_line
 from gui.keys import KEYS
+from gui.priors_panel import PriorPanel
 from gui.templates import TemplateHook
 from gui.widgets import (
     MARK_COLOURS,
@@ -596,7 +597,16 @@ class ReviewerWindow(QMainWindow):
         self.report = ReportPane(self)
         lower = QSplitter(Qt.Orientation.Horizontal, self)
         self.lower_splitter = lower
-        lower.addWidget(self.study)
+        # the current views and, beside them, the prior's (Ctrl+P shows or hides it)
+        self.priors = PriorPanel(self)
+        self.compare = QSplitter(Qt.Orientation.Horizontal, self)
+        self.compare.addWidget(self.study)
+        self.compare.addWidget(self.priors)
+        self.compare.setStretchFactor(0, 1)
+        self.compare.setStretchFactor(1, 1)
+        self.compare.setSizes([500, 500])
+        self.priors.link(self.study)
+        lower.addWidget(self.compare)
         lower.addWidget(self.report)
         lower.setStretchFactor(0, 1)
         lower.setStretchFactor(1, 0)
@@ -899,6 +909,7 @@ class ReviewerWindow(QMainWindow):
         self.review = vm
         self.report.show_review(vm, self._signer_text())
         self.study.set_pictures(vm.pictures, [vm.view_gate(p.sop_instance_uid) for p in vm.pictures])
+        self.priors.show_prior(vm.prior)
         self._sync_selection()
         self.say(vm.banner()[1])
         if vm.view_errors:
@@ -1338,6 +1349,10 @@ class ReviewerWindow(QMainWindow):
     # -- keys ---------------------------------------------------------------------------------
     #: actions bound where the window is built (above), not from the table
     _BOUND_INLINE = frozenset({"sign", "undo_sign", "reject", "toggle_diff", "next", "focus_search", "refresh"})
+
+    def toggle_prior(self) -> None:
+        """Show or hide the prior study beside the current views (Ctrl+P)."""
+        self.priors.toggle()
 
     def _bind_keys(self) -> None:
         """Window-wide shortcuts of :data:`gui.keys.KEYS` (they work with the focus anywhere)."""
