@@ -61,6 +61,9 @@ class CriticalRule:
     pattern: re.Pattern[str] | None = None
 
 
+#: a sentence without any of these words cannot cross a text rule (skips the labeller for it)
+_RELEVANT = re.compile(r"pneumothora|effusion|pleural fluid|costophrenic|consolidat|tube|tip|line|catheter|cannula"
+                       r"|malposit|misplace")
 _NEGATED = re.compile(r"\b(?:no|not|without|negative for|free of|resolved|removed)\b")
 
 #: the one rule (documented in the module docstring and the README)
@@ -103,7 +106,7 @@ def critical_findings(observations: Mapping[str, float], findings: str = "", imp
                       rules: tuple[CriticalRule, ...] = CRITICAL_RULES) -> tuple[CriticalFinding, ...]:
     """The critical findings of one draft (empty: not critical), one per rule at most, in the
     order of ``rules``; the probability wins over the text when both cross."""
-    said = sentences(f"{findings}\n{impression}")
+    said = [s for s in sentences(f"{findings}\n{impression}") if _RELEVANT.search(s)]
     out: list[CriticalFinding] = []
     for rule in rules:
         p = observations.get(rule.observation) if rule.observation else None
