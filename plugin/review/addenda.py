@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import pydicom
 import pydicom.errors
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from dicom_node import index, outbound
 from dicom_node.db import Draft, DraftState, Study, Transfer, TransferState, utcnow
@@ -118,10 +118,15 @@ def add_addendum(service: ReviewService, draft_id: int, user: str, text: str) ->
         if d.state != DraftState.SIGNED or not d.signed_sop_instance_uid or not d.signed_path:
             raise NotReviewableError(f"draft {draft_id} is not signed: only a signed report takes an addendum; "
                                      "edit and sign the draft instead")
-        held = s.scalar(select(Transfer.id).where(
+        # while the signature can still be undone (within the window, nothing released to be sent)
+        # the report is the signer's to change: an addendum would outlive an undone signature
+        queued = s.scalar(select(func.count(Transfer.id)).where(
+            Transfer.sop_instance_uid == d.signed_sop_instance_uid)) or 0
+        held = s.scalar(select(func.count(Transfer.id)).where(
             Transfer.sop_instance_uid == d.signed_sop_instance_uid, Transfer.state == TransferState.PENDING,
-            Transfer.attempts == 0, Transfer.next_attempt_at > utcnow()).limit(1))
-        if (d.signed_at is not None and window and now < d.signed_at + window) or held is not None:
+            Transfer.attempts == 0, Transfer.next_attempt_at > utcnow())) or 0
+        within = d.signed_at is not None and bool(window) and now < d.signed_at + window
+        if held == queued and (within or held > 0):
             raise ReviewError("the signature can still be undone: undo it to change the report, or send it "
                               "(Send now) before adding an addendum")
         last = s.scalars(select(ReportAddendum).where(ReportAddendum.draft_id == draft_id)

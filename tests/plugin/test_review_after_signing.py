@@ -223,6 +223,12 @@ def test_addendum_refusals(svc: ReviewService, node: synthetic.NodeFixture) -> N
     with node.sessions() as s:
         assert s.scalars(select(ReportAddendum)).all() == []
     assert audits(node, "addendum") == []
+    # Send now ends the undo window: the report is out, an addendum may follow
+    assert other.send_signed_now(second, "alice") == 1
+    added = addenda.add_addendum(other, second, "alice", "Addendum after Send now.")
+    with pytest.raises(ReviewError, match="undone|only your own"):
+        other.undo_sign(second, "alice")  # and the signature under it cannot be withdrawn any more
+    assert addenda.report_record(other, second).addenda[0].sop_instance_uid == added.sop_instance_uid
 
 
 def test_addendum_cannot_be_overwritten_by_a_peer(svc: ReviewService, node: synthetic.NodeFixture) -> None:
@@ -355,3 +361,39 @@ def test_retry_drafting_enqueues_a_job_audited(svc: ReviewService, node: synthet
     draft_id = synthetic.run_draft_job(node, uid)
     rows = [r for r in svc.worklist() if r.study_instance_uid == uid]
     assert [(r.draft_id, r.state) for r in rows] == [(draft_id, "new")]
+
+
+# -- the same on PostgreSQL (row locks, the append-only audit table, migration 0004) --------------
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    from support.postgres import private_database
+
+    with private_database("after") as url:
+        yield url
+
+
+@pytest.mark.postgres
+def test_critical_addendum_and_scratch_on_postgresql(tmp_path: Path, postgres_url: str) -> None:
+    node = synthetic.build_node(tmp_path / "pg", synthetic.sample_studies(1, size=128, prefix="pg-after"),
+                                database_url=postgres_url, extra_toml=NO_UNDO)
+    try:
+        svc = ReviewService(node.config, node.sessions, node.store)
+        draft_id = first_draft(svc)
+        signed = svc.sign(draft_id, "alice", "Pneumothorax.", "Right pneumothorax.",
+                          critical=CriticalNotice("Dr Lee", "ED physician", "in_person", told()))
+        first = addenda.add_addendum(svc, draft_id, "bob", "First addendum.")
+        second = addenda.add_addendum(svc, draft_id, "alice", "Second addendum.")
+        assert second.predecessor_sop_instance_uid == first.sop_instance_uid
+        assert first.predecessor_sop_instance_uid == signed.signed_sop_instance_uid
+        rec = addenda.report_record(svc, draft_id)
+        assert rec.critical is not None and rec.critical.method == "in_person" and len(rec.addenda) == 2
+        assert [e.action for e in audits(node, "addendum")] == ["addendum", "addendum"]
+        uid = _undrafted(node, "pg-fail", _fail)
+        new_id = scratch.report_from_scratch(svc, uid, "alice")
+        done = svc.sign(new_id, "alice", "Lungs clear.", "Normal.")
+        check_sr_file(node.store.abspath(done.signed_path))
+        assert scratch.retry_drafting(svc, _undrafted(node, "pg-skip", _skip), "bob").job_id > 0
+    finally:
+        node.engine.dispose()
