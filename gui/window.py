@@ -52,6 +52,7 @@ from PyQt6.QtWidgets import (
 
 from gui import tools, viewmodels
 from gui.after_signing import AfterSigning, confirmation_line
+from gui.critical_notice import CriticalNotice
 from gui.keys import KEYS
 from gui.priors_panel import PriorPanel
 from gui.templates import TemplateHook
@@ -707,6 +708,7 @@ class ReviewerWindow(QMainWindow):
         self._status_timer.timeout.connect(lambda: self.status_label.setText(""))
         self._bind_keys()
         self.template_hook = TemplateHook(self)  # report templates: .trigger + Tab, Ctrl+1..9, Ctrl+T
+        self.critical_notice = CriticalNotice(self)  # the ⚠ line of a critical draft under the banner
         self.restore_layout()
         self.refresh()
 

@@ -238,3 +238,14 @@ def test_template_save_refused_without_the_role(qtbot, make_window, node) -> Non
                    Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.ShiftModifier)
     assert 'Only reviewers with the "templates" role' in w.status_label.text()
     assert TemplateLibrary(node.config, node.sessions).templates() == []
+
+
+def test_critical_notice_under_the_banner_of_an_open_critical_draft(qtbot, make_window, node) -> None:  # type: ignore[no-untyped-def]
+    _set_priorities(node)
+    w = make_window("alice")
+    open_patient(qtbot, w, "CXR-10002")
+    notice = w.critical_notice.label
+    assert notice.isVisible()
+    assert notice.text() == "⚠ Critical draft — pneumothorax: model probability 0.91 ≥ 0.50."
+    open_patient(qtbot, w, "CXR-10001")  # not critical: nothing is said
+    assert not notice.isVisible() and notice.text() == ""
