@@ -310,13 +310,9 @@ def evaluate_split(model: ReportModel, view_clf: ViewClassifier, enc: Encoded, c
     }
 
 
-def train(tc: TrainConfig) -> Path:
-    torch.set_num_threads(tc.threads)
-    torch.manual_seed(tc.seed)
-    np.random.seed(tc.seed)
-    random.seed(tc.seed)
-    out = Path(tc.out)
-    out.mkdir(parents=True, exist_ok=True)
+def _prepare_data(tc: TrainConfig, out: Path) -> tuple[Any, ModelConfig, Encoded, Encoded, float, float]:
+    """The tokenizer (trained on the training split), the model config, both splits encoded and
+    the pixel mean/std of the training images."""
     train_s = load_studies(tc.data, ["train"])
     val_s = load_studies(tc.data, ["val"])
     if tc.max_train_studies:
@@ -334,8 +330,13 @@ def train(tc: TrainConfig) -> Path:
     mean, std = round(float(allpx.mean()), 4), round(float(allpx.std()), 4)
     if not std > 0.02:  # (nearly) constant pixels, e.g. a tiny test set: keep a sane scale
         std = 0.25
-    pos_weight = tr.pos_weight()
+    return tok, cfg, tr, va, mean, std
 
+
+def _build_model(tc: TrainConfig, cfg: ModelConfig, tok: Any) -> tuple[ReportModel, ViewClassifier, Any]:
+    """The model and view classifier (optionally initialised from ``tc.init_from``, the image side
+    frozen with ``tc.freeze_image``) and their AdamW optimizer (no decay on norms, biases and
+    embeddings)."""
     model = ReportModel(cfg)
     view_clf = ViewClassifier()
     if tc.init_from:
@@ -356,60 +357,95 @@ def train(tc: TrainConfig) -> Path:
         (no_decay if p_.ndim < 2 or "emb" in n_ or "pos" in n_ else decay).append(p_)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr)
-    steps_per_epoch = math.ceil(len(train_s) / tc.batch_size)
-    total = steps_per_epoch * tc.epochs
-    start_epoch, step, best = 0, 0, float("inf")
+    return model, view_clf, opt
+
+
+def _resume(last: Path, tok: Any, cfg: ModelConfig, model: ReportModel, view_clf: ViewClassifier,
+            opt: Any) -> tuple[int, int, float, list[dict[str, Any]]]:
+    """(first epoch, step, best score, history): from ``last.pt`` when it belongs to this
+    data and config, else a fresh start."""
+    if not last.exists():
+        return 0, 0, float("inf"), []
+    ck = torch.load(last, map_location="cpu", weights_only=False)
+    if ck.get("tokenizer") != tok.to_str() or ck["config"] != cfg.to_dict():
+        log.warning("%s does not match this data/config; starting afresh", last)
+        return 0, 0, float("inf"), []
+    model.load_state_dict(ck["model"])
+    view_clf.load_state_dict(ck["view_classifier"])
+    opt.load_state_dict(ck["optimizer"])
+    torch.set_rng_state(ck["torch_rng"])
+    log.info("resuming from %s at epoch %d", last, ck["epoch"])
+    return ck["epoch"], ck["step"], ck["best"], ck.get("history", [])
+
+
+def _train_epoch(model: ReportModel, view_clf: ViewClassifier, opt: Any, tr: Encoded, cfg: ModelConfig,
+                 tc: TrainConfig, mean: float, std: float, pos_weight: torch.Tensor, epoch: int, step: int,
+                 total: int) -> tuple[int, float, float]:
+    """One stage-1 epoch (report cross-entropy + weighted observation BCE + view classifier);
+    returns (step after it, mean train CE, mean train BCE). Stops early at ``tc.max_steps``."""
+    rng = random.Random(tc.seed * 1000 + epoch)
+    batches = bucket_batches([len(r) for r in tr.reports], tc.batch_size, rng)
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch", file=sys.stderr, mininterval=5)
+    run_ce = run_bce = 0.0
+    nb = 0
+    for idx in bar:
+        batch = make_batch(tr, idx, cfg, tc, mean, std, rng)
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, total, tc)
+        ce, bce = _losses(model, batch, tc, pos_weight)
+        loss = ce + tc.head_weight * bce
+        if len(batch["lateral"]) and not tc.freeze_image:
+            loss = loss + 0.2 * F.cross_entropy(view_clf(batch["small"]), batch["lateral"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p_ for g in opt.param_groups for p_ in g["params"]], 1.0)
+        opt.step()
+        step += 1
+        nb += 1
+        run_ce += ce.item()
+        run_bce += bce.item()
+        bar.set_postfix(ce=f"{run_ce / nb:.3f}", bce=f"{run_bce / nb:.3f}")
+        if tc.max_steps and step >= tc.max_steps:
+            break
+    bar.close()
+    return step, run_ce / max(1, nb), run_bce / max(1, nb)
+
+
+def train(tc: TrainConfig) -> Path:
+    """Train the report model (stage 1: report + observations + view classifier, the epoch with
+    the best validation loss kept; stage 2: :func:`finetune_head`) into ``tc.out``; resumes from
+    ``last.pt`` there. Returns the path of ``best.pt``.
+
+    Raises
+    ------
+    SystemExit
+        A split without studies, an ``init_from`` checkpoint of another tokenizer.
+    """
+    torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed)
+    random.seed(tc.seed)
+    out = Path(tc.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok, cfg, tr, va, mean, std = _prepare_data(tc, out)
+    pos_weight = tr.pos_weight()
+    model, view_clf, opt = _build_model(tc, cfg, tok)
+    total = math.ceil(len(tr.reports) / tc.batch_size) * tc.epochs
     last = out / "last.pt"
-    history: list[dict[str, Any]] = []
-    if last.exists():
-        ck = torch.load(last, map_location="cpu", weights_only=False)
-        if ck.get("tokenizer") == tok.to_str() and ck["config"] == cfg.to_dict():
-            model.load_state_dict(ck["model"])
-            view_clf.load_state_dict(ck["view_classifier"])
-            opt.load_state_dict(ck["optimizer"])
-            start_epoch, step, best = ck["epoch"], ck["step"], ck["best"]
-            history = ck.get("history", [])
-            torch.set_rng_state(ck["torch_rng"])
-            log.info("resuming from %s at epoch %d", last, start_epoch)
-        else:
-            log.warning("%s does not match this data/config; starting afresh", last)
+    start_epoch, step, best, history = _resume(last, tok, cfg, model, view_clf, opt)
     command = "cxrnode train " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in tc.__dict__.items() if k in ("data", "out")
     )
     _train_mode(model, view_clf, tc)
     for epoch in range(start_epoch, tc.epochs):
-        rng = random.Random(tc.seed * 1000 + epoch)
-        batches = bucket_batches([len(r) for r in tr.reports], tc.batch_size, rng)
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{tc.epochs}",
-                   unit="batch", file=sys.stderr, mininterval=5)
         t0 = time.time()
-        run_ce = run_bce = 0.0
-        nb = 0
-        for idx in bar:
-            batch = make_batch(tr, idx, cfg, tc, mean, std, rng)
-            for g in opt.param_groups:
-                g["lr"] = _lr(step, total, tc)
-            ce, bce = _losses(model, batch, tc, pos_weight)
-            loss = ce + tc.head_weight * bce
-            if len(batch["lateral"]) and not tc.freeze_image:
-                loss = loss + 0.2 * F.cross_entropy(view_clf(batch["small"]), batch["lateral"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p_ for g in opt.param_groups for p_ in g["params"]], 1.0)
-            opt.step()
-            step += 1
-            nb += 1
-            run_ce += ce.item()
-            run_bce += bce.item()
-            bar.set_postfix(ce=f"{run_ce / nb:.3f}", bce=f"{run_bce / nb:.3f}")
-            if tc.max_steps and step >= tc.max_steps:
-                break
-        bar.close()
+        step, train_ce, train_bce = _train_epoch(model, view_clf, opt, tr, cfg, tc, mean, std, pos_weight, epoch,
+                                                 step, total)
         ev = evaluate_split(model, view_clf, va, cfg, tc, mean, std, pos_weight)
         score = ev["ce"] + ev["bce"]
         if math.isnan(score):
             score = float("inf")
-        rec = {"epoch": epoch + 1, "train_ce": run_ce / max(1, nb), "train_bce": run_bce / max(1, nb),
+        rec = {"epoch": epoch + 1, "train_ce": train_ce, "train_bce": train_bce,
                "val_ce": ev["ce"], "val_bce": ev["bce"], "val_mean_auroc": ev["mean_auroc"],
                "val_view_accuracy": ev["view_accuracy"], "seconds": round(time.time() - t0, 1)}
         history.append(rec)
