@@ -82,17 +82,16 @@ def add_subcommands(subparsers: Any) -> None:
 
 
 def _library(args: argparse.Namespace) -> TemplateLibrary:
-    from dicom_node.db import make_engine, session_factory
-    from dicom_node.startup import StartupError, prepare_schema
+    from dicom_node.startup import StartupError
+    from plugin.review.connect import open_sessions
 
     config = load_config(args.config, overrides=args.overrides)
-    url = config.node.resolved_database_url()
     try:
-        prepare_schema(config)  # as serve: SQLite migrated under the lock; PostgreSQL only by `cxrnode migrate`
+        sessions = open_sessions(config)  # as serve: SQLite migrated under the lock; PostgreSQL only by `cxrnode migrate`
     except StartupError as exc:
         print(exc.line("templates"), file=sys.stderr)
         raise SystemExit(exc.code) from exc
-    return TemplateLibrary(config, session_factory(make_engine(url)))
+    return TemplateLibrary(config, sessions)
 
 
 def _fail(exc: Exception) -> int:

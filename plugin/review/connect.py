@@ -7,11 +7,22 @@ back is a :class:`~plugin.review.service.ReviewService` returning typed results.
 
 from __future__ import annotations
 
+from sqlalchemy.orm import Session, sessionmaker
+
 from dicom_node.config import Config
 from dicom_node.db import make_engine, session_factory
 from dicom_node.startup import prepare_schema
 from dicom_node.store import Store
 from plugin.review.service import ReviewService
+
+
+def open_sessions(config: Config) -> sessionmaker[Session]:
+    """Sessions on ``config``'s database, its schema prepared as ``serve`` does (see
+    :func:`open_service`; :class:`dicom_node.startup.StartupError` on a problem). For the
+    reviewer's other Qt-free tools (``cxrnode templates``), so ``gui`` never opens the schema
+    module itself."""
+    prepare_schema(config)
+    return session_factory(make_engine(config.node.resolved_database_url()))
 
 
 def open_service(config: Config, claim_timeout_s: float | None = None) -> ReviewService:
@@ -23,11 +34,10 @@ def open_service(config: Config, claim_timeout_s: float | None = None) -> Review
     ``claim_timeout_s``: how long a claim lasts without a heartbeat (default: the config's
     ``review.claim_timeout_s``).
     """
-    url = config.node.resolved_database_url()
-    prepare_schema(config)
+    sessions = open_sessions(config)
     store = Store(config.node.storage_dir, fsync=config.node.fsync, min_free_space_mb=config.node.min_free_space_mb)
-    return ReviewService(config, session_factory(make_engine(url)), store,
+    return ReviewService(config, sessions, store,
                          claim_timeout_s=claim_timeout_s or config.review.claim_timeout_s)
 
 
-__all__ = ["open_service"]
+__all__ = ["open_service", "open_sessions"]
