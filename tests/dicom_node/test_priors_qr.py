@@ -5,6 +5,8 @@ wrong patient refused, retention."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 from e2e.orthanc import OrthancServer, available
 from sqlalchemy import func, select
+from support.postgres import private_database
 from support.priors import ISSUER, patient_history
 
 from dicom_node.config import Config, load_config
@@ -76,13 +79,18 @@ min_free_space_mb = 0
 
 
 @pytest.fixture
-def node_parts(tmp_path: Path, pacs: OrthancServer):  # type: ignore[no-untyped-def]
+def node_parts(tmp_path: Path, pacs: OrthancServer, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """Config, sessions and store of a node whose index is SQLite, or PostgreSQL (param "postgres")."""
     config = _config(tmp_path, f"ORTHANC@127.0.0.1:{pacs.dicom_port}")
-    url = config.node.resolved_database_url()
-    migrate(url)
-    engine = make_engine(url)
-    yield config, session_factory(engine), Store(config.node.storage_dir, fsync=False)
-    engine.dispose()
+    with contextlib.ExitStack() as stack:
+        if getattr(request, "param", "sqlite") == "postgres":
+            url = stack.enter_context(private_database("priors"))
+            config = dataclasses.replace(config, node=dataclasses.replace(config.node, database_url=url))
+        url = config.node.resolved_database_url()
+        migrate(url)
+        engine = make_engine(url)
+        yield config, session_factory(engine), Store(config.node.storage_dir, fsync=False)
+        engine.dispose()
 
 
 def test_prior_qr_find_study_and_series_then_get(pacs: OrthancServer, node_parts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -174,6 +182,8 @@ def test_prior_fetch_none_found_and_dead_pacs(pacs: OrthancServer, node_parts, t
         pass
 
 
+@pytest.mark.parametrize("node_parts", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
+                         indirect=True)
 def test_prior_retention_prunes_old_priors_not_in_use(pacs: OrthancServer, node_parts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     config, sessions, store = node_parts
     h1, h2 = patient_history("old", 1), patient_history("old", 2)
