@@ -16,6 +16,9 @@ A small HTTP server (:class:`http.server.ThreadingHTTPServer`) in daemon threads
 
     ``model`` applies to ``cxrnode worker`` and to a ``serve`` that drafts (``jobs.workers > 0``);
     it passes when the bundle was loaded (and one tiny generation run) before the node started.
+``GET /livez``
+    The ``process`` check alone (``200``/``503``, same JSON shape): for a liveness probe, which
+    should not restart a process because the database is down (``/healthz`` is the readiness).
 ``GET /metrics``
     Prometheus text (OpenMetrics when the scraper asks for it), made by ``prometheus_client`` from
     a registry of this server's own:
@@ -181,12 +184,16 @@ class HealthServer:
         return (time.monotonic() - started) * 1000
 
     # -- /healthz -----------------------------------------------------------------------------
+    def process_check(self) -> Check:
+        """The node's threads are all running."""
+        threads = self.threads()
+        stopped = [t.name for t in threads if not t.is_alive()]
+        return Check("process", not stopped, f"thread(s) stopped: {', '.join(stopped)}" if stopped
+                     else f"{self.role} running, {len(threads)} thread(s) alive")
+
     def checks(self) -> tuple[list[Check], dict[str, str]]:
         """The checks that apply to this process, and why the others do not."""
-        done: list[Check] = []
-        stopped = [t.name for t in self.threads() if not t.is_alive()]
-        done.append(Check("process", not stopped, f"thread(s) stopped: {', '.join(stopped)}" if stopped
-                          else f"{self.role} running, {len(self.threads())} thread(s) alive"))
+        done: list[Check] = [self.process_check()]
         try:
             ms = self._ping.run(self._select_1, self.db_timeout_s)
             done.append(Check("database", True, f"SELECT 1 answered in {ms:.0f} ms"))
@@ -366,11 +373,15 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/healthz":
             code, body = health.healthz()
             self._send(code, (json.dumps(body) + "\n").encode(), "application/json")
+        elif path == "/livez":  # the process only: a liveness probe must not restart it for a database outage
+            check = health.process_check()
+            live = {"status": "ok" if check.ok else "fail", "checks": {"process": {"ok": check.ok, "detail": check.detail}}}
+            self._send(200 if check.ok else 503, (json.dumps(live) + "\n").encode(), "application/json")
         elif path == "/metrics":
             data, content_type = health.metrics(self.headers.get("Accept", ""))
             self._send(200, data, content_type)
         else:
-            self._send(404, b'{"error": "not found: /healthz or /metrics"}\n', "application/json")
+            self._send(404, b'{"error": "not found: /healthz, /livez or /metrics"}\n', "application/json")
 
     def _send(self, code: int, data: bytes, content_type: str) -> None:
         self.send_response(code)

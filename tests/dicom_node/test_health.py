@@ -296,6 +296,8 @@ def test_a_database_that_hangs_fails_healthz_in_time(make_config: Any, serve_hea
             assert "no answer within 1 s" in body["checks"]["database"]["detail"] or "timeout" in \
                 body["checks"]["database"]["detail"].lower(), body
             assert took < 5.0, f"/healthz took {took:.1f} s with a hung database"
+        code, body, _ = get(f"http://127.0.0.1:{h.port}/livez")  # liveness: the process is fine
+        assert code == 200 and json.loads(body)["status"] == "ok"
         started = time.monotonic()
         _text, m = metrics(h.port)
         assert m[("cxrnode_database_up", ())] == 0 and time.monotonic() - started < 5.0
@@ -324,6 +326,8 @@ def test_a_model_not_loaded_and_a_dead_thread_fail_healthz(make_config: Any, ser
     assert code == 503 and body["failing"] == ["process", "model"], body
     assert body["checks"]["process"]["detail"] == "thread(s) stopped: cxrnode-worker-0"
     assert body["checks"]["model"]["detail"] == "no model bundle was loaded for this process's drafting threads"
+    code, raw, _ = get(f"http://127.0.0.1:{h.port}/livez")
+    assert code == 503 and json.loads(raw)["checks"]["process"]["detail"] == "thread(s) stopped: cxrnode-worker-0"
     ok = serve_health(config, role="worker", workers=2, model="default", threads=lambda: [])
     code, body = healthz(ok.port)
     assert code == 200 and body["checks"]["model"]["detail"] == "bundle 'default' loaded"
