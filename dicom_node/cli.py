@@ -130,7 +130,7 @@ def _add_process_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="text lines, or one JSON object per line for log shippers (default: text)")
     parser.add_argument("--health-port", type=int, default=None, metavar="N",
-                        help="answer HTTP /healthz and /metrics (Prometheus) on port N of node.health_host "
+                        help="answer HTTP /healthz, /livez and /metrics (Prometheus) on port N of node.health_host "
                              "(default 127.0.0.1; 0.0.0.0 in a container); the same as --set node.health_port=N "
                              "(default: node.health_port, 0 = off)")
 
@@ -547,7 +547,8 @@ def add_subcommands(subparsers: Any) -> None:
                     "SIGTERM or SIGINT stop it cleanly: no new associations, in-flight ones finish. An SQLite "
                     "index on a network filesystem (NFS, SMB, sshfs...) is refused. With --health-port it "
                     "answers GET /healthz (200 or 503 naming the failing check: process, database, and the "
-                    "model when jobs.workers > 0) and GET /metrics (Prometheus text) over HTTP.",
+                    "model when jobs.workers > 0), GET /livez (the process alone) and GET /metrics (Prometheus text) "
+                    "over HTTP.",
         epilog="exit status: 0 stopped cleanly; 1 unexpected error; 2 configuration (a key, model.bundle, "
                "the plugin, a schema not at this version on PostgreSQL); 3 node.port/node.host cannot be bound; "
                "4 node.storage_dir not writable; 5 free space below node.min_free_space_mb; 6 node.database_url "
@@ -565,7 +566,7 @@ def add_subcommands(subparsers: Any) -> None:
                     "`cxrnode serve`. Refuses an SQLite index and a schema it does not know (run `cxrnode "
                     "migrate`). SIGTERM or SIGINT stop it; a job in progress is finished or, after its lease, "
                     "taken over by another worker. With --health-port it answers GET /healthz (process, "
-                    "database, model) and GET /metrics (Prometheus text) over HTTP.",
+                    "database, model), GET /livez and GET /metrics (Prometheus text) over HTTP.",
         epilog="exit status: 0 stopped cleanly; 1 unexpected error; 2 configuration (SQLite index, schema "
                "not at this version, model.bundle, the plugin); 4 node.storage_dir not writable; 5 free space "
                "below node.min_free_space_mb; 6 node.database_url unreachable; 8 node.health_port/"
