@@ -14,12 +14,14 @@ One association per fetch (:class:`QRSession`), Study Root information model:
 
 Every call has the configured timeouts (``priors.timeout_s``: TCP connect, ACSE, DIMSE and
 network idle), so a dead or silent PACS ends the fetch with :class:`QRError` and a plain reason,
-never a hang. Nothing here logs patient names or IDs (UIDs only).
+never a hang. Nothing here logs patient names or IDs (UIDs only), and pynetdicom's element-by-element
+dump of the identifiers is filtered out of its log.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +38,21 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from dicom_node.config import Config
 
 log = logging.getLogger(__name__)
+
+
+class _NoIdentifierDump(logging.Filter):
+    """pynetdicom logs C-FIND and C-GET identifiers element by element at INFO, the Patient ID
+    among them (house rule 10: no patient IDs in logs): drop those element lines."""
+
+    ELEMENT = re.compile(r"^\s*\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.ELEMENT.match(str(record.msg) if not record.args else record.getMessage())
+
+
+_ASSOCIATION_LOG = logging.getLogger("pynetdicom.association")
+if not any(isinstance(f, _NoIdentifierDump) for f in _ASSOCIATION_LOG.filters):
+    _ASSOCIATION_LOG.addFilter(_NoIdentifierDump())
 
 #: the storage SOP classes a prior study's objects come back as: chest radiographs (CR, DX) and
 #: reports (Basic Text, Enhanced, Comprehensive SR; Encapsulated PDF)

@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import io
 import json
+import logging
 import socket
 import stat
 import time
@@ -119,7 +120,9 @@ def test_prior_qr_find_study_and_series_then_get(pacs: OrthancServer, node_parts
         assert out.completed == 0 and len(out.refused) == 1 and "not of the queried patient" in out.refused[0]
 
 
-def test_prior_fetch_keeps_priors_apart_read_only(pacs: OrthancServer, node_parts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_prior_fetch_keeps_priors_apart_read_only(pacs: OrthancServer, node_parts, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)  # every logger, pynetdicom's included: no patient data at INFO
     config, sessions, store = node_parts
     h = patient_history("keep")
     _upload(pacs, [*h.prior_images, h.prior_sr, h.prior_pdf, *h.current])
@@ -142,8 +145,8 @@ def test_prior_fetch_keeps_priors_apart_read_only(pacs: OrthancServer, node_part
         assert s.scalar(select(func.count()).select_from(Study)) == 0
         assert s.scalar(select(func.count()).select_from(Instance)) == 0
     assert not (Path(config.node.storage_dir) / "instances").exists()
-    text = "\n".join(lines)
-    assert h.patient_id not in text and "PRIOR^PATIENT" not in text  # no patient data in the job log
+    text = "\n".join(lines) + "\n".join(r.getMessage() for r in caplog.records)
+    assert h.patient_id not in text and "PRIOR^PATIENT" not in text  # no patient data in job log or logs
     # the same prior again: reused, not fetched twice
     again = fetch_priors(config, sessions, store, current_study_uid=str(cur.StudyInstanceUID),
                          patient_id=h.patient_id, issuer_of_patient_id=ISSUER, study_date="20110324",
