@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e.orthanc import OrthancServer, available
 from sqlalchemy import func, select
+from support.orthanc import OrthancServer, available
 from support.postgres import private_database
 from support.priors import ISSUER, patient_history
 

@@ -24,8 +24,8 @@ from sqlalchemy import select
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from orthanc import AE_TITLE, OrthancServer, available  # noqa: E402
 from support.nodeenv import bundle_for_tests  # noqa: E402
+from support.orthanc import AE_TITLE, OrthancServer, available  # noqa: E402
 from support.sr_checks import check_sr_file  # noqa: E402
 
 from dicom_node.config import load_config  # noqa: E402

@@ -22,10 +22,10 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
-from e2e.orthanc import AE_TITLE, OrthancServer, available  # noqa: E402
 from pydicom import dcmread  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 from support.nodeenv import bundle_for_tests  # noqa: E402
+from support.orthanc import AE_TITLE, OrthancServer, available  # noqa: E402
 from support.priors import PRIOR_IMPRESSION, patient_history  # noqa: E402
 from support.sr_checks import check_sr_file  # noqa: E402
 
