@@ -159,7 +159,7 @@ def test_migrate_and_serve_on_sqlite_as_before(tmp_path: Path) -> None:
 
 # -- 3. one serve (jobs.workers = 0) and two `cxrnode worker` processes ------------------------
 
-SAMPLES = sorted((Path(__file__).resolve().parents[2] / "plugin" / "samples" / "study653").glob("*.dcm"))
+SAMPLES = sorted((Path(__file__).resolve().parents[2] / "plugin" / "drafting" / "samples" / "study653").glob("*.dcm"))
 
 
 class Proc:
