@@ -38,7 +38,8 @@ def add_subcommands(subparsers: Any) -> None:
         "Space, by Ctrl+1..9 (a template's slot), or from the Ctrl+T picker. They are kept in the node's "
         f"database. Changing them needs roles = [\"{ROLE}\"] in your [[reviewers]] entry of the installed "
         "configuration (or root); every change is audited.",
-        epilog=f"The shipped chest radiograph set: cxrnode templates import --default ({DEFAULT_FILE.name}).",
+        epilog=f"The shipped chest radiograph set: cxrnode templates import --default ({DEFAULT_FILE.name}). "
+        "In the reviewer, a reviewer with the role also saves selected text as a template with Ctrl+Shift+T.",
     )
     p.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=SET_HELP)
@@ -127,7 +128,10 @@ def run_show(args: argparse.Namespace) -> int:
 
 def run_add(args: argparse.Namespace) -> int:
     if args.text_file:
-        text = sys.stdin.read() if args.text_file == "-" else Path(args.text_file).read_text(encoding="utf-8")
+        try:
+            text = sys.stdin.read() if args.text_file == "-" else Path(args.text_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            return _fail(TemplateError(f"--text-file {args.text_file}: cannot read it: {exc}"))
     else:
         text = args.text
     try:

@@ -250,3 +250,16 @@ def test_template_role_names_are_checked_at_load(tmp_path: Path) -> None:
     cfg = synthetic.write_config(tmp_path / "m", reviewers_toml=REVIEWERS.replace('["templates"]', '"templates"'))
     with pytest.raises(ConfigError, match=r"reviewers\[0\]\.roles: expected a list of str"):
         load_config(cfg, env={})
+
+
+def test_template_cli_reports_an_unreadable_text_file(node: synthetic.NodeFixture, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from installer.cli import main
+
+    cfg = str(node.root / "cxrnode.toml")
+    assert main(["templates", "--config", cfg, "add", "x", "--name", "X", "--text-file", str(tmp_path / "no")]) == 1
+    assert "cannot read it" in capsys.readouterr().err
+    (tmp_path / "t.txt").write_text("Heart size normal.\n")
+    assert main(["templates", "--config", cfg, "add", "heart", "--name", "Heart", "--text-file",
+                 str(tmp_path / "t.txt")]) == 0
+    assert TemplateLibrary(node.config, node.sessions).by_trigger()["heart"].text == "Heart size normal."
