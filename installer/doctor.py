@@ -609,7 +609,21 @@ def check_destinations(ctx: Context) -> list[Check]:
         else:
             out.append(Check(name, FAIL, f"{where}: C-ECHO failed: {msg}",
                              f"check host, port and AE title; the PACS must know us as {ctx.config.node.ae_title}"))
-    return out
+    return out + check_priors_destination(ctx)
+
+
+def check_priors_destination(ctx: Context) -> list[Check]:
+    """``[priors]`` on: C-ECHO the Query/Retrieve destination (WARN when it fails: priors never
+    block drafting, the drafts just say the prior could not be retrieved)."""
+    pc = getattr(ctx.config, "priors", None)
+    if pc is None or not pc.enabled:
+        return []
+    ae, host, port = pc.parsed_destination()
+    ok, msg, _answered = _echo(ctx, ae, host, port, False)
+    if ok:
+        return [Check("priors Q/R", OK, f"{pc.destination} answers C-ECHO (priors: C-FIND + C-GET)")]
+    return [Check("priors Q/R", WARN, f"{pc.destination}: C-ECHO failed: {msg}; drafts are made without priors",
+                  f"check [priors] destination; the PACS must allow C-FIND and C-GET from {ctx.config.node.ae_title}")]
 
 
 def _cert_not_after(path: str) -> dt.datetime:

@@ -228,3 +228,20 @@ def test_prior_retention_prunes_old_priors_not_in_use(pacs: OrthancServer, node_
     with sessions() as s, s.begin():
         s.get(Draft, d.id).state = "signed"  # type: ignore[union-attr]
     assert prune(config, sessions, store, now=later) == 1
+
+
+def test_prior_doctor_echoes_the_qr_destination(pacs: OrthancServer, node_parts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from installer.doctor import OK, WARN, Context, check_priors_destination
+
+    config, _sessions, _store = node_parts
+    ctx = Context(config_path="", overrides=[], echo_timeout_s=5.0, inference=False, config=config)
+    [row] = check_priors_destination(ctx)
+    assert row.status == OK and f"127.0.0.1:{pacs.dicom_port}" in row.detail
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx.config = _config(tmp_path / "doctor-dead", f"PACS@127.0.0.1:{port}")
+    [row] = check_priors_destination(ctx)
+    assert row.status == WARN and "drafts are made without priors" in row.detail
+    ctx.config = load_config(env={})  # priors off: no row
+    assert check_priors_destination(ctx) == []
