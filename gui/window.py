@@ -23,7 +23,7 @@ from PyQt6.QtCore import (
     QTimer,
     pyqtSignal,
 )
-from PyQt6.QtGui import QBrush, QCloseEvent, QColor, QFont, QKeySequence, QShortcut
+from PyQt6.QtGui import QBrush, QCloseEvent, QColor, QFont, QKeySequence, QShortcut, QShowEvent
 from PyQt6.QtWidgets import (
     QAbstractItemView,
     QApplication,
@@ -607,19 +607,21 @@ class ReviewerWindow(QMainWindow):
         self.compare.setStretchFactor(1, 1)
         self.compare.setSizes([500, 500])
         self.priors.link(self.study)
-        lower.addWidget(self.compare)
+        # worklist above the views on the left, the report the full height on the right: the
+        # report's many parts never squeeze the worklist below ten rows
+        splitter = QSplitter(Qt.Orientation.Vertical, self)
+        splitter.addWidget(self.worklist)
+        splitter.addWidget(self.compare)
+        splitter.setStretchFactor(0, 0)
+        splitter.setStretchFactor(1, 1)
+        splitter.setSizes([320, 580])  # the worklist shows ten rows or more
+        lower.addWidget(splitter)
         lower.addWidget(self.report)
         lower.setStretchFactor(0, 1)
         lower.setStretchFactor(1, 0)
         lower.setSizes([1100, 500])
-        splitter = QSplitter(Qt.Orientation.Vertical, self)
-        splitter.addWidget(self.worklist)
-        splitter.addWidget(lower)
-        splitter.setStretchFactor(0, 0)
-        splitter.setStretchFactor(1, 1)
-        splitter.setSizes([320, 580])  # the worklist shows ten rows or more
-        splitter.setObjectName("central")
-        self.setCentralWidget(splitter)
+        lower.setObjectName("central")
+        self.setCentralWidget(lower)
         self.splitter = splitter
 
         bar = self.statusBar()
@@ -1500,6 +1502,7 @@ class ReviewerWindow(QMainWindow):
         else:
             if width >= 400 and height >= 300:
                 self.setGeometry(x, y, width, height)
+                self._restore_geometry = (x, y, width, height)  # again when first shown (Qt adjusts it)
         if str(st.value("window/maximized", "0")) == "1":
             self.setWindowState(self.windowState() | Qt.WindowState.WindowMaximized)
         for key, restore in (("window/splitter", self.splitter.restoreState),
@@ -1532,6 +1535,13 @@ class ReviewerWindow(QMainWindow):
             self.worklist.state.setCurrentText(state_filter)
             self.worklist.state.blockSignals(False)
             self.worklist_vm.state_filter = state_filter
+
+    def showEvent(self, event: QShowEvent | None) -> None:  # noqa: N802 (Qt name)
+        super().showEvent(event)
+        geometry = getattr(self, "_restore_geometry", None)
+        if geometry is not None:
+            self._restore_geometry = None
+            QTimer.singleShot(0, lambda: self.setGeometry(*geometry))  # after the platform placed it
 
     def closeEvent(self, event: QCloseEvent | None) -> None:  # noqa: N802
         self.save_layout()

@@ -239,7 +239,7 @@ def test_layout_worklist_rows_study_age_and_remembered_layout(qtbot, make_window
     qtbot.addWidget(w2)
     w2.show()
     wait_idle(qtbot, w2)
-    assert (w2.width(), w2.height()) == size
+    qtbot.waitUntil(lambda: (w2.width(), w2.height()) == size, timeout=3000)
     assert w2.worklist.table.horizontalHeader().sectionSize(0) == 260
     assert viewmodels.COLUMNS[w2.worklist_vm.sort_column].title == "Patient ID" and not w2.worklist_vm.descending
     assert w2.worklist.table.horizontalHeader().sortIndicatorSection() == viewmodels.column_index("Patient ID")
