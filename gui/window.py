@@ -1502,7 +1502,7 @@ class ReviewerWindow(QMainWindow):
         else:
             if width >= 400 and height >= 300:
                 self.setGeometry(x, y, width, height)
-                self._restore_geometry = (x, y, width, height)  # again when first shown (Qt adjusts it)
+                self._restore_geometry: tuple[int, int, int, int] | None = (x, y, width, height)  # again when shown
         if str(st.value("window/maximized", "0")) == "1":
             self.setWindowState(self.windowState() | Qt.WindowState.WindowMaximized)
         for key, restore in (("window/splitter", self.splitter.restoreState),
