@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import index
@@ -273,6 +274,13 @@ class TemplateLibrary:
 
     def _apply(self, user: str, templates: Sequence[Template], update_existing: bool, how: str) -> list[Template]:
         self.require_editor(user)
+        try:
+            return self._apply_once(user, templates, update_existing, how)
+        except IntegrityError:  # another desktop took the trigger or slot between our read and write
+            raise TemplateError("another reviewer changed the templates at the same time (a trigger or slot was "
+                                "taken meanwhile); nothing was changed: list them and try again") from None
+
+    def _apply_once(self, user: str, templates: Sequence[Template], update_existing: bool, how: str) -> list[Template]:
         now = utcnow()
         out: list[Template] = []
         with self.sessions() as s, s.begin():

@@ -263,3 +263,31 @@ def test_template_cli_reports_an_unreadable_text_file(node: synthetic.NodeFixtur
     assert main(["templates", "--config", cfg, "add", "heart", "--name", "Heart", "--text-file",
                  str(tmp_path / "t.txt")]) == 0
     assert TemplateLibrary(node.config, node.sessions).by_trigger()["heart"].text == "Heart size normal."
+
+
+
+@pytest.mark.postgres
+def test_template_race_on_a_trigger_is_a_clear_refusal_postgres(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two desktops add one trigger at once: the other desktop commits its row after our read and
+    before our write; the unique key decides and we get a TemplateError, not a database error."""
+    from sqlalchemy.orm import sessionmaker
+
+    with private_database("tpl_race") as url:
+        node = _node(tmp_path / "node", url)
+        try:
+            lib = TemplateLibrary(node.config, node.sessions)
+            other = TemplateLibrary(node.config, sessionmaker(node.engine))
+            real = tpl.index.audit
+
+            def other_desktop_first(*args, **kw):  # type: ignore[no-untyped-def]
+                monkeypatch.setattr(tpl.index, "audit", real)  # our row is added, not yet written
+                other.add("root", Template("clear", "Lungs clear", "Other desktop's text."))
+                return real(*args, **kw)
+
+            monkeypatch.setattr(tpl.index, "audit", other_desktop_first)
+            with pytest.raises(TemplateError, match="at the same time"):
+                lib.add("alice", Template("clear", "Lungs clear", "The lungs are clear."))
+            assert lib.by_trigger()["clear"].text == "Other desktop's text."
+            assert [e.actor for e in audits(node)] == ["root"]  # the refused change left no audit row
+        finally:
+            node.engine.dispose()
