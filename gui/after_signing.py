@@ -36,6 +36,7 @@ from PyQt6.QtWidgets import (
 from gui import viewmodels
 from plugin.review.addenda import ReportRecord
 from plugin.review.results import COMMUNICATION_METHODS, CriticalNotice
+from plugin.review.service import STATE_FAILED, STATE_REJECTED, STATE_SKIPPED
 
 #: roles offered for the person told (free text is accepted too)
 ROLES = ("Referring physician", "ED physician", "Attending physician", "Ward nurse", "On-call physician")
@@ -226,12 +227,12 @@ class NoDraftPanel(QFrame):
 
     def show_for(self, vm: viewmodels.ReviewModel | None) -> None:
         d = vm.detail if vm is not None else None
-        if d is None or d.state not in (viewmodels.STATE_FAILED, "skipped", viewmodels.STATE_REJECTED):
+        if d is None or d.state not in (STATE_FAILED, STATE_SKIPPED, STATE_REJECTED):
             self.setVisible(False)
             return
         self.label.setText("No AI draft to review for this study." if d.draft_id else
                            f"Not drafted: {d.no_ai_draft_reason or d.reject_reason}.")
-        self.retry_button.setVisible(d.state != viewmodels.STATE_REJECTED)
+        self.retry_button.setVisible(d.state != STATE_REJECTED)
         self.setVisible(True)
 
 

@@ -60,6 +60,22 @@ def highlighted_studies(w: ReviewerWindow) -> list[str]:
 # -- critical result ------------------------------------------------------------------------------
 
 
+def test_critical_result_wording_without_qt() -> None:
+    from gui.after_signing import confirmation_line, critical_line, critical_problem
+    from plugin.review.results import CriticalNotice
+
+    now = dt.datetime(2026, 11, 28, 9, 30, tzinfo=dt.UTC)
+    assert critical_problem("Dr Lee", "ED physician", "telephone", now, now) == ""
+    assert "who was told" in critical_problem(" ", "ED physician", "telephone", now, now)
+    assert "role" in critical_problem("Dr Lee", "", "telephone", now, now)
+    assert "how" in critical_problem("Dr Lee", "ED", "fax", now, now)
+    assert "future" in critical_problem("Dr Lee", "ED", "in_person", now + dt.timedelta(hours=1), now)
+    notice = CriticalNotice("Dr Lee", "Ward nurse", "secure_message", dt.datetime(2026, 11, 28, 9, 14))
+    assert critical_line(notice).startswith("Critical result told to Dr Lee (Ward nurse) by secure message on 2026-11-28")
+    assert confirmation_line(None) == "" and "CRITICAL RESULT" in confirmation_line(notice)
+
+
+
 def test_critical_result_flag_at_signing_recorded_and_in_the_sr(qtbot, make_window, node) -> None:  # type: ignore[no-untyped-def]
     w = make_window("alice")
     click_row(qtbot, w, "CXR-10001")
