@@ -818,6 +818,9 @@ class ReviewerWindow(QMainWindow):
     def _refreshed(self, rows: list[Any]) -> None:
         self._refreshing = False
         self.worklist.model.set_rows(rows)
+        if rows and not self._widths_restored:  # first rows, no remembered widths: fit the columns once
+            self._widths_restored = True
+            self.worklist.table.resizeColumnsToContents()
         self._sync_selection()
         n_open = sum(1 for r in rows if r.state == "new")
         self.worklist.count.setText(f"{len(rows)} studies · {n_open} waiting")

@@ -215,6 +215,9 @@ def test_layout_worklist_rows_study_age_and_remembered_layout(qtbot, make_window
     # more than five rows fit in the worklist at the default layout
     row_h = table.verticalHeader().defaultSectionSize()
     assert table.viewport().height() // row_h >= 9
+    # the first time, columns fit their contents: the patient's name is never cut
+    patient = viewmodels.column_index("Patient")
+    assert table.horizontalHeader().sectionSize(patient) >= table.sizeHintForColumn(patient)
     # the study's age beside the draft's
     age_col, draft_col = viewmodels.column_index("Study age"), viewmodels.column_index("Draft age")
     r = w.worklist_vm.rows[0]
