@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from dcmnode_helpers import associate, make_instance, wait_for
 from pydicom.uid import generate_uid
-from pynetdicom import AE, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom import dul as pynetdicom_dul
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
@@ -23,6 +23,20 @@ DICOM_NODE = Path(patches.__file__).parent
 #: the upstream internals the node touches; only pynetdicom_patches.py may name them
 INTERNALS = re.compile(r"\b(dimse_messages|_config|_servers|_require_calling_aet|_dataset_file|_run_loop_delay|"
                        r"_create_association|decode_msg|NamedTemporaryFile|AssociationSocket)\b|__class__\s*=")
+
+
+def send_one(tmp_path: Path, port: int, called: str = "CXRNODE") -> pydicom.Dataset:
+    """C-STORE one real radiograph (new UIDs) on its own association; assert it was stored."""
+    ds = pydicom.dcmread(make_instance(tmp_path / f"{generate_uid()}.dcm", generate_uid()))
+    scu = AE(ae_title="SENDER")
+    scu.add_requested_context(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+    assoc = scu.associate("127.0.0.1", port, ae_title=called)
+    assert assoc.is_established
+    try:
+        assert int(assoc.send_c_store(ds).Status) == 0
+    finally:
+        assoc.release()
+    return ds
 
 
 @pytest.fixture
@@ -107,18 +121,11 @@ def test_another_scp_in_the_process_is_not_affected(node, tmp_path: Path) -> Non
         return 0x0000
 
     peer = AE(ae_title="PEER")
-    path = make_instance(tmp_path / "dx.dcm", generate_uid())
-    ds = pydicom.dcmread(path)
-    peer.add_supported_context(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+    peer.add_supported_context(pydicom.dcmread(make_instance(tmp_path / "x.dcm", generate_uid())).SOPClassUID,
+                               ALL_TRANSFER_SYNTAXES)
     server = peer.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
     try:
-        scu = AE(ae_title="SCU")
-        scu.add_requested_context(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
-        assoc = scu.associate("127.0.0.1", server.server_address[1], ae_title="PEER")
-        assert assoc.is_established
-        status = assoc.send_c_store(ds)
-        assoc.release()
-        assert int(status.Status) == 0
+        ds = send_one(tmp_path, server.server_address[1], called="PEER")
         assert seen == {"file": None, "uid": str(ds.SOPInstanceUID)}
         assert not any(Path(node.store.tmp_dir).iterdir())
     finally:
@@ -148,14 +155,7 @@ def test_threads_of_the_node_use_the_spool(node, tmp_path: Path) -> None:  # typ
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(patches.SpoolFile, "__init__", spy)
-        path = make_instance(tmp_path / "dx.dcm", generate_uid())
-        ds = pydicom.dcmread(path)
-        scu = AE(ae_title="SENDER")
-        scu.add_requested_context(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
-        assoc = scu.associate("127.0.0.1", node.port, ae_title="CXRNODE")
-        assert assoc.is_established
-        assert int(assoc.send_c_store(ds).Status) == 0
-        assoc.release()
+        send_one(tmp_path, node.port)
     assert len(created) == 1 and created[0][1] == Path(node.store.tmp_dir)
 
 
@@ -176,14 +176,7 @@ def test_the_node_still_stores_when_a_patch_is_lost(node, tmp_path: Path, monkey
     else:
         monkeypatch.setattr(patches._dimse_messages, "NamedTemporaryFile", tempfile.NamedTemporaryFile)
     assert not patches.fast_path_active()[lost]
-    path = make_instance(tmp_path / "dx.dcm", generate_uid())
-    ds = pydicom.dcmread(path)
-    scu = AE(ae_title="SENDER")
-    scu.add_requested_context(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
-    assoc = scu.associate("127.0.0.1", node.port, ae_title="CXRNODE")
-    assert assoc.is_established
-    assert int(assoc.send_c_store(ds).Status) == 0
-    assoc.release()
+    ds = send_one(tmp_path, node.port)
     with node.sessions() as s:
         inst = s.scalars(select(Instance).where(Instance.sop_instance_uid == str(ds.SOPInstanceUID))).one()
     stored = pydicom.dcmread(node.store.abspath(inst.path))
