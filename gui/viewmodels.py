@@ -190,6 +190,8 @@ def draft_status(row: WorklistRow, full: bool = False) -> str:
     study, the views left out of a partial draft, ``not checked`` for a draft made before the gate."""
     if row.draft_id is None:
         return ""
+    if row.no_ai_draft_reason:
+        return f"no AI draft: report from scratch ({row.no_ai_draft_reason if full else short_reason(row.no_ai_draft_reason)})"
     outcome, reason = row.input_outcome, row.input_reason if full else short_reason(row.input_reason)
     if outcome == OUTCOME_WITHHELD:
         return f"not drafted: {reason or 'the input check withheld the draft'}"

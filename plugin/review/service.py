@@ -301,6 +301,8 @@ class WorklistRow:
     input_outcome: str = ""
     input_reason: str = ""
     views_not_used: tuple[str, ...] = ()
+    #: a report written from scratch: why there is no AI draft ("" = an AI draft)
+    no_ai_draft_reason: str = ""
     #: STAT, ED, inpatient, outpatient or "" (not stated): ``Study.priority`` (dicom_node.priority)
     priority: str = ""
     #: why the draft is critical, one line per rule crossed (plugin.review.critical); () = not critical
@@ -649,6 +651,7 @@ class ReviewService:
                         model_version=d.model_version,
                         detail=d.reject_reason or "",
                         **_gate_fields(d.token_info),
+                        no_ai_draft_reason=parse_no_ai_draft(d.token_info),
                         priority=st.priority or "",
                         critical=critical_markers(d.token_info or "", d.findings or "", d.impression or ""),
                     )

@@ -18,6 +18,7 @@ from support.sr_checks import check_sr_file
 from dicom_node.db import AuditEvent, Draft, DraftState, Transfer
 from dicom_node.jobs import JobResult
 from dicom_node.review_records import CriticalResult, ReportAddendum
+from gui import viewmodels
 from gui.window import ReviewerWindow
 from plugin.drafting import sr
 from plugin.review.service import ReviewService
@@ -217,6 +218,9 @@ def test_failed_study_opens_images_and_is_reported_from_scratch(qtbot, make_wind
     assert vm is not None and vm.detail.draft_id > 0 and vm.holds_claim
     assert w.report.findings.toPlainText() == "" and not w.report.findings.isReadOnly()  # empty editor
     assert "NO AI DRAFT" in w.report.banner.text()
+    i = w.worklist_vm.index_of(vm.detail.draft_id)
+    cell = w.worklist.model.index(i, viewmodels.column_index("AI draft")).data()
+    assert cell.startswith("no AI draft: report from scratch (drafting failed")  # not "drafted"
     assert not w.report.side.isVisible()  # no model output to show
     w.report.findings.setPlainText("Heart size normal. Lungs clear.")
     w.report.impression.setPlainText("No acute cardiopulmonary disease.")

@@ -297,6 +297,8 @@ def test_report_from_scratch_signs_a_verified_sr_with_no_ai_text(svc: ReviewServ
     d = svc.detail(draft_id)
     assert (d.findings, d.impression, d.tokens, d.model_name) == ("", "", (), "")
     assert d.state == "in_review" and d.claimed_by == "alice" and "drafting failed" in d.no_ai_draft_reason
+    row = next(r for r in svc.worklist(states=None) if r.draft_id == draft_id)
+    assert "model bundle missing" in row.no_ai_draft_reason and not row.model_name
     assert [v.view for v in d.views] == ["PA", "LL"] or len(d.views) == 2
     with pytest.raises(ReviewError, match="open draft"):
         scratch.report_from_scratch(svc, uid, "bob")
