@@ -4,16 +4,20 @@ Used by ``test_screenshot.py`` under its own Xvfb (``DISPLAY`` set, ``QT_QPA_PLA
 ``python tests/gui/screenshot_app.py WORKDIR DRAFTED.png [WITHHELD.png]``. Five 2-view studies
 are stored and drafted by the real pipeline; bob holds one, one is signed. A sixth study holds two
 real chest radiographs (``shared/data/dicom_samples``), which the shipped bundle's input gate
-withholds. Alice opens the oldest drafted study (``DRAFTED.png``), then the withheld one
-(``WITHHELD.png``).
+withholds. Alice edits and signs CXR-10003 with Sign & next, then opens the oldest drafted study
+and puts the lung window on it with F2 from the report editor (``DRAFTED.png``: the undo bar
+names the study just signed), then the withheld one (``WITHHELD.png``). The window's settings
+(QSettings) live in WORKDIR, never in the user's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
-from PyQt6.QtCore import QEventLoop, QTimer
+from PyQt6.QtCore import QEventLoop, QSettings, Qt, QTimer
+from PyQt6.QtTest import QTest
 from PyQt6.QtWidgets import QApplication
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the support package
@@ -61,7 +65,9 @@ def main(workdir: str, out: str, out_withheld: str = "") -> int:
     if real:
         synthetic.store_study(node.sessions, node.store, real)
         synthetic.run_draft_job(node, specs[5].study_instance_uid)
-    svc = ReviewService(node.config, node.sessions, node.store)
+    # a long undo window: the screenshot shows the bar of the signature made just before
+    config = dataclasses.replace(node.config, review=dataclasses.replace(node.config.review, undo_window_s=300.0))
+    svc = ReviewService(config, node.sessions, node.store)
     rows = {r.patient_id: r.draft_id for r in svc.worklist()}
     if real and not svc.detail(rows["CXR-10006"] or 0).withheld:
         print("the input gate did not withhold the real radiographs", file=sys.stderr)
@@ -79,10 +85,20 @@ def main(workdir: str, out: str, out_withheld: str = "") -> int:
     wait(w.worklist_refreshed)
     w.worklist.state.setCurrentText("All")
     wait(w.worklist_refreshed)
-    open_patient(w, "CXR-10001")
-    # a touch of real use: a narrower window on the frontal view, an edited impression
-    if w.study.views:
-        w.study.views[0].drag_window(-250, 60)
+    # Sign & next on an edited report (F12, the question answered yes); keys go to the active window
+    w.confirm = lambda title, text: True
+    w.activateWindow()
+    QApplication.setActiveWindow(w)
+    open_patient(w, "CXR-10003")
+    w.report.findings.setPlainText("Heart size is normal. The lungs are clear. No pleural effusion or pneumothorax.")
+    w.report.impression.setPlainText("No acute cardiopulmonary abnormality.")
+    QTest.keyClick(w.report.findings, Qt.Key.Key_F12)
+    wait(w.review_shown)
+    w.tasks.wait()
+    if w.review is None or w.review.detail.patient_id != "CXR-10001":
+        open_patient(w, "CXR-10001")
+    # a touch of real use: the lung window from the keyboard, an edited impression
+    QTest.keyClick(w.report.findings, Qt.Key.Key_F2)
     imp = w.report.impression
     imp.setPlainText(imp.toPlainText().rstrip() + " Clinical correlation for pneumonia.")
     w.tasks.wait()
@@ -137,6 +153,9 @@ def after_signing_scenes(workdir: str, out_critical: str, out_addendum: str) -> 
 
 
 if __name__ == "__main__":
+    import tempfile
+
+    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, tempfile.mkdtemp(prefix="cxrnode-shot-"))
     if sys.argv[1:2] == ["--after-signing"]:
         sys.exit(after_signing_scenes(*sys.argv[2:]))
     sys.exit(main(*sys.argv[1:]))
