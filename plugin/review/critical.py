@@ -123,13 +123,21 @@ def critical_findings(observations: Mapping[str, float], findings: str = "", imp
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=4096)
 def critical_markers(token_info: str, findings: str, impression: str) -> tuple[str, ...]:
     """The markers of a draft from its stored columns (``Draft.token_info``, findings,
-    impression); cached, as a draft's text and probabilities never change."""
+    impression), one line per rule crossed (:meth:`CriticalFinding.describe`)."""
     from plugin.review.draft_info import parse_observations
 
-    return tuple(f.describe() for f in critical_findings(parse_observations(token_info), findings, impression))
+    observed = parse_observations(token_info)
+    wanted = tuple(sorted((r.observation, observed[r.observation]) for r in CRITICAL_RULES if r.observation in observed))
+    return _markers(wanted, findings, impression)
+
+
+@functools.lru_cache(maxsize=4096)
+def _markers(observed: tuple[tuple[str, float], ...], findings: str, impression: str) -> tuple[str, ...]:
+    # cached on the few probabilities the rules read and the text (a draft's never change), not
+    # on the whole token_info: the worklist asks again at every refresh
+    return tuple(f.describe() for f in critical_findings(dict(observed), findings, impression))
 
 
 __all__ = ["CRITICAL_RULES", "CriticalFinding", "CriticalRule", "critical_findings", "critical_markers"]
