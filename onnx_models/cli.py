@@ -83,8 +83,9 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
         description="Read a local transformers checkpoint folder (never the network; no remote code) and write "
                     "a bundle the node runs: ONNX graphs on the bundle's graph contract, tokenizer.json, the "
                     "image processor's settings, a generated MODEL_CARD.md. Supported: VisionEncoderDecoderModel "
-                    "with a BERT decoder (encoder-decoder bundle) and LlavaForConditionalGeneration with a Llama "
-                    "language model (decoder-only bundle). The bundle is checked against transformers (logits, "
+                    "with a BERT decoder (encoder-decoder bundle), LlavaForConditionalGeneration with a Llama "
+                    "language model and Gemma3ForConditionalGeneration (MedGemma's family) (decoder-only bundles). "
+                    "The bundle is checked against transformers (logits, "
                     "greedy text); see onnx_models/README.md.")
     p.add_argument("checkpoint", help="checkpoint folder (config.json, model.safetensors, preprocessor_config.json, "
                                       "tokenizer.json)")
@@ -100,9 +101,10 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     speed.add_argument("--int8", action="store_true", help="CPU: dynamic int8 quantisation of the linear layers")
     speed.add_argument("--fp16", action="store_true", help="CUDA: float16 graphs (float32 inputs and outputs)")
     p.add_argument("--prompt-template", default="",
-                   help="LLaVA: the prompt, with <image> (the views' image blocks), {indication} and {views} "
-                        "(default: 'USER: <image>\\nViews: {views}. Indication: {indication}\\nWrite the "
-                        "findings. ASSISTANT:')")
+                   help="LLaVA / Gemma 3: the prompt, with <image> (the views' image blocks), {indication} "
+                        "and {views} (LLaVA default: 'USER: <image>\\nViews: {views}. Indication: "
+                        "{indication}\\nWrite the findings. ASSISTANT:'; Gemma 3 default: its chat turn, "
+                        "see onnx_models/README.md)")
     p.add_argument("--calibration-images", default="",
                    help="folder of 8-bit grey PNG/JPEG images like the model's training films (>= 125): fit "
                         "the input gate on them (else the bundle's gate is off)")

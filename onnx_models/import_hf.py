@@ -115,9 +115,11 @@ def family(cfg: dict[str, Any]) -> str:
         return "vision-encoder-decoder"
     if cfg.get("model_type") == "llava" or "LlavaForConditionalGeneration" in archs:
         return "llava"
+    if cfg.get("model_type") == "gemma3" or "Gemma3ForConditionalGeneration" in archs:
+        return "gemma3"
     raise ImportHFError(f"model_type {cfg.get('model_type')!r} (architectures {archs}) is not supported by import-hf "
-                        "(supported: VisionEncoderDecoderModel, LlavaForConditionalGeneration); see "
-                        "onnx_models/README.md for exporting by hand")
+                        "(supported: VisionEncoderDecoderModel, LlavaForConditionalGeneration, "
+                        "Gemma3ForConditionalGeneration); see onnx_models/README.md for exporting by hand")
 
 
 def image_spec(path: Path) -> dict[str, Any]:
@@ -615,9 +617,9 @@ def import_hf(checkpoint: str | Path, out: str | Path, name: str = "", version: 
         raise ImportHFError(f"views must be one of {sorted(VIEW_MODES)}, not {views!r}")
     if section not in ("findings", "impression"):
         raise ImportHFError(f"section must be findings or impression, not {section!r}")
-    if fam == "llava":
+    if fam in ("llava", "gemma3"):
         return _import_llava(src, Path(out), name, version, section, int8, fp16, prompt_template, calibration_images,
-                             check)
+                             check, fam)
     if prompt_template:
         raise ImportHFError("--prompt-template applies to image-text-to-text models; a VisionEncoderDecoderModel "
                             "takes no prompt")
@@ -692,8 +694,14 @@ def _finish(tmp: Path, manifest: dict[str, Any], calibration_images: str | Path 
 
 
 def _import_llava(src: Path, out: Path, name: str, version: str, section: str, int8: bool, fp16: bool,
-                  prompt_template: str, calibration_images: str | Path | None, check: bool) -> Path:
-    from .import_hf_llava import DEFAULT_TEMPLATE, import_llava
+                  prompt_template: str, calibration_images: str | Path | None, check: bool,
+                  fam: str = "llava") -> Path:
+    """The image-text-to-text families (``llava``, ``gemma3``) onto the decoder-only contract."""
+    if fam == "gemma3":
+        from .import_hf_gemma3 import DEFAULT_TEMPLATE, recheck_int8
+        from .import_hf_gemma3 import import_gemma3 as import_llava
+    else:
+        from .import_hf_llava import DEFAULT_TEMPLATE, import_llava, recheck_int8
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -701,7 +709,7 @@ def _import_llava(src: Path, out: Path, name: str, version: str, section: str, i
     try:
         weights = {w.name: sha256_file(w) for w in sorted(src.iterdir())
                    if w.name in WEIGHT_FILES or re.match(r"(model|pytorch_model)-\d+-of-\d+\.", w.name)}
-        source: dict[str, Any] = {"tool": "cxrnode import-hf", "family": "llava", "checkpoint": str(src),
+        source: dict[str, Any] = {"tool": "cxrnode import-hf", "family": fam, "checkpoint": str(src),
                                   "weights": weights, "readme": readme_facts(src),
                                   "transformers": _version("transformers"), "torch": torch.__version__,
                                   "precision": "fp32", "generation_config": _json(src / "generation_config.json")}
@@ -716,8 +724,6 @@ def _import_llava(src: Path, out: Path, name: str, version: str, section: str, i
                 to_fp16(tmp, manifest, roles=DECODER_ONLY_ROLES)
             write_manifest(tmp, manifest)
             if check and int8:
-                from .import_hf_llava import recheck_int8
-
                 source["checks_int8"] = recheck_int8(src, tmp)
         _finish(tmp, manifest, calibration_images)
     except BaseException:

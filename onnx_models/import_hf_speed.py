@@ -36,22 +36,29 @@ def lm_head_nodes(path: Path) -> list[str]:
 
 
 def to_int8(bundle: Path, manifest: dict[str, Any], keep_lm_head: bool = False,
-            roles: tuple[str, ...] = QUANTISED_ROLES) -> None:
+            roles: tuple[str, ...] = QUANTISED_ROLES, per_channel: bool = True, weight_type: str = "qint8",
+            reduce_range: bool = False) -> None:
     """Replace the graphs of ``roles`` by their dynamically quantised versions
-    (``keep_lm_head``: the decoder's output projection stays float32)."""
+    (``keep_lm_head``: the decoder's output projection stays float32; ``per_channel``: one
+    scale per output channel, else per tensor; ``weight_type``: ``qint8`` or ``quint8``;
+    ``reduce_range``: 7-bit weights, for CPUs without VNNI where 8-bit products can saturate).
+    The defaults are what ``--int8`` writes (benchmarks/import_hf.py measured the others)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    wtype = {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}[weight_type]
     for role in roles:
         path = bundle / manifest["graphs"][role]["file"]
         tmp = path.with_suffix(".int8.onnx")
         exclude = lm_head_nodes(path) if role == "decoder" and keep_lm_head else []
         quantize_dynamic(str(path), str(tmp), op_types_to_quantize=["MatMul", "Gemm"],
-                         weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=exclude,
-                         extra_options={"MatMulConstBOnly": True})
+                         weight_type=wtype, per_channel=per_channel, reduce_range=reduce_range,
+                         nodes_to_exclude=exclude, extra_options={"MatMulConstBOnly": True})
         tmp.replace(path)
         manifest["graphs"][role]["precision"] = "int8 weights (dynamic quantisation), float32 I/O"
+    options = [o for o, on in (("LM head kept float32", keep_lm_head), ("per-tensor scales", not per_channel),
+                               ("uint8 weights", weight_type == "quint8"), ("reduced range", reduce_range)) if on]
     manifest["import"]["precision"] = "int8 (ONNX Runtime dynamic quantisation of the linear layers" + (
-        ", LM head kept float32" if keep_lm_head else "") + (
+        f", {', '.join(options)}" if options else "") + (
         f"; {', '.join(roles)} only)" if tuple(roles) != QUANTISED_ROLES else ")")
     manifest["import"]["providers"] = ["CPUExecutionProvider"]
 
