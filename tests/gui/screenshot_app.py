@@ -57,6 +57,11 @@ def open_patient(w: ReviewerWindow, patient_id: str) -> None:
 def main(workdir: str, out: str, out_withheld: str = "") -> int:
     root = Path(workdir)
     specs = synthetic.sample_studies(6, size=1024, prefix="shot")
+    # the request attributes a RIS sends, for the Priority column (dicom_node.priority)
+    for spec, attrs in zip(specs, ({"CurrentPatientLocation": "ED"}, {"RequestingService": "Outpatient clinic"},
+                                   {"AdmissionID": "ADM-2291", "CurrentPatientLocation": "Ward 5B"},
+                                   {"RequestedProcedurePriority": "STAT"}), strict=False):
+        spec.extra.update(attrs)
     node = synthetic.build_node(root / "node", specs[:5])
     real = synthetic.real_film_study(specs[5])
     if out_withheld and not real:
