@@ -119,6 +119,38 @@ def main(workdir: str, out: str, out_withheld: str = "") -> int:
     return 0
 
 
+def prior_scene(workdir: str, out: str) -> int:
+    """``--prior WORKDIR OUT.png`` (issue 17, priors): a drafted study with its patient's prior
+    (fetched as the node does after a C-GET) beside it, the prior's report under it; the current
+    frontal view windowed narrower, the prior following (linked)."""
+    from support.priors import attach_prior
+
+    root = Path(workdir)
+    specs = synthetic.sample_studies(2, size=1024, prefix="shot-prior")
+    node = synthetic.build_node(root / "node", specs)
+    svc = ReviewService(node.config, node.sessions, node.store)
+    row = next(r for r in svc.worklist() if r.patient_id == specs[0].patient_id)
+    prior = synthetic.SyntheticStudy(key="shot-prior-old", patient_id=specs[0].patient_id,
+                                     patient_name=specs[0].patient_name, study_date="20251103", size=1024, seed=11)
+    attach_prior(node.sessions, node.store, row.draft_id or 0, synthetic.make_study(prior),
+                 "FINDINGS: Small right pleural effusion. Heart size is normal. No pneumothorax.\n"
+                 "IMPRESSIONS: Small right pleural effusion.", study_date="20251103")
+    app = QApplication(sys.argv[:1])
+    app.setStyle("Fusion")
+    w = ReviewerWindow(svc, "alice", refresh_interval_s=0)
+    w.setGeometry(0, 0, 1600, 900)
+    w.show()
+    wait(w.worklist_refreshed)
+    open_patient(w, specs[0].patient_id)
+    if w.study.views:
+        w.study.views[0].drag_window(-250, 60)
+    w.tasks.wait()
+    ok = grab(app, out)
+    w.confirm = lambda title, text: True
+    w.close()
+    return 0 if ok else 1
+
+
 def after_signing_scenes(workdir: str, out_critical: str, out_addendum: str) -> int:
     """``--after-signing WORKDIR CRITICAL.png ADDENDUM.png`` (issue 17): alice flags a critical
     result before signing (who was told, role, how, when: ``CRITICAL.png``), signs, then adds an
@@ -161,6 +193,8 @@ if __name__ == "__main__":
     import tempfile
 
     QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, tempfile.mkdtemp(prefix="cxrnode-shot-"))
+    if sys.argv[1:2] == ["--prior"]:
+        sys.exit(prior_scene(*sys.argv[2:]))
     if sys.argv[1:2] == ["--after-signing"]:
         sys.exit(after_signing_scenes(*sys.argv[2:]))
     sys.exit(main(*sys.argv[1:]))
