@@ -223,22 +223,3 @@ def add_subcommands(subparsers: Any) -> None:
     demo.add_argument("--verbose", action="store_true", help="also print the job log")
     demo.add_argument("--quiet", action="store_true", help="no progress messages")
     demo.set_defaults(func=cmd_demo)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cxrnode-demo")
-    add_subcommands(parser.add_subparsers(dest="command"))
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

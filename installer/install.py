@@ -75,11 +75,64 @@ def _undo_program(layout: Layout, vdir: Path, systemd: bool) -> None:
     shutil.rmtree(vdir, ignore_errors=True)
 
 
-def _version_dir(layout: Layout, info: dict[str, Any]) -> Path:
-    d = layout.versions / f"{info['version']}-{info['flavour']}-{info['build_id']}"
-    if d.exists():
-        raise InstallError(f"{d} exists: this bundle is already installed")
-    return d
+def _version_record(info: dict[str, Any], head: str, **extra: str) -> dict[str, Any]:
+    """What install.json keeps of an installed version (rollback reads ``head`` and ``flavour``)."""
+    return {"version": info["version"], "flavour": info["flavour"], "head": head,
+            "installed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **extra}
+
+
+def _new_version(layout: Layout, bundle: Path, info: dict[str, Any], copy_models: bool) -> tuple[Path, Path, str]:
+    """The version folder with its virtual environment (removed again if that fails): (folder,
+    its python, the schema head it knows). ``copy_models``: the bundle's models go to the
+    installation's models folder (a first installation)."""
+    layout.versions.mkdir(parents=True, exist_ok=True)
+    vdir = layout.versions / f"{info['version']}-{info['flavour']}-{info['build_id']}"
+    if vdir.exists():
+        raise InstallError(f"{vdir} exists: this bundle is already installed")
+    vdir.mkdir()
+    try:
+        py = create_venv(bundle, info, vdir / "venv")
+        head = schema_head(py)
+        models = sorted((bundle / "models").glob("*")) if copy_models and (bundle / "models").is_dir() else []
+        for m in models:
+            shutil.copytree(m, layout.root / "models" / m.name, dirs_exist_ok=True)
+    except BaseException:
+        shutil.rmtree(vdir, ignore_errors=True)
+        raise
+    return vdir, py, head
+
+
+def _site_configuration(args: argparse.Namespace, layout: Layout) -> tuple[str | None, Any, dict[str, list[dict[str, Any]]]]:
+    """(text of the new configuration or None when an existing one is kept, the validated
+    configuration, the [[destinations]]/[[reviewers]] tables given as flags)."""
+    values, tables = site_answers(args, layout)
+    if layout.config.exists():
+        say(f"keeping the existing configuration {layout.config}")
+        if any(values[s] for s in values if s != "node") or len(values["node"]) > 1 or any(tables.values()):
+            say("  note: the site answers given as flags are not applied to an existing file; edit it instead")
+        return None, load_config(layout.config, env={}), tables
+    if args.prompt or (sys.stdin.isatty() and not args.yes):
+        prompt_answers(values)
+    config_text = render_config(template_text("cxrnode.example.toml"), values, tables)
+    return config_text, validate_config_text(config_text), tables
+
+
+def _write_unit(layout: Layout, unit: Path, text: str, systemd: bool) -> bool:
+    """Write the unit; with systemd running, enable and start it. True when registered."""
+    unit.parent.mkdir(parents=True, exist_ok=True)
+    unit.write_text(text, encoding="utf-8")
+    say(f"  wrote {unit}")
+    if not systemd:
+        say(f"  --no-systemd: not registered; start the node with `{layout.bin} serve --config {layout.config}`")
+        return False
+    if not systemd_running():
+        say("  systemd is not running on this machine: the unit is written but not enabled; "
+            "later: systemctl daemon-reload && systemctl enable --now cxrnode")
+        return False
+    systemctl("daemon-reload")
+    systemctl("enable", "--now", "cxrnode.service")
+    say("  enabled and started cxrnode.service")
+    return True
 
 
 # --- commands --------------------------------------------------------------------------------
@@ -99,20 +152,7 @@ def install(args: argparse.Namespace) -> int:
         check_interpreter_for_services()
 
     # 1. the configuration first: a wrong answer stops before anything is written
-    values, tables = site_answers(args, layout)
-    keep_config = layout.config.exists()
-    if keep_config:
-        say(f"keeping the existing configuration {layout.config}")
-        if any(values[s] for s in values if s != "node") or len(values["node"]) > 1 or any(tables.values()):
-            say("  note: the site answers given as flags are not applied to an existing file; edit it instead")
-        config_obj = load_config(layout.config, env={})
-        config_text = None
-    else:
-        if args.prompt or (sys.stdin.isatty() and not args.yes):
-            prompt_answers(values)
-        example = template_text("cxrnode.example.toml")
-        config_text = render_config(example, values, tables)
-        config_obj = validate_config_text(config_text)
+    config_text, config_obj, tables = _site_configuration(args, layout)
     storage = Path(config_obj.node.storage_dir)
 
     with tempfile.TemporaryDirectory(prefix="cxrnode-bundle-") as work:
@@ -129,17 +169,7 @@ def install(args: argparse.Namespace) -> int:
             why = "--no-user given" if args.no_user else "not running as root"
             say(f"  skipped ({why}); the node will run as {user!r}")
         say(f"[2/{steps}] virtual environment (offline, from the bundle's wheelhouse)")
-        layout.versions.mkdir(parents=True, exist_ok=True)
-        vdir = _version_dir(layout, info)
-        vdir.mkdir()
-        try:
-            py = create_venv(bundle, info, vdir / "venv")
-            head = schema_head(py)
-            for m in sorted((bundle / "models").glob("*")) if (bundle / "models").is_dir() else []:
-                shutil.copytree(m, layout.root / "models" / m.name, dirs_exist_ok=True)
-        except BaseException:
-            shutil.rmtree(vdir, ignore_errors=True)
-            raise
+        vdir, py, head = _new_version(layout, bundle, info, copy_models=True)
         try:
             switch_link(layout.current, vdir)
             layout.bin.parent.mkdir(parents=True, exist_ok=True)
@@ -165,23 +195,8 @@ def install(args: argparse.Namespace) -> int:
 
             say(f"[6/{steps}] service unit")
             unit = layout.unit(systemd)
-            unit.parent.mkdir(parents=True, exist_ok=True)
-            unit.write_text(render_unit(layout.bin, layout.config, storage, user, config_obj.node.port, str(info["flavour"])),
-                            encoding="utf-8")
-            say(f"  wrote {unit}")
-            registered = False
-            if systemd:
-                if systemd_running():
-                    systemctl("daemon-reload")
-                    systemctl("enable", "--now", "cxrnode.service")
-                    registered = True
-                    say("  enabled and started cxrnode.service")
-                else:
-                    say("  systemd is not running on this machine: the unit is written but not enabled; "
-                        "later: systemctl daemon-reload && systemctl enable --now cxrnode")
-            else:
-                say("  --no-systemd: not registered; start the node with "
-                    f"`{layout.bin} serve --config {layout.config}`")
+            unit_text = render_unit(layout.bin, layout.config, storage, user, config_obj.node.port, str(info["flavour"]))
+            registered = _write_unit(layout, unit, unit_text, systemd)
             say(f"[7/{steps}] reviewer launcher")
             layout.desktop.parent.mkdir(parents=True, exist_ok=True)
             layout.desktop.write_text(render_template("cxrnode-review.desktop", bin=str(layout.bin), config=str(layout.config)),
@@ -195,8 +210,7 @@ def install(args: argparse.Namespace) -> int:
                 "database_url": config_obj.node.resolved_database_url(),
                 "unit": str(unit), "systemd": registered, "desktop": str(layout.desktop), "bin": str(layout.bin),
                 "current": vdir.name, "previous": "",
-                "versions": {vdir.name: {"version": info["version"], "flavour": info["flavour"], "head": head,
-                                         "installed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}},
+                "versions": {vdir.name: _version_record(info, head)},
             })
         except BaseException:
             _undo_program(layout, vdir, systemd)
@@ -218,14 +232,7 @@ def upgrade(args: argparse.Namespace) -> int:
         old = manifest["current"]
         say(f"upgrading {old} -> cxrnode {info['version']} ({info['flavour']}, build {info['build_id']})")
         say("[1/4] new virtual environment beside the current one (offline)")
-        vdir = _version_dir(layout, info)
-        vdir.mkdir(parents=True)
-        try:
-            py = create_venv(bundle, info, vdir / "venv")
-            head = schema_head(py)
-        except BaseException:
-            shutil.rmtree(vdir, ignore_errors=True)
-            raise
+        vdir, py, head = _new_version(layout, bundle, info, copy_models=False)
         say("[2/4] backing up and migrating the database")
         backup = backup_sqlite(manifest["database_url"], Path(manifest["storage_dir"]) / "backups", f"before-{vdir.name}")
         if backup:
@@ -238,9 +245,7 @@ def upgrade(args: argparse.Namespace) -> int:
         switch_link(layout.current, vdir)
         say(f"  {layout.current} -> {vdir.name} (previous: {old})")
         rerender_unit(layout.current / "venv" / "bin" / "python", manifest, str(info["flavour"]))
-        manifest["versions"][vdir.name] = {"version": info["version"], "flavour": info["flavour"], "head": head,
-                                           "installed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                                           "backup": str(backup or "")}
+        manifest["versions"][vdir.name] = _version_record(info, head, backup=str(backup or ""))
         manifest["previous"], manifest["current"] = old, vdir.name
         write_manifest(layout, manifest)
         say("[4/4] restarting the service")

@@ -42,7 +42,7 @@ def test_demo_drafts_the_sample_study(tmp_path: Path) -> None:
 
 
 def test_demo_text_output_names_the_sr_and_says_draft(tmp_path: Path) -> None:
-    from installer.demo import main
+    from installer.cli import main
 
     bundle = os.environ.get("CXRNODE_TEST_BUNDLE", "") or "default"
     import contextlib
@@ -59,7 +59,7 @@ def test_demo_text_output_names_the_sr_and_says_draft(tmp_path: Path) -> None:
 
 
 def test_demo_with_a_missing_bundle_fails_clearly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from installer.demo import main
+    from installer.cli import main
 
     code = main(["demo", "--workdir", str(tmp_path / "d"), "--quiet", "--bundle", str(tmp_path / "nope")])
     assert code == 1
@@ -73,7 +73,7 @@ def test_demo_on_a_real_film_shows_the_withheld_draft(tmp_path: Path) -> None:
 
     from support.gate_images import REAL_DICOM
 
-    from installer.demo import main
+    from installer.cli import main
 
     film = [p for p in REAL_DICOM if p.name.startswith("nih_")][0]
     out = io.StringIO()
@@ -92,7 +92,7 @@ def test_demo_on_a_real_film_shows_the_withheld_draft(tmp_path: Path) -> None:
 def test_demo_refuses_files_of_two_studies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from support.gate_images import REAL_DICOM
 
-    from installer.demo import main
+    from installer.cli import main
 
     code = main(["demo", *map(str, REAL_DICOM[:2]), "--workdir", str(tmp_path / "d"), "--quiet"])
     assert code == 2 and "belong to 2 studies" in capsys.readouterr().err
