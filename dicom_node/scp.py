@@ -6,7 +6,8 @@ The ``EVT_C_STORE`` handler is thin (decide, persist, answer):
    ``tmp/`` folder (chunked receive; see :mod:`dicom_node.pynetdicom_patches`), so
    a large image is never held in memory and the final rename stays on one filesystem;
 2. the file is fsynced and its top-level structure checked without decoding pixel data;
-3. it is renamed into place, the directory fsynced, the index row committed;
+3. it is renamed into place, the directory fsynced, the index row committed (one transaction
+   with its audit event, :func:`dicom_node.commit.commit_stored`; the file is removed if it fails);
 4. only then the handler answers 0x0000.
 
 Statuses returned (PS3.4 B.2.3 and Annex C of PS3.7):
@@ -142,9 +143,10 @@ class _PendingConnections:
     At most ``limit`` at once: adding one more closes the oldest of those that have not yet sent
     one whole PDU (a peer that has sent its A-ASSOCIATE-RQ is only waiting for our answer), from
     the peer address that holds the most: a half-open socket cannot keep a newer, faster peer
-    out, and a flood from one address evicts its own connections first. Each is closed after ``acse_timeout`` in any case, by the
-    read deadline of the accepted socket (:class:`~dicom_node.pynetdicom_patches.NodeSocket`), the TLS handshake timeout, or pynetdicom's ARTIM
-    timer for a peer that sends nothing at all.
+    out, and a flood from one address evicts its own connections first. Each is closed after
+    ``acse_timeout`` in any case, by the read deadline of the accepted socket
+    (:class:`~dicom_node.pynetdicom_patches.NodeSocket`), the TLS handshake timeout, or
+    pynetdicom's ARTIM timer for a peer that sends nothing at all.
     """
 
     def __init__(self, limit: int) -> None:
