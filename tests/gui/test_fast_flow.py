@@ -303,3 +303,29 @@ def test_layout_study_age_text(days: int, text: str) -> None:
     today = dt.date(2026, 11, 28)
     assert viewmodels.format_study_age((today - dt.timedelta(days=days)).strftime("%Y%m%d"), today) == text
     assert viewmodels.format_study_age("", today) == ""
+
+
+def test_probabilities_panel_shows_thresholds_and_uncertain_calls(qtbot, make_window) -> None:  # type: ignore[no-untyped-def]
+    """Each observation with its probability and decision threshold; a call near its threshold
+    (within the policy's margin) is amber, one called present is bold; the tooltip says why."""
+    from plugin.review.draft_info import ObservationCall
+
+    w = make_window("alice")
+    open_row(qtbot, w, "CXR-10001")
+    d = w.review.detail
+    calls = (ObservationCall("Pleural Effusion", 0.41, 0.40), ObservationCall("Pneumothorax", 0.02, 0.30),
+             ObservationCall("Cardiomegaly", 0.90, 0.45), ObservationCall("Fracture", 0.20, None))
+    w.review.detail = type(d)(**{**d.__dict__, "observations": calls})
+    w.report.show_review(w.review, "")
+    t = w.report.probabilities
+    rows = {t.item(i, 0).text(): i for i in range(t.rowCount())}
+    assert [t.item(rows["Pleural Effusion"], j).text() for j in range(3)] == ["Pleural Effusion", "0.41", "0.40"]
+    amber = t.item(rows["Pleural Effusion"], 0).background().color().name()
+    assert amber == "#ffe082" and "uncertain call" in t.item(rows["Pleural Effusion"], 0).toolTip()
+    assert t.item(rows["Pneumothorax"], 0).background().style() == Qt.BrushStyle.NoBrush  # far below: not marked
+    assert t.item(rows["Cardiomegaly"], 0).font().bold() and not t.item(rows["Pneumothorax"], 0).font().bold()
+    assert t.item(rows["Fracture"], 2).text() == "—" and "no threshold" in t.item(rows["Fracture"], 0).toolTip()
+    # the panel's text follows the text size (Ctrl+=)
+    before = t.font().pixelSize()
+    qtbot.keyClick(w.report.findings, Qt.Key.Key_Equal, Qt.KeyboardModifier.ControlModifier)
+    assert t.font().pixelSize() == before + 1
