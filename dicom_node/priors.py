@@ -119,10 +119,19 @@ def fetch_priors(config: Config, sessions: sessionmaker, store: Store, *, curren
                     break
             if not chosen:
                 return FetchOutcome("none", f"no prior chest radiograph ({'/'.join(pc.modalities)}) at {qr.peer}")
-            ids = []
+            ids: list[int] = []
+            problems: list[str] = []
             for m, series in chosen:
-                ids.append(_fetch_one(config, sessions, store, qr, m, series, patient_id, issuer_of_patient_id,
-                                      log_line))
+                try:
+                    ids.append(_fetch_one(config, sessions, store, qr, m, series, patient_id, issuer_of_patient_id,
+                                          log_line))
+                except QRError as exc:  # this prior failed; the others still count
+                    if not qr.assoc or not qr.assoc.is_established:
+                        raise
+                    problems.append(str(exc))
+                    log_line(f"priors: {exc}")
+            if not ids:
+                raise QRError("; ".join(problems))
             return FetchOutcome("found", f"{len(ids)} prior study(ies) from {qr.peer}", tuple(ids))
     except QRError as exc:
         log.warning("priors for study %s not fetched: %s", current_study_uid, exc)

@@ -296,6 +296,8 @@ class QRSession:
         q.StudyInstanceUID = study_instance_uid
         q.SeriesInstanceUID = series_instance_uid
         with self._lock:
+            if self._expect[0] != study_instance_uid:  # priors.max_instances counts per prior study
+                self._received = 0
             self._sink, self._expect, self._refused = on_instance, (study_instance_uid, patient_id,
                                                                     issuer_of_patient_id), []
         out = GetOutcome()

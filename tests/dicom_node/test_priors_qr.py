@@ -245,3 +245,37 @@ def test_prior_doctor_echoes_the_qr_destination(pacs: OrthancServer, node_parts,
     assert row.status == WARN and "drafts are made without priors" in row.detail
     ctx.config = load_config(env={})  # priors off: no row
     assert check_priors_destination(ctx) == []
+
+
+def test_prior_most_recent_first_max_priors_and_instance_cap(pacs: OrthancServer, tmp_path: Path) -> None:
+    from support.priors import with_patient
+
+    from plugin.drafting import samples
+
+    h = patient_history("many")
+    older = with_patient(samples.make_study(9, prefix="older-many"), h.patient_id, "20080620", "101500")
+    not_chest = with_patient(samples.make_study(8, prefix="knee-many"), h.patient_id, "20100601", "080000")
+    for ds in not_chest:
+        ds.BodyPartExamined = "KNEE"
+    later = with_patient(samples.make_study(7, prefix="later-many"), h.patient_id, "20120101", "080000")
+    _upload(pacs, [*h.prior_images, h.prior_sr, h.prior_pdf, *older, *not_chest, *later, *h.current])
+    config = _config(tmp_path, f"ORTHANC@127.0.0.1:{pacs.dicom_port}", max_priors=2, max_instances=3)
+    url = config.node.resolved_database_url()
+    migrate(url)
+    engine = make_engine(url)
+    sessions, store = session_factory(engine), Store(config.node.storage_dir, fsync=False)
+    lines: list[str] = []
+    try:
+        out = fetch_priors(config, sessions, store, current_study_uid=str(h.current[0].StudyInstanceUID),
+                           patient_id=h.patient_id, issuer_of_patient_id=ISSUER, study_date="20110324",
+                           study_time="111950", log_line=lines.append)
+        assert out.outcome == "found" and len(out.prior_ids) == 2
+        with sessions() as s:
+            got = [s.get(PriorStudy, i) for i in out.prior_ids]
+            # most recent first; the knee study and the study after the current one are not priors
+            assert [p.study_instance_uid for p in got if p] == [h.prior_study_uid, str(older[0].StudyInstanceUID)]
+            # priors.max_instances = 3: the fourth object of the first prior was refused, and said so
+            assert len(got[0].instances) == 3  # type: ignore[union-attr]
+        assert any("more than priors.max_instances (3)" in line for line in lines), lines
+    finally:
+        engine.dispose()

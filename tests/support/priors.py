@@ -36,7 +36,7 @@ class History:
         return str(self.prior_images[0].StudyInstanceUID)
 
 
-def _with_patient(datasets: list[Dataset], patient_id: str, study_date: str, study_time: str) -> list[Dataset]:
+def with_patient(datasets: list[Dataset], patient_id: str, study_date: str, study_time: str) -> list[Dataset]:
     for ds in datasets:
         ds.PatientID = patient_id
         ds.IssuerOfPatientID = ISSUER
@@ -84,8 +84,8 @@ def encapsulated_pdf(prior: Dataset, text: str) -> Dataset:
 
 def patient_history(tag: str, number: int = 1) -> History:
     patient_id = f"PRI-{tag}-{number}"[:64]
-    prior = _with_patient(samples.make_study(number, prefix=f"prior-{tag}"), patient_id, "20100115", "093000")
-    current = _with_patient(samples.make_study(number, prefix=f"current-{tag}"), patient_id, "20110324", "111950")
+    prior = with_patient(samples.make_study(number, prefix=f"prior-{tag}"), patient_id, "20100115", "093000")
+    current = with_patient(samples.make_study(number, prefix=f"current-{tag}"), patient_id, "20110324", "111950")
     draft = sr.build_draft_sr(prior, sr.DraftContent(findings="Lungs are clear.", impression="Normal.",
                                                      model_name="test", model_version="0"))
     signed = sr.build_signed_sr(draft, PRIOR_FINDINGS, PRIOR_IMPRESSION, "Roe^Richard", "General Hospital Radiology",
