@@ -134,10 +134,10 @@ def fetch_priors(config: Config, sessions: sessionmaker, store: Store, *, curren
                 raise QRError("; ".join(problems))
             return FetchOutcome("found", f"{len(ids)} prior study(ies) from {qr.peer}", tuple(ids))
     except QRError as exc:
-        log.warning("priors for study %s not fetched: %s", current_study_uid, exc)
+        log.warning("priors for study %r not fetched: %s", current_study_uid, exc)
         return FetchOutcome("unavailable", str(exc))
     except OSError as exc:  # the store (disk full, permissions): the draft goes on without priors
-        log.warning("priors for study %s not stored: %s", current_study_uid, exc)
+        log.warning("priors for study %r not stored: %s", current_study_uid, exc)
         return FetchOutcome("unavailable", f"the prior could not be stored: {type(exc).__name__}: {exc}")
 
 

@@ -167,7 +167,7 @@ class PriorFetch:
         try:
             self._result = self._fetch()
         except Exception as exc:  # never let priors fail the draft
-            log.exception("priors for study %s failed", self.ctx.study_instance_uid)
+            log.exception("priors for study %r failed", self.ctx.study_instance_uid)
             self._result = _unavailable(f"{type(exc).__name__}: {exc}")
 
     def _fetch(self) -> Fetched:
