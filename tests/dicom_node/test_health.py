@@ -298,8 +298,8 @@ def test_a_database_that_hangs_fails_healthz_in_time(make_config: Any, serve_hea
             assert "no answer within 1 s" in body["checks"]["database"]["detail"] or "timeout" in \
                 body["checks"]["database"]["detail"].lower(), body
             assert took < 5.0, f"/healthz took {took:.1f} s with a hung database"
-        code, body, _ = get(f"http://127.0.0.1:{h.port}/livez")  # liveness: the process is fine
-        assert code == 200 and json.loads(body)["status"] == "ok"
+        code, live, _ = get(f"http://127.0.0.1:{h.port}/livez")  # liveness: the process is fine
+        assert code == 200 and json.loads(live)["status"] == "ok"
         started = time.monotonic()
         _text, m = metrics(h.port)
         assert m[("cxrnode_database_up", ())] == 0 and time.monotonic() - started < 5.0
