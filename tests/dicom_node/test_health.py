@@ -283,6 +283,9 @@ def test_healthz_on_sqlite_is_ok(make_config: Any, serve_health: Any) -> None:
     text, m = metrics(h.port)
     assert m[("cxrnode_database_up", ())] == 1 and ("cxrnode_jobs", (("state", "failed"),)) in m
     assert "process_cpu_seconds_total" in text  # the library's process collector, in our own registry
+    from prometheus_client import REGISTRY, generate_latest
+
+    assert b"cxrnode_" not in generate_latest(REGISTRY), "cxrnode metrics leaked into the global registry"
 
 
 def test_a_database_that_hangs_fails_healthz_in_time(make_config: Any, serve_health: Any) -> None:
