@@ -581,6 +581,7 @@ class ReviewerWindow(QMainWindow):
         self._shown_at = 0.0  # monotonic time the open study was shown
         self._undo_who = ""  # the study whose signature Undo withdraws
         self._image_fullscreen = False
+        self._widths_restored = False  # worklist column widths came from the settings
         self.key_help: tools.KeyHelp | None = None
 
         reviewer = service.find_reviewer(user)  # installed configuration only (docs/SECURITY.md)
