@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import synthetic
 
 from gui import cli
-from support import synthetic
 from installer.cli import build_parser as cxrnode_parser
 
 REPO = Path(__file__).resolve().parents[2]

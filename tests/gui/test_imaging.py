@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from pydicom import Dataset
+from support import synthetic
 
 from gui import imaging
-from support import synthetic
 from plugin.drafting import pixels
 
 
