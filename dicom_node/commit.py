@@ -34,7 +34,17 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class StoredFile:
-    """A file in the store: where (relative to the store) and what (size, SHA-256)."""
+    """A file in the store: where (relative to the store) and what (size, SHA-256).
+
+    Attributes
+    ----------
+    relpath:
+        Path relative to the store's root.
+    size:
+        Size in bytes.
+    sha256:
+        SHA-256 of the file, hex.
+    """
 
     relpath: str
     size: int
@@ -43,8 +53,17 @@ class StoredFile:
 
 @dataclass(frozen=True)
 class Enqueue:
-    """Send the committed object to the destinations whose ``send`` policy wants ``kind``
-    (``"draft"`` or ``"signed"``), due ``hold`` after now (the reviewer's undo window)."""
+    """Send the committed object to the destinations whose ``send`` policy wants ``kind``.
+
+    Attributes
+    ----------
+    config:
+        The configuration naming the destinations.
+    kind:
+        ``"draft"`` or ``"signed"``.
+    hold:
+        Delay before the transfer is due (the reviewer's undo window).
+    """
 
     config: Config
     kind: str
@@ -53,8 +72,20 @@ class Enqueue:
 
 @dataclass(frozen=True)
 class Committed(Generic[T]):
-    """What a commit did: the file, whether rows were written (``False``: ``prepare`` found the
-    object already recorded and nothing was written), the callback's value, the transfers queued."""
+    """What a commit did.
+
+    Attributes
+    ----------
+    stored:
+        The file (:class:`StoredFile`).
+    new:
+        Whether rows were written (``False``: ``prepare`` found the object already recorded and
+        nothing was written).
+    value:
+        The callback's value.
+    transfers:
+        How many transfers were queued.
+    """
 
     stored: StoredFile
     new: bool

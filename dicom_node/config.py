@@ -149,6 +149,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class PipelineConfig:
+    """The ``[pipeline]`` section: how a study becomes the model's input and what the draft job sends.
+
+    Attributes
+    ----------
+    indication_sources, indication_max_chars, voi_window_index, render_report, input_check:
+        See each field's help (its metadata; the README's configuration reference lists them).
+    """
     indication_sources: tuple[str, ...] = _doc(
         "DICOM attributes searched for the clinical indication, in order.",
         (
@@ -219,6 +226,19 @@ REVIEWER_ROLES = ("templates",)
 
 @dataclass(frozen=True)
 class Reviewer:
+    """One ``[[reviewers]]`` table: who may sign, and the names written into the verified SR.
+
+    Attributes
+    ----------
+    username:
+        OS account (or database role) of the reviewer.
+    display_name:
+        Verifying Observer Name (PN, e.g. ``Doe^Jane``).
+    organisation:
+        Verifying Organization.
+    roles:
+        Extra rights besides signing (``"templates"``); only from the installed configuration.
+    """
     username: str = _doc("OS account (or database role) of the reviewer.", "")
     display_name: str = _doc("Name written as Verifying Observer Name (PN, e.g. `Doe^Jane`).", "")
     organisation: str = _doc("Verifying Organization.", "")
@@ -229,6 +249,19 @@ class Reviewer:
 
 @dataclass(frozen=True)
 class Destination:
+    """One ``[[destinations]]`` table: a C-STORE peer that receives SRs.
+
+    Attributes
+    ----------
+    name:
+        Short name used in logs and status.
+    ae_title, host, port:
+        The peer's called AE title and address.
+    send:
+        ``"signed"`` (verified SRs only) or ``"drafts_and_signed"``.
+    tls:
+        Use TLS (needs ``[security] tls_certificate``/``tls_private_key``).
+    """
     name: str = _doc("Short name used in logs and status.", "")
     ae_title: str = _doc("Called AE title of the destination.", "")
     host: str = _doc("Host name or address.", "")
@@ -239,6 +272,20 @@ class Destination:
 
 @dataclass(frozen=True)
 class Config:
+    """The node's configuration: one frozen object per process, from :func:`load_config`.
+
+    Attributes
+    ----------
+    node, security, study, jobs, model, pipeline, outbound, review, priors:
+        The TOML sections of the same names (each field's help is in its metadata, listed by
+        :func:`reference_markdown`, the README's configuration reference).
+    reviewers:
+        The ``[[reviewers]]`` tables (:class:`Reviewer`).
+    destinations:
+        The ``[[destinations]]`` tables (:class:`Destination`).
+    source:
+        Where the file came from (``""``: defaults only); informational.
+    """
     node: NodeConfig = field(default_factory=NodeConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
@@ -344,6 +391,16 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     TOML (``5``, ``true``, ``"text"``, ``["a", "b"]``), a bare word is a string. The one parser of
     ``--set`` (the node's commands and the installer alike).
 
+    Parameters
+    ----------
+    items:
+        The ``--set`` arguments, in order (a later one wins).
+
+    Returns
+    -------
+    dict[str, dict[str, Any]]
+        The values by section and key.
+
     Raises
     ------
     ConfigError
@@ -364,7 +421,29 @@ def load_config(
     overrides: list[str] | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Config:
-    """Load and validate the configuration (CLI > environment > file > defaults)."""
+    """Load and validate the one frozen configuration: CLI ``overrides`` > environment
+    (``CXRNODE_<SECTION>_<KEY>``) > the TOML file > defaults.
+
+    Parameters
+    ----------
+    path:
+        The TOML file; ``None``: ``$CXRNODE_CONFIG`` if set, else defaults only.
+    overrides:
+        ``section.key=value`` items (``--set``), read by :func:`parse_overrides`.
+    env:
+        The environment to read (``None``: :data:`os.environ`).
+
+    Returns
+    -------
+    Config
+        The validated configuration.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or not TOML, a section or key is unknown, or a value is wrong (the
+        message names the key and what was expected).
+    """
     env = os.environ if env is None else env
     path = path or env.get("CXRNODE_CONFIG") or None
     data: dict[str, Any] = {}

@@ -38,6 +38,14 @@ UID = String(64)
 
 
 def utcnow() -> dt.datetime:
+    """Now, as naive UTC: what the schema's ``DateTime`` columns hold (this host's clock; see
+    :func:`db_utcnow` for the database's).
+
+    Returns
+    -------
+    datetime.datetime
+        The current time in UTC without ``tzinfo``.
+    """
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
@@ -327,7 +335,21 @@ class DraftPrior(Base):
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for ``url``; SQLite gets WAL, a busy timeout and foreign keys."""
+    """An SQLAlchemy engine for ``url``; SQLite gets WAL, ``synchronous=FULL``, a 30 s busy
+    timeout and foreign keys, other databases ``pool_pre_ping``.
+
+    Parameters
+    ----------
+    url:
+        SQLAlchemy URL (``sqlite:///path`` or ``postgresql+psycopg://...``).
+    **kwargs:
+        Passed to :func:`sqlalchemy.create_engine` (the defaults above are only set when absent).
+
+    Returns
+    -------
+    sqlalchemy.engine.Engine
+        The engine (no connection is opened yet).
+    """
     if url.startswith("sqlite"):
         kwargs.setdefault("connect_args", {"timeout": 30, "check_same_thread": False})
         engine = create_engine(url, **kwargs)
@@ -347,7 +369,17 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
 
 def migrate(url: str, revision: str = "head") -> None:
-    """Upgrade the database at ``url`` to ``revision`` with Alembic (creates it if new)."""
+    """Upgrade the database at ``url`` to ``revision`` with Alembic (creates it, and an SQLite
+    file's folder, if new). Schema changes only ever come from a revision in
+    ``dicom_node/migrations/versions/``.
+
+    Parameters
+    ----------
+    url:
+        SQLAlchemy URL of the index.
+    revision:
+        Alembic revision to upgrade to (``"head"``: the newest this code knows).
+    """
     from alembic import command
 
     if url.startswith("sqlite:///"):
@@ -460,4 +492,17 @@ def current_revision(url: str) -> tuple[str | None, str]:
 
 
 def session_factory(engine: Engine) -> sessionmaker:
+    """The session factory every part of the node uses (``expire_on_commit=False``: rows stay
+    readable after their transaction, e.g. to log their UIDs).
+
+    Parameters
+    ----------
+    engine:
+        An engine from :func:`make_engine`.
+
+    Returns
+    -------
+    sqlalchemy.orm.sessionmaker
+        Call it for a new :class:`~sqlalchemy.orm.Session`.
+    """
     return sessionmaker(engine, expire_on_commit=False)

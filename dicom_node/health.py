@@ -130,11 +130,29 @@ def _first_line(exc: BaseException) -> str:
 class HealthServer:
     """The ``/healthz`` and ``/metrics`` server of one node process.
 
-    ``role``: ``"serve"`` or ``"worker"``; ``workers``: drafting threads in this process (0: the
-    model check does not apply); ``model``: the bundle loaded before start (``None``: not loaded);
-    ``threads()``: the node's threads (all must be alive); ``scp_stats()``: the Storage SCP's
-    counters (``None`` without an SCP). ``host``/``port`` default to ``node.health_host`` /
-    ``node.health_port`` (port 0 here = an ephemeral port, for tests)."""
+    Parameters
+    ----------
+    config:
+        The node's configuration.
+    role:
+        ``"serve"`` or ``"worker"``.
+    host_id:
+        This host's name in the reports.
+    workers:
+        Drafting threads in this process (0: the model check does not apply).
+    model:
+        The bundle loaded before start (``None``: not loaded).
+    threads:
+        ``threads()``: the node's threads (all must be alive).
+    scp_stats:
+        ``scp_stats()``: the Storage SCP's counters (``None`` without an SCP).
+    host, port:
+        Default to ``node.health_host`` / ``node.health_port`` (port 0 = ephemeral, for tests).
+    db_timeout_s, metrics_timeout_s, request_timeout_s:
+        Time limits of the database check, of collecting metrics and of one request.
+    max_connections:
+        Requests served at once (more are refused).
+    """
 
     def __init__(self, config: Config, *, role: str, host_id: str, workers: int, model: str | None,
                  threads: Callable[[], list[threading.Thread]] = list,

@@ -55,12 +55,31 @@ class InstanceConflict(Exception):
 def check_received(session: Session, sop_uid: str, relpath: str, sha256: str) -> bool:
     """Decide what to do with a received instance whose file is (or would be) at ``relpath``.
 
-    Returns ``False`` when the SOP Instance UID is new, ``True`` when the same file is
-    already indexed at the same place (an identical re-send: nothing to do). The comparison is
-    of whole files; the caller may still accept a conflict at the same place whose *data set*
-    is identical (a File Meta Information written by another sender). Raises
-    :class:`InstanceConflict` when the UID belongs to an object the node generated (whatever
-    was sent), or is indexed with other content or under another study/series.
+    The comparison is of whole files; the caller may still accept a conflict at the same place
+    whose *data set* is identical (a File Meta Information written by another sender).
+
+    Parameters
+    ----------
+    session:
+        An open session (the caller's transaction).
+    sop_uid:
+        SOP Instance UID of the received object.
+    relpath:
+        Where its file is or would be, relative to the store.
+    sha256:
+        SHA-256 of the received file.
+
+    Returns
+    -------
+    bool
+        ``False`` when the SOP Instance UID is new, ``True`` when the same file is already indexed
+        at the same place (an identical re-send: nothing to do).
+
+    Raises
+    ------
+    InstanceConflict
+        The UID belongs to an object the node generated (whatever was sent), or is indexed with
+        other content or under another study/series.
     """
     row = session.execute(
         select(Instance.path, Instance.sha256, Instance.generated, Study.study_instance_uid)

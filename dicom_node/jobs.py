@@ -53,7 +53,17 @@ ENTRY_POINT_GROUP = "cxrnode.job_handlers"
 
 @dataclass(frozen=True)
 class JobResult:
-    """What a handler reports: ``state`` is ``"done"`` or ``"skipped"`` (with a ``reason``)."""
+    """What a job handler reports (an exception instead = a failed attempt, retried).
+
+    Attributes
+    ----------
+    state:
+        ``"done"`` or ``"skipped"``.
+    reason:
+        Why it was skipped.
+    model_name, model_version:
+        The model that drafted the report.
+    """
 
     state: str
     reason: str = ""
@@ -63,7 +73,23 @@ class JobResult:
 
 @dataclass(frozen=True)
 class JobContext:
-    """Everything a handler needs; ``log(message)`` appends a line to ``Job.log``."""
+    """Everything a ``draft`` job handler needs (frozen).
+
+    Attributes
+    ----------
+    config:
+        The node's configuration.
+    sessions:
+        Session factory of the index.
+    store:
+        The node's :class:`~dicom_node.store.Store`.
+    job_id:
+        The ``Job`` row's id.
+    study_instance_uid, study_generation:
+        The study to draft and its generation when the job was queued.
+    log:
+        ``log(message)`` appends a line to ``Job.log``.
+    """
 
     config: Config
     sessions: sessionmaker

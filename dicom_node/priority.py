@@ -87,8 +87,19 @@ def _request_levels(ds: Any) -> Iterator[Any]:
 
 
 def study_priority(ds: Any) -> str:
-    """The priority the request attributes of ``ds`` (a pydicom Dataset or any mapping-like
-    object with ``get(keyword, default)``) give, by the rule in this module's docstring."""
+    """The reading priority the request attributes of ``ds`` give, by the rule in this module's
+    docstring (Priority ``STAT`` first, then the patient's location).
+
+    Parameters
+    ----------
+    ds:
+        A pydicom Dataset or any mapping-like object with ``get(keyword, default)``.
+
+    Returns
+    -------
+    str
+        ``STAT``, ``ED``, ``inpatient``, ``outpatient`` or ``""`` (not stated).
+    """
     levels = list(_request_levels(ds))
     for level in levels:
         if any(_value(level, k).upper() == "STAT" for k in PRIORITY_ATTRIBUTES):
@@ -112,7 +123,18 @@ def rank(priority: str) -> int:
 
 
 def more_urgent(a: str, b: str) -> str:
-    """The more urgent of two priorities (``a`` on a tie)."""
+    """The more urgent of two priorities.
+
+    Parameters
+    ----------
+    a, b:
+        Priorities as :func:`study_priority` returns them.
+
+    Returns
+    -------
+    str
+        The more urgent one (``a`` on a tie).
+    """
     return b if rank(b) < rank(a) else a
 
 

@@ -67,9 +67,19 @@ CHEST_BODY_PARTS = ("", "CHEST", "THORAX", "LUNG")
 
 @dataclass(frozen=True)
 class FetchOutcome:
-    """``outcome``: ``found`` (``prior_ids``, most recent first), ``none`` (the PACS has no prior
-    chest radiograph of this patient), ``unavailable`` (the query or retrieval failed: ``reason``)
-    or ``disabled`` (``priors.enabled`` is false)."""
+    """What :func:`fetch_priors` found.
+
+    Attributes
+    ----------
+    outcome:
+        ``found`` (``prior_ids``, most recent first), ``none`` (the PACS has no prior chest
+        radiograph of this patient), ``unavailable`` (the query or retrieval failed: ``reason``)
+        or ``disabled`` (``priors.enabled`` is false).
+    reason:
+        A plain sentence for the log and the reviewer.
+    prior_ids:
+        ``prior_studies`` row ids.
+    """
 
     outcome: str
     reason: str = ""
@@ -97,7 +107,27 @@ def fetch_priors(config: Config, sessions: sessionmaker, store: Store, *, curren
                  issuer_of_patient_id: str = "", study_date: str = "", study_time: str = "",
                  log_line: Callable[[str], None] = lambda _m: None) -> FetchOutcome:
     """Find and fetch the patient's most recent prior chest radiograph studies (see the module
-    docstring). Never raises for a network or PACS problem: that is outcome ``unavailable``."""
+    docstring) into ``storage_dir/priors/`` and the ``prior_studies`` tables. Never raises for
+    a network or PACS problem: that is outcome ``unavailable``.
+
+    Parameters
+    ----------
+    config, sessions, store:
+        The node's configuration, session factory and store.
+    current_study_uid:
+        The study being drafted (never its own prior).
+    patient_id, issuer_of_patient_id:
+        Whose priors (the query keys).
+    study_date, study_time:
+        The current study's date and time: only earlier studies count.
+    log_line:
+        Called with one line per step (the job's log).
+
+    Returns
+    -------
+    FetchOutcome
+        The outcome, with a reason and the prior rows' ids.
+    """
     pc = config.priors
     if not pc.enabled:
         return FetchOutcome("disabled")

@@ -127,9 +127,20 @@ def _text(ds: Dataset, keyword: str) -> str:
 
 class QRSession:
     """One association to the Q/R SCP in ``config.priors.destination``; use as a context manager.
+    Every call is bounded by ``priors.timeout_s``.
 
     ``on_instance(ds)`` is called from the association's thread for each object a C-GET sends;
     it returns ``None`` (stored: status 0x0000) or a reason to refuse it.
+
+    Parameters
+    ----------
+    config:
+        The configuration (``[priors]`` and ``[security]``).
+
+    Raises
+    ------
+    QRError
+        On entering, when the association is not accepted (a plain reason).
     """
 
     def __init__(self, config: Config) -> None:

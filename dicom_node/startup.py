@@ -226,7 +226,17 @@ def prepare_schema(config: Config) -> None:
     worklist), as ``serve`` does: an SQLite index (one host) is migrated under
     :func:`dicom_node.db.migrate_locked` and must not lie on a network filesystem; a PostgreSQL
     one must answer and be at this code's revision (only ``cxrnode migrate`` changes it).
-    Raises :class:`StartupError` (one line with :meth:`StartupError.line`)."""
+
+    Parameters
+    ----------
+    config:
+        The configuration naming the database.
+
+    Raises
+    ------
+    StartupError
+        The index cannot be used (one line with :meth:`StartupError.line`).
+    """
     from dicom_node.db import SchemaMismatch, is_sqlite, migrate_locked
 
     url = config.node.resolved_database_url()

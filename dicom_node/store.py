@@ -200,7 +200,21 @@ class SpoolFile:
 
 
 class Store:
-    """Durable files under ``storage_dir`` (see the module docstring for the layout)."""
+    """Durable files under ``storage_dir`` (see the module docstring for the layout).
+
+    Parameters
+    ----------
+    storage_dir:
+        The store's root (created if missing).
+    fsync:
+        ``fsync`` files and folders before a write counts as done (off only in tests).
+    min_free_space_mb:
+        Refuse writes (:class:`OutOfSpace`) when less than this is free.
+    host_id:
+        This host's name in the shared spool (``""``: from the host).
+    spool_subdir:
+        Keeps another role's temporary files apart (e.g. ``"workers"``).
+    """
 
     def __init__(self, storage_dir: str | os.PathLike[str], fsync: bool = True, min_free_space_mb: int = 0,
                  host_id: str = "", spool_subdir: str = "") -> None:
