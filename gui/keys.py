@@ -29,6 +29,8 @@ class Key:
     text: str
     group: str
     window_wide: bool = True
+    #: more sequences for the same action, bound but not listed (``Shift+?``: how "?" is typed)
+    aliases: tuple[str, ...] = ()
 
     def shown(self) -> str:
         """The keys as written in the help and README: ``Ctrl+Shift+Enter / F12``."""
@@ -70,7 +72,7 @@ KEYS: tuple[Key, ...] = (
     Key("next", ("Ctrl+N",), "Open the next waiting draft", WORKLIST),
     Key("focus_search", ("Ctrl+F",), "Search the worklist", WORKLIST),
     Key("refresh", ("F5",), "Refresh the worklist", WORKLIST),
-    Key("show_key_help", ("F1", "?"), "This list of keys", WORKLIST),
+    Key("show_key_help", ("F1", "?"), "This list of keys", WORKLIST, aliases=("Shift+?",)),
     Key("image_invert", ("I",), "Invert", IMAGE_FOCUSED, window_wide=False),
     Key("image_reset", ("R",), "Reset window/level, zoom and pan", IMAGE_FOCUSED, window_wide=False),
     Key("image_fit", ("F",), "Fit", IMAGE_FOCUSED, window_wide=False),

@@ -83,7 +83,7 @@ class KeyHelp(QDialog):
         lay.addWidget(intro)
         rows: list[tuple[str, str, str]] = [(k.group, k.shown(), k.text) for g in keys.GROUPS for k in keys.KEYS
                                             if k.group == g]
-        known = {QKeySequence(s).toString() for k in keys.KEYS for s in k.keys}
+        known = {QKeySequence(s).toString() for k in keys.KEYS for s in k.keys + k.aliases}
         for sc in window.findChildren(QShortcut):
             seq = sc.key().toString()
             if seq and seq not in known:

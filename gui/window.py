@@ -1372,7 +1372,7 @@ class ReviewerWindow(QMainWindow):
             if slot is None:  # an action of the table this window does not have (yet)
                 log.warning("key table: the window has no action %r", k.action)
                 continue
-            for seq in k.keys:
+            for seq in k.keys + k.aliases:
                 sc = QShortcut(QKeySequence(seq), self)
                 sc.setContext(Qt.ShortcutContext.WindowShortcut)
                 sc.setWhatsThis(k.text)

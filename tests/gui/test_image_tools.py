@@ -196,6 +196,7 @@ def test_key_help_lists_every_shortcut_of_the_window(qtbot, make_window) -> None
     assert help_ is not None and help_.isVisible()
     shown = " / ".join(help_.shown_keys())
     normal = {QKeySequence(p).toString() for k in help_.shown_keys() for p in k.split(" / ")}
+    normal |= {QKeySequence(a).toString() for k in KEYS for a in k.aliases}  # bound, not listed
     for sc in w.findChildren(QShortcut):
         seq = sc.key().toString()
         assert seq in normal or seq.replace("Return", "Enter") in shown, f"{seq} is not in the key help"
@@ -203,9 +204,13 @@ def test_key_help_lists_every_shortcut_of_the_window(qtbot, make_window) -> None
     for k in KEYS:
         assert k.shown() in help_.shown_keys()
     help_.close()
+    # "?" typed in the report is text, not the help
+    w.report.findings.moveCursor(w.report.findings.textCursor().MoveOperation.End)
+    qtbot.keyClick(w.report.findings, Qt.Key.Key_Question, Qt.KeyboardModifier.ShiftModifier)
+    assert w.report.findings.toPlainText().endswith("?") and not help_.isVisible()
     # "?" opens it where nothing is typed (the worklist), F1 anywhere
     w.worklist.table.setFocus()
-    qtbot.keyClick(w.worklist.table, Qt.Key.Key_Question)
+    qtbot.keyClick(w.worklist.table, Qt.Key.Key_Question, Qt.KeyboardModifier.ShiftModifier)  # as typed
     assert help_.isVisible()
 
 
