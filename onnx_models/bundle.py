@@ -41,6 +41,15 @@ def sha256_file(path: Path) -> str:
 
 @dataclass(frozen=True)
 class Bundle:
+    """An opened model bundle: its folder and its manifest (``manifest.json``).
+
+    Attributes
+    ----------
+    path:
+        The bundle's folder.
+    manifest:
+        The parsed manifest (``name``, ``version``, ``architecture``, ``graphs``, ...).
+    """
     path: Path
     manifest: dict[str, Any]
 
@@ -79,7 +88,13 @@ def resolve(name_or_path: str | Path) -> Path:
 
 
 def available_bundles() -> list[str]:
-    """The names of the bundles installed in ``BUNDLES_DIR`` (folders with a manifest)."""
+    """The names of the bundles installed in ``BUNDLES_DIR`` (folders with a manifest).
+
+    Returns
+    -------
+    list[str]
+        Folder names, sorted; each is a valid ``name_or_path`` for :func:`load_bundle`.
+    """
     try:
         return sorted(p.name for p in BUNDLES_DIR.iterdir() if (p / MANIFEST).is_file())
     except OSError:
@@ -92,7 +107,27 @@ def _require(cond: bool, path: Path, message: str) -> None:
 
 
 def load_bundle(name_or_path: str | Path = "default", verify: bool = True) -> Bundle:
-    """Open and validate a bundle; with ``verify`` the sha256 of every file is checked."""
+    """Open and validate a bundle (format name and version, required graphs for its architecture).
+
+    Parameters
+    ----------
+    name_or_path:
+        A bundle name in ``BUNDLES_DIR`` (``"default"`` = ``onnx_models/bundles/default/``) or a
+        folder.
+    verify:
+        Check the SHA-256 of every file listed in the manifest.
+
+    Returns
+    -------
+    Bundle
+        The opened bundle.
+
+    Raises
+    ------
+    BundleError
+        The folder is not a bundle, its manifest is not valid, its format version is not this
+        code's, a file is missing or its checksum differs (the message says which).
+    """
     path = resolve(name_or_path)
     mpath = path / MANIFEST
     _require(mpath.is_file(), path, f"no {MANIFEST}: not a cxrnode model bundle")

@@ -124,7 +124,21 @@ def fit_gaussian(features: np.ndarray, classes: Sequence[str] | None = None, rid
 
 @dataclass(frozen=True)
 class ViewCheck:
-    """The gate's verdict on one view: passed or not, why, and the scores behind it."""
+    """The gate's verdict on one view: passed or not, why, and the scores behind it.
+
+    Attributes
+    ----------
+    view:
+        The view position the gate was given.
+    passed:
+        Whether the view is like the training images.
+    reasons:
+        Why not, in plain words (empty when passed).
+    scores:
+        ``embedding``, ``appearance`` and the combined ``score``.
+    limits:
+        The calibrated limit of ``score``.
+    """
 
     view: str
     passed: bool
@@ -296,7 +310,25 @@ def write_input_check(bundle_dir: Path, stats: GateStatistics, section: dict[str
 
 @dataclass(frozen=True)
 class GateDecision:
-    """What the pipeline does with the study's views and what it records."""
+    """What the pipeline does with the study's views and what it records (``as_json()`` is
+    ``token_info["input_check"]``).
+
+    Attributes
+    ----------
+    mode:
+        ``enforce``, ``warn`` or ``off``.
+    outcome:
+        ``passed``, ``partial``, ``withheld``, ``warned`` or ``off``.
+    reason:
+        One plain sentence for the reviewer.
+    use:
+        Indexes of the views the model reads.
+    views:
+        Per view: ``sop_instance_uid``, ``view``, ``passed``, ``reasons``, ``ood_score``,
+        ``ood_limit``.
+    study:
+        Study-level notes (e.g. ``"frontal-only study"``).
+    """
 
     mode: str
     outcome: str  # passed | partial | withheld | warned | off
@@ -333,8 +365,29 @@ def _study_notes(views: Sequence[str]) -> tuple[str, ...]:
 
 def decide(mode: str, sop_instance_uids: Sequence[str], views: Sequence[str],
            checks: Sequence[ViewCheck] | None, header_problems: Sequence[Sequence[str]]) -> GateDecision:
-    """Combine the model's verdicts (``checks``; None when the bundle has no gate or the mode is
-    ``off``) with the header problems per view into a :class:`GateDecision`."""
+    """The one rule of the input gate: combine the model's verdicts with the header problems per
+    view into what the pipeline does (used by the pipeline and by ``cxrnode eval --input-check``).
+
+    Parameters
+    ----------
+    mode:
+        ``enforce`` (draft from passing views only; withhold when none), ``warn`` (draft from all,
+        say why) or ``off``.
+    sop_instance_uids:
+        The views' SOP Instance UIDs, in input order.
+    views:
+        Their view positions.
+    checks:
+        The model's verdicts (:meth:`ReportGenerator.check_inputs`); ``None`` when the bundle has
+        no gate or the mode is ``off``.
+    header_problems:
+        Per view, what its DICOM header says is wrong (e.g. the field of view).
+
+    Returns
+    -------
+    GateDecision
+        The outcome, the views to use and what to record.
+    """
     if mode not in MODES:
         raise ValueError(f"input_check mode must be one of {MODES}, got {mode!r}")
     n = len(views)

@@ -275,7 +275,21 @@ _RANK = {Presence.ABSENT: 0, Presence.UNCERTAIN: 1, Presence.PRESENT: 2}
 @dataclass(frozen=True)
 class Mention:
     """One mention of an observation in a sentence: ``sentence[start:end]`` matched one of the
-    observation's patterns (``normal``: one of its normal phrasings, always ABSENT)."""
+    observation's patterns.
+
+    Attributes
+    ----------
+    observation:
+        The CheXpert observation name.
+    presence:
+        Present, absent or uncertain in its clause.
+    start, end:
+        Character offsets in the (lower-cased) sentence.
+    text:
+        The matched words.
+    normal:
+        One of the observation's normal phrasings (always ABSENT).
+    """
 
     observation: str
     presence: Presence
@@ -286,12 +300,35 @@ class Mention:
 
 
 def sentences(text: str) -> list[str]:
-    """``text`` as the labeller reads it: lower-cased sentences, list numbers removed."""
+    """``text`` as the labeller reads it.
+
+    Parameters
+    ----------
+    text:
+        Report text.
+
+    Returns
+    -------
+    list[str]
+        Lower-cased sentences, list numbers removed.
+    """
     return list(_sentences(text))
 
 
 def mentions(sentence: str) -> list[Mention]:
-    """Every mention in one lower-cased sentence (see :func:`sentences`), in pattern order."""
+    """Every mention of an observation in one sentence, with its presence: the engine behind
+    :func:`label`, the grounding step and the SR's coded findings.
+
+    Parameters
+    ----------
+    sentence:
+        One lower-cased sentence (see :func:`sentences`).
+
+    Returns
+    -------
+    list[Mention]
+        The mentions, in pattern order.
+    """
     out: list[Mention] = []
     for obs, pats in _COMPILED_NORMAL.items():
         for pat in pats:
@@ -308,8 +345,17 @@ def mentions(sentence: str) -> list[Mention]:
 def label(text: str) -> dict[str, Presence]:
     """Label a report (findings and/or impression text) with the 14 CheXpert observations.
 
-    Returns ``{observation: Presence}`` for the observations the text mentions, plus the derived
-    ``No Finding`` (see the module docstring). An empty text gives an empty dict.
+    Parameters
+    ----------
+    text:
+        Report text (any case; several sentences).
+
+    Returns
+    -------
+    dict[str, Presence]
+        ``{observation: Presence}`` for the observations the text mentions, plus the derived
+        ``No Finding`` (see the module docstring); observations not mentioned are left out. An
+        empty text gives an empty dict.
     """
     result: dict[str, Presence] = {}
     if not text or not text.strip():

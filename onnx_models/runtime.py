@@ -62,7 +62,17 @@ def _log_once(level: int, message: str) -> None:
 
 @dataclass(frozen=True)
 class StudyInput:
-    """All views of one study: (2-D float32 image in [0, 1] MONOCHROME2, view position)."""
+    """All views of one study, as the generator reads them.
+
+    Attributes
+    ----------
+    views:
+        ``(image, view)`` pairs: each image a 2-D float32 array in [0, 1], MONOCHROME2 (air
+        dark), any size (the runtime resizes and normalises); view one of ``PA``, ``AP``,
+        ``LATERAL``, ``LL``, ``UNKNOWN``.
+    indication:
+        The clinical indication as trained (:attr:`plugin.drafting.indication.Indication.model_text`).
+    """
 
     views: list[tuple[np.ndarray, str]]
     indication: str = ""
@@ -70,6 +80,21 @@ class StudyInput:
 
 @dataclass
 class GeneratedReport:
+    """One drafted report.
+
+    Attributes
+    ----------
+    findings, impression:
+        The report's two sections.
+    tokens:
+        Word pieces with their probabilities (empty when the draft was withheld).
+    observations:
+        Observation probabilities (the head's, or its mean with the bundle's findings classifier).
+    duration_ms:
+        Time spent on this study.
+    grounded:
+        Sentences the grounding step added, with the probability behind each.
+    """
     findings: str
     impression: str
     tokens: list[tuple[str, float]] = field(default_factory=list)
@@ -287,7 +312,26 @@ _State = _CrossState | _PrefixState
 
 class ReportGenerator:
     """Loads a bundle once; ``generate`` drafts reports for a batch of studies
-    (``encoder-decoder`` or ``decoder-only`` bundles)."""
+    (``encoder-decoder`` or ``decoder-only`` bundles).
+
+    Parameters
+    ----------
+    bundle:
+        A bundle name, folder or opened :class:`~onnx_models.bundle.Bundle`.
+    providers:
+        ONNX Runtime execution providers to use, filtered to those available (CPU always
+        last); empty: CUDA when available and a GPU is present, else CPU.
+    threads:
+        Intra-op threads (0: ONNX Runtime's default).
+    beam_size:
+        Default beam width of :meth:`generate`.
+
+    Raises
+    ------
+    BundleError
+        The bundle cannot be loaded, or this runtime cannot run it (architecture, graphs,
+        tokenizer, observation classifier or input gate statistics).
+    """
 
     def __init__(
         self,

@@ -39,7 +39,18 @@ ORDER: dict[str, int] = {"PA": 0, "AP": 1, "LATERAL": 2, "LL": 3, "UNKNOWN": 4}
 
 
 def view_from_position(view_position: str) -> str:
-    """The view a ViewPosition value states, or "" when it states none we know."""
+    """The view a ViewPosition (0018,5101) value states.
+
+    Parameters
+    ----------
+    view_position:
+        The attribute's value (any case, padded or not).
+
+    Returns
+    -------
+    str
+        ``PA``, ``AP``, ``LATERAL`` or ``LL``, or ``""`` when it states none we know.
+    """
     return VIEW_POSITIONS.get(" ".join(str(view_position or "").upper().split()), "")
 
 
