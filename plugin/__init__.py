@@ -10,4 +10,27 @@ has stored it. Two subpackages, one job each:
   what a draft's ``token_info`` says besides its words (:mod:`plugin.review.draft_info`).
 
 Neither imports Qt; ``gui`` builds on both (import-linter contracts in ``pyproject.toml``).
+
+``plugin.drafting`` and ``plugin.review`` are loaded on first use (PEP 562): ``import plugin``
+loads neither.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from plugin import drafting, review
+
+__all__ = ["drafting", "review"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module 'plugin' has no attribute {name!r}")
+    return importlib.import_module(f"plugin.{name}")  # sets the attribute on this package
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -48,6 +48,21 @@ class IndicationError(ValueError):
 
 @dataclass(frozen=True)
 class Indication:
+    """The clinical indication of a study, from its request attributes (:func:`extract`).
+
+    Attributes
+    ----------
+    text:
+        Cleaned and length-limited, for people (the SR and the reviewer); ``""`` when absent.
+    source:
+        The attribute it came from (``""`` when absent), e.g.
+        ``RequestAttributesSequence/ReasonForTheRequestedProcedure``.
+    truncated:
+        ``text`` was cut to ``[pipeline] indication_max_chars``.
+    model_text:
+        What the model reads: the same source's text as training saw it (de-identification
+        marks kept), control characters and spacing normalised, length-limited.
+    """
     text: str  # cleaned, length-limited; "" when absent (for people: the SR and the reviewer)
     source: str  # the attribute it came from ("" when absent), e.g. "RequestAttributesSequence/ReasonForTheRequestedProcedure"
     truncated: bool = False

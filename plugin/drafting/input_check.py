@@ -20,9 +20,20 @@ FIELD_OF_VIEW_MM = (150.0, 600.0)
 
 
 def field_of_view_problem(ds: Any) -> str | None:
-    """A sentence when the header's pixel spacing says the image cannot be an adult chest film
-    (Imager Pixel Spacing, else Pixel Spacing, times Rows/Columns; PS3.3 C.8.11.7, C.7.6.2);
-    None when plausible or not stated."""
+    """Whether the header's pixel spacing says the image cannot be an adult chest film (Imager
+    Pixel Spacing, else Pixel Spacing, times Rows/Columns; PS3.3 C.8.11.7, C.7.6.2): a header
+    check of the input gate, passed to :func:`onnx_models.input_gate.decide`.
+
+    Parameters
+    ----------
+    ds:
+        The image's data set (a header suffices).
+
+    Returns
+    -------
+    str or None
+        A sentence saying what is wrong; ``None`` when plausible or not stated.
+    """
     spacing = ds.get("ImagerPixelSpacing", None) or ds.get("PixelSpacing", None)
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     try:

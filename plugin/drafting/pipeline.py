@@ -174,7 +174,25 @@ class _BufferedLog:
 
 
 def handle_job(ctx: JobContext) -> JobResult:
-    """The ``draft`` entry point (see the module docstring)."""
+    """The ``draft`` job handler (entry point ``cxrnode.job_handlers: draft``; the steps are in
+    the module docstring).
+
+    Parameters
+    ----------
+    ctx:
+        The job: configuration, sessions, store, study and generation, job log.
+
+    Returns
+    -------
+    dicom_node.jobs.JobResult
+        ``done`` with the model's name and version, or ``skipped`` with the reason (nothing
+        to read).
+
+    Raises
+    ------
+    Exception
+        Any other error: the job queue counts it as a failed attempt (retried with backoff).
+    """
     outcome = run(ctx)
     if isinstance(outcome, JobResult):
         return outcome

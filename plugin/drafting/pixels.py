@@ -49,12 +49,29 @@ class PixelError(ValueError):
 
 @dataclass(frozen=True)
 class PixelOptions:
+    """How stored pixels become the model's input.
+
+    Attributes
+    ----------
+    voi_window_index:
+        Which of several VOI windows (or VOI LUTs) to apply (0 = the first).
+    """
     voi_window_index: int = 0  # which of several windows (or VOI LUTs) to apply
 
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """A 2-D float32 image in [0, 1], air dark (MONOCHROME2), and how it was made."""
+    """A 2-D float32 image in [0, 1], air dark (MONOCHROME2), and how it was made.
+
+    Attributes
+    ----------
+    array:
+        The image, at its native size (the runtime resizes it).
+    steps:
+        What was done, in order (e.g. the decoder, the window applied), for the job log.
+    original_shape:
+        Rows and columns as stored.
+    """
 
     array: np.ndarray
     steps: tuple[str, ...]  # e.g. ("decoded 1.2.840.10008.1.2.4.90 2320x2828 12-bit", "window 0 ...")

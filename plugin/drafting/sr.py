@@ -137,7 +137,19 @@ class SRError(ValueError):
 
 
 def deterministic_uid(*parts: str) -> str:
-    """``2.25.`` + the integer value of uuid5(cxrnode namespace, parts joined) (PS3.5 B.2)."""
+    """A deterministic UID: ``2.25.`` + the integer value of uuid5(cxrnode namespace, parts
+    joined) (PS3.5 B.2), so a re-run of the same job writes the same objects.
+
+    Parameters
+    ----------
+    *parts:
+        The inputs that identify the object.
+
+    Returns
+    -------
+    str
+        The UID (at most 64 characters).
+    """
     name = "\x1f".join(parts)
     return f"2.25.{uuid.uuid5(UID_NAMESPACE, name).int}"
 
@@ -180,8 +192,16 @@ def coded_observations(text: str) -> tuple[CodedObservation, ...]:
 
 @dataclass(frozen=True)
 class PriorComparison:
-    """The prior study shown for comparison (the "Prior Procedure Descriptions" section);
-    without ``study_instance_uid`` the section only says why there is none."""
+    """The prior study shown for comparison (the "Prior Procedure Descriptions" section, DCM
+    121066); without ``study_instance_uid`` the section only says why there is none.
+
+    Attributes
+    ----------
+    description:
+        What the section says (the prior's description, or why there is none).
+    study_instance_uid, study_date, accession_number:
+        The prior study's identifiers (empty when there is none).
+    """
 
     description: str
     study_instance_uid: str = ""
@@ -191,7 +211,30 @@ class PriorComparison:
 
 @dataclass(frozen=True)
 class DraftContent:
-    """What the draft says and who (which model) said it."""
+    """What the draft says and who (which model) said it: the input of :func:`build_draft_sr`.
+
+    Attributes
+    ----------
+    findings, impression:
+        The generated text.
+    indication:
+        The clinical indication for people (cleaned), written as "Indications for Procedure".
+    model_name, model_version:
+        The model, written as the device observer.
+    observations:
+        Coded findings (SNOMED CT) derived from the text.
+    institution_name:
+        Written as Institution Name.
+    created_at:
+        ContentDate/Time (``None``: now).
+    withheld_reason:
+        The input gate withheld the draft: no generated findings; the Findings section says so
+        (coded ``DRAFT_WITHHELD`` with this sentence as a Comment).
+    notes:
+        Plain sentences about the input (views not used and why), Comments in Findings.
+    prior:
+        The prior compared (or why none), when priors are on.
+    """
 
     findings: str
     impression: str
@@ -219,11 +262,27 @@ def spoken_name(pn: str) -> str:
 
 @dataclass(frozen=True)
 class CriticalCommunication:
-    """A critical result told to a clinician at signing: who (name and role), how, when.
+    """A critical result told to a clinician at signing: who (name and role), how, when. Written
+    into the verified SR as the "Communication of Critical Results" section (LN 73568-8) with a
+    coded "Results communicated" item.
 
-    ``method`` is a key of :data:`COMMUNICATION_METHODS`; ``communicated_at`` is timezone-aware
-    (a naive time is taken as local). Written into the verified SR as the "Communication of
-    Critical Results" section (LN 73568-8) with a coded "Results communicated" item.
+    Attributes
+    ----------
+    recipient:
+        Name of the person told (required, at most 200 characters).
+    role:
+        Their role (required, at most 64 characters).
+    method:
+        A key of :data:`COMMUNICATION_METHODS`.
+    communicated_at:
+        When, timezone-aware (a naive time is taken as local).
+    communicated_by:
+        The radiologist who told them (display name).
+
+    Raises
+    ------
+    SRError
+        On construction, when a required value is missing, too long or not known.
     """
 
     recipient: str
@@ -255,7 +314,17 @@ class CriticalCommunication:
 
 @dataclass(frozen=True)
 class AddendumText:
-    """One addendum of a verified report: its text, who added it and when (timezone-aware)."""
+    """One addendum of a verified report, as read back by :func:`read_report`.
+
+    Attributes
+    ----------
+    text:
+        The addendum's text.
+    author:
+        Who added it (Verifying Observer Name).
+    added_at:
+        When (timezone-aware).
+    """
 
     text: str
     author: str
@@ -268,7 +337,38 @@ class AddendumText:
 
 @dataclass(frozen=True)
 class ReportText:
-    """A report read back from an SR: the text, the coded observations and the flags."""
+    """A report read back from an SR by :func:`read_report`: the text, the coded observations and
+    the flags.
+
+    Attributes
+    ----------
+    sop_instance_uid:
+        The SR's SOP Instance UID.
+    indication, findings, impression:
+        The report's sections as text.
+    comments:
+        Comment items (e.g. why a draft was withheld).
+    observations:
+        The coded findings.
+    completion_flag, verification_flag, preliminary_flag:
+        The SR's flags (PS3.3 C.17.2).
+    verifying_observer:
+        Who signed (empty for a draft).
+    predecessors:
+        SOP Instance UIDs in the Predecessor Documents Sequence.
+    source_images:
+        SOP Instance UIDs of the images the report is about.
+    device_model:
+        The drafting model (device observer), empty when none.
+    critical:
+        The communication of a critical result recorded at signing (``None``: none recorded).
+    addenda:
+        The addenda, oldest first.
+    no_ai_draft:
+        The report was written from the images with no AI draft (``NO_AI_DRAFT``).
+    prior:
+        The prior compared ("Prior Procedure Descriptions"); ``None``: no such section.
+    """
 
     sop_instance_uid: str
     indication: str
@@ -494,11 +594,27 @@ def _check_text(what: str, text: str) -> str:
 
 
 def build_draft_sr(sources: Sequence[Any], content: DraftContent) -> Dataset:
-    """The draft SR (UNVERIFIED, PARTIAL, PRELIMINARY) for the images the model read.
+    """The draft SR (UNVERIFIED, PARTIAL, PRELIMINARY; TID 2000 with highdicom) for the images the
+    model read. The SOP Instance UID is uuid5(study, model name, model version, sorted source
+    SOP Instance UIDs): re-running the same job yields the same UID.
 
-    ``sources``: the source image datasets (headers suffice), all of one study. The SOP
-    Instance UID is uuid5(study, model name, model version, sorted source SOP Instance UIDs):
-    re-running the same job yields the same UID.
+    Parameters
+    ----------
+    sources:
+        The source image datasets (headers suffice), all of one study.
+    content:
+        What the draft says and which model said it.
+
+    Returns
+    -------
+    pydicom.Dataset
+        The Comprehensive SR, in the draft series.
+
+    Raises
+    ------
+    SRError
+        No source image, sources of several studies, or no text (a withheld draft must have
+        none).
     """
     if not sources:
         raise SRError("a draft needs at least one source image")
@@ -596,9 +712,35 @@ def build_signed_sr(
     Verifying Observer Sequence (PS3.3 C.17.2): ``verifier_name`` (PN), ``verifier_org``,
     VerificationDateTime = ``signed_at``; Predecessor Documents Sequence -> the draft. The
     coded observations are re-derived from the edited text. The SOP Instance UID is uuid5 of
-    the draft's UID, the text, the verifier and the time. ``critical``: a critical result told
-    at signing, written as the "Communication of Critical Results" section. A draft marked
-    :data:`NO_AI_DRAFT` (reported from scratch) gives a report with no device observer.
+    the draft's UID, the text, the verifier and the time. A draft marked :data:`NO_AI_DRAFT`
+    (reported from scratch) gives a report with no device observer.
+
+    Parameters
+    ----------
+    draft:
+        The draft SR being signed.
+    findings, impression:
+        The text as the radiologist signs it.
+    verifier_name:
+        Verifying Observer Name (PN, e.g. ``Doe^Jane``).
+    verifier_org:
+        Verifying Organization.
+    signed_at:
+        VerificationDateTime (timezone-aware).
+    critical:
+        A critical result told at signing, written as the "Communication of Critical Results"
+        section.
+
+    Returns
+    -------
+    pydicom.Dataset
+        The verified Comprehensive SR, in the signed series.
+
+    Raises
+    ------
+    SRError
+        The draft is not a Comprehensive SR or references no images, the verifier's name or
+        organisation is missing, or the report is empty.
     """
     if str(draft.get("SOPClassUID", "")) != COMPREHENSIVE_SR or "ContentSequence" not in draft:
         raise SRError("the draft is not a Comprehensive SR document")
@@ -676,6 +818,29 @@ def build_no_ai_draft_sr(sources: Sequence[Any], reason: str, indication: str = 
     study was skipped or its draft rejected): UNVERIFIED, PARTIAL, no text, coded
     :data:`NO_AI_DRAFT` with ``reason`` as a Comment, no device observer. Signed through
     :func:`build_signed_sr` like any draft; never sent (it holds no report).
+
+    Parameters
+    ----------
+    sources:
+        The study's image datasets (headers suffice), all of one study.
+    reason:
+        Why there is no AI draft.
+    indication:
+        The clinical indication for people.
+    institution_name:
+        Written as Institution Name.
+    created_at:
+        ContentDate/Time (``None``: now).
+
+    Returns
+    -------
+    pydicom.Dataset
+        The placeholder Comprehensive SR.
+
+    Raises
+    ------
+    SRError
+        No source image, or sources of several studies.
     """
     if not sources:
         raise SRError("a report needs at least one source image")
@@ -731,6 +896,30 @@ def build_addendum_sr(
     FINAL; the verifying observer is the addendum's author; Predecessor Documents Sequence
     (PS3.3 C.17.2.3) -> ``predecessor``, which is not changed. Same series as the signed report;
     SOP Instance UID = uuid5 of the predecessor's UID, the text, the author and the time.
+
+    Parameters
+    ----------
+    predecessor:
+        The verified report (or addendum) to amend.
+    text:
+        The addendum's text.
+    author_name:
+        The author (PN), the new report's verifying observer.
+    author_org:
+        Verifying Organization.
+    added_at:
+        VerificationDateTime (timezone-aware).
+
+    Returns
+    -------
+    pydicom.Dataset
+        The new verified Comprehensive SR.
+
+    Raises
+    ------
+    SRError
+        The predecessor is not a verified, complete Comprehensive SR, the author or organisation
+        is missing, or the text is empty.
     """
     if str(predecessor.get("SOPClassUID", "")) != COMPREHENSIVE_SR or "ContentSequence" not in predecessor:
         raise SRError("the report to amend is not a Comprehensive SR document")
@@ -818,7 +1007,18 @@ def _walk(items: Iterable[Any]) -> Iterable[Any]:
 
 
 def read_report(ds: Dataset) -> ReportText:
-    """Parse an SR this module wrote (or any TID 2000-like SR) with highdicom."""
+    """Parse an SR this module wrote (or any TID 2000-like SR) with highdicom.
+
+    Parameters
+    ----------
+    ds:
+        The SR data set.
+
+    Returns
+    -------
+    ReportText
+        Its text, coded observations, flags, critical result, addenda and prior.
+    """
     sr = hd.sr.ComprehensiveSR.from_dataset(ds)
     indication, findings, impression = [], [], []
     comments: list[str] = []

@@ -73,7 +73,22 @@ VIEW_CODES = {
 
 @dataclass(frozen=True)
 class InstanceHeader:
-    """What view selection needs from one instance's header (no pixel data)."""
+    """What view selection needs from one instance's header (no pixel data).
+
+    Attributes
+    ----------
+    sop_instance_uid, sop_class_uid, series_instance_uid, instance_number:
+        Identity and order.
+    modality, body_part_examined:
+        Whether it is a chest radiograph.
+    view_position, view_codes, patient_orientation:
+        What the header says the view is (``view_codes``: (CodeValue, CodeMeaning) of
+        ViewCodeSequence).
+    image_type, samples_per_pixel, has_pixel_data:
+        Whether it is an image the model can read.
+    generated:
+        An SR this node wrote.
+    """
 
     sop_instance_uid: str
     sop_class_uid: str
@@ -139,7 +154,15 @@ class Skipped:
 
 @dataclass(frozen=True)
 class Selection:
-    """The chest radiographs to read (in a stable order) and what was skipped, with reasons."""
+    """The chest radiographs to read (in a stable order) and what was skipped, with reasons.
+
+    Attributes
+    ----------
+    images:
+        The headers of the images to read.
+    skipped:
+        The others, each with its reason.
+    """
 
     images: tuple[InstanceHeader, ...]
     skipped: tuple[Skipped, ...]
@@ -183,7 +206,19 @@ def _is_chest(body_part: str) -> bool:
 
 
 def select_images(headers: Iterable[InstanceHeader]) -> Selection:
-    """Keep the chest radiographs (ordered by series, instance number, UID); say why others are skipped."""
+    """Keep the chest radiographs; say why the others are skipped (duplicates, SRs this node
+    wrote, non-images, modalities other than CR/DX, other body parts, localizers).
+
+    Parameters
+    ----------
+    headers:
+        The study's instance headers.
+
+    Returns
+    -------
+    Selection
+        The images (ordered by series, instance number, UID) and the skipped, with reasons.
+    """
     chosen: list[InstanceHeader] = []
     skipped: list[Skipped] = []
     seen: set[str] = set()
@@ -203,7 +238,17 @@ def select_images(headers: Iterable[InstanceHeader]) -> Selection:
 
 @dataclass(frozen=True)
 class TagView:
-    """The view the header claims, and from which attribute ("" when nothing says)."""
+    """The view the header claims, and from which attribute.
+
+    Attributes
+    ----------
+    view:
+        One of :data:`onnx_models.views.VIEWS`.
+    source:
+        ``"ViewPosition"``, ``"ViewCodeSequence"``, ``"PatientOrientation"`` or ``""`` (nothing says).
+    conflict:
+        How the attributes disagree with each other (``""``: they do not).
+    """
 
     view: str  # one of onnx_models.views.VIEWS
     source: str  # "ViewPosition", "ViewCodeSequence", "PatientOrientation" or ""
@@ -245,7 +290,18 @@ def _view_from_orientation(orientation: Sequence[str]) -> str:
 
 
 def view_from_tags(h: InstanceHeader) -> TagView:
-    """The view the header states: ViewPosition, then ViewCodeSequence, then PatientOrientation."""
+    """The view the header states: ViewPosition, then ViewCodeSequence, then PatientOrientation.
+
+    Parameters
+    ----------
+    h:
+        One instance's header.
+
+    Returns
+    -------
+    TagView
+        The view, the attribute it came from and any disagreement between attributes.
+    """
     candidates: list[tuple[str, str]] = []
     vp = view_from_position(h.view_position)
     if vp:
@@ -269,6 +325,23 @@ def view_from_tags(h: InstanceHeader) -> TagView:
 
 @dataclass(frozen=True)
 class ResolvedView:
+    """The view of one image the generator is told, and how it was decided (:func:`resolve_view`).
+
+    Attributes
+    ----------
+    sop_instance_uid:
+        The image.
+    view:
+        One of :data:`onnx_models.views.VIEWS`: what the generator is told.
+    source:
+        ``"tags"`` (the classifier agrees) or ``"classifier"`` (tags missing or overruled).
+    tag_view, tag_source:
+        What the header said, and where.
+    classifier_label, classifier_probability:
+        The view classifier's FRONTAL/LATERAL and its probability.
+    note:
+        One line for the job log: what the tags said and what the classifier said.
+    """
     sop_instance_uid: str
     view: str  # one of onnx_models.views.VIEWS: what the generator is told
     source: str  # "tags" (classifier agrees), "classifier" (tags missing or overruled)
@@ -292,10 +365,23 @@ class ResolvedView:
 
 def resolve_view(sop_instance_uid: str, tags: TagView, classifier: tuple[str, float]) -> ResolvedView:
     """Decide the view of one image: the classifier decides when tags are missing or disagree.
+    When the tags agree with it, the tags' more specific view (PA/AP/LL) is kept. A classifier
+    FRONTAL with no frontal tag becomes PA (the usual erect chest view).
 
-    ``classifier`` is ``(label, probability)`` from ``ReportGenerator.classify_views``, label
-    FRONTAL or LATERAL. When the tags agree with it, the tags' more specific view (PA/AP/LL) is
-    kept. A classifier FRONTAL with no frontal tag becomes PA (the usual erect chest view).
+    Parameters
+    ----------
+    sop_instance_uid:
+        The image.
+    tags:
+        What its header states (:func:`view_from_tags`).
+    classifier:
+        ``(label, probability)`` from ``ReportGenerator.classify_views``, label FRONTAL or
+        LATERAL.
+
+    Returns
+    -------
+    ResolvedView
+        The view the generator is told and how it was decided.
     """
     d = resolve(tags.view, classifier, tags.source, tags.conflict)
     return ResolvedView(
