@@ -78,6 +78,104 @@ def build_checkpoint(out: Path, peaked: bool, seed: int = 0) -> Path:
     return out
 
 
+def _frontal_studies(data: str, split: str, n: int) -> list[tuple[Any, str]]:
+    """(first frontal image, findings text) of the first ``n`` studies of ``split`` that have both."""
+    from onnx_models.data import load_studies, read_image
+
+    out = []
+    for st in load_studies(data, [split]):
+        im = next((i for i in st.images if i.projection == "Frontal"), None)
+        if im is not None and st.findings.strip():
+            out.append((read_image(im.path), st.findings.strip()))
+        if len(out) == n:
+            break
+    return out
+
+
+def build_trained_checkpoint(out: Path, data: str, studies: int, seconds: float, seed: int = 0,
+                             max_steps: int = 0) -> dict[str, Any]:
+    """The same ~60 M Swin-v2 + BERT model, its decoder briefly trained on IU X-ray reports so
+    that its next-token distributions are peaked as a trained model's are (a random model's are
+    near-uniform, where any perturbation flips greedy choices).
+
+    A WordPiece vocabulary learnt from the train split's findings (padded with unreachable
+    ``[unusedN]`` entries to BERT's 30,522, so the LM head keeps the baselines' size); the
+    encoder stays random and frozen (its tokens of the first frontal image of each of
+    ``studies`` train studies are computed once, through the runtime's own preprocessing);
+    decoder and encoder-to-decoder projection trained with AdamW for ``seconds`` (or
+    ``max_steps`` steps of 8 reports, whichever comes first). Not a
+    useful report generator: a model with confident logits to measure quantisation on."""
+    import numpy as np
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    from onnx_models.data import load_studies
+    from onnx_models.imaging import prepare
+    from onnx_models.import_hf import NODE_MEAN, NODE_STD, hf_pixels
+
+    build_checkpoint(out, peaked=False, seed=seed)
+    from transformers import VisionEncoderDecoderModel
+
+    texts = [s.findings.strip() for s in load_studies(data, ["train"]) if s.findings.strip()]
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    learn = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    learn.normalizer = normalizers.BertNormalizer(lowercase=True)
+    learn.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    learn.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=4000, special_tokens=specials))
+    vocab = dict(sorted(learn.get_vocab().items(), key=lambda kv: kv[1]))
+    for i in range(30522 - len(vocab)):
+        vocab[f"[unused{i}]"] = len(vocab)
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.save(str(out / "tokenizer.json"))
+    cls, sep, pad = vocab["[CLS]"], vocab["[SEP]"], vocab["[PAD]"]
+
+    model = VisionEncoderDecoderModel.from_pretrained(str(out), local_files_only=True, attn_implementation="eager")
+    head: Any = model.decoder.cls.predictions.decoder  # type: ignore[union-attr]
+    with torch.no_grad():
+        head.bias.zero_()  # build_checkpoint's EOS suppression off
+    spec = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    pairs = _frontal_studies(data, "train", studies)
+    torch.manual_seed(seed)
+    feats = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(pairs), 16):
+            x = np.stack([prepare(im, 256, NODE_MEAN, NODE_STD)[None] for im, _ in pairs[i:i + 16]])
+            feats.append(model.encoder(pixel_values=hf_pixels(x, spec)).last_hidden_state)
+    memory = torch.cat(feats)
+    seqs = [[cls] + tok.encode(t).ids[:46] + [sep] for _, t in pairs]
+    for p in model.encoder.parameters():
+        p.requires_grad_(False)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.01)
+    rng = np.random.default_rng(seed)
+    t0, steps, losses = time.perf_counter(), 0, []
+    while time.perf_counter() - t0 < seconds and not (max_steps and steps >= max_steps):
+        idx = rng.choice(len(seqs), size=8, replace=False)
+        width = max(len(seqs[i]) for i in idx)
+        ids = torch.full((8, width), pad, dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
+        labels = ids[:, 1:].clone()
+        labels[labels == pad] = -100
+        logits = model(encoder_outputs=(memory[idx],), decoder_input_ids=ids[:, :-1],
+                       decoder_attention_mask=(ids[:, :-1] != pad).long()).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steps += 1
+        losses.append(loss.item())
+    model.eval()
+    model.save_pretrained(out)
+    return {"train_studies": len(pairs), "steps": steps, "batch": 8, "seconds": round(time.perf_counter() - t0, 1),
+            "loss_first_10": round(float(np.mean(losses[:10])), 3), "loss_last_10": round(float(np.mean(losses[-10:])), 3),
+            "vocabulary_learnt": len(learn.get_vocab())}
+
+
 def _hwm_mb() -> float:
     """Peak resident set of this process (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -97,28 +195,40 @@ def rss_variant(bundle: str, tokens: int, threads: int) -> dict[str, Any]:
     return {"peak_rss_mb": _hwm_mb()}
 
 
-def time_variants(bundles: dict[str, str], studies: int, tokens: int, threads: int) -> dict[str, Any]:
+def _images(data: str, studies: int) -> list[Any]:
+    """The probe images: the first frontal image of the first ``studies`` IU X-ray val studies
+    with findings (``data``), else deterministic synthetic images."""
+    from onnx_models.import_hf import probe_images
+
+    return [im for im, _ in _frontal_studies(data, "val", studies)] if data else probe_images(studies, size=512)
+
+
+def time_variants(bundles: dict[str, str], studies: int, tokens: int, threads: int, data: str = "") -> dict[str, Any]:
     """In one process, the variants interleaved study by study (the machine is shared: load
     changes during a run hit every variant alike): per-study latency (encoder + bridge +
-    ``tokens`` greedy steps), encoder time, decoder tokens/s, greedy ids."""
+    ``tokens`` greedy steps, the end token suppressed so that every variant decodes the same
+    length), encoder time, decoder tokens/s; then, untimed, each variant's own greedy ids
+    (stopping at its end token, at most ``tokens``) for the agreement figures."""
     import numpy as np
 
-    from onnx_models.import_hf import probe_images
     from onnx_models.runtime import ReportGenerator, StudyInput
 
     gens = {k: ReportGenerator(b, threads=threads, beam_size=1) for k, b in bundles.items()}
-    ims = probe_images(studies, size=512)
+    ims = _images(data, studies)
     for g in gens.values():
         g.generate([StudyInput(views=[(ims[0], "PA")])], max_tokens=4)
     stats: dict[str, dict[str, list[Any]]] = {k: {"study": [], "enc": [], "dec": [], "ids": []} for k in gens}
     for im in ims:
         st = [StudyInput(views=[(im, "PA")])]
         for k, g in gens.items():
+            g.eos_penalty = 1e9  # fixed length for timing
             t = time.perf_counter()
             _, state = g._encode(st)
             t1 = time.perf_counter()
-            [(seq, _)] = g._greedy(state, tokens, 0)
+            g._greedy(state, tokens, 0)
             t2 = time.perf_counter()
+            g.eos_penalty = 0.0
+            [(seq, _)] = g._greedy(state, tokens, 0)
             stats[k]["study"].append(t2 - t)
             stats[k]["enc"].append(t1 - t)
             stats[k]["dec"].append(t2 - t1)
@@ -166,7 +276,7 @@ def _sub(args: list[str]) -> dict[str, Any]:
 
 
 def divergence_margins(bundles: dict[str, str], ids: dict[str, list[list[int]]], studies: int,
-                       threads: int) -> dict[str, Any]:
+                       threads: int, data: str = "") -> dict[str, Any]:
     """Where a variant's greedy text first leaves fp32's: fp32's log-probability margin there
     between its own choice and the variant's (small = a near-tie that any perturbation flips),
     and fp32's median top-1 vs top-2 margin over all steps, for scale. Then per step, teacher
@@ -175,11 +285,10 @@ def divergence_margins(bundles: dict[str, str], ids: dict[str, list[list[int]]],
     bundle = bundles["fp32"]
     import numpy as np
 
-    from onnx_models.import_hf import probe_images
     from onnx_models.runtime import ReportGenerator, StudyInput
 
     gen = ReportGenerator(bundle, threads=threads, beam_size=1)
-    ims = probe_images(studies, size=512)
+    ims = _images(data, studies)
     ref = ids["fp32"]
     cache: dict[int, np.ndarray] = {}
 
@@ -215,9 +324,9 @@ def divergence_margins(bundles: dict[str, str], ids: dict[str, list[list[int]]],
         other = ReportGenerator(bundles[name], threads=threads, beam_size=1)
         agree, margin = [], []
         for i in range(len(ref)):
-            a, b = logprobs(i)[:-1], forced(other, i)[:-1]
-            best = np.sort(a, axis=1)[:, -2:]
-            agree += (a.argmax(axis=1) == b.argmax(axis=1)).tolist()
+            la, lb = logprobs(i)[:-1], forced(other, i)[:-1]
+            best = np.sort(la, axis=1)[:, -2:]
+            agree += (la.argmax(axis=1) == lb.argmax(axis=1)).tolist()
             margin += (best[:, 1] - best[:, 0]).tolist()
         ag, mg = np.array(agree), np.array(margin)
         steps = {"teacher_forced_step_agreement": round(float(ag.mean()), 4),
@@ -239,34 +348,51 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, Any]:
             "mean_tokens_before_first_difference": round(sum(first) / len(a), 1)}
 
 
-def measure(work: Path, peaked: bool, studies: int, tokens: int, threads: int) -> dict[str, Any]:
+#: int8 variants measured: name -> to_int8 options (``--int8`` writes the first)
+VARIANTS: dict[str, dict[str, Any]] = {
+    "int8": {},
+    "int8_lm_head_fp32": {"keep_lm_head": True},
+    "int8_lm_head_and_cross_kv_fp32": {"keep_lm_head": True, "roles": ("encoder", "decoder")},
+    "int8_text_side_only": {"roles": ("bridge", "decoder")},
+    "int8_per_tensor": {"per_channel": False},
+    "int8_uint8_weights": {"weight_type": "quint8"},
+    "int8_reduce_range": {"reduce_range": True},
+}
+
+
+def measure(work: Path, mode: str, studies: int, tokens: int, threads: int, data: str = "",
+            train_studies: int = 400, train_seconds: float = 240.0, variants: tuple[str, ...] = (),
+            train_steps: int = 0) -> dict[str, Any]:
     from onnx_models.bundle import write_manifest
     from onnx_models.import_hf import import_hf
     from onnx_models.import_hf_speed import to_int8
 
-    ckpt = build_checkpoint(work / "ckpt", peaked)
+    res: dict[str, Any] = {}
+    if mode == "trained":
+        res["training"] = build_trained_checkpoint(work / "ckpt", data, train_studies, train_seconds,
+                                                   max_steps=train_steps)
+        ckpt = work / "ckpt"
+    else:
+        ckpt = build_checkpoint(work / "ckpt", mode == "peaked")
     t = time.perf_counter()
     fp32 = import_hf(ckpt, work / "fp32", name="bench-fp32")
-    res: dict[str, Any] = {"import_fp32_s": round(time.perf_counter() - t, 1),
-                           "fp32_checks_vs_transformers": json.loads((fp32 / "manifest.json").read_text())["import"]
-                           ["checks"]}
+    res.update({"import_fp32_s": round(time.perf_counter() - t, 1),
+                "fp32_checks_vs_transformers": json.loads((fp32 / "manifest.json").read_text())["import"]["checks"]})
     bundles = {"fp32": str(fp32)}
-    for name, keep, roles in (("int8", False, ("encoder", "bridge", "decoder")),
-                              ("int8_lm_head_fp32", True, ("encoder", "bridge", "decoder")),
-                              ("int8_text_side_only", False, ("bridge", "decoder"))):
+    for name in variants or tuple(VARIANTS):
         dst = work / name
         shutil.copytree(fp32, dst)
         m = json.loads((dst / "manifest.json").read_text())
         t = time.perf_counter()
-        to_int8(dst, m, keep_lm_head=keep, roles=roles)
+        to_int8(dst, m, **VARIANTS[name])
         write_manifest(dst, m)
         res[f"quantise_{name}_s"] = round(time.perf_counter() - t, 1)
         bundles[name] = str(dst)
-    timed = _sub(["--time-variants", json.dumps(bundles), "--studies", str(studies), "--tokens", str(tokens),
-                  "--threads", str(threads)])
+    common = ["--studies", str(studies), "--threads", str(threads), "--data", data if mode == "trained" else ""]
+    timed = _sub(["--time-variants", json.dumps(bundles), "--tokens", str(tokens), *common])
     ids = {k: v.pop("ids") for k, v in timed.items()}
-    margins = _sub(["--margins", json.dumps({"bundles": bundles, "ids": ids}), "--studies", str(studies),
-                    "--threads", str(threads)])
+    res["fp32_greedy_tokens_mean"] = round(sum(map(len, ids["fp32"])) / len(ids["fp32"]), 1)
+    margins = _sub(["--margins", json.dumps({"bundles": bundles, "ids": ids}), *common])
     for k in bundles:
         res[k] = {**timed[k], **_sub(["--rss-variant", bundles[k], "--tokens", str(tokens), "--threads", str(threads)])}
         if k != "fp32":
@@ -275,15 +401,30 @@ def measure(work: Path, peaked: bool, studies: int, tokens: int, threads: int) -
                                                             / res[k]["per_study_ms_median"], 2)}
     res["torch_eager_peer"] = _sub(["--torch-peer", str(ckpt), "--studies", str(min(studies, 3)),
                                     "--tokens", str(tokens), "--threads", str(threads)])
+    res["table"] = [{"variant": k, "per_study_ms": res[k]["per_study_ms_median"],
+                     "speedup": res[k].get("vs_fp32", {}).get("speedup_per_study", 1.0),
+                     "identical_greedy": res[k].get("vs_fp32", {}).get("share", 1.0),
+                     "teacher_forced_step_agreement": res[k].get("vs_fp32", {}).get("teacher_forced_step_agreement", 1.0),
+                     "graph_mb": res[k]["graph_mb"], "peak_rss_mb": res[k]["peak_rss_mb"]} for k in bundles]
     return res
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="trained",
+                   help="comma-separated: trained (decoder trained briefly on --data), peaked (random, LM-head "
+                        "bias N(0, 2)), flat (random)")
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "iu_xray"),
+                   help="IU X-ray folder (training reports and the val probe images of the trained model)")
+    p.add_argument("--train-studies", type=int, default=400)
+    p.add_argument("--train-seconds", type=float, default=240.0, help="training time limit")
+    p.add_argument("--train-steps", type=int, default=0, help="training step limit (0: none)")
+    p.add_argument("--variants", default="", help=f"comma-separated subset of {', '.join(VARIANTS)} (default all)")
     p.add_argument("--studies", type=int, default=20)
-    p.add_argument("--tokens", type=int, default=60, help="new tokens per study (EOS is suppressed)")
+    p.add_argument("--tokens", type=int, default=60,
+                   help="new tokens per timed study (the end token suppressed); the agreement figures use "
+                        "each variant's own greedy text, stopping at its end token, at most this long")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--both", action="store_true", help="also measure the flat (unpeaked) random model")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--time-variants", default="", help=argparse.SUPPRESS)
     p.add_argument("--rss-variant", default="", help=argparse.SUPPRESS)
@@ -291,11 +432,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-peer", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.time_variants:
-        print(json.dumps(time_variants(json.loads(args.time_variants), args.studies, args.tokens, args.threads)))
+        print(json.dumps(time_variants(json.loads(args.time_variants), args.studies, args.tokens, args.threads,
+                                       args.data)))
         return 0
     if args.margins:
         a = json.loads(args.margins)
-        print(json.dumps(divergence_margins(a["bundles"], a["ids"], args.studies, args.threads)))
+        print(json.dumps(divergence_margins(a["bundles"], a["ids"], args.studies, args.threads, args.data)))
         return 0
     if args.rss_variant:
         print(json.dumps(rss_variant(args.rss_variant, args.tokens, args.threads)))
@@ -304,15 +446,18 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(torch_peer(Path(args.torch_peer), args.studies, args.tokens, args.threads)))
         return 0
     work = Path(tempfile.mkdtemp(prefix="bench_import_hf_"))
+    variants = tuple(v for v in args.variants.split(",") if v)
     try:
         result: dict[str, Any] = {
             "command": "python benchmarks/import_hf.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "model": "random VisionEncoderDecoderModel: Swin-v2-tiny 256 px (embed 96, depths 2-2-6-2) + BERT "
-                     "decoder (4 layers, hidden 512, 8 heads, vocab 30522, cross-attention)",
-            "cpu": os.cpu_count(), "threads": args.threads, "studies": args.studies, "tokens": args.tokens,
-            "peaked": measure(work / "peaked", True, args.studies, args.tokens, args.threads)}
-        if args.both:
-            result["flat"] = measure(work / "flat", False, args.studies, args.tokens, args.threads)
+            "model": "VisionEncoderDecoderModel: Swin-v2-tiny 256 px (embed 96, depths 2-2-6-2) + BERT "
+                     "decoder (4 layers, hidden 512, 8 heads, vocab 30522, cross-attention); trained: decoder "
+                     "trained briefly on IU X-ray findings (encoder random, frozen), probes = IU X-ray val "
+                     "frontal films; peaked/flat: random weights, synthetic probe images",
+            "cpu": os.cpu_count(), "threads": args.threads, "studies": args.studies, "tokens": args.tokens}
+        for mode in args.models.split(","):
+            result[mode] = measure(work / mode, mode, args.studies, args.tokens, args.threads, args.data,
+                                   args.train_studies, args.train_seconds, variants, args.train_steps)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
