@@ -51,9 +51,20 @@ class AddendumConflictError(ReviewError):
 
 @dataclass(frozen=True)
 class ReportRecord:
-    """What a signed report carries besides its text: the critical-result communication recorded
-    at signing and its addenda (oldest first); ``latest_sop_instance_uid`` is the newest verified
-    SR (the last addendum, else the signed report)."""
+    """What a signed report carries besides its text; ``latest_sop_instance_uid`` is the newest
+    verified SR (the last addendum, else the signed report).
+
+    Attributes
+    ----------
+    draft_id:
+        The signed draft.
+    signed_sop_instance_uid:
+        The verified SR written at signing.
+    critical:
+        The critical-result communication recorded at signing (``None``: none).
+    addenda:
+        Its addenda, oldest first.
+    """
 
     draft_id: int
     signed_sop_instance_uid: str
@@ -73,7 +84,25 @@ def _addendum_result(a: ReportAddendum, transfers: int = 0) -> AddendumResult:
 
 
 def report_record(service: ReviewService, draft_id: int) -> ReportRecord:
-    """The critical-result communication and the addenda of a signed draft (empty for others)."""
+    """The critical-result communication and the addenda of a signed draft.
+
+    Parameters
+    ----------
+    service:
+        The review service.
+    draft_id:
+        The draft.
+
+    Returns
+    -------
+    ReportRecord
+        The record (no critical result and no addenda for a draft that is not signed).
+
+    Raises
+    ------
+    NotReviewableError
+        The draft does not exist.
+    """
     with service.sessions() as s:
         d = s.get(Draft, draft_id)
         if d is None:
@@ -93,13 +122,37 @@ def report_record(service: ReviewService, draft_id: int) -> ReportRecord:
 
 def add_addendum(service: ReviewService, draft_id: int, user: str, text: str) -> AddendumResult:
     """Amend the signed report of ``draft_id`` with ``text``: a new verified SR, stored, indexed,
-    audited and queued to the destinations; the amended SR is kept unchanged.
-
-    Raises :class:`~plugin.review.service.UnknownReviewerError` (not a reviewer of the installed
-    configuration), :class:`NotReviewableError` (not signed), :class:`ReviewError` (empty text,
-    the undo window still open, the SR unreadable), :class:`PlaceholderError` ("xxxx" in the
-    text), :class:`AddendumConflictError` (another addendum was added meanwhile). On any error
+    audited and queued to the destinations; the amended SR is kept unchanged. On any error
     nothing is committed and no file is left behind.
+
+    Parameters
+    ----------
+    service:
+        The review service.
+    draft_id:
+        The signed draft.
+    user:
+        The reviewer's account (a reviewer of the installed configuration).
+    text:
+        The addendum's text (at most :data:`MAX_ADDENDUM_CHARS`).
+
+    Returns
+    -------
+    AddendumResult
+        The new SR and the transfers queued.
+
+    Raises
+    ------
+    UnknownReviewerError
+        ``user`` is not a reviewer of the installed configuration.
+    NotReviewableError
+        The draft is not signed.
+    ReviewError
+        Empty or too long text, the undo window still open, the SR unreadable.
+    PlaceholderError
+        ``xxxx`` (a de-identification placeholder) in the text.
+    AddendumConflictError
+        Another addendum was added meanwhile.
     """
     reviewer = service.reviewer(user)
     text = (text or "").replace("\r\n", "\n").strip()

@@ -18,9 +18,24 @@ from plugin.review.service import ReviewService
 
 def open_sessions(config: Config) -> sessionmaker[Session]:
     """Sessions on ``config``'s database, its schema prepared as ``serve`` does (see
-    :func:`open_service`; :class:`dicom_node.startup.StartupError` on a problem). For the
-    reviewer's other Qt-free tools (``cxrnode templates``), so ``gui`` never opens the schema
-    module itself."""
+    :func:`open_service`). For the reviewer's other Qt-free tools (``cxrnode templates``), so
+    ``gui`` never opens the schema module itself.
+
+    Parameters
+    ----------
+    config:
+        The configuration naming the database.
+
+    Returns
+    -------
+    sqlalchemy.orm.sessionmaker
+        The session factory.
+
+    Raises
+    ------
+    dicom_node.startup.StartupError
+        The index cannot be used.
+    """
     prepare_schema(config)
     return session_factory(make_engine(config.node.resolved_database_url()))
 
@@ -28,11 +43,24 @@ def open_sessions(config: Config) -> sessionmaker[Session]:
 def open_service(config: Config, claim_timeout_s: float | None = None) -> ReviewService:
     """A :class:`ReviewService` on ``config``'s database and store. The schema is prepared as
     ``serve`` does (:func:`dicom_node.startup.prepare_schema`): the embedded SQLite index migrated
-    under the lock, a PostgreSQL one only checked (``cxrnode migrate`` changes it); a problem is
-    a :class:`dicom_node.startup.StartupError` (one line: ``exc.line(command)``).
+    under the lock, a PostgreSQL one only checked (``cxrnode migrate`` changes it).
 
-    ``claim_timeout_s``: how long a claim lasts without a heartbeat (default: the config's
-    ``review.claim_timeout_s``).
+    Parameters
+    ----------
+    config:
+        The configuration (database, store, ``[review]``).
+    claim_timeout_s:
+        How long a claim lasts without a heartbeat (default: ``review.claim_timeout_s``).
+
+    Returns
+    -------
+    ReviewService
+        The service.
+
+    Raises
+    ------
+    dicom_node.startup.StartupError
+        The index cannot be used (one line: ``exc.line(command)``).
     """
     sessions = open_sessions(config)
     store = Store(config.node.storage_dir, fsync=config.node.fsync, min_free_space_mb=config.node.min_free_space_mb)

@@ -50,7 +50,21 @@ from onnx_models.labels import Presence, mentions, sentences
 @dataclass(frozen=True)
 class CriticalRule:
     """One critical finding: its marker text, the observation probability that crosses it, and
-    the words of the draft that state it."""
+    the words of the draft that state it.
+
+    Attributes
+    ----------
+    marker:
+        The text shown in the worklist and the reviewer.
+    observation:
+        The model's observation name (``""``: the model cannot detect it).
+    min_probability:
+        The probability at or above which the observation is critical.
+    qualifier:
+        The draft affirms ``observation`` in a sentence matching this (``None``: any affirmation).
+    pattern:
+        Or the draft states it in these words (no observation needed), unless negated.
+    """
 
     marker: str
     observation: str = ""  # the model's observation name ("" = the model cannot detect it)
@@ -83,8 +97,17 @@ CRITICAL_RULES: tuple[CriticalRule, ...] = (
 
 @dataclass(frozen=True)
 class CriticalFinding:
-    """Why a draft is critical: the rule's marker and what crossed it (``probability`` when the
-    model's probability did, ``sentence`` when the draft's text did)."""
+    """Why a draft is critical: the rule's marker and what crossed it.
+
+    Attributes
+    ----------
+    marker:
+        The rule's marker.
+    probability, threshold:
+        The model's probability and the rule's, when the probability crossed it.
+    sentence:
+        The draft's sentence, when the text crossed it.
+    """
 
     marker: str
     probability: float | None = None
@@ -104,8 +127,23 @@ def _affirmed(sentence: str, observation: str) -> bool:
 
 def critical_findings(observations: Mapping[str, float], findings: str = "", impression: str = "",
                       rules: tuple[CriticalRule, ...] = CRITICAL_RULES) -> tuple[CriticalFinding, ...]:
-    """The critical findings of one draft (empty: not critical), one per rule at most, in the
-    order of ``rules``; the probability wins over the text when both cross."""
+    """The critical findings of one draft, one per rule at most, in the order of ``rules``; the
+    probability wins over the text when both cross.
+
+    Parameters
+    ----------
+    observations:
+        The draft's observation probabilities (``token_info["observations"]``).
+    findings, impression:
+        The draft's text.
+    rules:
+        The table to apply (:data:`CRITICAL_RULES`).
+
+    Returns
+    -------
+    tuple[CriticalFinding, ...]
+        The findings (empty: not critical).
+    """
     said = [s for s in sentences(f"{findings}\n{impression}") if _RELEVANT.search(s)]
     out: list[CriticalFinding] = []
     for rule in rules:

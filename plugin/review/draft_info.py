@@ -36,7 +36,19 @@ OUTCOMES = (OUTCOME_PASSED, OUTCOME_PARTIAL, OUTCOME_WITHHELD, OUTCOME_WARNED, O
 
 @dataclass(frozen=True)
 class ViewCheck:
-    """The input gate's verdict on one view."""
+    """The input gate's verdict on one view, as recorded in ``token_info["input_check"]``.
+
+    Attributes
+    ----------
+    sop_instance_uid, view:
+        The image and its view.
+    passed:
+        Whether the gate let it through.
+    reasons:
+        Why not, in plain words.
+    ood_score, ood_limit:
+        The gate's score and its limit (``None``: not recorded).
+    """
 
     sop_instance_uid: str
     view: str
@@ -54,7 +66,21 @@ class ViewCheck:
 
 @dataclass(frozen=True)
 class InputCheck:
-    """``token_info["input_check"]``: how the gate judged the study before drafting."""
+    """``token_info["input_check"]``: how the gate judged the study before drafting.
+
+    Attributes
+    ----------
+    mode:
+        ``enforce``, ``warn`` or ``off``.
+    outcome:
+        ``passed``, ``partial``, ``withheld``, ``warned`` or ``off``.
+    reason:
+        One plain sentence.
+    views:
+        The verdict on each view.
+    study:
+        Study-level notes (e.g. ``"frontal-only study"``).
+    """
 
     mode: str  # enforce | warn | off
     outcome: str  # passed | partial | withheld | warned | off
@@ -76,7 +102,17 @@ class InputCheck:
 
 @dataclass(frozen=True)
 class ObservationCall:
-    """One observation probability with its decision threshold (None when unknown)."""
+    """One observation probability with its decision threshold.
+
+    Attributes
+    ----------
+    name:
+        The observation (CheXpert name).
+    probability:
+        The model's probability.
+    threshold:
+        The decision threshold (``None`` when unknown).
+    """
 
     name: str
     probability: float
@@ -174,7 +210,18 @@ def parse_thresholds(raw: str | None) -> dict[str, float]:
 def decision_thresholds(manifest: Mapping[str, Any]) -> dict[str, float]:
     """Decision threshold per observation of a bundle manifest: the grounding step's thresholds
     when grounding is enabled (they decide what the draft states), else the observation
-    (prompt) thresholds; {} when the manifest has none."""
+    (prompt) thresholds.
+
+    Parameters
+    ----------
+    manifest:
+        A bundle's manifest.
+
+    Returns
+    -------
+    dict[str, float]
+        Threshold by observation name; ``{}`` when the manifest has none.
+    """
     obs = manifest.get("observations") or {}
     names = [str(n) for n in obs.get("names", [])]
     thr = obs.get("thresholds")

@@ -26,6 +26,17 @@ REPORT_MODALITIES = ("SR", "DOC")
 
 @dataclass(frozen=True)
 class PriorImage:
+    """One image of a prior study, for the prior panel.
+
+    Attributes
+    ----------
+    sop_instance_uid:
+        The image.
+    view:
+        ViewPosition as sent (PA, AP, LL, ...), not re-checked.
+    path:
+        Its file under ``storage_dir/priors/``.
+    """
     sop_instance_uid: str
     view: str  # ViewPosition as sent (PA, AP, LL, ...), not re-checked
     path: Path
@@ -33,8 +44,23 @@ class PriorImage:
 
 @dataclass(frozen=True)
 class PriorDetail:
-    """``outcome``: ``found`` (the rest filled in), ``none``, ``unavailable``, ``pruned`` or
-    ``off``; ``message``: one plain sentence for the reviewer."""
+    """The prior study shown beside a draft (``ReviewService.prior``).
+
+    Attributes
+    ----------
+    outcome:
+        ``found`` (the rest filled in), ``none``, ``unavailable``, ``pruned`` or ``off``.
+    message:
+        One plain sentence for the reviewer.
+    study_instance_uid, study_date, study_description, accession_number:
+        The prior study (``study_date``: DA, YYYYMMDD).
+    images:
+        Its images.
+    report_kind, report_text:
+        Its report: ``sr``, ``pdf`` or ``text`` (``""`` or ``"none"``: no report found) and the text.
+    source:
+        Where the report came from.
+    """
 
     outcome: str
     message: str

@@ -20,8 +20,20 @@ COMMUNICATION_METHODS = {
 
 @dataclass(frozen=True)
 class CriticalNotice:
-    """A critical result told to a clinician: who (name, role), how and when (naive UTC, as the
-    database keeps times). Recorded at signing, written into the verified SR."""
+    """A critical result told to a clinician: who (name, role), how and when. Recorded at
+    signing, written into the verified SR.
+
+    Attributes
+    ----------
+    recipient, role:
+        Name and role of the person told.
+    method:
+        A key of :data:`COMMUNICATION_METHODS`.
+    communicated_at:
+        When, naive UTC (as the database keeps times).
+    recorded_by:
+        The reviewer's account (filled by the service).
+    """
 
     recipient: str
     role: str
@@ -36,10 +48,26 @@ class CriticalNotice:
 
 @dataclass(frozen=True)
 class SignResult:
-    """A signature: the draft, the verified SR written and queued, and what it recorded.
+    """A signature: the draft, the verified SR written and queued, and what it recorded. Field
+    names are those of the draft's columns, so ``result.signed_sop_instance_uid`` reads as
+    before.
 
-    Field names are those of the draft's columns, so ``result.signed_sop_instance_uid`` reads as
-    before; ``critical`` is the critical-result communication recorded with it (None: none).
+    Attributes
+    ----------
+    draft_id, study_instance_uid:
+        The draft signed and its study.
+    state:
+        The draft's state after signing (``signed``).
+    signed_by, signed_at:
+        The reviewer's account and when (naive UTC).
+    signed_sop_instance_uid, signed_path:
+        The verified SR and its file in the store.
+    signed_findings, signed_impression:
+        The text as signed.
+    verifier_name:
+        Verifying Observer Name written into the SR.
+    critical:
+        The critical-result communication recorded with it (``None``: none).
     """
 
     draft_id: int
@@ -57,7 +85,17 @@ class SignResult:
 
 @dataclass(frozen=True)
 class RejectResult:
-    """A rejected draft (no SR was sent)."""
+    """A rejected draft (no SR was sent).
+
+    Attributes
+    ----------
+    draft_id, study_instance_uid:
+        The draft and its study.
+    state:
+        ``rejected``.
+    reject_reason:
+        The reviewer's reason.
+    """
 
     draft_id: int
     study_instance_uid: str
@@ -67,7 +105,25 @@ class RejectResult:
 
 @dataclass(frozen=True)
 class AddendumResult:
-    """An addendum: a new verified SR amending ``predecessor_sop_instance_uid`` (kept unchanged)."""
+    """An addendum: a new verified SR amending ``predecessor_sop_instance_uid`` (kept unchanged).
+
+    Attributes
+    ----------
+    draft_id, study_instance_uid:
+        The signed draft amended and its study.
+    sop_instance_uid, path:
+        The new SR and its file in the store.
+    predecessor_sop_instance_uid:
+        The SR it amends.
+    text:
+        The addendum's text.
+    author, author_name:
+        The reviewer's account and Verifying Observer Name.
+    created_at:
+        When (naive UTC).
+    transfers:
+        Outbound transfers queued for it.
+    """
 
     draft_id: int
     study_instance_uid: str
@@ -83,7 +139,17 @@ class AddendumResult:
 
 @dataclass(frozen=True)
 class RetryResult:
-    """Drafting asked again for a study: the job queued for it."""
+    """Drafting asked again for a study: the job queued for it.
+
+    Attributes
+    ----------
+    study_instance_uid:
+        The study.
+    job_id:
+        The new job's id.
+    study_generation:
+        The study generation the job drafts.
+    """
 
     study_instance_uid: str
     job_id: int

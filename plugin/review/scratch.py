@@ -73,8 +73,26 @@ def _images(s: Session, st: Study) -> list[Instance]:
 
 
 def study_detail(service: ReviewService, study_uid: str) -> DraftDetail:
-    """The images of a study that has no draft, read-only (``draft_id == 0``, state ``failed`` or
-    ``skipped``, the reason in ``reject_reason`` and ``no_ai_draft_reason``)."""
+    """The images of a study that has no draft, read-only.
+
+    Parameters
+    ----------
+    service:
+        The review service.
+    study_uid:
+        The study.
+
+    Returns
+    -------
+    DraftDetail
+        ``draft_id == 0``, state ``failed`` or ``skipped``, the reason in ``reject_reason``
+        and ``no_ai_draft_reason``.
+
+    Raises
+    ------
+    NotReviewableError
+        The study is not in the index.
+    """
     with service.sessions() as s:
         st = _study(s, study_uid)
         reason = _no_draft_reason(s, st)
@@ -92,12 +110,30 @@ def study_detail(service: ReviewService, study_uid: str) -> DraftDetail:
 
 
 def report_from_scratch(service: ReviewService, study_uid: str, user: str) -> int:
-    """Start a report with no AI text for ``study_uid``, claimed by ``user``; returns its draft id
-    (open it like any draft: the editor is empty, Sign writes the verified SR).
+    """Start a report with no AI text for ``study_uid``, claimed by ``user`` (open it like any
+    draft: the editor is empty, Sign writes the verified SR).
 
-    Refused (:class:`ReviewError`) while the study has an open draft (review that one) or a signed
-    one (add an addendum instead), or while drafting runs; :class:`UnknownReviewerError` for an
-    account that is not a reviewer of the installed configuration.
+    Parameters
+    ----------
+    service:
+        The review service.
+    study_uid:
+        The study.
+    user:
+        The reviewer's account.
+
+    Returns
+    -------
+    int
+        The new draft's id.
+
+    Raises
+    ------
+    ReviewError
+        The study has an open draft (review that one) or a signed one (add an addendum instead),
+        drafting runs, or its images cannot be read.
+    UnknownReviewerError
+        ``user`` is not a reviewer of the installed configuration.
     """
     service.reviewer(user)
     now = service.clock()
@@ -157,8 +193,29 @@ def report_from_scratch(service: ReviewService, study_uid: str, user: str) -> in
 
 def retry_drafting(service: ReviewService, study_uid: str, user: str) -> RetryResult:
     """Queue a new drafting job for a study whose drafting failed or was skipped (audited
-    ``drafting_retried``). Refused while a job is pending or running, or when the study has an
-    open or signed draft."""
+    ``drafting_retried``).
+
+    Parameters
+    ----------
+    service:
+        The review service.
+    study_uid:
+        The study.
+    user:
+        The reviewer's account (audited).
+
+    Returns
+    -------
+    RetryResult
+        The job queued.
+
+    Raises
+    ------
+    NotReviewableError
+        The study is not in the index.
+    ReviewError
+        A job is pending or running, or the study has an open or signed draft.
+    """
     service.reviewer(user)
     now = service.clock()
     with service.sessions() as s, s.begin():

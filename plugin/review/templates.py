@@ -74,7 +74,21 @@ class TemplatePermissionError(TemplateError):
 
 @dataclass(frozen=True)
 class Template:
-    """One template; ``slot`` None = no Ctrl+digit key."""
+    """One report template.
+
+    Attributes
+    ----------
+    trigger:
+        Typed as ``.trigger`` in the editor to expand it.
+    name:
+        Shown in the picker.
+    text:
+        The text it expands to.
+    slot:
+        Its Ctrl+digit key (``None``: none).
+    updated_by, updated_at:
+        Who changed it last, and when.
+    """
 
     trigger: str
     name: str
@@ -192,9 +206,24 @@ _WORD_BEFORE = re.compile(r"(?:^|(?<=\s))\.([A-Za-z0-9][A-Za-z0-9_-]{0,31})$")
 
 
 def expansion(text: str, cursor: int, templates: Mapping[str, Template]) -> tuple[int, int, str] | None:
-    """If the word just before ``cursor`` in ``text`` is ``.trigger`` of one of ``templates``
-    (by trigger), the span to replace (start, end) and the template's text; else None. The
-    word must start the text or follow white space (``e.g.normal`` is no trigger)."""
+    """What ``.trigger`` becomes in the editor: if the word just before ``cursor`` is ``.trigger``
+    of one of ``templates``, the span to replace and the template's text. The word must start
+    the text or follow white space (``e.g.normal`` is no trigger).
+
+    Parameters
+    ----------
+    text:
+        The editor's text.
+    cursor:
+        The cursor's position in ``text``.
+    templates:
+        The templates by trigger.
+
+    Returns
+    -------
+    tuple[int, int, str] or None
+        ``(start, end, text)`` to replace, or ``None``.
+    """
     m = _WORD_BEFORE.search(text[:cursor])
     if m is None:
         return None
@@ -210,6 +239,13 @@ def _row(r: ReportTemplate) -> Template:
 
 @dataclass(frozen=True)
 class ImportResult:
+    """What :meth:`TemplateLibrary.import_templates` did, by trigger.
+
+    Attributes
+    ----------
+    added, changed, unchanged:
+        The triggers in each case.
+    """
     added: tuple[str, ...] = ()
     changed: tuple[str, ...] = ()
     unchanged: tuple[str, ...] = ()
@@ -217,7 +253,15 @@ class ImportResult:
 
 class TemplateLibrary:
     """The site's templates in the node's database: read by every reviewer, changed (audited)
-    by reviewers with the ``templates`` role and by root."""
+    by reviewers with the ``templates`` role and by root.
+
+    Parameters
+    ----------
+    config:
+        The configuration (the installed ``[[reviewers]]`` decide who may edit).
+    sessions:
+        Session factory of the node's database.
+    """
 
     def __init__(self, config: Config, sessions: sessionmaker[Session]) -> None:
         self.config = config
