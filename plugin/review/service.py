@@ -175,9 +175,18 @@ class StudyChangedError(ReviewError):
 
 
 def current_user() -> str:
-    """The effective OS account of this process (``pwd.getpwuid(os.geteuid())``).
+    """The effective OS account of this process (``pwd.getpwuid(os.geteuid())``). Not
+    ``getpass.getuser()``: that believes ``$LOGNAME``/``$USER``, which anyone can set.
 
-    Not ``getpass.getuser()``: that believes ``$LOGNAME``/``$USER``, which anyone can set.
+    Returns
+    -------
+    str
+        The account name.
+
+    Raises
+    ------
+    ReviewError
+        The effective user id has no account name (no passwd entry).
     """
     uid = os.geteuid()
     try:
@@ -210,12 +219,27 @@ def _untrusted_reason(st: os.stat_result, what: str) -> str:
 
 
 def read_installed_config(path: str | os.PathLike[str]) -> bytes:
-    """The bytes of ``path`` if it is an installed configuration, else :class:`UntrustedConfigError`.
+    """The bytes of ``path`` if it is an installed configuration.
 
     Installed = a regular file owned by uid 0, not writable by group or others, whose real path
     runs through folders owned by uid 0 and not writable by group or others (a sticky folder such
     as ``/tmp`` is allowed: others cannot rename or remove root's entries in it). The file is
     opened once; its ownership is checked on that descriptor and the bytes are read from it.
+
+    Parameters
+    ----------
+    path:
+        The configuration file.
+
+    Returns
+    -------
+    bytes
+        Its content.
+
+    Raises
+    ------
+    UntrustedConfigError
+        The file or a folder on its path is not root's, or is writable by others.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
@@ -280,7 +304,33 @@ def installed_reviewers(config: Config) -> tuple[Reviewer, ...]:
 
 @dataclass(frozen=True)
 class WorklistRow:
-    """One line of the worklist: a draft (or a study whose drafting failed)."""
+    """One line of the worklist: a draft (or a study whose drafting failed or was skipped).
+
+    Attributes
+    ----------
+    draft_id:
+        The draft (``None``: a study without one).
+    study_instance_uid, patient_name, patient_id, study_date, accession_number, views:
+        The study as listed.
+    created_at, age_s:
+        When the draft (or failure) was made, and how long ago.
+    state:
+        One of :data:`WORKLIST_STATES`.
+    claimed_by:
+        The holder of a live claim (state ``in_review``).
+    model_name, model_version:
+        The drafting model.
+    detail:
+        For ``failed``: the job's last error; for ``rejected``: the reason.
+    input_outcome, input_reason, views_not_used:
+        The input gate's outcome (``""``: not checked), its plain reason and the views it left out.
+    no_ai_draft_reason:
+        A report written from scratch: why there is no AI draft (``""``: an AI draft).
+    priority:
+        ``STAT``, ``ED``, ``inpatient``, ``outpatient`` or ``""`` (:mod:`dicom_node.priority`).
+    critical:
+        Why the draft is critical, one line per rule crossed (:mod:`plugin.review.critical`).
+    """
 
     draft_id: int | None
     study_instance_uid: str
@@ -317,7 +367,21 @@ class WorklistRow:
 
 @dataclass(frozen=True)
 class ViewRef:
-    """One image the draft was made from."""
+    """One image the draft was made from.
+
+    Attributes
+    ----------
+    sop_instance_uid:
+        The image.
+    view:
+        ``PA``, ``AP``, ``LATERAL``, ``LL`` or ``UNKNOWN``.
+    source:
+        Where the view label came from (tag, model, ...).
+    path:
+        Absolute path in the store; ``None`` if the instance is not indexed.
+    check:
+        The input gate's verdict on this view (``None``: not checked).
+    """
 
     sop_instance_uid: str
     view: str  # PA, AP, LATERAL, LL, UNKNOWN
@@ -329,7 +393,37 @@ class ViewRef:
 
 @dataclass(frozen=True)
 class DraftDetail:
-    """Everything the reviewer shows for one draft."""
+    """Everything the reviewer shows for one draft.
+
+    Attributes
+    ----------
+    draft_id, study_instance_uid, sop_instance_uid, path:
+        The draft, its study, its SR and the SR's file.
+    patient_name, patient_id, patient_birth_date, patient_sex:
+        The patient, as in the images.
+    study_date, study_description, accession_number, indication:
+        The study and its clinical indication.
+    findings, impression, tokens:
+        The draft's text and its word pieces with probabilities.
+    views:
+        The images the draft was made from (:class:`ViewRef`).
+    model_name, model_version, created_at:
+        Who drafted it, and when.
+    state, claimed_by, claimed_at:
+        The review state and the live claim.
+    signed_by, signed_at, signed_sop_instance_uid, signed_findings, signed_impression:
+        The signature, once signed.
+    reject_reason:
+        Why it was rejected.
+    grounded:
+        Sentences the grounding step added, with the probability behind each.
+    observations:
+        Observation probabilities with their thresholds, most probable first.
+    input_check:
+        The input gate's outcome (``None``: a draft made before the gate).
+    no_ai_draft_reason:
+        Why there is no AI draft when reporting from scratch (``""``: an AI draft).
+    """
 
     draft_id: int
     study_instance_uid: str
@@ -438,7 +532,20 @@ def parse_grounded(raw: str | None) -> tuple[tuple[str, float], ...]:
 
 
 def text_diff(before: str, after: str, before_name: str = "AI draft", after_name: str = "edited") -> str:
-    """A unified, line-based diff of two report texts (empty when equal)."""
+    """A unified, line-based diff of two report texts.
+
+    Parameters
+    ----------
+    before, after:
+        The two texts.
+    before_name, after_name:
+        Their labels in the diff's header.
+
+    Returns
+    -------
+    str
+        The diff (empty when equal).
+    """
     if before == after:
         return ""
     return "".join(
@@ -479,11 +586,21 @@ def _views_of(raw: str | None) -> list[dict[str, str]]:
 
 
 class ReviewService:
-    """Worklist, claim, release, sign and reject, all audited.
+    """Worklist, claim, release, sign and reject, all audited. Every method opens and closes its
+    own session, so one service can be shared by threads.
 
-    ``sessions`` is a SQLAlchemy ``sessionmaker`` bound to the node's database; every method
-    opens and closes its own session, so one service can be shared by threads.
-    ``clock`` returns naive UTC (as :func:`dicom_node.db.utcnow`); tests pass a fake one.
+    Parameters
+    ----------
+    config:
+        The node's configuration (reviewers, destinations, undo window).
+    sessions:
+        A SQLAlchemy ``sessionmaker`` bound to the node's database.
+    store:
+        The node's store (verified SRs are written there).
+    claim_timeout_s:
+        How long a claim lasts without a heartbeat.
+    clock:
+        Returns naive UTC (as :func:`dicom_node.db.utcnow`); tests pass a fake one.
     """
 
     def __init__(
