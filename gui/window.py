@@ -375,6 +375,11 @@ class ReportPane(QWidget):
         buttons.addStretch(1)
         buttons.addWidget(self.next_button)
         buttons.addWidget(self.sign_button)
+        self.sign_next_button = QPushButton("Sign && next  (F12)", self)
+        self.sign_next_button.setObjectName("sign")  # the same green: it signs too
+        self.sign_next_button.setToolTip("Sign, then open the next unclaimed study in worklist order "
+                                         "(F12 or Ctrl+Shift+Enter)")
+        buttons.addWidget(self.sign_next_button)
         lay.addLayout(buttons)
         self.signer = QLabel("", self)
         self.signer.setObjectName("model")
@@ -462,6 +467,7 @@ class ReportPane(QWidget):
     def _update_buttons(self) -> None:
         vm = self.vm
         self.sign_button.setEnabled(bool(vm and vm.can_sign))
+        self.sign_next_button.setEnabled(bool(vm and vm.can_sign))
         self.reject_button.setEnabled(bool(vm and vm.can_reject))
         self.skip_button.setEnabled(vm is not None)
         self.diff_button.setEnabled(vm is not None)
@@ -656,6 +662,7 @@ class ReviewerWindow(QMainWindow):
         w.table.clicked.connect(lambda idx: self._row_chosen(idx.row()))  # also the row already current
         w.table.activated.connect(lambda idx: self._row_chosen(idx.row()))
         self.report.sign_button.clicked.connect(self.sign)
+        self.report.sign_next_button.clicked.connect(self.sign_and_next)
         self.report.reject_button.clicked.connect(self.reject)
         self.report.skip_button.clicked.connect(self.skip)
         self.report.next_button.clicked.connect(self.next)
@@ -998,6 +1005,7 @@ class ReviewerWindow(QMainWindow):
         candidates = self.worklist_vm.open_rows_after(vm.detail.draft_id) if and_next else []
         self._signing = vm.detail.draft_id
         self.report.sign_button.setEnabled(False)
+        self.report.sign_next_button.setEnabled(False)
         self.report.reject_button.setEnabled(False)
         for editor in (self.report.findings, self.report.impression):
             editor.setReadOnly(True)  # what is signed is what is on screen now

@@ -155,6 +155,12 @@ def test_sign_and_next_edited_report_is_always_asked(qtbot, make_window, node) -
     assert signed_ids(node) == [first]
     wait_idle(qtbot, w)
     assert w.review.detail.patient_id == "CXR-10002"
+    # the same with the button beside Sign (it is enabled only when Sign is)
+    assert w.report.sign_next_button.isEnabled() == w.report.sign_button.isEnabled()
+    w.report.findings.setPlainText(w.report.findings.toPlainText().replace("xxxx", "bones"))
+    with qtbot.waitSignal(w.signed, timeout=WAIT) as blocker:
+        w.report.sign_next_button.click()
+    assert blocker.args == [w.review.detail.draft_id] and w.review.detail.patient_id == "CXR-10002"
 
 
 def test_signed_banner_names_the_reviewer_in_local_time(qtbot, make_window, node, monkeypatch) -> None:  # type: ignore[no-untyped-def]
