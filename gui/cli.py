@@ -158,7 +158,21 @@ def missing_libraries(library: Path) -> list[str]:
 
 
 def display_problem(env: Any = None, plugin: Path | None = None) -> str | None:
-    """Why Qt could not open a window here (``None``: it should), checked without importing Qt."""
+    """Why Qt could not open a window here, checked without importing Qt (PyQt6 installed, a
+    display named, the xcb plugin's libraries present).
+
+    Parameters
+    ----------
+    env:
+        The environment to read (``None``: :data:`os.environ`).
+    plugin:
+        The xcb platform plugin to check (``None``: PyQt6's own).
+
+    Returns
+    -------
+    str or None
+        One sentence saying what is missing and how to install it; ``None``: it should work.
+    """
     env = os.environ if env is None else env
     spec = importlib.util.find_spec("PyQt6")
     if spec is None or not spec.submodule_search_locations:

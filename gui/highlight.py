@@ -51,8 +51,19 @@ UNCERTAIN_KINDS = (KIND_CALL, KIND_WORD)
 
 @dataclass(frozen=True)
 class Span:
-    """A marked stretch ``text[start:end]``: the probability behind it, the kind of mark
-    (``call``, ``word`` or ``grounded``) and a short note saying why (for a tooltip)."""
+    """A marked stretch ``text[start:end]`` of the report editor.
+
+    Attributes
+    ----------
+    start, end:
+        Character offsets in the text.
+    probability:
+        The probability behind the mark.
+    kind:
+        ``call``, ``word`` or ``grounded``.
+    note:
+        A short note saying why (for a tooltip).
+    """
 
     start: int
     end: int
@@ -65,10 +76,16 @@ class Span:
 class HighlightPolicy:
     """The calibrated cut-offs of :func:`highlight`.
 
-    ``word_p``: content words the decoder gave a probability below this are marked.
-    ``call_margin``: an observation call within this many log-odds of its threshold is
-    uncertain. ``mark_disagreement``: mark sentences stating an observation against the
-    classifier's call. ``source`` says where the numbers come from.
+    Attributes
+    ----------
+    word_p:
+        Content words the decoder gave a probability below this are marked.
+    call_margin:
+        An observation call within this many log-odds of its threshold is uncertain.
+    mark_disagreement:
+        Mark sentences stating an observation against the classifier's call.
+    source:
+        Where the numbers come from.
     """
 
     word_p: float

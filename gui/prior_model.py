@@ -30,7 +30,19 @@ REPORT_KINDS = {"sr": "structured report", "text": "text report", "pdf": "PDF re
 
 @dataclass
 class PriorModel:
-    """One draft's prior, loaded: ``detail`` from the service, ``pictures`` decoded."""
+    """One draft's prior, loaded.
+
+    Attributes
+    ----------
+    detail:
+        What the service says of the prior (:class:`plugin.review.priors.PriorDetail`).
+    current_study_date:
+        The current study's date (DA), to say how old the prior is.
+    pictures:
+        The prior's views, decoded.
+    errors:
+        Views that could not be decoded, and why.
+    """
 
     detail: PriorDetail
     current_study_date: str = ""

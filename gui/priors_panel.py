@@ -28,7 +28,13 @@ MESSAGE_STYLE = "color: #c8ccd2; background: #111; font-size: 15px; padding: 12p
 
 
 class PriorPanel(QWidget):
-    """The prior's views (read-only, linked to the current ones) and its report text."""
+    """The prior's views (read-only, linked to the current ones) and its report text.
+
+    Parameters
+    ----------
+    parent:
+        The Qt parent widget.
+    """
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)

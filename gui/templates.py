@@ -49,7 +49,15 @@ def slot_key(slot: int) -> str:
 
 class TemplatePicker(QDialog):
     """Ctrl+T: the templates in a list, filtered as you type (trigger, name or text); Enter or a
-    double-click inserts the current one."""
+    double-click inserts the current one.
+
+    Parameters
+    ----------
+    templates:
+        The templates to offer.
+    parent:
+        The Qt parent widget.
+    """
 
     def __init__(self, templates: list[Template], parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -106,7 +114,15 @@ class TemplatePicker(QDialog):
 
 class TemplateHook(QObject):
     """Wires the templates into a :class:`gui.window.ReviewerWindow`'s Findings and Impression
-    editors (``.trigger`` + Tab/Space) and window-wide keys (Ctrl+1..9, Ctrl+T)."""
+    editors (``.trigger`` + Tab/Space) and window-wide keys (Ctrl+1..9, Ctrl+T).
+
+    Parameters
+    ----------
+    window:
+        The reviewer window.
+    library:
+        The site's templates (``None``: from the window's service).
+    """
 
     def __init__(self, window: ReviewerWindow, library: TemplateLibrary | None = None) -> None:
         super().__init__(window)

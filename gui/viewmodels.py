@@ -263,7 +263,24 @@ def row_tooltip(row: WorklistRow) -> str:
 
 @dataclass
 class WorklistModel:
-    """The worklist's query (filter, search, sort) and its current rows."""
+    """The worklist's query (filter, search, sort) and its current rows (Qt-free).
+
+    Attributes
+    ----------
+    service:
+        The review service the rows come from.
+    user:
+        Rows this account holds read "in review by you".
+    state_filter:
+        The state shown (``"To review"``, ``"All"``, ...).
+    search:
+        Text to search for in the rows.
+    sort_column, descending:
+        The sort (default: most urgent first, critical drafts first within each, then the
+        oldest: :func:`plugin.review.service.sort_rows`).
+    rows:
+        The rows of the last :meth:`fetch`.
+    """
 
     service: ReviewService
     user: str = ""  # rows this account holds read "in review by you"
@@ -363,7 +380,33 @@ def observation_rows(calls: Sequence[ObservationCall], policy: HighlightPolicy =
 
 @dataclass
 class ReviewModel:
-    """One opened draft: the texts being edited, the claim, and what may be done with it."""
+    """One opened draft: the texts being edited, the claim, and what may be done with it (Qt-free).
+
+    Attributes
+    ----------
+    service:
+        The review service.
+    user:
+        The reviewer's account.
+    detail:
+        The draft (:class:`plugin.review.service.DraftDetail`).
+    holds_claim:
+        Whether ``user`` holds the claim (else it is read-only).
+    notice:
+        Why the draft is read-only, if it is (shown plainly).
+    findings, impression:
+        The texts being edited.
+    pictures, view_errors:
+        The views, decoded, and those that could not be shown, with why.
+    signed:
+        The signature, once signed.
+    record:
+        A signed report's critical-result communication and addenda.
+    policy:
+        The highlight cut-offs.
+    prior:
+        The draft's prior study for comparison (``None``: not loaded).
+    """
 
     service: ReviewService
     user: str
@@ -654,11 +697,28 @@ def open_review(
     load_views: bool = True,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> ReviewModel:
-    """*Blocking*: claim (when possible) and load one draft with its views.
+    """*Blocking*: claim (when possible) and load one draft with its views. An open draft is
+    claimed for ``user``; if another reviewer holds it, or ``user`` is not a configured
+    reviewer, or the draft is final/rejected/superseded, it opens read-only with a notice
+    saying why.
 
-    An open draft is claimed for ``user``; if another reviewer holds it, or ``user`` is not a
-    configured reviewer, or the draft is final/rejected/superseded, it opens read-only with
-    a notice saying why. ``progress(done, total, what)`` is called as views are decoded.
+    Parameters
+    ----------
+    service:
+        The review service.
+    user:
+        The reviewer's account.
+    draft_id:
+        The draft to open.
+    load_views:
+        Decode the views now (else :func:`load_pictures` later).
+    progress:
+        ``progress(done, total, what)``, called as views are decoded.
+
+    Returns
+    -------
+    ReviewModel
+        The opened draft.
     """
     detail = service.detail(draft_id)
     holds = False
