@@ -541,7 +541,21 @@ class ReportPane(QWidget):
 
 
 class ReviewerWindow(QMainWindow):
-    """The reviewer. ``user`` is the authenticated account (the OS user in :mod:`gui.cli`)."""
+    """The reviewer: the worklist above the views, the report full height beside them.
+
+    Parameters
+    ----------
+    service:
+        The review service.
+    user:
+        The authenticated account (the OS user in :mod:`gui.cli`).
+    refresh_interval_s:
+        How often the worklist is fetched again (0: only on request).
+    study_uid:
+        A study to open once the worklist is first fetched (``""``: none).
+    settings:
+        Where window geometry and text size are kept (``None``: the user's QSettings).
+    """
 
     review_shown = pyqtSignal(int)  # draft id: views painted and draft text filled
     signed = pyqtSignal(int)
