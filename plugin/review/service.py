@@ -63,8 +63,8 @@ from typing import Any
 
 import pydicom
 import pydicom.errors
-from sqlalchemy import and_, delete, func, or_, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import and_, case, delete, func, or_, select, update
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from dicom_node import index
 from dicom_node.commit import Enqueue, StoredFile, commit_dataset
@@ -568,6 +568,13 @@ def _gate_fields(token_info: str | None) -> dict[str, Any]:
             "views_not_used": tuple(v.view for v in gate.failed_views)}
 
 
+def _row_of(st: Study, **fields: Any) -> WorklistRow:
+    """A worklist row: what it takes from its study, and ``fields`` for the rest."""
+    return WorklistRow(study_instance_uid=st.study_instance_uid, patient_name=st.patient_name,
+                       patient_id=st.patient_id, study_date=st.study_date, accession_number=st.accession_number,
+                       priority=st.priority or "", **fields)
+
+
 def _views_of(raw: str | None) -> list[dict[str, str]]:
     if not raw:
         return []
@@ -711,6 +718,9 @@ class ReviewService:
         ``states``: worklist states to keep (None = all). ``search``: case-insensitive match on
         patient name, patient ID, accession number or study UID. ``sort``: one of
         :data:`SORT_KEYS`; the default (``age``, descending) puts the oldest draft first: first come, first read.
+
+        Two queries whatever the number of rows: the drafts with their studies, and the studies
+        with no draft (failed or skipped) each with its latest job of that outcome.
         """
         if sort not in SORT_KEYS:
             raise ValueError(f"sort: expected one of {', '.join(SORT_KEYS)}, got {sort!r}")
@@ -720,97 +730,107 @@ class ReviewService:
             raise ValueError(f"states: unknown {sorted(unknown)}, expected some of {WORKLIST_STATES}")
         now = self.clock()
         needle = search.strip().lower()
-        rows: list[WorklistRow] = []
         with self.sessions() as s:
-            q = (
-                select(Draft, Study)
-                .join(Study, Draft.study_id == Study.id)
-                .where(Draft.state != DraftState.SUPERSEDED)
-                .order_by(Draft.created_at)
-                .limit(limit)
-            )
-            db_states = {
-                STATE_NEW: [DraftState.NEW, DraftState.IN_REVIEW],  # expired claims read as new
-                STATE_IN_REVIEW: [DraftState.IN_REVIEW],
-                STATE_SIGNED: [DraftState.SIGNED],
-                STATE_REJECTED: [DraftState.REJECTED],
-            }
-            wanted_db = sorted({x for st in wanted for x in db_states.get(st, [])})
-            q = q.where(Draft.state.in_(wanted_db))
-            if needle:
-                like = f"%{needle}%"
-                q = q.where(
-                    or_(
-                        func.lower(Study.patient_name).like(like),
-                        func.lower(Study.patient_id).like(like),
-                        func.lower(Study.accession_number).like(like),
-                        func.lower(Study.study_instance_uid).like(like),
-                    )
-                )
-            for d, st in s.execute(q).all():
-                state, holder = self._row_state(d, now)
-                if state not in wanted:
-                    continue
-                rows.append(
-                    WorklistRow(
-                        draft_id=d.id,
-                        study_instance_uid=st.study_instance_uid,
-                        patient_name=st.patient_name,
-                        patient_id=st.patient_id,
-                        study_date=st.study_date,
-                        accession_number=st.accession_number,
-                        views=tuple(v.get("view", "UNKNOWN") for v in _views_of(d.views)),
-                        created_at=d.created_at,
-                        age_s=max(0.0, (now - d.created_at).total_seconds()),
-                        state=state,
-                        claimed_by=holder,
-                        model_name=d.model_name,
-                        model_version=d.model_version,
-                        detail=d.reject_reason or "",
-                        **_gate_fields(d.token_info),
-                        no_ai_draft_reason=parse_no_ai_draft(d.token_info),
-                        priority=st.priority or "",
-                        critical=critical_markers(d.token_info or "", d.findings or "", d.impression or ""),
-                    )
-                )
-            # studies with no draft: drafting failed, or the pipeline skipped them (the job says why)
-            undrafted = [db for x, db in ((STATE_FAILED, StudyState.FAILED), (STATE_SKIPPED, StudyState.SKIPPED))
-                         if x in wanted]
-            if undrafted:
-                fq = select(Study).where(Study.state.in_(undrafted)).limit(limit)
-                for st in s.scalars(fq).all():
-                    hay = " ".join(
-                        [st.patient_name, st.patient_id, st.accession_number, st.study_instance_uid]
-                    ).lower()
-                    if needle and needle not in hay:
-                        continue
-                    job = s.scalars(
-                        select(Job)
-                        .where(Job.study_id == st.id,
-                               Job.state == (JobState.FAILED if st.state == StudyState.FAILED else JobState.SKIPPED))
-                        .order_by(Job.id.desc())
-                        .limit(1)
-                    ).first()
-                    since = (job.updated_at if job else None) or st.last_received_at
-                    rows.append(
-                        WorklistRow(
-                            draft_id=None,
-                            study_instance_uid=st.study_instance_uid,
-                            patient_name=st.patient_name,
-                            patient_id=st.patient_id,
-                            study_date=st.study_date,
-                            accession_number=st.accession_number,
-                            views=(),
-                            created_at=since,
-                            age_s=max(0.0, (now - since).total_seconds()),
-                            state=STATE_FAILED if st.state == StudyState.FAILED else STATE_SKIPPED,
-                            model_name=job.model_name if job else "",
-                            model_version=job.model_version if job else "",
-                            detail=(job.last_error or "") if job else "",
-                            priority=st.priority or "",
-                        )
-                    )
+            rows = self._drafted_rows(s, wanted, needle, now, limit)
+            rows += self._undrafted_rows(s, wanted, needle, now, limit)
         return sort_rows(rows, sort, descending)
+
+    def _drafted_rows(self, s: Session, wanted: set[str], needle: str, now: dt.datetime,
+                      limit: int) -> list[WorklistRow]:
+        """The worklist rows of drafts (one query: drafts joined with their studies)."""
+        db_states = {
+            STATE_NEW: [DraftState.NEW, DraftState.IN_REVIEW],  # expired claims read as new
+            STATE_IN_REVIEW: [DraftState.IN_REVIEW],
+            STATE_SIGNED: [DraftState.SIGNED],
+            STATE_REJECTED: [DraftState.REJECTED],
+        }
+        wanted_db = sorted({x for st in wanted for x in db_states.get(st, [])})
+        q = (
+            select(Draft, Study)
+            .join(Study, Draft.study_id == Study.id)
+            .where(Draft.state != DraftState.SUPERSEDED, Draft.state.in_(wanted_db))
+            .order_by(Draft.created_at)
+            .limit(limit)
+        )
+        if needle:
+            like = f"%{needle}%"
+            q = q.where(
+                or_(
+                    func.lower(Study.patient_name).like(like),
+                    func.lower(Study.patient_id).like(like),
+                    func.lower(Study.accession_number).like(like),
+                    func.lower(Study.study_instance_uid).like(like),
+                )
+            )
+        rows: list[WorklistRow] = []
+        for d, st in s.execute(q).all():
+            state, holder = self._row_state(d, now)
+            if state not in wanted:
+                continue
+            rows.append(
+                _row_of(
+                    st,
+                    draft_id=d.id,
+                    views=tuple(v.get("view", "UNKNOWN") for v in _views_of(d.views)),
+                    created_at=d.created_at,
+                    age_s=max(0.0, (now - d.created_at).total_seconds()),
+                    state=state,
+                    claimed_by=holder,
+                    model_name=d.model_name,
+                    model_version=d.model_version,
+                    detail=d.reject_reason or "",
+                    **_gate_fields(d.token_info),
+                    no_ai_draft_reason=parse_no_ai_draft(d.token_info),
+                    critical=critical_markers(d.token_info or "", d.findings or "", d.impression or ""),
+                )
+            )
+        return rows
+
+    def _undrafted_rows(self, s: Session, wanted: set[str], needle: str, now: dt.datetime,
+                        limit: int) -> list[WorklistRow]:
+        """Studies with no draft: drafting failed, or the pipeline skipped them (the job says why).
+
+        One query: each study with its latest job of the same outcome (``failed`` or ``skipped``),
+        found by a correlated ``max(Job.id)`` in the outer join's condition."""
+        undrafted = [db for x, db in ((STATE_FAILED, StudyState.FAILED), (STATE_SKIPPED, StudyState.SKIPPED))
+                     if x in wanted]
+        if not undrafted:
+            return []
+        other = aliased(Job)
+        latest_job = (
+            select(func.max(other.id))
+            .where(other.study_id == Study.id,
+                   other.state == case((Study.state == StudyState.FAILED, JobState.FAILED), else_=JobState.SKIPPED))
+            .correlate(Study)
+            .scalar_subquery()
+        )
+        q = (
+            select(Study, Job)
+            .outerjoin(Job, Job.id == latest_job)
+            .where(Study.state.in_(undrafted))
+            .order_by(Study.id)
+            .limit(limit)
+        )
+        rows: list[WorklistRow] = []
+        for st, job in s.execute(q).all():
+            hay = " ".join([st.patient_name, st.patient_id, st.accession_number, st.study_instance_uid]).lower()
+            if needle and needle not in hay:
+                continue
+            since = (job.updated_at if job else None) or st.last_received_at
+            rows.append(
+                _row_of(
+                    st,
+                    draft_id=None,
+                    views=(),
+                    created_at=since,
+                    age_s=max(0.0, (now - since).total_seconds()),
+                    state=STATE_FAILED if st.state == StudyState.FAILED else STATE_SKIPPED,
+                    model_name=job.model_name if job else "",
+                    model_version=job.model_version if job else "",
+                    detail=(job.last_error or "") if job else "",
+                )
+            )
+        return rows
 
     def find_draft(self, study_instance_uid: str) -> int | None:
         """The current (not superseded) draft of a study, for context launch; None if none."""
