@@ -25,9 +25,10 @@ from dicom_node.config import load_config
 from dicom_node.db import make_engine, session_factory
 from dicom_node.jobs import JobContext, JobResult, claim_job, run_job
 from dicom_node.store import Store
+from plugin.drafting.samples import sample_files
 
 REPO = Path(__file__).resolve().parents[2]
-SAMPLES = sorted((REPO / "plugin" / "samples" / "study653").glob("*.dcm"))
+SAMPLES = sample_files()
 CXRNODE = [sys.executable, "-m", "installer"]
 
 
