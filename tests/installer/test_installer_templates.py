@@ -106,6 +106,10 @@ def test_unit_is_hardened(tmp_path: Path) -> None:
     assert svc["ProtectSystem"] == "strict" and svc["PrivateTmp"] == "yes"
     assert svc["ReadWritePaths"] == str(tmp_path / "data"), "only the storage folder is writable"
     assert svc["Restart"] == "on-failure"
+    # startup errors a restart cannot fix stop the restart loop (dicom_node.startup exit codes)
+    from dicom_node.startup import EXIT_CONFIG, EXIT_NETWORK_FS
+
+    assert set(svc["RestartPreventExitStatus"].split()) == {str(EXIT_CONFIG), str(EXIT_NETWORK_FS)}
     assert svc["ExecStart"].endswith(f"serve --config {tmp_path / 'etc' / 'cxrnode.toml'}")
     assert svc["CapabilityBoundingSet"] == "" and svc["AmbientCapabilities"] == ""
     # issue 13: system calls, /proc and resources bounded
