@@ -204,7 +204,38 @@ def build_bundle(
     force: bool = False,
     progress: Progress = say,
 ) -> BuiltBundle:
-    """Build the offline bundle folder (and ``.tar.gz`` + ``.sha256``) under ``out``."""
+    """Build the offline bundle folder (and ``.tar.gz`` + ``.sha256``) under ``out``: the wheels
+    of cxrnode and its run-time dependencies for ``flavour``, the model bundles, the installer,
+    ``SHA256SUMS`` and ``BUNDLE.json``.
+
+    Parameters
+    ----------
+    out:
+        The folder to build in.
+    flavour:
+        ``gpu``, ``cpu``, ``gpu-headless`` or ``cpu-headless`` (which ONNX Runtime is packed;
+        a headless bundle ships no PyQt6).
+    source:
+        The project's source tree (``None``: this one).
+    models:
+        Extra model bundle folders to ship besides ``default``.
+    pack:
+        Also write the ``.tar.gz`` and its ``.sha256``.
+    force:
+        Replace an existing bundle folder.
+    progress:
+        Called with one line per step.
+
+    Returns
+    -------
+    BuiltBundle
+        The folder, the archive, its SHA-256, the version and the flavour.
+
+    Raises
+    ------
+    BundleError
+        The bundle folder exists (without ``force``) or a ``models`` folder is not a model bundle.
+    """
     src = project_root(source)
     version, reqs = runtime_requirements(src, flavour)
     out_dir = Path(out).resolve()
@@ -325,11 +356,26 @@ def write_sha256sums(folder: Path) -> None:
 
 
 def verify_folder(folder: Path) -> dict[str, object]:
-    """Check an unpacked bundle against its SHA256SUMS; return BUNDLE.json.
+    """Check an unpacked bundle against its SHA256SUMS.
 
     Every file must be listed with its digest, and every listed file present: a file that is not
     in the list (an extra wheel that pip would pick up from the wheelhouse, a second cxrnode
     wheel...) is refused, as are symbolic links and listed paths that leave the folder.
+
+    Parameters
+    ----------
+    folder:
+        The unpacked bundle.
+
+    Returns
+    -------
+    dict[str, object]
+        Its ``BUNDLE.json``.
+
+    Raises
+    ------
+    BundleError
+        A file is missing, extra, a link, outside the folder or does not match its digest.
     """
     sums = folder / "SHA256SUMS"
     info_path = folder / "BUNDLE.json"
@@ -408,7 +454,29 @@ def safe_extract(archive: Path, dest: Path) -> None:
 
 
 def open_bundle(path: str | os.PathLike[str], workdir: Path, progress: Progress = say) -> tuple[Path, dict[str, object]]:
-    """An unpacked, verified bundle folder for ``path`` (a folder or a ``.tar.gz``)."""
+    """An unpacked, verified bundle folder for ``path``. A folder others can change is copied
+    first when run as root (what pip installs must be what was verified).
+
+    Parameters
+    ----------
+    path:
+        A bundle folder or a ``.tar.gz`` (checked against the ``.sha256`` beside it, if any).
+    workdir:
+        Where to unpack (or copy).
+    progress:
+        Called with one line per step.
+
+    Returns
+    -------
+    tuple[pathlib.Path, dict]
+        The verified folder and its ``BUNDLE.json``.
+
+    Raises
+    ------
+    BundleError
+        Not found, not a folder or ``.tar.gz``, a damaged archive, or a folder that does not
+        verify (:func:`verify_folder`).
+    """
     p = Path(path).resolve()
     if p.is_dir():
         if os.geteuid() == 0 and (why := _others_can_change(p)):

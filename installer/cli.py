@@ -43,6 +43,14 @@ def _contributors() -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``cxrnode`` parser: every package's ``add_subcommands`` composed (the CLI composition
+    root), with ``--version``.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The parser; each subcommand sets ``func(args) -> int``.
+    """
     parser = argparse.ArgumentParser(
         prog="cxrnode",
         description="cxrnode: a DICOM node that drafts chest X-ray reports as DICOM SR for radiologist review.",
@@ -63,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``cxrnode`` command.
+
+    Parameters
+    ----------
+    argv:
+        The arguments (``None``: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit status: the command's, 2 for no command or a configuration error (one line on
+        stderr, no traceback).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -72,6 +72,23 @@ TRANSFER_WAIT_WARN_S = 3600.0
 
 @dataclass
 class Check:
+    """One line of ``cxrnode doctor``.
+
+    Attributes
+    ----------
+    name:
+        What was checked (``"storage free space"``).
+    status:
+        ``OK``, ``WARN`` or ``FAIL``.
+    detail:
+        What was found.
+    hint:
+        What to do about it.
+    data:
+        Numbers behind it, for ``--json``.
+    code:
+        A stable reason, ``"<check>.<reason>"`` (default ``"<check>.<ok|warn|fail>"``).
+    """
     name: str
     status: str
     detail: str
@@ -753,8 +770,31 @@ REVIEWER_ONLY = {check_display}
 
 def run_checks(config_path: str | None, overrides: Sequence[str] = (), echo_timeout_s: float = 5.0,
                inference: bool = True, role: str = "node") -> list[Check]:
-    """Run every check for ``role`` (node, reviewer, both); a check that crashes is a FAIL naming
-    the exception."""
+    """Run every check for ``role``; a check that crashes is a FAIL naming the exception.
+
+    Parameters
+    ----------
+    config_path:
+        The configuration file (``None``: ``$CXRNODE_CONFIG``, else defaults).
+    overrides:
+        ``--set`` items.
+    echo_timeout_s:
+        Time limit of each C-ECHO to a destination.
+    inference:
+        Run the sample study through the model.
+    role:
+        ``node``, ``reviewer`` or ``both``.
+
+    Returns
+    -------
+    list[Check]
+        The results, in order.
+
+    Raises
+    ------
+    ValueError
+        An unknown ``role``.
+    """
     if role not in ROLES:
         raise ValueError(f"role {role!r}: expected one of {ROLES}")
     ctx = Context(config_path or "", list(overrides), echo_timeout_s, inference, role=role)

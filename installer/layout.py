@@ -36,7 +36,13 @@ class InstallError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Where things go for a prefix (None = the system paths)."""
+    """Where things go for a prefix: versions, the current link, configuration, storage, unit.
+
+    Attributes
+    ----------
+    prefix:
+        The installation's root (``None``: the system paths).
+    """
 
     prefix: Path | None
 
@@ -94,7 +100,23 @@ def systemd_running() -> bool:
 
 
 def detect_layout(prefix: str | None) -> Layout:
-    """The layout for ``--prefix``, or the one this program runs from, or the system one."""
+    """The layout for ``--prefix``, or the one this program runs from, or the system one.
+
+    Parameters
+    ----------
+    prefix:
+        The ``--prefix`` argument (``None``: not given).
+
+    Returns
+    -------
+    Layout
+        The layout.
+
+    Raises
+    ------
+    InstallError
+        ``prefix`` is not an existing folder.
+    """
     if prefix:
         p = Path(prefix).resolve()
         if not p.is_dir():

@@ -41,8 +41,22 @@ def toml_value(value: Any) -> str:
 
 
 def render_config(example: str, values: dict[str, dict[str, Any]], tables: dict[str, list[dict[str, Any]]]) -> str:
-    """The example configuration with ``values`` set (section -> key -> value) and
-    ``tables`` (destinations/reviewers) appended. Comments are kept."""
+    """The example configuration with the site's answers filled in. Comments are kept.
+
+    Parameters
+    ----------
+    example:
+        The commented example configuration (:func:`installer.example_config.render`).
+    values:
+        Section -> key -> value to set.
+    tables:
+        ``destinations``/``reviewers`` tables to append.
+
+    Returns
+    -------
+    str
+        The configuration's TOML text.
+    """
     lines = example.splitlines()
     for section, kv in values.items():
         try:

@@ -50,8 +50,28 @@ def uses_gpu(flavour: str) -> bool:
 
 
 def render_unit(bin_path: Path, config: Path, storage: Path, user: str, port: int, flavour: str = "cpu") -> str:
-    """The text of ``cxrnode.service`` for this installation (``flavour`` of the bundle decides
-    whether the NVIDIA devices are reachable)."""
+    """The text of ``cxrnode.service`` for this installation.
+
+    Parameters
+    ----------
+    bin_path:
+        The installed ``cxrnode`` command.
+    config:
+        The configuration file.
+    storage:
+        The storage folder (the only place the service may write).
+    user:
+        The service account.
+    port:
+        The DICOM port (below 1024 needs ``CAP_NET_BIND_SERVICE``).
+    flavour:
+        The bundle's flavour: a GPU flavour makes the NVIDIA devices reachable.
+
+    Returns
+    -------
+    str
+        The unit file's text.
+    """
     caps = "CAP_NET_BIND_SERVICE" if port and port < 1024 else ""
     return render_template("cxrnode.service", bin=str(bin_path), config=str(config), storage_dir=str(storage),
                            user=user, group=user, capabilities=caps, memory_high=UNIT_MEMORY_HIGH,
