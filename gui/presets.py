@@ -11,18 +11,19 @@ black (0) to the end shown white (1), so MONOCHROME1 and MONOCHROME2 images get 
 ========== ======= ======= ============================================================
 preset     centre  width   what it is for
 ========== ======= ======= ============================================================
-lung       0.30    0.60    the dark lung fields spread over the grey scale (vessels,
-                           nodules, interstitium, pneumothorax edge); mediastinum white
-mediastinum 0.68   0.64    the bright half: heart borders, mediastinal contours,
-                           retrocardiac and subdiaphragmatic areas, lines and tubes;
-                           lungs black
-bone       0.58    0.40    a narrow, high-contrast window through the upper-middle
+lung       0.45    0.80    the lung fields in mid-greys (vessels, nodules, interstitium,
+                           pneumothorax edge); mediastinum and bone white
+mediastinum 0.78   0.55    the bright part: heart borders, mediastinal contours, the
+                           spine and retrocardiac area through the heart, lines and
+                           tubes; lungs black
+bone       0.62    0.40    a narrow, high-contrast window through the upper-middle
                            range where ribs, clavicles and spine overlie soft tissue
 ========== ======= ======= ============================================================
 
-These are starting points chosen by looking at the shipped synthetic studies and two real
-DX films (``shared/data/dicom_samples``), not numbers from a standard; the reviewer can still
-drag or step from them. An image that does carry a Hounsfield scale (``RescaleType`` HU, or
+These are starting points, not numbers from a standard, and no radiologist has validated
+them: they were picked among candidates by looking at the two real films of
+``shared/data/dicom_samples`` (a CR and a DX, MONOCHROME2) and the synthetic studies under each.
+The reviewer can still drag or step from them. An image that does carry a Hounsfield scale (``RescaleType`` HU, or
 Modality CT: a CT scout, a digitally reconstructed radiograph) gets the usual CT windows
 (:data:`HU_PRESETS`).
 """
@@ -51,9 +52,9 @@ class RelativePreset:
 
 #: presets for images without a Hounsfield scale (CR, DX): see the module docstring
 RELATIVE_PRESETS = {
-    LUNG: RelativePreset(0.30, 0.60),
-    MEDIASTINUM: RelativePreset(0.68, 0.64),
-    BONE: RelativePreset(0.58, 0.40),
+    LUNG: RelativePreset(0.45, 0.80),
+    MEDIASTINUM: RelativePreset(0.78, 0.55),
+    BONE: RelativePreset(0.62, 0.40),
 }
 
 #: CT windows in Hounsfield units (centre, width), for images that carry that scale

@@ -57,7 +57,7 @@ def test_preset_windows_are_relative_to_the_voi_range() -> None:
     m2 = picture()
     lung, medi, bone = (presets.preset_window(m2, n) for n in presets.NAMES)
     lo = m2.default_window.center - m2.default_window.width / 2
-    assert lung == imaging.WindowLevel(lo + 0.30 * 4000, 0.60 * 4000)
+    assert lung == imaging.WindowLevel(lo + 0.45 * 4000, 0.80 * 4000)
     assert lung.center < bone.center < medi.center  # lung spreads the dark end, mediastinum the bright
     assert bone.width < lung.width  # bone: the narrowest, most contrast
     # the same look on MONOCHROME1 (high values shown dark) and with the user's invert
