@@ -147,11 +147,34 @@ def register_instance(
         A concurrent first instance of the same study or series won the race (see
         :func:`register_with_retry`).
     """
-    study_uid = str(ds.StudyInstanceUID)
-    series_uid = str(ds.SeriesInstanceUID)
-    sop_uid = str(ds.SOPInstanceUID)
     now = db_utcnow(session)  # the database's clock: the promoter's quiet period is measured with it
+    study = _study_row(session, ds, now)
+    series = _series_row(session, ds, study)
+    sop_uid = str(ds.SOPInstanceUID)
+    inst = session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_uid)).one_or_none()
+    changed = True
+    if inst is None:
+        inst = Instance(sop_instance_uid=sop_uid)
+        session.add(inst)
+    else:
+        changed = inst.sha256 != sha256 or inst.path != relpath
+        if inst.generated and not generated:  # the node's own object is never taken over
+            if changed:
+                raise InstanceConflict(sop_uid, "belongs to an object this node generated", True,
+                                       inst.study.study_instance_uid)
+            return inst
+    _fill_instance(inst, ds, study, series, relpath, size, sha256, calling_ae, generated)
+    if changed:
+        inst.received_at = now
+    if not generated:
+        _note_received(study, ds, changed, now)
+    session.flush()
+    return inst
 
+
+def _study_row(session: Session, ds: Dataset, now: Any) -> Study:
+    """The Study row of ``ds``, created (flushed) from its patient/study attributes if new."""
+    study_uid = str(ds.StudyInstanceUID)
     study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)).one_or_none()
     if study is None:
         study = Study(
@@ -173,7 +196,12 @@ def register_instance(
         )
         session.add(study)
         session.flush()
+    return study
 
+
+def _series_row(session: Session, ds: Dataset, study: Study) -> Series:
+    """The Series row of ``ds``, created (flushed) in ``study`` if new."""
+    series_uid = str(ds.SeriesInstanceUID)
     series = session.scalars(select(Series).where(Series.series_instance_uid == series_uid)).one_or_none()
     if series is None:
         series = Series(
@@ -186,25 +214,17 @@ def register_instance(
         )
         session.add(series)
         session.flush()
+    return series
 
+
+def _fill_instance(inst: Instance, ds: Dataset, study: Study, series: Series, relpath: str, size: int,
+                   sha256: str, calling_ae: str, generated: bool) -> None:
+    """The Instance row's columns from ``ds`` and its stored file."""
     meta = getattr(ds, "file_meta", None)
-    ts = str(getattr(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
-    inst = session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_uid)).one_or_none()
-    changed = True
-    if inst is None:
-        inst = Instance(sop_instance_uid=sop_uid)
-        session.add(inst)
-    else:
-        changed = inst.sha256 != sha256 or inst.path != relpath
-        if inst.generated and not generated:  # the node's own object is never taken over
-            if changed:
-                raise InstanceConflict(sop_uid, "belongs to an object this node generated", True,
-                                       inst.study.study_instance_uid)
-            return inst
     inst.study_id = study.id
     inst.series_id = series.id
     inst.sop_class_uid = str(ds.SOPClassUID)
-    inst.transfer_syntax_uid = ts
+    inst.transfer_syntax_uid = str(getattr(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
     inst.instance_number = _text(ds, "InstanceNumber", 12)
     inst.view_position = _text(ds, "ViewPosition", 16)
     inst.path = relpath
@@ -212,18 +232,18 @@ def register_instance(
     inst.sha256 = sha256
     inst.calling_ae_title = calling_ae[:16]
     inst.generated = 1 if generated else 0
+
+
+def _note_received(study: Study, ds: Dataset, changed: bool, now: Any) -> None:
+    """A received instance: the study keeps the most urgent priority its requests gave
+    (STAT/ED/inpatient/outpatient) and, when the instance is new or changed, a new generation."""
+    urgent = more_urgent(study.priority or "", study_priority(ds))
+    if urgent != (study.priority or ""):
+        study.priority = urgent
     if changed:
-        inst.received_at = now
-    if not generated:  # the request's priority (STAT/ED/inpatient/outpatient): the most urgent seen
-        urgent = more_urgent(study.priority or "", study_priority(ds))
-        if urgent != (study.priority or ""):
-            study.priority = urgent
-    if not generated and changed:
         study.generation = (study.generation or 0) + 1
         study.last_received_at = now
         study.state = StudyState.RECEIVING
-    session.flush()
-    return inst
 
 
 def register_with_retry(

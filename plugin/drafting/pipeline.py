@@ -216,16 +216,73 @@ def run(ctx: JobContext, generator: Callable[[Config], Any] = generator_for) -> 
         buffered.flush()
 
 
-def _run(ctx: JobContext, generator: Callable[[Config], Any]) -> DraftOutcome | JobResult:
-    t_start = time.perf_counter()
-    timing: dict[str, float] = {}
+class _Laps:
+    """The job's timings: ``lap(name)`` records the time since the last mark (or ``restart()``)."""
 
-    def lap(name: str, since: float) -> float:
+    def __init__(self) -> None:
+        self.start = self.mark = time.perf_counter()
+        self.timing: dict[str, float] = {}
+
+    def restart(self) -> None:
+        self.mark = time.perf_counter()
+
+    def lap(self, name: str) -> None:
         now = time.perf_counter()
-        timing[name] = (now - since) * 1000
-        return now
+        self.timing[name] = (now - self.mark) * 1000
+        self.mark = now
 
+    def total_ms(self) -> float:
+        return (time.perf_counter() - self.start) * 1000
+
+
+Image = tuple[LoadedInstance, Any, np.ndarray]  # (instance, full dataset, MONOCHROME2 array at native size)
+
+
+@dataclass
+class _Drafting:
+    """What the steps of one drafting run share."""
+
+    ctx: JobContext
+    study_id: int
+    gen: Any
+    ind: Any  # plugin.drafting.indication.Indication
+    prior_fetch: priors_mod.PriorFetch | None
+    laps: _Laps
+
+
+def _run(ctx: JobContext, generator: Callable[[Config], Any]) -> DraftOutcome | JobResult:
+    """The steps of :func:`handle_job` (see the module docstring), each a function below."""
+    laps = _Laps()
     cfg = ctx.config
+    found = _select(ctx)
+    if isinstance(found, JobResult):
+        return found
+    study_id, loaded, chosen = found
+    # priors (when [priors] enabled) are fetched beside the drafting; they never block it
+    prior_fetch = priors_mod.start(ctx, [li.dataset for li in chosen])
+    laps.lap("headers")
+    gen = generator(cfg)
+    images = _decode(ctx, chosen, cfg)
+    if not images:
+        return JobResult("skipped", "no chest radiograph could be decoded (see the job log)")
+    laps.lap("pixels")
+    job = _Drafting(ctx, study_id, gen, _indication(ctx, loaded, cfg), prior_fetch, laps)
+    images, resolved = _classify(job, images)
+    laps.restart()
+    decision = _input_check(cfg.pipeline.input_check, gen, images, resolved)
+    laps.lap("input check")
+    ctx.log(f"input check ({decision.mode}): {decision.outcome}: {decision.reason}")
+    for note in (*decision.notes(), *decision.study):
+        ctx.log(f"input check: {note}")
+    if decision.withheld:
+        return _draft_withheld(job, images, resolved, decision)
+    images, resolved = _views_read(job, images, resolved, decision)
+    report, gen_ms = _generate(job, images, resolved)
+    return _draft_generated(job, images, resolved, decision, report, gen_ms)
+
+
+def _select(ctx: JobContext) -> tuple[int, list[LoadedInstance], list[LoadedInstance]] | JobResult:
+    """Load the study's headers and select the chest radiographs (each skip in the job log)."""
     study_id, loaded, problems = _load_instances(ctx)
     for line in problems:
         ctx.log(line)
@@ -240,33 +297,34 @@ def _run(ctx: JobContext, generator: Callable[[Config], Any]) -> DraftOutcome | 
     if not selection.images:
         reasons = "; ".join(sorted({s.reason for s in selection.skipped})) or "the study has no instances"
         return JobResult("skipped", f"no chest radiograph to read ({reasons})")
-
     by_uid = {li.header.sop_instance_uid: li for li in loaded}
-    # priors (when [priors] enabled) are fetched beside the drafting; they never block it
-    prior_fetch = priors_mod.start(ctx, [by_uid[h.sop_instance_uid].dataset for h in selection.images])
-    t = lap("headers", t_start)
-    gen = generator(cfg)
-    # native size: the runtime alone resizes and normalises (onnx_models.runtime.StudyInput)
+    return study_id, loaded, [by_uid[h.sop_instance_uid] for h in selection.images]
+
+
+def _decode(ctx: JobContext, chosen: list[LoadedInstance], cfg: Config) -> list[Image]:
+    """Read the chosen images with their pixels and prepare them at native size (the runtime alone
+    resizes and normalises: onnx_models.runtime.StudyInput); an unreadable one is skipped, said why."""
     options = PixelOptions(voi_window_index=cfg.pipeline.voi_window_index)
-    images: list[tuple[LoadedInstance, Any, np.ndarray]] = []
-    for h in selection.images:
-        li = by_uid[h.sop_instance_uid]
+    images: list[Image] = []
+    for li in chosen:
+        uid = li.header.sop_instance_uid
         try:
             full = pydicom.dcmread(ctx.store.abspath(li.relpath))
         except Exception as exc:  # truncated or corrupt after the header: skip it, say why
-            ctx.log(f"skipped {h.sop_instance_uid}: cannot read {li.relpath}: {type(exc).__name__}: {exc}")
+            ctx.log(f"skipped {uid}: cannot read {li.relpath}: {type(exc).__name__}: {exc}")
             continue
         try:
             prepared = prepare(full, options)
         except PixelError as exc:
-            ctx.log(f"skipped {h.sop_instance_uid}: {exc}")
+            ctx.log(f"skipped {uid}: {exc}")
             continue
-        ctx.log(f"pixels {h.sop_instance_uid}: " + "; ".join(prepared.steps))
+        ctx.log(f"pixels {uid}: " + "; ".join(prepared.steps))
         images.append((li, full, prepared.array))
-    if not images:
-        return JobResult("skipped", "no chest radiograph could be decoded (see the job log)")
-    t = lap("pixels", t)
+    return images
 
+
+def _indication(ctx: JobContext, loaded: list[LoadedInstance], cfg: Config) -> Any:
+    """The clinical indication of the study (plugin.drafting.indication), said in the job log."""
     ind = indication_mod.extract(
         [li.dataset for li in loaded if li.dataset is not None],
         cfg.pipeline.indication_sources,
@@ -274,72 +332,90 @@ def _run(ctx: JobContext, generator: Callable[[Config], Any]) -> DraftOutcome | 
     )
     ctx.log(f"indication from {ind.source}: {len(ind.text)} characters" + (" (truncated)" if ind.truncated else "")
             if ind else "no indication in the study")
+    return ind
 
-    t_cls = time.perf_counter()
-    labels = gen.classify_views([arr for _, _, arr in images])
-    t = lap("classify", t_cls)
+
+def _classify(job: _Drafting, images: list[Image]) -> tuple[list[Image], list[ResolvedView]]:
+    """Let the bundle's view classifier check the tagged views; the images in reading order."""
+    job.laps.restart()
+    labels = job.gen.classify_views([arr for _, _, arr in images])
+    job.laps.lap("classify")
     resolved: list[ResolvedView] = []
     for (li, _, _), label in zip(images, labels, strict=True):
         rv = resolve_view(li.header.sop_instance_uid, view_from_tags(li.header), label)
-        ctx.log(f"view {rv.sop_instance_uid}: {rv.note}")
+        job.ctx.log(f"view {rv.sop_instance_uid}: {rv.note}")
         resolved.append(rv)
     order = view_order([rv.view for rv in resolved])
-    images = [images[i] for i in order]
-    resolved = [resolved[i] for i in order]
+    return [images[i] for i in order], [resolved[i] for i in order]
 
-    t_gate = time.perf_counter()
-    decision = _input_check(cfg.pipeline.input_check, gen, images, resolved)
-    t = lap("input check", t_gate)
-    ctx.log(f"input check ({decision.mode}): {decision.outcome}: {decision.reason}")
-    for note in (*decision.notes(), *decision.study):
-        ctx.log(f"input check: {note}")
-    if decision.withheld:
-        prior = prior_fetch.comparison() if prior_fetch is not None else None
-        draft_ds = sr_mod.build_draft_sr([full for _, full, _ in images], sr_mod.DraftContent(
-            findings="", impression="", indication=ind.text, model_name=gen.name, model_version=gen.version,
-            institution_name=str(images[0][1].get("InstitutionName", "") or ""),
-            withheld_reason=decision.reason, notes=decision.study, prior=prior.comparison if prior else None,
-        ))
-        t = lap("sr", t)
-        info = {"tokens": [], "observations": {}, "grounded": [], "duration_ms": 0.0,
-                "input_check": decision.as_json()}
-        if prior is not None:
-            info["prior"] = prior.info
-        outcome = _commit(ctx, study_id, draft_ds, ind.text, "", "", info, resolved, gen, 0.0)
-        if prior_fetch is not None and prior is not None and isinstance(outcome, DraftOutcome):
-            prior_fetch.link(outcome.draft_id, prior)
-        if isinstance(outcome, DraftOutcome):
-            ctx.log(f"draft SR {outcome.sop_instance_uid} (withheld) stored in "
-                    f"{(time.perf_counter() - t_start) * 1000:.0f} ms")
-        return outcome
+
+def _views_read(job: _Drafting, images: list[Image], resolved: list[ResolvedView],
+                decision: gate_mod.GateDecision) -> tuple[list[Image], list[ResolvedView]]:
+    """The views the gate lets through, at most as many as the model reads (the rest said why)."""
     images = [images[i] for i in decision.use]
     resolved = [resolved[i] for i in decision.use]
-    max_views = _max_views(gen)
+    max_views = _max_views(job.gen)
     if len(images) > max_views:
         for rv in resolved[max_views:]:
-            ctx.log(f"skipped {rv.sop_instance_uid}: the model reads at most {max_views} views ({rv.view} not used)")
+            job.ctx.log(f"skipped {rv.sop_instance_uid}: the model reads at most {max_views} views "
+                        f"({rv.view} not used)")
         images, resolved = images[:max_views], resolved[:max_views]
+    return images, resolved
 
+
+def _generate(job: _Drafting, images: list[Image], resolved: list[ResolvedView]) -> tuple[Any, float]:
+    """Generate the report (``GeneratedReport``) and its time in ms; an empty report raises."""
     from onnx_models.runtime import StudyInput
 
-    max_tokens = cfg.model.max_report_tokens or None
-    t_gen = time.perf_counter()
+    gen = job.gen
+    max_tokens = job.ctx.config.model.max_report_tokens or None
+    job.laps.restart()
+    t_gen = job.laps.mark
     [report] = gen.generate(
         [StudyInput(views=[(arr, rv.view) for (_, _, arr), rv in zip(images, resolved, strict=True)],
-                    indication=ind.model_text)],
+                    indication=job.ind.model_text)],
         max_tokens=max_tokens,
     )
     gen_ms = (time.perf_counter() - t_gen) * 1000
-    t = lap("generate", t_gen)
-    ctx.log(f"model {gen.name} {gen.version}: views classified in {timing['classify']:.0f} ms, "
-            f"report generated in {gen_ms:.0f} ms ({len(report.tokens)} tokens, providers {list(gen.providers)})")
+    job.laps.lap("generate")
+    job.ctx.log(f"model {gen.name} {gen.version}: views classified in {job.laps.timing['classify']:.0f} ms, "
+                f"report generated in {gen_ms:.0f} ms ({len(report.tokens)} tokens, providers {list(gen.providers)})")
+    if not report.findings.strip() and not report.impression.strip():
+        raise RuntimeError(f"model {gen.name} {gen.version} generated an empty report")
+    return report, gen_ms
+
+
+def _draft_withheld(job: _Drafting, images: list[Image], resolved: list[ResolvedView],
+                    decision: gate_mod.GateDecision) -> DraftOutcome | JobResult:
+    """The gate withheld the draft: an SR that says so and why, committed like any draft."""
+    ctx, gen, ind = job.ctx, job.gen, job.ind
+    prior = job.prior_fetch.comparison() if job.prior_fetch is not None else None
+    draft_ds = sr_mod.build_draft_sr([full for _, full, _ in images], sr_mod.DraftContent(
+        findings="", impression="", indication=ind.text, model_name=gen.name, model_version=gen.version,
+        institution_name=str(images[0][1].get("InstitutionName", "") or ""),
+        withheld_reason=decision.reason, notes=decision.study, prior=prior.comparison if prior else None,
+    ))
+    job.laps.lap("sr")
+    info = {"tokens": [], "observations": {}, "grounded": [], "duration_ms": 0.0,
+            "input_check": decision.as_json()}
+    if prior is not None:
+        info["prior"] = prior.info
+    outcome = _commit(ctx, job.study_id, draft_ds, ind.text, "", "", info, resolved, gen, 0.0)
+    if job.prior_fetch is not None and prior is not None and isinstance(outcome, DraftOutcome):
+        job.prior_fetch.link(outcome.draft_id, prior)
+    if isinstance(outcome, DraftOutcome):
+        ctx.log(f"draft SR {outcome.sop_instance_uid} (withheld) stored in {job.laps.total_ms():.0f} ms")
+    return outcome
+
+
+def _draft_generated(job: _Drafting, images: list[Image], resolved: list[ResolvedView], decision: gate_mod.GateDecision,
+                     report: Any, gen_ms: float) -> DraftOutcome | JobResult:
+    """Build the draft SR of the generated report, commit it, link its prior, render it if asked."""
+    ctx, gen, ind, cfg = job.ctx, job.gen, job.ind, job.ctx.config
     findings = report.findings.strip()
     impression = report.impression.strip()
-    if not findings and not impression:
-        raise RuntimeError(f"model {gen.name} {gen.version} generated an empty report")
-
     observations = sr_mod.coded_observations(f"{findings}\n{impression}")
-    prior = prior_fetch.comparison() if prior_fetch is not None else None  # waited for after the model
+    prior = job.prior_fetch.comparison() if job.prior_fetch is not None else None  # waited for after the model
     sources = [full for _, full, _ in images]
     draft_ds = sr_mod.build_draft_sr(sources, sr_mod.DraftContent(
         findings=findings, impression=impression, indication=ind.text,
@@ -347,7 +423,7 @@ def _run(ctx: JobContext, generator: Callable[[Config], Any]) -> DraftOutcome | 
         institution_name=str(sources[0].get("InstitutionName", "") or ""),
         notes=(*decision.notes(), *decision.study), prior=prior.comparison if prior else None,
     ))
-    t = lap("sr", t)
+    job.laps.lap("sr")
     info = {
         "tokens": [[w, round(float(p), 4)] for w, p in report.tokens],
         "observations": {k: round(float(v), 4) for k, v in report.observations.items()},
@@ -358,17 +434,17 @@ def _run(ctx: JobContext, generator: Callable[[Config], Any]) -> DraftOutcome | 
     }
     if prior is not None:
         info["prior"] = prior.info
-    outcome = _commit(ctx, study_id, draft_ds, ind.text, findings, impression, info, resolved, gen, gen_ms)
-    if prior_fetch is not None and prior is not None and isinstance(outcome, DraftOutcome):
-        prior_fetch.link(outcome.draft_id, prior)
+    outcome = _commit(ctx, job.study_id, draft_ds, ind.text, findings, impression, info, resolved, gen, gen_ms)
+    if job.prior_fetch is not None and prior is not None and isinstance(outcome, DraftOutcome):
+        job.prior_fetch.link(outcome.draft_id, prior)
     if isinstance(outcome, JobResult):
         return outcome
-    t = lap("store+index", t)
+    job.laps.lap("store+index")
     if cfg.pipeline.render_report != "none":
         _render(ctx, draft_ds, cfg.pipeline.render_report)
-        t = lap("render", t)
-    ctx.log(f"draft SR {outcome.sop_instance_uid} stored in {(time.perf_counter() - t_start) * 1000:.0f} ms ("
-            + ", ".join(f"{k} {v:.0f} ms" for k, v in timing.items()) + ")")
+        job.laps.lap("render")
+    ctx.log(f"draft SR {outcome.sop_instance_uid} stored in {job.laps.total_ms():.0f} ms ("
+            + ", ".join(f"{k} {v:.0f} ms" for k, v in job.laps.timing.items()) + ")")
     return outcome
 
 

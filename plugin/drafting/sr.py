@@ -616,12 +616,7 @@ def build_draft_sr(sources: Sequence[Any], content: DraftContent) -> Dataset:
         No source image, sources of several studies, or no text (a withheld draft must have
         none).
     """
-    if not sources:
-        raise SRError("a draft needs at least one source image")
-    _quiet_person_name_warning()
-    studies = {str(s.StudyInstanceUID) for s in sources}
-    if len(studies) != 1:
-        raise SRError(f"source images belong to {len(studies)} studies; a report covers one study")
+    study_uid = _one_study(sources, "a draft needs at least one source image")
     findings = _check_text("findings", content.findings)
     impression = _check_text("impression", content.impression)
     indication = _check_text("indication", content.indication)
@@ -630,13 +625,11 @@ def build_draft_sr(sources: Sequence[Any], content: DraftContent) -> Dataset:
         raise SRError("a withheld draft carries no generated findings or impression")
     if not findings and not impression and not withheld:
         raise SRError("the generated report is empty (no findings, no impression)")
-    study_uid = studies.pop()
     source_uids = sorted(str(s.SOPInstanceUID) for s in sources)
     sop_uid = deterministic_uid("draft", study_uid, content.model_name, content.model_version, *source_uids,
                                 *(["withheld"] if withheld else []),
                                 *([f"prior:{content.prior.study_instance_uid}"]
                                   if content.prior and content.prior.study_instance_uid else []))
-    series_uid = deterministic_uid("draft-series", study_uid)
     evidence = [_evidence_stub(s, i == 0) for i, s in enumerate(sources)]
     images = [(str(s.SOPClassUID), str(s.SOPInstanceUID)) for s in sources]
     tree = _content_tree(
@@ -647,11 +640,33 @@ def build_draft_sr(sources: Sequence[Any], content: DraftContent) -> Dataset:
         model_name=content.model_name, model_version=content.model_version, verifier=None,
         withheld=bool(withheld), prior=content.prior,
     )
-    created = content.created_at or dt.datetime.now(dt.UTC).astimezone()
+    return _unverified_sr(evidence, tree, study_uid=study_uid, sop_uid=sop_uid,
+                          created=content.created_at or dt.datetime.now(dt.UTC).astimezone(),
+                          institution_name=content.institution_name, series_description=DRAFT_SERIES_DESCRIPTION,
+                          model_name_attr=(content.model_name or "report model")[:64],
+                          software_versions=_versions(content.model_name, content.model_version))
+
+
+def _one_study(sources: Sequence[Any], none_given: str) -> str:
+    """The one study of ``sources`` (a report covers one study); quiets highdicom's name warning."""
+    if not sources:
+        raise SRError(none_given)
+    _quiet_person_name_warning()
+    studies = {str(s.StudyInstanceUID) for s in sources}
+    if len(studies) != 1:
+        raise SRError(f"source images belong to {len(studies)} studies; a report covers one study")
+    return studies.pop()
+
+
+def _unverified_sr(evidence: list[Dataset], tree: Any, *, study_uid: str, sop_uid: str, created: dt.datetime,
+                   institution_name: str, series_description: str, model_name_attr: str,
+                   software_versions: Any) -> Dataset:
+    """A draft SR (PARTIAL, UNVERIFIED, PRELIMINARY) in the draft series of the study, with the
+    source images as ``evidence`` (the first carries patient and study)."""
     sr = hd.sr.ComprehensiveSR(
         evidence=evidence,
         content=tree,
-        series_instance_uid=series_uid,
+        series_instance_uid=deterministic_uid("draft-series", study_uid),
         series_number=DRAFT_SERIES_NUMBER,
         sop_instance_uid=sop_uid,
         instance_number=1,
@@ -659,10 +674,10 @@ def build_draft_sr(sources: Sequence[Any], content: DraftContent) -> Dataset:
         is_complete=False,
         is_final=False,
         is_verified=False,
-        institution_name=content.institution_name or None,
-        series_description=DRAFT_SERIES_DESCRIPTION,
-        manufacturer_model_name=(content.model_name or "report model")[:64],
-        software_versions=_versions(content.model_name, content.model_version),
+        institution_name=institution_name or None,
+        series_description=series_description,
+        manufacturer_model_name=model_name_attr,
+        software_versions=software_versions,
         content_date=created.date(),
         content_time=created.time().replace(tzinfo=None),
         specific_character_set="ISO_IR 192",
@@ -745,10 +760,7 @@ def build_signed_sr(
     if str(draft.get("SOPClassUID", "")) != COMPREHENSIVE_SR or "ContentSequence" not in draft:
         raise SRError("the draft is not a Comprehensive SR document")
     _quiet_person_name_warning()
-    if not verifier_name or not verifier_name.strip():
-        raise SRError("the verifying observer's name is required")
-    if not verifier_org or not verifier_org.strip():
-        raise SRError("the verifying organisation is required")
+    _check_verifier(verifier_name, verifier_org, "the verifying observer's name is required")
     findings = _check_text("findings", findings)
     impression = _check_text("impression", impression)
     if not findings and not impression:
@@ -756,59 +768,83 @@ def build_signed_sr(
     if signed_at.tzinfo is None:
         signed_at = signed_at.astimezone()
     before = read_report(draft)
-    refs = _references(draft)
-    if not refs:
-        raise SRError("the draft references no source images")
-    # evidence[0] carries patient and study: take them from the draft itself
-    first = _evidence_stub(draft, True)
-    for kw in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID"):
-        setattr(first, kw, getattr(refs[0], kw))
-    evidence = [first, *refs[1:]]
-    model_name, _, model_version = before.device_model.rpartition(" ")
+    evidence, images = _verified_evidence(draft, "the draft")
     draft_uid = str(draft.SOPInstanceUID)
     sop_uid = deterministic_uid("signed", draft_uid, findings, impression, verifier_name, verifier_org,
-                                signed_at.isoformat())
-    series_uid = deterministic_uid("signed-series", str(draft.StudyInstanceUID))
-    if critical is not None:
-        sop_uid = deterministic_uid("signed", draft_uid, findings, impression, verifier_name, verifier_org,
-                                    signed_at.isoformat(), "critical", critical.sentence())
-    who = str(verifier_name).replace('^', ' ').strip()
-    if before.no_ai_draft:
-        comment = f"Reported from the images by {spoken_name(verifier_name)}; no AI draft was used."
-    else:
-        comment = (f"Drafted by {before.device_model or 'an AI model'} (draft SR {draft_uid}); "
-                   f"reviewed and verified by {who}.")
+                                signed_at.isoformat(),
+                                *(("critical", critical.sentence()) if critical is not None else ()))
+    model_name, _, model_version = before.device_model.rpartition(" ")
     tree = _content_tree(
         indication=before.indication, findings=findings, impression=impression,
-        comments=[comment], observations=coded_observations(f"{findings}\n{impression}"),
-        images=[(str(r.SOPClassUID), str(r.SOPInstanceUID)) for r in refs],
+        comments=[_signed_comment(before, draft_uid, verifier_name)],
+        observations=coded_observations(f"{findings}\n{impression}"), images=images,
         model_name=model_name, model_version=model_version,
         verifier=(verifier_name, verifier_org), no_ai_draft=before.no_ai_draft, critical=critical,
         prior=before.prior,
     )
+    return _verified_sr(draft, evidence, tree, sop_uid=sop_uid, instance_number=1,
+                        verifier=(verifier_name, verifier_org), at=signed_at, model=(model_name, model_version))
+
+
+def _check_verifier(name: str, organisation: str, name_missing: str) -> None:
+    """The verifying observer (PS3.3 C.17.2) needs a name and an organisation."""
+    if not name or not name.strip():
+        raise SRError(name_missing)
+    if not organisation or not organisation.strip():
+        raise SRError("the verifying organisation is required")
+
+
+def _verified_evidence(predecessor: Dataset, what: str) -> tuple[list[Dataset], list[tuple[str, str]]]:
+    """The evidence of a verified SR that follows ``predecessor`` (the images it references; the
+    first carries patient and study, taken from ``predecessor`` itself) and those images as
+    (SOP Class UID, SOP Instance UID) for the content tree."""
+    refs = _references(predecessor)
+    if not refs:
+        raise SRError(f"{what} references no source images")
+    first = _evidence_stub(predecessor, True)
+    for kw in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID"):
+        setattr(first, kw, getattr(refs[0], kw))
+    return [first, *refs[1:]], [(str(r.SOPClassUID), str(r.SOPInstanceUID)) for r in refs]
+
+
+def _signed_comment(before: ReportText, draft_uid: str, verifier_name: str) -> str:
+    """Who drafted and who verified the report (one Comment of the verified SR)."""
+    if before.no_ai_draft:
+        return f"Reported from the images by {spoken_name(verifier_name)}; no AI draft was used."
+    who = str(verifier_name).replace('^', ' ').strip()
+    return (f"Drafted by {before.device_model or 'an AI model'} (draft SR {draft_uid}); "
+            f"reviewed and verified by {who}.")
+
+
+def _verified_sr(predecessor: Dataset, evidence: list[Dataset], tree: Any, *, sop_uid: str, instance_number: int,
+                 verifier: tuple[str, str], at: dt.datetime, model: tuple[str, str]) -> Dataset:
+    """A verified SR (COMPLETE, VERIFIED, FINAL; VerificationDateTime = ``at``) in the signed
+    series of the study, with Predecessor Documents -> ``predecessor``: the signed report and its
+    addenda alike."""
+    verifier_name, verifier_org = verifier
     sr = hd.sr.ComprehensiveSR(
         evidence=evidence,
         content=tree,
-        series_instance_uid=series_uid,
+        series_instance_uid=deterministic_uid("signed-series", str(predecessor.StudyInstanceUID)),
         series_number=SIGNED_SERIES_NUMBER,
         sop_instance_uid=sop_uid,
-        instance_number=1,
+        instance_number=instance_number,
         manufacturer=MANUFACTURER,
         is_complete=True,
         is_final=True,
         is_verified=True,
         verifying_observer_name=verifier_name,
         verifying_organization=verifier_org.strip()[:64],  # LO
-        institution_name=str(draft.get("InstitutionName", "") or "") or None,
-        previous_versions=[draft],
+        institution_name=str(predecessor.get("InstitutionName", "") or "") or None,
+        previous_versions=[predecessor],
         series_description=SIGNED_SERIES_DESCRIPTION,
-        manufacturer_model_name=str(draft.get("ManufacturerModelName", "") or "report model"),
-        software_versions=_versions(model_name, model_version),
-        content_date=signed_at.date(),
-        content_time=signed_at.time().replace(tzinfo=None),
+        manufacturer_model_name=str(predecessor.get("ManufacturerModelName", "") or "report model"),
+        software_versions=_versions(*model),
+        content_date=at.date(),
+        content_time=at.time().replace(tzinfo=None),
         specific_character_set="ISO_IR 192",
     )
-    sr.VerifyingObserverSequence[0].VerificationDateTime = DT(signed_at)
+    sr.VerifyingObserverSequence[0].VerificationDateTime = DT(at)
     return _finish(sr)
 
 
@@ -842,14 +878,8 @@ def build_no_ai_draft_sr(sources: Sequence[Any], reason: str, indication: str = 
     SRError
         No source image, or sources of several studies.
     """
-    if not sources:
-        raise SRError("a report needs at least one source image")
-    _quiet_person_name_warning()
-    studies = {str(s.StudyInstanceUID) for s in sources}
-    if len(studies) != 1:
-        raise SRError(f"source images belong to {len(studies)} studies; a report covers one study")
+    study_uid = _one_study(sources, "a report needs at least one source image")
     reason = _check_text("reason", reason) or "no AI draft"
-    study_uid = studies.pop()
     source_uids = sorted(str(s.SOPInstanceUID) for s in sources)
     created = created_at or dt.datetime.now(dt.UTC).astimezone()
     sop_uid = deterministic_uid("no-ai-draft", study_uid, *source_uids, created.isoformat())
@@ -859,26 +889,11 @@ def build_no_ai_draft_sr(sources: Sequence[Any], reason: str, indication: str = 
         observations=(), images=[(str(s.SOPClassUID), str(s.SOPInstanceUID)) for s in sources],
         model_name="", model_version="", verifier=None, no_ai_draft=True,
     )
-    sr = hd.sr.ComprehensiveSR(
-        evidence=[_evidence_stub(s, i == 0) for i, s in enumerate(sources)],
-        content=tree,
-        series_instance_uid=deterministic_uid("draft-series", study_uid),
-        series_number=DRAFT_SERIES_NUMBER,
-        sop_instance_uid=sop_uid,
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        is_complete=False,
-        is_final=False,
-        is_verified=False,
-        institution_name=institution_name or None,
-        series_description="Report from scratch - UNVERIFIED",
-        manufacturer_model_name="none (no AI draft)",
-        software_versions=[f"cxrnode {_software_version()}"[:64]],
-        content_date=created.date(),
-        content_time=created.time().replace(tzinfo=None),
-        specific_character_set="ISO_IR 192",
-    )
-    return _finish(sr)
+    evidence = [_evidence_stub(s, i == 0) for i, s in enumerate(sources)]
+    return _unverified_sr(evidence, tree, study_uid=study_uid, sop_uid=sop_uid, created=created,
+                          institution_name=institution_name, series_description="Report from scratch - UNVERIFIED",
+                          model_name_attr="none (no AI draft)",
+                          software_versions=[f"cxrnode {_software_version()}"[:64]])
 
 
 def build_addendum_sr(
@@ -926,56 +941,28 @@ def build_addendum_sr(
     if str(predecessor.get("VerificationFlag", "")) != "VERIFIED" or str(predecessor.get("CompletionFlag", "")) != "COMPLETE":
         raise SRError("only a verified, complete report can be amended; sign the draft instead")
     _quiet_person_name_warning()
-    if not author_name or not author_name.strip():
-        raise SRError("the addendum's author (verifying observer) is required")
-    if not author_org or not author_org.strip():
-        raise SRError("the verifying organisation is required")
+    _check_verifier(author_name, author_org, "the addendum's author (verifying observer) is required")
     text = _check_text("addendum", text)
     if not text:
         raise SRError("the addendum is empty")
     if added_at.tzinfo is None:
         added_at = added_at.astimezone()
     before = read_report(predecessor)
-    refs = _references(predecessor)
-    if not refs:
-        raise SRError("the report to amend references no source images")
-    first = _evidence_stub(predecessor, True)
-    for kw in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID"):
-        setattr(first, kw, getattr(refs[0], kw))
+    evidence, images = _verified_evidence(predecessor, "the report to amend")
     addenda = (*before.addenda, AddendumText(text, str(author_name), added_at))
     model_name, _, model_version = before.device_model.rpartition(" ")
     pred_uid = str(predecessor.SOPInstanceUID)
     tree = _content_tree(
         indication=before.indication, findings=before.findings, impression=before.impression,
-        comments=[c for c in before.comments if c], observations=before.observations,
-        images=[(str(r.SOPClassUID), str(r.SOPInstanceUID)) for r in refs],
+        comments=[c for c in before.comments if c], observations=before.observations, images=images,
         model_name=model_name, model_version=model_version, verifier=(author_name, author_org),
         no_ai_draft=before.no_ai_draft, critical=before.critical, addenda=addenda, prior=before.prior,
     )
-    sr = hd.sr.ComprehensiveSR(
-        evidence=[first, *refs[1:]],
-        content=tree,
-        series_instance_uid=deterministic_uid("signed-series", str(predecessor.StudyInstanceUID)),
-        series_number=SIGNED_SERIES_NUMBER,
-        sop_instance_uid=deterministic_uid("addendum", pred_uid, text, author_name, author_org, added_at.isoformat()),
-        instance_number=len(addenda) + 1,
-        manufacturer=MANUFACTURER,
-        is_complete=True,
-        is_final=True,
-        is_verified=True,
-        verifying_observer_name=author_name,
-        verifying_organization=author_org.strip()[:64],
-        institution_name=str(predecessor.get("InstitutionName", "") or "") or None,
-        previous_versions=[predecessor],
-        series_description=SIGNED_SERIES_DESCRIPTION,
-        manufacturer_model_name=str(predecessor.get("ManufacturerModelName", "") or "report model"),
-        software_versions=_versions(model_name, model_version),
-        content_date=added_at.date(),
-        content_time=added_at.time().replace(tzinfo=None),
-        specific_character_set="ISO_IR 192",
-    )
-    sr.VerifyingObserverSequence[0].VerificationDateTime = DT(added_at)
-    return _finish(sr)
+    return _verified_sr(predecessor, evidence, tree,
+                        sop_uid=deterministic_uid("addendum", pred_uid, text, author_name, author_org,
+                                                  added_at.isoformat()),
+                        instance_number=len(addenda) + 1, verifier=(author_name, author_org), at=added_at,
+                        model=(model_name, model_version))
 
 
 def warm_up() -> None:

@@ -67,7 +67,7 @@ from sqlalchemy import and_, case, delete, func, or_, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from dicom_node import index
-from dicom_node.commit import Enqueue, StoredFile, commit_dataset
+from dicom_node.commit import Enqueue, commit_dataset
 from dicom_node.config import Config, Reviewer
 from dicom_node.db import (
     Draft,
@@ -1043,119 +1043,77 @@ class ReviewService:
         :class:`StudyChangedError` or :class:`PlaceholderError` (``xxxx`` left in the text); on any error nothing is committed and no file is left behind.
         """
         reviewer = self.reviewer(user)
-        findings = findings.strip()
-        impression = impression.strip()
-        if not findings and not impression:
-            raise ReviewError("the report is empty: write the findings or the impression before signing")
-        if n := placeholders(findings + "\n" + impression):
-            raise PlaceholderError(f"the report still holds {n} de-identification placeholder(s) (\"xxxx\"): "
-                                   "replace them with what the images show before signing")
+        findings, impression = _text_to_sign(findings, impression)
         communication = _communication(critical, reviewer.display_name)
         self.claim(draft_id, user)  # take or renew the lock; raises if someone else holds it
-
-        with self.sessions() as s:
-            d = s.get(Draft, draft_id)
-            assert d is not None
-            draft_path = self.store.abspath(d.path)
-            study_uid = d.study.study_instance_uid
-            draft_uid = d.sop_instance_uid
-            ai_findings, ai_impression = d.findings, d.impression
-
-        try:
-            draft_ds = pydicom.dcmread(draft_path)
-        except (OSError, pydicom.errors.InvalidDicomError) as exc:
-            raise ReviewError(f"cannot read the draft SR {draft_uid} from the store: {exc}") from exc
-        signed_at_local = dt.datetime.now(dt.UTC).astimezone()
-        try:
-            signed_ds = sr.build_signed_sr(
-                draft_ds,
-                findings,
-                impression,
-                reviewer.display_name,
-                reviewer.organisation,
-                signed_at_local,
-                critical=communication,
-            )
-        except sr.SRError as exc:
-            raise ReviewError(f"cannot write the verified report: {exc}") from exc
-        relpath = self.store.instance_relpath(
-            signed_ds.StudyInstanceUID, signed_ds.SeriesInstanceUID, signed_ds.SOPInstanceUID
+        draft = self._draft_to_sign(draft_id)
+        signed_ds = _signed_sr(draft, findings, impression, reviewer, communication)
+        sig = _Signature(
+            draft=draft, user=user, reviewer=reviewer, findings=findings, impression=impression,
+            sop_instance_uid=str(signed_ds.SOPInstanceUID), communication=communication, at=self.clock(),
+            relpath=self.store.instance_relpath(signed_ds.StudyInstanceUID, signed_ds.SeriesInstanceUID,
+                                                signed_ds.SOPInstanceUID),
         )
-        now = self.clock()
-
-        def take_draft(s: Session) -> None:
-            # lock the study row first (PostgreSQL; SQLite has one writer anyway): an instance
-            # registered now waits for this transaction, so the generation checked below is the
-            # one committed with the signature
-            s.execute(select(Study.id).where(Study.study_instance_uid == study_uid).with_for_update()).first()
-            res = s.execute(
-                update(Draft)
-                .where(
-                    and_(
-                        Draft.id == draft_id,
-                        Draft.state == DraftState.IN_REVIEW,
-                        Draft.claimed_by == user,
-                        self._study_unchanged(),
-                    )
-                )
-                .values(
-                    state=DraftState.SIGNED,
-                    signed_by=user,
-                    signed_at=now,
-                    signed_sop_instance_uid=signed_ds.SOPInstanceUID,
-                    signed_path=relpath,
-                    signed_findings=findings,
-                    signed_impression=impression,
-                )
-                .execution_options(synchronize_session=False)
-            )
-            if _rowcount(res) != 1:
-                raise self._explain_refusal(s, draft_id, user, now)
-
-        def signed_rows(s: Session, stored: StoredFile) -> None:
-            s.execute(
-                update(Study)
-                .where(Study.study_instance_uid == study_uid)
-                .values(state=StudyState.SIGNED)
-                .execution_options(synchronize_session=False)
-            )
-            changes = _edit_summary(ai_findings, ai_impression, findings, impression)
-            if changes:
-                index.audit(s, user, "edited", study_uid, draft_uid, changes)
-            index.audit(
-                s,
-                user,
-                "signed",
-                study_uid,
-                signed_ds.SOPInstanceUID,
-                json.dumps(
-                    {
-                        "draft": draft_uid,
-                        "verifier": reviewer.display_name,
-                        "organisation": reviewer.organisation,
-                        "edited": bool(changes),
-                    }
-                ),
-            )
-            if critical is not None and communication is not None:
-                _record_critical(s, draft_id, study_uid, signed_ds.SOPInstanceUID, user, communication, now)
-
         # one commit (dicom_node.commit): the file, then the signature, the index row, the audit and
         # the transfers in one transaction; the file is removed if it fails. The transfers are due only
         # when the undo window (review.undo_window_s) has passed, or when the reviewer sends at once
         # (send_signed_now); undo_sign withdraws them
-        commit_dataset(self.store, self.sessions, signed_ds, relpath, signed_rows,
-                       registered_by=self.config.node.ae_title, prepare=take_draft,
+        commit_dataset(self.store, self.sessions, signed_ds, sig.relpath, lambda s, _stored: _signed_rows(s, sig),
+                       registered_by=self.config.node.ae_title, prepare=lambda s: self._take_draft(s, sig),
                        enqueue=Enqueue(self.config, "signed", dt.timedelta(seconds=self.config.review.undo_window_s)))
-        log.info("draft %s signed: verified SR %s", draft_id, signed_ds.SOPInstanceUID)
+        log.info("draft %s signed: verified SR %s", draft_id, sig.sop_instance_uid)
         return SignResult(
-            draft_id=draft_id, study_instance_uid=study_uid, state=DraftState.SIGNED, signed_by=user, signed_at=now,
-            signed_sop_instance_uid=signed_ds.SOPInstanceUID, signed_path=relpath, signed_findings=findings,
-            signed_impression=impression, verifier_name=reviewer.display_name,
-            critical=None if critical is None or communication is None else CriticalNotice(
+            draft_id=draft_id, study_instance_uid=draft.study_uid, state=DraftState.SIGNED, signed_by=user,
+            signed_at=sig.at, signed_sop_instance_uid=sig.sop_instance_uid, signed_path=sig.relpath,
+            signed_findings=findings, signed_impression=impression, verifier_name=reviewer.display_name,
+            critical=None if communication is None else CriticalNotice(
                 communication.recipient, communication.role, communication.method,
                 _naive_utc(communication.communicated_at), user),
         )
+
+    def _draft_to_sign(self, draft_id: int) -> _DraftToSign:
+        """The draft's SR (read from the store) and what the signature records about it."""
+        with self.sessions() as s:
+            d = s.get(Draft, draft_id)
+            assert d is not None
+            draft_path = self.store.abspath(d.path)
+            facts = (d.study.study_instance_uid, d.sop_instance_uid, d.findings, d.impression)
+        try:
+            draft_ds = pydicom.dcmread(draft_path)
+        except (OSError, pydicom.errors.InvalidDicomError) as exc:
+            raise ReviewError(f"cannot read the draft SR {facts[1]} from the store: {exc}") from exc
+        return _DraftToSign(draft_id, draft_ds, *facts)
+
+    def _take_draft(self, s: Session, sig: _Signature) -> None:
+        """The signature's state change: one conditional UPDATE (still in review, claimed by the
+        signer, the study unchanged), first in the committing transaction; refused with the reason."""
+        # lock the study row first (PostgreSQL; SQLite has one writer anyway): an instance
+        # registered now waits for this transaction, so the generation checked below is the
+        # one committed with the signature
+        s.execute(select(Study.id).where(Study.study_instance_uid == sig.draft.study_uid).with_for_update()).first()
+        res = s.execute(
+            update(Draft)
+            .where(
+                and_(
+                    Draft.id == sig.draft.draft_id,
+                    Draft.state == DraftState.IN_REVIEW,
+                    Draft.claimed_by == sig.user,
+                    self._study_unchanged(),
+                )
+            )
+            .values(
+                state=DraftState.SIGNED,
+                signed_by=sig.user,
+                signed_at=sig.at,
+                signed_sop_instance_uid=sig.sop_instance_uid,
+                signed_path=sig.relpath,
+                signed_findings=sig.findings,
+                signed_impression=sig.impression,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if _rowcount(res) != 1:
+            raise self._explain_refusal(s, sig.draft.draft_id, sig.user, sig.at)
 
     def send_signed_now(self, draft_id: int, user: str) -> int:
         """End the undo window of ``user``'s signature: its verified SR's transfers become due now.
@@ -1277,6 +1235,76 @@ def sort_rows(rows: Sequence[WorklistRow], key: str = "age", descending: bool = 
         order = {s: i for i, s in enumerate(WORKLIST_STATES)}
         return sorted(rows, key=lambda r: (order.get(r.state, 99), -r.age_s), reverse=descending)
     return sorted(rows, key=lambda r: (str(getattr(r, key)).lower(), -r.age_s), reverse=descending)
+
+
+@dataclass(frozen=True)
+class _DraftToSign:
+    """The draft being signed: its SR and what the signature records about it."""
+
+    draft_id: int
+    dataset: pydicom.Dataset
+    study_uid: str
+    sop_instance_uid: str
+    ai_findings: str
+    ai_impression: str
+
+
+@dataclass(frozen=True)
+class _Signature:
+    """One signature being committed."""
+
+    draft: _DraftToSign
+    user: str
+    reviewer: Reviewer
+    findings: str
+    impression: str
+    sop_instance_uid: str  # of the verified SR
+    relpath: str  # of the verified SR in the store
+    communication: sr.CriticalCommunication | None
+    at: dt.datetime  # naive UTC
+
+
+def _text_to_sign(findings: str, impression: str) -> tuple[str, str]:
+    """The report text, stripped; a :class:`ReviewError` when it is empty or holds placeholders."""
+    findings = findings.strip()
+    impression = impression.strip()
+    if not findings and not impression:
+        raise ReviewError("the report is empty: write the findings or the impression before signing")
+    if n := placeholders(findings + "\n" + impression):
+        raise PlaceholderError(f"the report still holds {n} de-identification placeholder(s) (\"xxxx\"): "
+                               "replace them with what the images show before signing")
+    return findings, impression
+
+
+def _signed_sr(draft: _DraftToSign, findings: str, impression: str, reviewer: Reviewer,
+               communication: sr.CriticalCommunication | None) -> pydicom.Dataset:
+    """The verified SR of the draft (plugin.drafting.sr), signed now; a :class:`ReviewError` if it cannot be made."""
+    signed_at_local = dt.datetime.now(dt.UTC).astimezone()
+    try:
+        return sr.build_signed_sr(draft.dataset, findings, impression, reviewer.display_name, reviewer.organisation,
+                                  signed_at_local, critical=communication)
+    except sr.SRError as exc:
+        raise ReviewError(f"cannot write the verified report: {exc}") from exc
+
+
+def _signed_rows(s: Session, sig: _Signature) -> None:
+    """The signature's rows besides the draft's: the study signed, the audit (an ``edited`` event
+    when the text changed, then ``signed``) and the critical result told, if any."""
+    d = sig.draft
+    s.execute(
+        update(Study)
+        .where(Study.study_instance_uid == d.study_uid)
+        .values(state=StudyState.SIGNED)
+        .execution_options(synchronize_session=False)
+    )
+    changes = _edit_summary(d.ai_findings, d.ai_impression, sig.findings, sig.impression)
+    if changes:
+        index.audit(s, sig.user, "edited", d.study_uid, d.sop_instance_uid, changes)
+    index.audit(s, sig.user, "signed", d.study_uid, sig.sop_instance_uid,
+                json.dumps({"draft": d.sop_instance_uid, "verifier": sig.reviewer.display_name,
+                            "organisation": sig.reviewer.organisation, "edited": bool(changes)}))
+    if sig.communication is not None:
+        _record_critical(s, d.draft_id, d.study_uid, sig.sop_instance_uid, sig.user, sig.communication, sig.at)
 
 
 def _edit_summary(ai_findings: str, ai_impression: str, findings: str, impression: str) -> str:
