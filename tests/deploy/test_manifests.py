@@ -338,6 +338,8 @@ def test_containerfile_ports_healthcheck_user(path: Path, tmp_path: Path, monkey
     assert exposed == {config.node.port, health} and config.node.port == NodeConfig().port == 11112
     assert config.node.health_port == health and config.node.health_host == "0.0.0.0"
     assert config.node.storage_dir == "/var/lib/cxrnode" and ("VOLUME", '["/var/lib/cxrnode"]') in ins
+    # ONNX Runtime's SQLite cache (~/.cache; HOME is the shared volume) stays in the container
+    assert env["XDG_CACHE_HOME"].startswith("/tmp/")
     (user,) = [rest for w, rest in ins if w == "USER"]
     assert user.split(":")[0] not in ("0", "root") and user.split(":")[0].isdigit(), "numeric non-root user"
     assert ("ENTRYPOINT", '["cxrnode"]') in ins
