@@ -25,6 +25,7 @@ from sqlalchemy import select
 
 from dicom_node.config import Config, Destination, load_config
 from dicom_node.db import Draft, Job, Study
+from plugin.token_info import TokenInfo
 
 DEMO_AE = "CXRNODE"
 
@@ -161,7 +162,7 @@ def _wait_for_draft(node: Any, study_uid: str, timeout: float, say: Any) -> tupl
                     "views": json.loads(draft.views or "[]"),
                     "model": f"{draft.model_name} {draft.model_version}",
                     "job_ms": job.duration_ms,
-                    "input_check": json.loads(draft.token_info or "{}").get("input_check", {}),
+                    "input_check": gate.to_json() if (gate := TokenInfo.parse(draft.token_info).input_check) else {},
                 }, job.log or "")
             if job is not None and job.state in ("skipped", "failed"):
                 return f"the job ended {job.state}: {job.last_error}\n{job.log}"

@@ -55,7 +55,7 @@ from plugin.drafting.views import (
     select_images,
     view_from_tags,
 )
-from plugin.review.draft_info import decision_thresholds
+from plugin.token_info import InputCheck, TokenInfo, decision_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -396,10 +396,7 @@ def _draft_withheld(job: _Drafting, images: list[Image], resolved: list[Resolved
         withheld_reason=decision.reason, notes=decision.study, prior=prior.comparison if prior else None,
     ))
     job.laps.lap("sr")
-    info = {"tokens": [], "observations": {}, "grounded": [], "duration_ms": 0.0,
-            "input_check": decision.as_json()}
-    if prior is not None:
-        info["prior"] = prior.info
+    info = TokenInfo(input_check=InputCheck.from_json(decision.as_json()), prior=prior.info if prior else None)
     outcome = _commit(ctx, job.study_id, draft_ds, ind.text, "", "", info, resolved, gen, 0.0)
     if job.prior_fetch is not None and prior is not None and isinstance(outcome, DraftOutcome):
         job.prior_fetch.link(outcome.draft_id, prior)
@@ -424,16 +421,12 @@ def _draft_generated(job: _Drafting, images: list[Image], resolved: list[Resolve
         notes=(*decision.notes(), *decision.study), prior=prior.comparison if prior else None,
     ))
     job.laps.lap("sr")
-    info = {
-        "tokens": [[w, round(float(p), 4)] for w, p in report.tokens],
-        "observations": {k: round(float(v), 4) for k, v in report.observations.items()},
-        "thresholds": decision_thresholds(gen.bundle.manifest),
-        "grounded": [[t, round(float(p), 4)] for t, p in getattr(report, "grounded", [])],
-        "duration_ms": round(gen_ms, 1),
-        "input_check": decision.as_json(),
-    }
-    if prior is not None:
-        info["prior"] = prior.info
+    info = TokenInfo(
+        tokens=tuple(report.tokens), observations=dict(report.observations),
+        grounded=tuple(getattr(report, "grounded", ())), duration_ms=gen_ms,
+        thresholds=decision_thresholds(gen.bundle.manifest), input_check=InputCheck.from_json(decision.as_json()),
+        prior=prior.info if prior else None,
+    )
     outcome = _commit(ctx, job.study_id, draft_ds, ind.text, findings, impression, info, resolved, gen, gen_ms)
     if job.prior_fetch is not None and prior is not None and isinstance(outcome, DraftOutcome):
         job.prior_fetch.link(outcome.draft_id, prior)
@@ -459,7 +452,7 @@ def _input_check(mode: str, gen: Any, images: list[tuple[LoadedInstance, Any, np
 
 
 def _commit(ctx: JobContext, study_id: int, draft_ds: Any, indication: str, findings: str, impression: str,
-            info: dict[str, Any], resolved: list[ResolvedView], gen: Any, gen_ms: float) -> DraftOutcome | JobResult:
+            info: TokenInfo, resolved: list[ResolvedView], gen: Any, gen_ms: float) -> DraftOutcome | JobResult:
     uid = str(draft_ds.SOPInstanceUID)
     relpath = ctx.store.instance_relpath(str(draft_ds.StudyInstanceUID), str(draft_ds.SeriesInstanceUID), uid)
     with ctx.sessions() as s:
@@ -469,7 +462,7 @@ def _commit(ctx: JobContext, study_id: int, draft_ds: Any, indication: str, find
             ctx.log(f"draft {uid} for these images and this model exists ({existing.state}); not redrafted")
             return JobResult("done", f"draft {uid} already exists ({existing.state})",
                              model_name=gen.name, model_version=gen.version)
-    token_info = json.dumps(info)
+    token_info = info.to_json()
     views_json = json.dumps([rv.as_json() for rv in resolved])
 
     def draft_rows(s: Session, stored: StoredFile) -> tuple[int, int]:
@@ -499,7 +492,7 @@ def _commit(ctx: JobContext, study_id: int, draft_ds: Any, indication: str, find
         index.audit(s, ACTOR, "drafted", ctx.study_instance_uid, uid,
                     json.dumps({"job": ctx.job_id, "model": f"{gen.name} {gen.version}",
                                 "views": len(resolved), "superseded": n_superseded,
-                                "input_check": info.get("input_check", {}).get("outcome", "")}))
+                                "input_check": info.input_check.outcome if info.input_check else ""}))
         return d.id, n_superseded
 
     done = commit_dataset(ctx.store, ctx.sessions, draft_ds, relpath, draft_rows,
@@ -512,7 +505,7 @@ def _commit(ctx: JobContext, study_id: int, draft_ds: Any, indication: str, find
     if transfers:
         ctx.log(f"queued the draft to {transfers} destination(s)")
     return DraftOutcome(draft_id, uid, relpath, findings, impression, indication, tuple(resolved), gen_ms,
-                        gen.name, gen.version, dict(info.get("input_check", {})))
+                        gen.name, gen.version, info.input_check.to_json() if info.input_check else {})
 
 
 def _render(ctx: JobContext, draft_ds: Any, kind: str) -> None:

@@ -164,10 +164,15 @@ def critical_findings(observations: Mapping[str, float], findings: str = "", imp
 def critical_markers(token_info: str, findings: str, impression: str) -> tuple[str, ...]:
     """The markers of a draft from its stored columns (``Draft.token_info``, findings,
     impression), one line per rule crossed (:meth:`CriticalFinding.describe`)."""
-    from plugin.review.draft_info import parse_observations
+    from plugin.token_info import TokenInfo
 
-    observed = parse_observations(token_info)
-    wanted = tuple(sorted((r.observation, observed[r.observation]) for r in CRITICAL_RULES if r.observation in observed))
+    return markers_of(TokenInfo.parse(token_info).observations, findings, impression)
+
+
+def markers_of(observations: Mapping[str, float], findings: str, impression: str) -> tuple[str, ...]:
+    """:func:`critical_markers` of a parsed ``token_info`` (its ``observations``)."""
+    wanted = tuple(sorted((r.observation, observations[r.observation]) for r in CRITICAL_RULES
+                          if r.observation in observations))
     return _markers(wanted, findings, impression)
 
 
@@ -178,4 +183,4 @@ def _markers(observed: tuple[tuple[str, float], ...], findings: str, impression:
     return tuple(f.describe() for f in critical_findings(dict(observed), findings, impression))
 
 
-__all__ = ["CRITICAL_RULES", "CriticalFinding", "CriticalRule", "critical_findings", "critical_markers"]
+__all__ = ["CRITICAL_RULES", "CriticalFinding", "CriticalRule", "critical_findings", "critical_markers", "markers_of"]

@@ -10,7 +10,6 @@ read-only: nothing here changes them.
 from __future__ import annotations
 
 import datetime as dt
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import Draft, DraftPrior, PriorInstance, PriorStudy
 from dicom_node.store import Store
+from plugin.token_info import TokenInfo
 
 NO_PRIOR = "No prior chest radiographs found"
 REPORT_MODALITIES = ("SR", "DOC")
@@ -78,14 +78,6 @@ class PriorDetail:
         return self.outcome == "found"
 
 
-def _token_prior(raw: str | None) -> dict[str, str]:
-    try:
-        info = json.loads(raw or "{}")
-    except ValueError:
-        return {}
-    prior = info.get("prior") if isinstance(info, dict) else None
-    return {str(k): str(v) for k, v in prior.items()} if isinstance(prior, dict) else {}
-
 
 def _detail(s: Session, store: Store, prior: PriorStudy) -> PriorDetail:
     rows = s.scalars(select(PriorInstance).where(PriorInstance.prior_id == prior.id).order_by(PriorInstance.id)).all()
@@ -115,7 +107,7 @@ def prior_for_draft(sessions: sessionmaker[Session], store: Store, draft_id: int
                           .order_by(PriorStudy.study_date.desc(), PriorStudy.study_time.desc())).first()
         if prior is not None:
             return _detail(s, store, prior)
-        info = _token_prior(d.token_info)
+        info = TokenInfo.parse(d.token_info).prior or {}
     outcome = info.get("outcome", "")
     if outcome == "none":
         return PriorDetail("none", NO_PRIOR + " in the PACS for this patient.")

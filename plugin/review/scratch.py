@@ -41,6 +41,7 @@ from plugin.review.service import (
     ReviewService,
     ViewRef,
 )
+from plugin.token_info import TokenInfo
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ def report_from_scratch(service: ReviewService, study_uid: str, user: str) -> in
             index.register_instance(s, ds, relpath, size, sha256, service.config.node.ae_title, generated=True)
             d = Draft(study_id=st.id, job_id=job.id, state=DraftState.IN_REVIEW, sop_instance_uid=ds.SOPInstanceUID,
                       path=relpath, indication=indication, findings="", impression="",
-                      token_info=json.dumps({"no_ai_draft": {"reason": reason}}),
+                      token_info=TokenInfo(no_ai_draft=reason).to_json(),
                       views=json.dumps([{"sop_instance_uid": uid, "view": (view or "UNKNOWN").upper(), "source": "tag"}
                                         for uid, view, _ in images]),
                       model_name="", model_version="", created_at=now, claimed_by=user, claimed_at=now)

@@ -85,20 +85,17 @@ from dicom_node.db import (
 from dicom_node.priority import rank as priority_rank
 from dicom_node.store import Store
 from plugin.drafting import sr
-from plugin.review.critical import critical_markers
+from plugin.review.critical import markers_of
 from plugin.review.draft_info import (
     InputCheck,
     ObservationCall,
     ViewCheck,
     bundle_thresholds,
     observation_calls,
-    parse_input_check,
-    parse_no_ai_draft,
-    parse_observations,
-    parse_thresholds,
 )
 from plugin.review.priors import PriorDetail, prior_for_draft
 from plugin.review.results import CriticalNotice, RejectResult, SignResult
+from plugin.token_info import TokenInfo
 
 log = logging.getLogger(__name__)
 
@@ -479,56 +476,14 @@ class DraftDetail:
 
 
 def parse_token_info(raw: str | None) -> tuple[tuple[str, float], ...]:
-    """Words and their probabilities from ``Draft.token_info`` (JSON).
-
-    Accepts a list of ``[word, prob]`` pairs or of objects with a word (``word``/``token``/
-    ``text``) and a probability (``prob``/``p``/``probability``), or an object whose values are
-    such lists (one per report section). Word-piece markers (``Ġ``, ``▁``, ``##``) are removed.
-    Anything unreadable gives an empty tuple: highlighting is an aid, never a failure.
-    """
-    if not raw:
-        return ()
-    try:
-        data = json.loads(raw)
-    except (TypeError, ValueError):
-        return ()
-    items: list[Any] = []
-    if isinstance(data, dict):
-        for key in ("findings", "impression", "tokens", "words"):
-            if isinstance(data.get(key), list):
-                items.extend(data[key])
-    elif isinstance(data, list):
-        items = data
-    out: list[tuple[str, float]] = []
-    for item in items:
-        word: Any = None
-        prob: Any = None
-        if isinstance(item, list | tuple) and len(item) >= 2:
-            word, prob = item[0], item[1]
-        elif isinstance(item, dict):
-            word = next((item[k] for k in ("word", "token", "text") if k in item), None)
-            prob = next((item[k] for k in ("prob", "p", "probability") if k in item), None)
-        if not isinstance(word, str) or not isinstance(prob, int | float) or isinstance(prob, bool):
-            continue
-        word = word.replace("Ġ", "").replace("▁", "").removeprefix("##").strip()
-        if word:
-            out.append((word, float(prob)))
-    return tuple(out)
+    """Words and their probabilities from ``Draft.token_info`` (``TokenInfo.parse(raw).tokens``:
+    word-piece markers ``Ġ``, ``▁``, ``##`` removed; anything unreadable gives an empty tuple)."""
+    return TokenInfo.parse(raw).tokens
 
 
 def parse_grounded(raw: str | None) -> tuple[tuple[str, float], ...]:
-    """The ``grounded`` sentences of ``Draft.token_info`` (``[[sentence, probability], ...]``);
-    anything unreadable gives an empty tuple."""
-    try:
-        data = json.loads(raw or "")
-    except (TypeError, ValueError):
-        return ()
-    items = data.get("grounded") if isinstance(data, dict) else None
-    if not isinstance(items, list):
-        return ()
-    return tuple((str(i[0]), float(i[1])) for i in items
-                 if isinstance(i, list | tuple) and len(i) >= 2 and isinstance(i[0], str)
-                 and isinstance(i[1], int | float) and not isinstance(i[1], bool))
+    """The ``grounded`` sentences of ``Draft.token_info`` (``TokenInfo.parse(raw).grounded``)."""
+    return TokenInfo.parse(raw).grounded
 
 
 def text_diff(before: str, after: str, before_name: str = "AI draft", after_name: str = "edited") -> str:
@@ -559,9 +514,8 @@ def text_diff(before: str, after: str, before_name: str = "AI draft", after_name
     )
 
 
-def _gate_fields(token_info: str | None) -> dict[str, Any]:
+def _gate_fields(gate: InputCheck | None) -> dict[str, Any]:
     """The worklist fields of the input gate's outcome (empty for a draft made before the gate)."""
-    gate = parse_input_check(token_info)
     if gate is None:
         return {}
     return {"input_outcome": gate.outcome, "input_reason": gate.reason,
@@ -767,6 +721,7 @@ class ReviewService:
             state, holder = self._row_state(d, now)
             if state not in wanted:
                 continue
+            info = TokenInfo.parse(d.token_info)
             rows.append(
                 _row_of(
                     st,
@@ -779,9 +734,9 @@ class ReviewService:
                     model_name=d.model_name,
                     model_version=d.model_version,
                     detail=d.reject_reason or "",
-                    **_gate_fields(d.token_info),
-                    no_ai_draft_reason=parse_no_ai_draft(d.token_info),
-                    critical=critical_markers(d.token_info or "", d.findings or "", d.impression or ""),
+                    **_gate_fields(info.input_check),
+                    no_ai_draft_reason=info.no_ai_draft_reason,
+                    critical=markers_of(info.observations, d.findings or "", d.impression or ""),
                 )
             )
         return rows
@@ -861,7 +816,8 @@ class ReviewService:
             raise NotReviewableError(f"draft {draft_id} does not exist")
         st = d.study
         refs = _views_of(d.views)
-        gate = parse_input_check(d.token_info)
+        info = TokenInfo.parse(d.token_info)
+        gate = info.input_check
         if gate is not None:  # views the gate did not let through are shown too, with its verdict
             known = {r.get("sop_instance_uid") for r in refs}
             refs += [{"sop_instance_uid": v.sop_instance_uid, "view": v.view, "source": "input check"}
@@ -883,7 +839,7 @@ class ReviewService:
             )
             for r in refs
         )
-        thresholds = parse_thresholds(d.token_info) or bundle_thresholds(
+        thresholds = info.thresholds or bundle_thresholds(
             self.config.model.bundle, d.model_name or "", d.model_version or "")
         state, holder = self._row_state(d, self.clock())
         return DraftDetail(
@@ -901,8 +857,8 @@ class ReviewService:
             indication=d.indication,
             findings=d.findings,
             impression=d.impression,
-            tokens=parse_token_info(d.token_info),
-            grounded=parse_grounded(d.token_info),
+            tokens=info.tokens,
+            grounded=info.grounded,
             views=views,
             model_name=d.model_name,
             model_version=d.model_version,
@@ -916,9 +872,9 @@ class ReviewService:
             signed_findings=d.signed_findings or "",
             signed_impression=d.signed_impression or "",
             reject_reason=d.reject_reason or "",
-            observations=observation_calls(parse_observations(d.token_info), thresholds),
+            observations=observation_calls(info.observations, thresholds),
             input_check=gate,
-            no_ai_draft_reason=parse_no_ai_draft(d.token_info),
+            no_ai_draft_reason=info.no_ai_draft_reason,
         )
 
     # -- the lock ---------------------------------------------------------------------------

@@ -403,15 +403,17 @@ def test_parse_grounded() -> None:
     assert review.parse_grounded(json.dumps({"grounded": [["x", True], [1, 0.2], ["ok", 1]]})) == (("ok", 1.0),)
 
 
-def test_parse_token_info_accepts_the_shapes_the_pipeline_may_write() -> None:
-    assert review.parse_token_info(json.dumps([["Ġheart", 0.9], ["size", 0.4]])) == (("heart", 0.9), ("size", 0.4))
-    assert review.parse_token_info(json.dumps([{"word": "lungs", "prob": 0.2}])) == (("lungs", 0.2),)
-    assert review.parse_token_info(
-        json.dumps({"findings": [{"token": "##ed", "p": 0.5}], "impression": [["normal", 1.0]]})
-    ) == (("ed", 0.5), ("normal", 1.0))
+def test_parse_token_info_reads_the_one_shape_the_pipeline_writes() -> None:
+    # the pipeline has written {"tokens": [[word, p], ...], ...} since its first commit (279e90f);
+    # other shapes were never written and read as no tokens (issue 15: one shape, plugin.token_info)
+    assert review.parse_token_info(json.dumps({"tokens": [["Ġheart", 0.9], ["size", 0.4]]})) == (
+        ("heart", 0.9), ("size", 0.4))
+    assert review.parse_token_info(json.dumps({"tokens": [["##ed", 0.5], ["▁normal", 1]]})) == (
+        ("ed", 0.5), ("normal", 1.0))
     assert review.parse_token_info("not json") == ()
     assert review.parse_token_info("") == ()
-    assert review.parse_token_info(json.dumps([["x", "high"], [3, 0.1]])) == ()
+    assert review.parse_token_info(json.dumps({"tokens": [["x", "high"], [3, 0.1], ["y", True]]})) == ()
+    assert review.parse_token_info(json.dumps([["heart", 0.9]])) == ()  # a bare list: never written
 
 
 def test_text_diff() -> None:
