@@ -490,6 +490,13 @@ def _check_range(key: str, value: float, lo: float, hi: float | None = None) -> 
         raise ConfigError(f"{key}: expected a number {bound}, got {value!r}")
 
 
+def _check_ranges(c: Config, *rules: tuple[str, float, float | None]) -> None:
+    """:func:`_check_range` for each ``(section.key, lo, hi)``, on the value the key names in ``c``."""
+    for key, lo, hi in rules:
+        section, name = key.split(".")
+        _check_range(key, getattr(getattr(c, section), name), lo, hi)
+
+
 def validate(c: Config) -> None:
     """Range and cross-field checks that types alone cannot express."""
     _check_ae("node.ae_title", c.node.ae_title)
@@ -520,15 +527,9 @@ def validate(c: Config) -> None:
         raise ConfigError("security.tls_certificate: tls_certificate and tls_private_key must be set together")
     if c.security.tls_ca and not c.security.tls_certificate:
         raise ConfigError("security.tls_ca: mutual TLS needs tls_certificate and tls_private_key too")
-    _check_range("study.quiet_period_s", c.study.quiet_period_s, 0)
-    _check_range("jobs.workers", c.jobs.workers, 0, 64)
-    _check_range("jobs.lease_s", c.jobs.lease_s, 1)
-    _check_range("jobs.max_attempts", c.jobs.max_attempts, 1)
-    _check_range("jobs.backoff_s", c.jobs.backoff_s, 0)
-    _check_range("jobs.poll_interval_s", c.jobs.poll_interval_s, 0.01)
-    _check_range("model.threads", c.model.threads, 0, 256)
-    _check_range("model.beam_size", c.model.beam_size, 1, 16)
-    _check_range("model.max_report_tokens", c.model.max_report_tokens, 0, 4096)
+    _check_ranges(c, ("study.quiet_period_s", 0, None), ("jobs.workers", 0, 64), ("jobs.lease_s", 1, None),
+                  ("jobs.max_attempts", 1, None), ("jobs.backoff_s", 0, None), ("jobs.poll_interval_s", 0.01, None),
+                  ("model.threads", 0, 256), ("model.beam_size", 1, 16), ("model.max_report_tokens", 0, 4096))
     for i, p in enumerate(c.model.providers):
         if not p.endswith("ExecutionProvider"):
             raise ConfigError(f"model.providers[{i}]: expected an ONNX Runtime provider name like CPUExecutionProvider, got {p!r}")
@@ -539,22 +540,16 @@ def validate(c: Config) -> None:
     for i, name in enumerate(c.pipeline.indication_sources):
         if tag_for_keyword is not None and tag_for_keyword(name) is None:
             raise ConfigError(f"pipeline.indication_sources[{i}]: expected a DICOM attribute keyword, got {name!r}")
-    _check_range("pipeline.indication_max_chars", c.pipeline.indication_max_chars, 1)
-    _check_range("pipeline.voi_window_index", c.pipeline.voi_window_index, 0)
+    _check_ranges(c, ("pipeline.indication_max_chars", 1, None), ("pipeline.voi_window_index", 0, None))
     if c.pipeline.input_check not in {"enforce", "warn", "off"}:
         raise ConfigError(f'pipeline.input_check: expected "enforce", "warn" or "off", got {c.pipeline.input_check!r}')
     if c.pipeline.render_report not in {"none", "pdf", "sc"}:
         raise ConfigError(f'pipeline.render_report: expected "none", "pdf" or "sc", got {c.pipeline.render_report!r}')
-    _check_range("outbound.max_attempts", c.outbound.max_attempts, 1)
-    _check_range("outbound.backoff_s", c.outbound.backoff_s, 0)
-    _check_range("review.claim_timeout_s", c.review.claim_timeout_s, 1)
-    _check_range("review.refresh_s", c.review.refresh_s, 0)
-    _check_range("review.undo_window_s", c.review.undo_window_s, 0, 300)
-    _check_range("priors.max_priors", c.priors.max_priors, 1, 10)
-    _check_range("priors.retention_days", c.priors.retention_days, 0)
-    _check_range("priors.prune_interval_s", c.priors.prune_interval_s, 1)
-    _check_range("priors.timeout_s", c.priors.timeout_s, 0.1, 600)
-    _check_range("priors.max_instances", c.priors.max_instances, 1, 1000)
+    _check_ranges(c, ("outbound.max_attempts", 1, None), ("outbound.backoff_s", 0, None),
+                  ("review.claim_timeout_s", 1, None), ("review.refresh_s", 0, None),
+                  ("review.undo_window_s", 0, 300), ("priors.max_priors", 1, 10), ("priors.retention_days", 0, None),
+                  ("priors.prune_interval_s", 1, None), ("priors.timeout_s", 0.1, 600),
+                  ("priors.max_instances", 1, 1000))
     for i, mod in enumerate(c.priors.modalities):
         if not re.fullmatch(r"[A-Z0-9_]{1,16}", mod):
             raise ConfigError(f"priors.modalities[{i}]: expected a DICOM modality like CR or DX, got {mod!r}")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from pydicom import Dataset
 from sqlalchemy import select
@@ -172,49 +172,45 @@ def register_instance(
     return inst
 
 
-def _study_row(session: Session, ds: Dataset, now: Any) -> Study:
-    """The Study row of ``ds``, created (flushed) from its patient/study attributes if new."""
-    study_uid = str(ds.StudyInstanceUID)
-    study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)).one_or_none()
-    if study is None:
-        study = Study(
-            study_instance_uid=study_uid,
-            patient_id=_text(ds, "PatientID", 64),
-            patient_name=_text(ds, "PatientName", 324),
-            patient_birth_date=_text(ds, "PatientBirthDate", 8),
-            patient_sex=_text(ds, "PatientSex", 16),
-            accession_number=_text(ds, "AccessionNumber", 16),
-            study_date=_text(ds, "StudyDate", 8),
-            study_time=_text(ds, "StudyTime", 16),
-            study_description=_text(ds, "StudyDescription", 64),
-            referring_physician_name=_text(ds, "ReferringPhysicianName", 324),
-            study_id_attr=_text(ds, "StudyID", 16),
-            state=StudyState.RECEIVING,
-            generation=0,
-            first_received_at=now,
-            last_received_at=now,
-        )
-        session.add(study)
+#: Study and Series columns taken from the data set: (column, keyword, maximum length)
+_STUDY_TEXT = (("patient_id", "PatientID", 64), ("patient_name", "PatientName", 324),
+               ("patient_birth_date", "PatientBirthDate", 8), ("patient_sex", "PatientSex", 16),
+               ("accession_number", "AccessionNumber", 16), ("study_date", "StudyDate", 8),
+               ("study_time", "StudyTime", 16), ("study_description", "StudyDescription", 64),
+               ("referring_physician_name", "ReferringPhysicianName", 324), ("study_id_attr", "StudyID", 16))
+_SERIES_TEXT = (("modality", "Modality", 16), ("body_part_examined", "BodyPartExamined", 16),
+                ("series_number", "SeriesNumber", 12), ("series_description", "SeriesDescription", 64))
+
+R = TypeVar("R", Study, Series)
+
+
+def _texts(ds: Dataset, columns: tuple[tuple[str, str, int], ...]) -> dict[str, str]:
+    return {column: _text(ds, keyword, limit) for column, keyword, limit in columns}
+
+
+def _row(session: Session, model: type[R], uid_column: Any, uid: str, make: Callable[[], R]) -> R:
+    """The row of ``model`` whose ``uid_column`` is ``uid``; ``make()`` added and flushed if none."""
+    row = session.scalars(select(model).where(uid_column == uid)).one_or_none()
+    if row is None:
+        row = make()
+        session.add(row)
         session.flush()
-    return study
+    return row
+
+
+def _study_row(session: Session, ds: Dataset, now: Any) -> Study:
+    """The Study row of ``ds``, created from its patient/study attributes if new."""
+    uid = str(ds.StudyInstanceUID)
+    return _row(session, Study, Study.study_instance_uid, uid, lambda: Study(
+        study_instance_uid=uid, **_texts(ds, _STUDY_TEXT), state=StudyState.RECEIVING, generation=0,
+        first_received_at=now, last_received_at=now))
 
 
 def _series_row(session: Session, ds: Dataset, study: Study) -> Series:
-    """The Series row of ``ds``, created (flushed) in ``study`` if new."""
-    series_uid = str(ds.SeriesInstanceUID)
-    series = session.scalars(select(Series).where(Series.series_instance_uid == series_uid)).one_or_none()
-    if series is None:
-        series = Series(
-            study_id=study.id,
-            series_instance_uid=series_uid,
-            modality=_text(ds, "Modality", 16),
-            body_part_examined=_text(ds, "BodyPartExamined", 16),
-            series_number=_text(ds, "SeriesNumber", 12),
-            series_description=_text(ds, "SeriesDescription", 64),
-        )
-        session.add(series)
-        session.flush()
-    return series
+    """The Series row of ``ds``, created in ``study`` if new."""
+    uid = str(ds.SeriesInstanceUID)
+    return _row(session, Series, Series.series_instance_uid, uid, lambda: Series(
+        study_id=study.id, series_instance_uid=uid, **_texts(ds, _SERIES_TEXT)))
 
 
 def _fill_instance(inst: Instance, ds: Dataset, study: Study, series: Series, relpath: str, size: int,

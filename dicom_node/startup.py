@@ -284,30 +284,36 @@ def check_health_port(config: Config) -> None:
 
 
 def health_port_error(config: Config, exc: OSError) -> StartupError:
-    host, port = config.node.health_host, config.node.health_port
-    if exc.errno == errno.EADDRINUSE:
-        return StartupError(EXIT_HEALTH_PORT, "node.health_port", f"{host}:{port} is already in use",
-                            f"stop the other program (see: ss -ltnp 'sport = :{port}') or choose another "
-                            "node.health_port (--health-port)")
-    if exc.errno == errno.EACCES:
-        return StartupError(EXIT_HEALTH_PORT, "node.health_port", f"{host}:{port}: permission denied",
-                            "choose node.health_port >= 1024")
-    return StartupError(EXIT_HEALTH_PORT, "node.health_host", f"cannot bind {host}:{port} ({exc.strerror or exc})",
-                        "set node.health_host to an address of this machine (127.0.0.1, or 0.0.0.0 in a container)")
+    """Why ``node.health_port`` cannot be bound, as a :class:`StartupError` with what to do."""
+    port = config.node.health_port
+    return _bind_error(EXIT_HEALTH_PORT, "node.health_", config.node.health_host, port, exc,
+                       in_use=f"stop the other program (see: ss -ltnp 'sport = :{port}') or choose another "
+                              "node.health_port (--health-port)",
+                       denied="choose node.health_port >= 1024",
+                       bad_host="set node.health_host to an address of this machine (127.0.0.1, or 0.0.0.0 "
+                                "in a container)")
 
 
 def port_error(config: Config, exc: OSError) -> StartupError:
-    host, port = config.node.host, config.node.port
+    """Why ``node.port`` cannot be bound, as a :class:`StartupError` with what to do."""
+    port = config.node.port
+    return _bind_error(EXIT_PORT, "node.", config.node.host, port, exc,
+                       in_use=f"stop the other program (see: ss -ltnp 'sport = :{port}'; another cxrnode serve?) "
+                              "or choose another node.port",
+                       denied="ports below 1024 need root or CAP_NET_BIND_SERVICE (the installed unit grants it); "
+                              "or choose node.port >= 1024",
+                       bad_host="set node.host to an address of this machine (0.0.0.0 = all)")
+
+
+def _bind_error(code: int, prefix: str, host: str, port: int, exc: OSError, *, in_use: str, denied: str,
+                bad_host: str) -> StartupError:
+    """The one reading of a failed bind: the port in use, a privileged port, or not an address of
+    this machine (``prefix + "port"`` / ``prefix + "host"`` name the keys)."""
     if exc.errno == errno.EADDRINUSE:
-        return StartupError(EXIT_PORT, "node.port", f"{host}:{port} is already in use",
-                            f"stop the other program (see: ss -ltnp 'sport = :{port}'; another cxrnode serve?) "
-                            "or choose another node.port")
+        return StartupError(code, f"{prefix}port", f"{host}:{port} is already in use", in_use)
     if exc.errno == errno.EACCES:
-        return StartupError(EXIT_PORT, "node.port", f"{host}:{port}: permission denied",
-                            "ports below 1024 need root or CAP_NET_BIND_SERVICE (the installed unit grants it); "
-                            "or choose node.port >= 1024")
-    return StartupError(EXIT_PORT, "node.host", f"cannot bind {host}:{port} ({exc.strerror or exc})",
-                        "set node.host to an address of this machine (0.0.0.0 = all)")
+        return StartupError(code, f"{prefix}port", f"{host}:{port}: permission denied", denied)
+    return StartupError(code, f"{prefix}host", f"cannot bind {host}:{port} ({exc.strerror or exc})", bad_host)
 
 
 def load_and_prepare_handler(config: Config, always: bool = False) -> JobHandler | None:

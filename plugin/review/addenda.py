@@ -17,6 +17,7 @@ leave an addendum behind). Every addendum is audited (``addendum``).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -24,9 +25,13 @@ from dataclasses import dataclass
 
 import pydicom
 import pydicom.errors
+from pydicom import Dataset
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
-from dicom_node import index, outbound
+from dicom_node import index
+from dicom_node.commit import Enqueue, StoredFile, commit_dataset
+from dicom_node.config import Reviewer
 from dicom_node.db import Draft, DraftState, Study, Transfer, TransferState, utcnow
 from dicom_node.review_records import CriticalResult, ReportAddendum
 from plugin.drafting import sr
@@ -155,6 +160,45 @@ def add_addendum(service: ReviewService, draft_id: int, user: str, text: str) ->
         Another addendum was added meanwhile.
     """
     reviewer = service.reviewer(user)
+    text = _addendum_text(text)
+    now = service.clock()
+    pred_uid, pred_path, study_uid = _predecessor(service, draft_id, now)
+    ds = _addendum_sr(service, pred_uid, pred_path, text, reviewer)
+
+    def still_latest(s: Session) -> None:
+        # the study row first (PostgreSQL): two addenda to one report are made one after the other
+        s.execute(select(Study.id).where(Study.study_instance_uid == study_uid).with_for_update()).first()
+        latest = s.scalars(select(ReportAddendum.sop_instance_uid).where(ReportAddendum.draft_id == draft_id)
+                           .order_by(ReportAddendum.id.desc()).limit(1)).first()
+        signed_uid = s.scalar(select(Draft.signed_sop_instance_uid).where(Draft.id == draft_id))
+        if (latest or signed_uid) != pred_uid:
+            raise AddendumConflictError("another addendum was added to this report meanwhile: "
+                                        "read it, then add yours again")
+
+    def addendum_row(s: Session, stored: StoredFile) -> AddendumResult:
+        row = ReportAddendum(draft_id=draft_id, study_instance_uid=study_uid, sop_instance_uid=ds.SOPInstanceUID,
+                             path=stored.relpath, predecessor_sop_instance_uid=pred_uid, text=text, author=user,
+                             author_name=reviewer.display_name, created_at=now)
+        s.add(row)
+        index.audit(s, user, "addendum", study_uid, ds.SOPInstanceUID,
+                    json.dumps({"amends": pred_uid, "verifier": reviewer.display_name,
+                                "organisation": reviewer.organisation, "words": len(text.split())}))
+        s.flush()
+        return _addendum_result(row)
+
+    # one commit (dicom_node.commit): the file, then the index row, the addendum, the audit and the
+    # transfers (queued like a signed SR) in one transaction; the file is removed if it fails
+    done = commit_dataset(service.store, service.sessions, ds,
+                          service.store.instance_relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID),
+                          addendum_row, registered_by=service.config.node.ae_title, prepare=still_latest,
+                          enqueue=Enqueue(service.config, "signed"))
+    assert done.value is not None
+    log.info("draft %s: addendum %s amends %s", draft_id, ds.SOPInstanceUID, pred_uid)
+    return dataclasses.replace(done.value, transfers=done.transfers)
+
+
+def _addendum_text(text: str) -> str:
+    """The addendum's text, normalised; a :class:`ReviewError` when empty, too long or holding placeholders."""
     text = (text or "").replace("\r\n", "\n").strip()
     if not text:
         raise ReviewError("the addendum is empty: write what you add to the report")
@@ -162,7 +206,12 @@ def add_addendum(service: ReviewService, draft_id: int, user: str, text: str) ->
         raise ReviewError(f"the addendum is {len(text)} characters long; at most {MAX_ADDENDUM_CHARS}")
     if n := placeholders(text):
         raise PlaceholderError(f"the addendum holds {n} de-identification placeholder(s) (\"xxxx\"): replace them")
-    now = service.clock()
+    return text
+
+
+def _predecessor(service: ReviewService, draft_id: int, now: dt.datetime) -> tuple[str, str, str]:
+    """The SR the addendum amends (the latest addendum, else the signed report): its SOP Instance
+    UID and store path, and the study's UID. Refused while the signature can still be undone."""
     window = dt.timedelta(seconds=service.config.review.undo_window_s)
     with service.sessions() as s:
         d = s.get(Draft, draft_id)
@@ -185,46 +234,20 @@ def add_addendum(service: ReviewService, draft_id: int, user: str, text: str) ->
         last = s.scalars(select(ReportAddendum).where(ReportAddendum.draft_id == draft_id)
                          .order_by(ReportAddendum.id.desc()).limit(1)).first()
         pred_uid, pred_path = (last.sop_instance_uid, last.path) if last else (d.signed_sop_instance_uid, d.signed_path)
-        study_uid = d.study.study_instance_uid
+        return pred_uid, pred_path, d.study.study_instance_uid
+
+
+def _addendum_sr(service: ReviewService, pred_uid: str, pred_path: str, text: str, reviewer: Reviewer) -> Dataset:
+    """The addendum SR amending the predecessor read from the store (plugin.drafting.sr)."""
     try:
         predecessor = pydicom.dcmread(service.store.abspath(pred_path))
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
         raise ReviewError(f"cannot read the verified report {pred_uid} from the store: {exc}") from exc
     added_at = dt.datetime.now(dt.UTC).astimezone()
     try:
-        ds = sr.build_addendum_sr(predecessor, text, reviewer.display_name, reviewer.organisation, added_at)
+        return sr.build_addendum_sr(predecessor, text, reviewer.display_name, reviewer.organisation, added_at)
     except sr.SRError as exc:
         raise ReviewError(f"cannot write the addendum: {exc}") from exc
-    relpath = service.store.instance_relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
-    existed = service.store.abspath(relpath).exists()
-    size, sha256 = service.store.write_dataset(ds, relpath)
-    try:
-        with service.sessions() as s, s.begin():
-            # the study row first (PostgreSQL): two addenda to one report are made one after the other
-            s.execute(select(Study.id).where(Study.study_instance_uid == study_uid).with_for_update()).first()
-            latest = s.scalars(select(ReportAddendum.sop_instance_uid).where(ReportAddendum.draft_id == draft_id)
-                               .order_by(ReportAddendum.id.desc()).limit(1)).first()
-            signed_uid = s.scalar(select(Draft.signed_sop_instance_uid).where(Draft.id == draft_id))
-            if (latest or signed_uid) != pred_uid:
-                raise AddendumConflictError("another addendum was added to this report meanwhile: "
-                                            "read it, then add yours again")
-            index.register_instance(s, ds, relpath, size, sha256, service.config.node.ae_title, generated=True)
-            row = ReportAddendum(draft_id=draft_id, study_instance_uid=study_uid, sop_instance_uid=ds.SOPInstanceUID,
-                                 path=relpath, predecessor_sop_instance_uid=pred_uid, text=text, author=user,
-                                 author_name=reviewer.display_name, created_at=now)
-            s.add(row)
-            index.audit(s, user, "addendum", study_uid, ds.SOPInstanceUID,
-                        json.dumps({"amends": pred_uid, "verifier": reviewer.display_name,
-                                    "organisation": reviewer.organisation, "words": len(text.split())}))
-            transfers = outbound.enqueue(s, service.config, ds.SOPInstanceUID, relpath, kind="signed")
-            s.flush()
-            result = _addendum_result(row, len(transfers))
-    except BaseException:
-        if not existed:
-            service.store.remove(relpath)
-        raise
-    log.info("draft %s: addendum %s amends %s", draft_id, ds.SOPInstanceUID, pred_uid)
-    return result
 
 
 __all__ = ["MAX_ADDENDUM_CHARS", "AddendumConflictError", "ReportRecord", "add_addendum", "report_record"]

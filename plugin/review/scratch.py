@@ -18,9 +18,11 @@ scratch, or ask for drafting again.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pydicom.errors
@@ -28,6 +30,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from dicom_node import index
+from dicom_node.commit import StoredFile, commit_dataset
 from dicom_node.db import Draft, DraftState, Instance, Job, JobState, Study, StudyState
 from plugin.drafting import sr
 from plugin.drafting.indication import extract
@@ -158,38 +161,33 @@ def report_from_scratch(service: ReviewService, study_uid: str, user: str) -> in
         ds = sr.build_no_ai_draft_sr(sources, reason, indication=indication)
     except sr.SRError as exc:
         raise ReviewError(f"cannot start a report for this study: {exc}") from exc
-    relpath = service.store.instance_relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
-    existed = service.store.abspath(relpath).exists()
-    size, sha256 = service.store.write_dataset(ds, relpath)
-    try:
-        with service.sessions() as s, s.begin():
-            st = s.scalars(select(Study).where(Study.study_instance_uid == study_uid).with_for_update()).one()
-            if st.generation != generation:
-                raise ReviewError("the study gained images just now: wait for its new draft, then open it")
-            _refuse_busy(s, st, "report it from scratch")
-            job = Job(study_id=st.id, kind="manual", state=JobState.DONE, study_generation=generation, attempts=0,
-                      not_before=now, log=f"{now:%Y-%m-%d %H:%M:%S} reported from scratch by {user}: {reason}\n",
-                      created_at=now, updated_at=now)
-            s.add(job)
-            s.flush()
-            index.register_instance(s, ds, relpath, size, sha256, service.config.node.ae_title, generated=True)
-            d = Draft(study_id=st.id, job_id=job.id, state=DraftState.IN_REVIEW, sop_instance_uid=ds.SOPInstanceUID,
-                      path=relpath, indication=indication, findings="", impression="",
-                      token_info=TokenInfo(no_ai_draft=reason).to_json(),
-                      views=json.dumps([{"sop_instance_uid": uid, "view": (view or "UNKNOWN").upper(), "source": "tag"}
-                                        for uid, view, _ in images]),
-                      model_name="", model_version="", created_at=now, claimed_by=user, claimed_at=now)
-            s.add(d)
-            st.state = StudyState.DRAFTED
-            s.flush()
-            index.audit(s, user, "report_from_scratch", study_uid, ds.SOPInstanceUID, json.dumps({"reason": reason}))
-            draft_id = d.id
-    except BaseException:
-        if not existed:
-            service.store.remove(relpath)
-        raise
-    log.info("study %s: report from scratch started (draft %s)", study_uid, draft_id)
-    return int(draft_id)
+    taken: dict[str, Any] = {}
+
+    def study_unchanged(s: Session) -> None:
+        taken["study"] = _unchanged_study(s, study_uid, generation)
+
+    def draft_row(s: Session, stored: StoredFile) -> int:
+        st = taken["study"]
+        job = _new_job(s, st, "manual", JobState.DONE, generation, now,
+                       f"reported from scratch by {user}: {reason}")
+        d = Draft(study_id=st.id, job_id=job.id, state=DraftState.IN_REVIEW, sop_instance_uid=ds.SOPInstanceUID,
+                  path=stored.relpath, indication=indication, findings="", impression="",
+                  token_info=TokenInfo(no_ai_draft=reason).to_json(), views=_views_json(images),
+                  model_name="", model_version="", created_at=now, claimed_by=user, claimed_at=now)
+        s.add(d)
+        st.state = StudyState.DRAFTED
+        s.flush()
+        index.audit(s, user, "report_from_scratch", study_uid, ds.SOPInstanceUID, json.dumps({"reason": reason}))
+        return int(d.id)
+
+    # one commit (dicom_node.commit): the placeholder SR's file, then its index row, the manual job,
+    # the draft and the audit in one transaction; the file is removed if it fails. Never enqueued
+    done = commit_dataset(service.store, service.sessions, ds,
+                          service.store.instance_relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID),
+                          draft_row, registered_by=service.config.node.ae_title, prepare=study_unchanged)
+    assert done.value is not None
+    log.info("study %s: report from scratch started (draft %s)", study_uid, done.value)
+    return done.value
 
 
 def retry_drafting(service: ReviewService, study_uid: str, user: str) -> RetryResult:
@@ -227,18 +225,39 @@ def retry_drafting(service: ReviewService, study_uid: str, user: str) -> RetryRe
             raise ReviewError("drafting is retried only for a study whose drafting failed or was skipped; "
                               "report a rejected draft's study from scratch")
         _refuse_busy(s, st, "retry drafting")
-        job = Job(study_id=st.id, kind="draft", state=JobState.PENDING, study_generation=st.generation, attempts=0,
-                  not_before=now, log=f"{now:%Y-%m-%d %H:%M:%S} queued again by {user} (generation {st.generation})\n",
-                  created_at=now, updated_at=now)
-        s.add(job)
+        job = _new_job(s, st, "draft", JobState.PENDING, st.generation, now,
+                       f"queued again by {user} (generation {st.generation})")
         s.execute(update(Study).where(Study.id == st.id).values(state=StudyState.QUEUED)
                   .execution_options(synchronize_session=False))
-        s.flush()
         index.audit(s, user, "drafting_retried", study_uid, "",
                     json.dumps({"job": job.id, "was": st.state, "generation": st.generation}))
         result = RetryResult(study_uid, int(job.id), int(st.generation))
     log.info("study %s: drafting queued again (job %s)", study_uid, result.job_id)
     return result
+
+
+def _unchanged_study(s: Session, study_uid: str, generation: int) -> Study:
+    """The study row, locked, if it is still at ``generation`` and nothing else is reporting it."""
+    st = s.scalars(select(Study).where(Study.study_instance_uid == study_uid).with_for_update()).one()
+    if st.generation != generation:
+        raise ReviewError("the study gained images just now: wait for its new draft, then open it")
+    _refuse_busy(s, st, "report it from scratch")
+    return st
+
+
+def _views_json(images: list[tuple[str, str, str]]) -> str:
+    """``Draft.views`` of a report from scratch: every image, its view as tagged."""
+    return json.dumps([{"sop_instance_uid": uid, "view": (view or "UNKNOWN").upper(), "source": "tag"}
+                       for uid, view, _ in images])
+
+
+def _new_job(s: Session, st: Study, kind: str, state: str, generation: int, now: dt.datetime, line: str) -> Job:
+    """A job row of the study (added and flushed: its id is known), its log starting with ``line``."""
+    job = Job(study_id=st.id, kind=kind, state=state, study_generation=generation, attempts=0, not_before=now,
+              log=f"{now:%Y-%m-%d %H:%M:%S} {line}\n", created_at=now, updated_at=now)
+    s.add(job)
+    s.flush()
+    return job
 
 
 def _refuse_busy(s: Session, st: Study, what: str) -> None:
