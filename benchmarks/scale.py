@@ -8,8 +8,10 @@ For each setting: a fresh PostgreSQL database on the server of ``--postgres-url`
 ``jobs.workers = 0`` and N ``cxrnode worker --threads 1`` processes (each with its own
 ``node.host_id`` and working folder) on one storage root, all real processes on loopback. The
 studies (the shipped 2-view sample under new UIDs) are sent with C-STORE (DCMTK ``storescu``,
-one association per study, 4 at a time) while the workers wait out the quiet period, so every
-study becomes due at about the same moment and the workers drain a full queue.
+one association per study, 4 at a time) while the workers wait out the quiet period (longer than
+the sending takes), so every study becomes due after the last C-STORE and the workers drain a
+full queue. ``--repeat N`` runs all settings N times, interleaved, and reports the medians: on a
+shared machine one run is not enough.
 
 Throughput = studies / (last job done - first job queued), both read from the database's clock,
 times 60. Also reported: the job durations, the CPU time the cxrnode processes used (per study,
@@ -155,10 +157,10 @@ def write_studies(folder: Path, n: int, prefix: str) -> list[list[Path]]:
     return out
 
 
-def run_setting(args: argparse.Namespace, workers: int, workdir: Path) -> dict[str, Any]:
+def run_setting(args: argparse.Namespace, workers: int, workdir: Path, tag: str = "") -> dict[str, Any]:
     """``workers`` worker processes (0: serve drafts itself with one thread, the single-host baseline)."""
     label = f"{workers}-workers" if workers else "serve-alone"
-    wd = workdir / label
+    wd = workdir / f"{label}-{tag}"
     wd.mkdir()
     port = free_port()
     with private_database(args.postgres_url, "bench_scale") as url:
@@ -176,7 +178,7 @@ def run_setting(args: argparse.Namespace, workers: int, workdir: Path) -> dict[s
         r = subprocess.run([*CXRNODE, "migrate", "--config", str(cfg)], capture_output=True, text=True, timeout=180)
         if r.returncode != 0:
             raise RuntimeError(f"cxrnode migrate failed: {r.stderr}")
-        studies = write_studies(wd / "studies", args.studies, f"scale-{label}")
+        studies = write_studies(wd / "studies", args.studies, f"scale-{label}-{tag}")
         procs: list[Proc] = []
         try:
             procs.append(Proc("serve", ["serve", "--config", str(cfg), "--set", 'node.host_id="receiver"'], wd,
@@ -231,6 +233,7 @@ def run_setting(args: argparse.Namespace, workers: int, workdir: Path) -> dict[s
         "failed_or_skipped": args.studies - len(done),
         "jobs_run_by_processes": len(ran_by),
         "send_s": round(sent_s, 2),
+        "all_sent_before_first_due": sent_s < args.quiet_period,
         "drain_window_s": round(window_s, 2),
         "studies_per_minute": round(len(done) / window_s * 60, 1) if window_s > 0 else None,
         "job_ms": summary([float(j.duration_ms) for j in done if j.duration_ms is not None]),
@@ -258,10 +261,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         settings = [0] if args.baseline else []
         settings += [int(w) for w in args.workers.split(",")]
         results = []
-        for n in settings:
-            print(f"scale.py: {n or 'serve alone'} ...", file=sys.stderr, flush=True)
-            results.append(run_setting(args, n, workdir))
-        by_n = {r["worker_processes"]: r["studies_per_minute"] for r in results if r["worker_processes"]}
+        for rep in range(args.repeat):  # interleaved, so a change in the machine's load hits every setting
+            for n in settings:
+                print(f"scale.py: round {rep + 1}/{args.repeat}: {n or 'serve alone'} ...", file=sys.stderr, flush=True)
+                results.append(run_setting(args, n, workdir, tag=f"r{rep}"))
+        by_setting: dict[str, Any] = {}
+        for r in results:
+            entry = by_setting.setdefault(r["setting"], {"worker_processes": r["worker_processes"], "runs": []})
+            entry["runs"].append(r["studies_per_minute"])
+        for entry in by_setting.values():
+            entry["median"] = statistics.median([v for v in entry["runs"] if v is not None] or [0.0])
+        by_n = {e["worker_processes"]: e["median"] for e in by_setting.values() if e["worker_processes"]}
         one = by_n.get(1)
         return {
             "benchmark": "cxrnode scale-out: drafted studies per minute, one serve (jobs.workers = 0) + N cxrnode "
@@ -271,6 +281,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 "setting (serve, workers, PostgreSQL, senders) runs on them, and other "
                                 "work on the machine shares them too (see load_average_1min per setting)"},
             "limited_by": LIMITS.format(cpus=cpus),
+            "studies_per_minute": by_setting,
             "speedup_vs_1_worker": {str(n): round(v / one, 2) for n, v in by_n.items()} if one else {},
             "results": results,
             "settings": {"studies_per_setting": args.studies, "views_per_study": 2, "image": "256x256 CR sample",
@@ -290,8 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", default="1,2,3", help="worker process counts to measure, comma-separated")
     p.add_argument("--no-baseline", dest="baseline", action="store_false",
                    help="skip serve drafting alone (jobs.workers = 1)")
-    p.add_argument("--quiet-period", type=float, default=3.0,
-                   help="study.quiet_period_s; the sends finish within it, so the queue fills at once")
+    p.add_argument("--repeat", type=int, default=1, help="rounds over all settings (interleaved); medians reported")
+    p.add_argument("--quiet-period", type=float, default=8.0,
+                   help="study.quiet_period_s: longer than sending all studies takes, so every study is due "
+                        "after the last C-STORE and the workers drain a full queue without ingest beside them")
     p.add_argument("--poll-interval", type=float, default=0.1, help="jobs.poll_interval_s")
     p.add_argument("--threads", type=int, default=1, help="model.threads (ONNX Runtime intra-op threads per worker)")
     p.add_argument("--bundle", default="default")
