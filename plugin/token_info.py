@@ -68,7 +68,19 @@ _MARKERS = ("Ġ", "▁")
 
 @dataclass(frozen=True)
 class ViewCheck:
-    """The input gate's verdict on one view."""
+    """The input gate's verdict on one view, as recorded in ``token_info["input_check"]``.
+
+    Attributes
+    ----------
+    sop_instance_uid, view:
+        The image and its view.
+    passed:
+        Whether the gate let it through.
+    reasons:
+        Why not, in plain words.
+    ood_score, ood_limit:
+        The gate's score and its limit (``None``: not recorded).
+    """
 
     sop_instance_uid: str
     view: str
@@ -86,7 +98,21 @@ class ViewCheck:
 
 @dataclass(frozen=True)
 class InputCheck:
-    """``token_info["input_check"]``: how the gate judged the study before drafting."""
+    """``token_info["input_check"]``: how the gate judged the study before drafting.
+
+    Attributes
+    ----------
+    mode:
+        ``enforce``, ``warn`` or ``off``.
+    outcome:
+        ``passed``, ``partial``, ``withheld``, ``warned`` or ``off``.
+    reason:
+        One plain sentence.
+    views:
+        The verdict on each view.
+    study:
+        Study-level notes (e.g. ``"frontal-only study"``).
+    """
 
     mode: str  # enforce | warn | off
     outcome: str  # passed | partial | withheld | warned | off
@@ -146,6 +172,25 @@ class InputCheck:
 @dataclass(frozen=True)
 class TokenInfo:
     """What one draft records besides its words (see the module docstring for the JSON).
+
+    Attributes
+    ----------
+    tokens:
+        The decoder's words with their probabilities (word-piece markers removed when read).
+    observations:
+        Observation name -> probability.
+    grounded:
+        The sentences the grounding step added, with the probability behind each.
+    duration_ms:
+        The generation time.
+    thresholds:
+        Observation name -> decision threshold of the drafting bundle.
+    input_check:
+        The input gate's outcome.
+    prior:
+        The prior fetched for comparison (``outcome``, ``reason``, ...).
+    no_ai_draft:
+        A report from scratch: why there is no AI draft.
 
     ``thresholds``, ``input_check``, ``prior`` and ``no_ai_draft`` are None when not recorded
     (the key is then left out of the JSON).
@@ -215,8 +260,19 @@ class TokenInfo:
 def decision_thresholds(manifest: Mapping[str, Any]) -> dict[str, float]:
     """Decision threshold per observation of a bundle manifest: the grounding step's thresholds
     when grounding is enabled (they decide what the draft states), else the observation
-    (prompt) thresholds; {} when the manifest has none. The pipeline records them as
-    ``thresholds``; the same rule ``onnx_models.runtime.ReportGenerator`` applies."""
+    (prompt) thresholds. The pipeline records them as ``thresholds``; the same rule
+    ``onnx_models.runtime.ReportGenerator`` applies.
+
+    Parameters
+    ----------
+    manifest:
+        A bundle's manifest.
+
+    Returns
+    -------
+    dict[str, float]
+        Threshold by observation name; ``{}`` when the manifest has none.
+    """
     obs = manifest.get("observations") or {}
     names = [str(n) for n in obs.get("names", [])]
     thr = obs.get("thresholds")
