@@ -432,6 +432,13 @@ def _text(name: CodedConcept, value: str) -> TextContentItem:
     return TextContentItem(name=name, value=value, relationship_type=CONTAINS)
 
 
+def _section(heading: CodedConcept, children: list[Any]) -> ContainerContentItem:
+    """A CONTAINS container (a report section under a CID 7001 heading) holding ``children``."""
+    section = ContainerContentItem(name=heading, relationship_type=CONTAINS)
+    section.ContentSequence = DicomSequence(children)
+    return section
+
+
 def _content_tree(
     *,
     indication: str,
@@ -458,14 +465,11 @@ def _content_tree(
     items.append(CodeContentItem(name=PROCEDURE_REPORTED, value=PLAIN_CHEST_XRAY, relationship_type=HAS_CONCEPT_MOD))
 
     if indication:
-        section = ContainerContentItem(name=INDICATIONS, relationship_type=CONTAINS)
-        section.ContentSequence = DicomSequence([_text(INDICATIONS, indication)])
-        items.append(section)
+        items.append(_section(INDICATIONS, [_text(INDICATIONS, indication)]))
 
     if prior is not None:
         items.append(_comparison_section(prior))
 
-    section = ContainerContentItem(name=FINDINGS, relationship_type=CONTAINS)
     children: list[Any] = [_text(COMMENT, c) for c in comments if c]
     if withheld:
         children.insert(0, CodeContentItem(name=FINDING, value=DRAFT_WITHHELD, relationship_type=CONTAINS))
@@ -487,19 +491,14 @@ def _content_tree(
             relationship_type=CONTAINS,
         ))
     if children:
-        section.ContentSequence = DicomSequence(children)
-        items.append(section)
+        items.append(_section(FINDINGS, children))
 
     if impression:
-        section = ContainerContentItem(name=IMPRESSIONS, relationship_type=CONTAINS)
-        section.ContentSequence = DicomSequence([_text(IMPRESSION, impression)])
-        items.append(section)
+        items.append(_section(IMPRESSIONS, [_text(IMPRESSION, impression)]))
     if critical is not None:
         items.append(_critical_section(critical))
     for addendum in addenda:
-        section = ContainerContentItem(name=ADDENDUM, relationship_type=CONTAINS)
-        section.ContentSequence = DicomSequence([_text(ADDENDUM, addendum.text), _text(COMMENT, addendum.byline())])
-        items.append(section)
+        items.append(_section(ADDENDUM, [_text(ADDENDUM, addendum.text), _text(COMMENT, addendum.byline())]))
     root.ContentSequence = DicomSequence(items)
     return root
 
@@ -507,7 +506,6 @@ def _content_tree(
 def _comparison_section(prior: PriorComparison) -> ContainerContentItem:
     """TID 2000 rows 8-10: a CID 7001 heading with its own observation context (TID 1005:
     the prior's Study Instance UID and accession number) and a TID 2002 narrative."""
-    section = ContainerContentItem(name=PRIOR_PROCEDURES, relationship_type=CONTAINS)
     children: list[Any] = []
     if prior.study_instance_uid:
         children.append(UIDRefContentItem(name=PROCEDURE_STUDY_UID, value=prior.study_instance_uid,
@@ -516,8 +514,7 @@ def _comparison_section(prior: PriorComparison) -> ContainerContentItem:
             children.append(TextContentItem(name=ACCESSION_NUMBER, value=prior.accession_number,
                                             relationship_type=HAS_OBS_CONTEXT))
     children.append(_text(PROCEDURE_DESCRIPTION, _check_text("prior description", prior.description)))
-    section.ContentSequence = DicomSequence(children)
-    return section
+    return _section(PRIOR_PROCEDURES, children)
 
 
 def _critical_section(c: CriticalCommunication) -> ContainerContentItem:
@@ -530,15 +527,13 @@ def _critical_section(c: CriticalCommunication) -> ContainerContentItem:
     when = when.replace(microsecond=0)
     if not when.utcoffset():  # DCMTK refuses the offset "+0000": a DT without one is the writer's local time
         when = when.replace(tzinfo=None)
-    section = ContainerContentItem(name=CRITICAL_RESULTS, relationship_type=CONTAINS)
-    section.ContentSequence = DicomSequence([
+    return _section(CRITICAL_RESULTS, [
         _text(CRITICAL_RESULTS, c.sentence()),
         CodeContentItem(name=RESULTS_COMMUNICATED, value=COMMUNICATION_METHODS[c.method], relationship_type=CONTAINS),
         _text(RECIPIENT, c.recipient.strip()),
         _text(RECIPIENT_ROLE, c.role.strip()),
         DateTimeContentItem(name=COMMUNICATED_AT, value=DT(when), relationship_type=CONTAINS),
     ])
-    return section
 
 
 _PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
