@@ -118,6 +118,8 @@ def test_unit_is_hardened(tmp_path: Path) -> None:
     assert svc["MemoryMax"] == svc_unit.UNIT_MEMORY_MAX and svc["MemoryHigh"] == svc_unit.UNIT_MEMORY_HIGH
     assert int(svc["TasksMax"]) == svc_unit.UNIT_TASKS_MAX
     assert svc["UMask"] == "0007"
+    # caches (ONNX Runtime's SQLite file) are per host, never in the shared storage folder (home)
+    assert svc["CacheDirectory"] == "cxrnode" and "XDG_CACHE_HOME=%C/cxrnode" in unit
     low = _unit(tmp_path, port=104)
     assert "AmbientCapabilities=CAP_NET_BIND_SERVICE" in low, "port 104 needs the bind capability"
     assert svc["PrivateDevices"] == "yes" and "DeviceAllow" not in svc, "the CPU flavour sees no devices"
