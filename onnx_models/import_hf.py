@@ -4,8 +4,9 @@ Offline tooling (torch + transformers, the ``[import]`` extra); the runtime neve
 Reads only the checkpoint folder (``HF_HUB_OFFLINE=1``, ``local_files_only=True``, no remote
 code) and writes a bundle that :class:`onnx_models.runtime.ReportGenerator` runs unchanged.
 
-Families: ``LlavaForConditionalGeneration`` with a Llama language model onto the
-``decoder-only`` contract (:mod:`onnx_models.import_hf_llava`), and ``VisionEncoderDecoderModel`` (any image encoder ``transformers`` builds,
+Families: ``LlavaForConditionalGeneration`` with a Llama language model and
+``Gemma3ForConditionalGeneration`` onto the ``decoder-only`` contract
+(:mod:`onnx_models.import_hf_llava`, :mod:`onnx_models.import_hf_gemma3`), and ``VisionEncoderDecoderModel`` (any image encoder ``transformers`` builds,
 e.g. ViT or Swin-v2, with a BERT decoder with cross-attention, the shape of the CheXpert Plus
 / RRG24 baselines), mapped onto the ``encoder-decoder`` graph contract (README.md):
 
