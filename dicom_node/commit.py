@@ -144,7 +144,7 @@ def commit_dataset(
         :class:`~dicom_node.index.InstanceConflict`, a database error): nothing was committed
         and the file written by this call was removed.
     """
-    existed = store.abspath(relpath).exists()
+    existed = store.exists(relpath)
     size, sha256 = store.write_dataset(ds, relpath)
     return commit_stored(store, sessions, ds, StoredFile(relpath, size, sha256), rows,
                          registered_by=registered_by, generated=generated, prepare=prepare, enqueue=enqueue,

@@ -16,6 +16,14 @@ starting one host never deletes another host's files in flight.
 
 Received instances are kept *as sent*: the dataset bytes are those of the C-STORE request, in
 the negotiated transfer syntax, behind a File Meta Information header (PS3.10 7.1).
+
+Backends: this module is the POSIX backend (a local disk or a shared folder such as NFS). What the
+rest of the node needs of a store is :class:`ObjectStore`: objects are named by a relative path
+(the index keeps only those), written durably, read back as data sets or byte streams, hashed and
+removed. An S3-compatible backend can implement it as it is (the spool stays a local folder; its
+commit becomes a multipart upload, ``exists`` a HEAD request); ``abspath`` is the POSIX backend's
+own and is used only where a tool needs a file on disk (DCMTK, the SCU sending a file, the reviewer
+loading a file, the prior store's permissions).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import shutil
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import IO
+from typing import IO, BinaryIO, Protocol
 
 from pydicom import Dataset
 from pydicom.filewriter import dcmwrite
@@ -199,8 +207,40 @@ class SpoolFile:
         return self
 
 
+class ObjectStore(Protocol):
+    """What the node needs of a store, whatever keeps the bytes (see the module docstring).
+
+    Objects are named by ``relpath`` (``instances/<study>/<series>/<sop>.dcm``, ``priors/...``).
+    """
+
+    def write_dataset(self, ds: Dataset, relpath: str) -> tuple[int, str]:
+        """Write ``ds`` durably at ``relpath``; (size, sha256)."""
+        ...
+
+    def read_dataset(self, relpath: str, stop_before_pixels: bool = False) -> Dataset:
+        """The data set stored at ``relpath`` (FileNotFoundError if there is none)."""
+        ...
+
+    def open(self, relpath: str) -> BinaryIO:
+        """The stored bytes at ``relpath`` for reading."""
+        ...
+
+    def exists(self, relpath: str) -> bool:
+        """Whether an object is stored at ``relpath``."""
+        ...
+
+    def file_sha256(self, relpath: str) -> str | None:
+        """SHA-256 of the object at ``relpath``, None if there is none."""
+        ...
+
+    def remove(self, relpath: str) -> None:
+        """Remove the object at ``relpath`` (nothing if there is none)."""
+        ...
+
+
 class Store:
-    """Durable files under ``storage_dir`` (see the module docstring for the layout).
+    """Durable files under ``storage_dir`` (see the module docstring for the layout): the POSIX
+    :class:`ObjectStore`.
 
     Parameters
     ----------
@@ -243,6 +283,36 @@ class Store:
         if self.root not in p.parents:
             raise ValueError(f"path outside the store: {relpath!r}")
         return p
+
+    # -- reading ----------------------------------------------------------------------------
+    def read_dataset(self, relpath: str, stop_before_pixels: bool = False) -> Dataset:
+        """The data set stored at ``relpath``.
+
+        Parameters
+        ----------
+        relpath:
+            The object's name in the store (as kept in the index).
+        stop_before_pixels:
+            Read the header only.
+
+        Raises
+        ------
+        FileNotFoundError
+            Nothing is stored there.
+        ValueError
+            ``relpath`` points outside the store.
+        """
+        from pydicom import dcmread
+
+        return dcmread(self.abspath(relpath), stop_before_pixels=stop_before_pixels)
+
+    def open(self, relpath: str) -> BinaryIO:
+        """The stored bytes at ``relpath`` for reading (the caller closes the stream)."""
+        return open(self.abspath(relpath), "rb")  # noqa: SIM115 - the caller owns the stream
+
+    def exists(self, relpath: str) -> bool:
+        """Whether an object is stored at ``relpath``."""
+        return self.abspath(relpath).is_file()
 
     # -- space ------------------------------------------------------------------------------
     def free_mb(self) -> float:

@@ -16,7 +16,11 @@
    want drafts (``outbound.enqueue(kind="draft")``);
 7. optionally (``[pipeline] render_report``) also commit (store, index, enqueue) a rendering of the text.
 
-A study with nothing to read ends ``skipped`` with the reason; any other error raises, which
+A study with nothing to read ends ``skipped`` with the reason, and so does a job whose study
+generation already has a draft made by another job (checked before the work and again, with the
+study row locked, in the commit's transaction: the node never writes two drafts of one version
+of a study) or whose job was reclaimed by another worker at a newer generation while this one
+ran; any other error raises, which
 the job queue counts as a failed attempt (retried with backoff). Nothing is deleted: on error
 the SR file written in step 6 is removed only if this job created it.
 """
@@ -33,14 +37,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pydicom
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from dicom_node import index
 from dicom_node.commit import Enqueue, StoredFile, commit_dataset
 from dicom_node.config import Config
-from dicom_node.db import Draft, DraftState, Instance, Study
+from dicom_node.db import Draft, DraftState, Instance, Job, Study
 from dicom_node.jobs import JobContext, JobResult
 from onnx_models.views import order as view_order
 from plugin.drafting import indication as indication_mod
@@ -143,7 +146,7 @@ def _load_instances(ctx: JobContext) -> tuple[int, list[LoadedInstance], list[st
             loaded.append(LoadedInstance(InstanceHeader(sop_uid, "", generated=True), relpath, None))
             continue
         try:
-            ds = pydicom.dcmread(ctx.store.abspath(relpath), stop_before_pixels=True)
+            ds = ctx.store.read_dataset(relpath, stop_before_pixels=True)
         except Exception as exc:  # unreadable file: explain and go on with the others
             problems.append(f"skipped {sop_uid}: cannot read {relpath}: {type(exc).__name__}: {exc}")
             continue
@@ -258,6 +261,11 @@ def _run(ctx: JobContext, generator: Callable[[Config], Any]) -> DraftOutcome | 
     if isinstance(found, JobResult):
         return found
     study_id, loaded, chosen = found
+    with ctx.sessions() as s:
+        already = drafted_elsewhere(s, study_id, ctx)
+    if already:  # before the model's work; checked again when the draft is committed
+        ctx.log(already)
+        return JobResult("skipped", already)
     # priors (when [priors] enabled) are fetched beside the drafting; they never block it
     prior_fetch = priors_mod.start(ctx, [li.dataset for li in chosen])
     laps.lap("headers")
@@ -309,7 +317,7 @@ def _decode(ctx: JobContext, chosen: list[LoadedInstance], cfg: Config) -> list[
     for li in chosen:
         uid = li.header.sop_instance_uid
         try:
-            full = pydicom.dcmread(ctx.store.abspath(li.relpath))
+            full = ctx.store.read_dataset(li.relpath)
         except Exception as exc:  # truncated or corrupt after the header: skip it, say why
             ctx.log(f"skipped {uid}: cannot read {li.relpath}: {type(exc).__name__}: {exc}")
             continue
@@ -451,6 +459,51 @@ def _input_check(mode: str, gen: Any, images: list[tuple[LoadedInstance, Any, np
     return gate_mod.decide(mode, uids, views, checks, header)
 
 
+class _AlreadyDrafted(Exception):
+    """Raised in the commit's transaction: this job must not write its draft (the reason)."""
+
+
+def drafted_elsewhere(s: Session, study_id: int, ctx: JobContext) -> str | None:
+    """Why this job must not write a draft, or ``None``.
+
+    - Another job already drafted this generation of the study (a draft of it that is not
+      superseded: new, in review, signed or rejected): one version of a study gets one draft.
+    - This job was reclaimed by another worker at a newer generation while this attempt ran
+      (its lease had expired): that worker drafts the newer version.
+
+    Parameters
+    ----------
+    s:
+        An open session (in the commit's transaction, after the study row was locked).
+    study_id:
+        The study's row id.
+    ctx:
+        The job (``job_id``, ``study_generation``).
+
+    Returns
+    -------
+    str | None
+        The reason (for the job's ``skipped`` outcome and its log), or ``None``.
+    """
+    job_generation = s.scalar(select(Job.study_generation).where(Job.id == ctx.job_id))
+    if job_generation is not None and job_generation != ctx.study_generation:
+        return (f"job {ctx.job_id} was reclaimed at generation {job_generation} while this attempt drafted "
+                f"generation {ctx.study_generation}; not drafted")
+    other = s.execute(
+        select(Draft.sop_instance_uid, Draft.state, Job.id)
+        .join(Job, Job.id == Draft.job_id)
+        .where(Draft.study_id == study_id, Draft.state != DraftState.SUPERSEDED, Job.id != ctx.job_id,
+               Job.study_generation == ctx.study_generation)
+        .order_by(Draft.id)
+        .limit(1)
+    ).first()
+    if other is None:
+        return None
+    uid, state, job_id = other
+    return (f"generation {ctx.study_generation} of the study already has draft {uid} ({state}, job {job_id}); "
+            "not drafted again")
+
+
 def _commit(ctx: JobContext, study_id: int, draft_ds: Any, indication: str, findings: str, impression: str,
             info: TokenInfo, resolved: list[ResolvedView], gen: Any, gen_ms: float) -> DraftOutcome | JobResult:
     uid = str(draft_ds.SOPInstanceUID)
@@ -464,6 +517,15 @@ def _commit(ctx: JobContext, study_id: int, draft_ds: Any, indication: str, find
                              model_name=gen.name, model_version=gen.version)
     token_info = info.to_json()
     views_json = json.dumps([rv.as_json() for rv in resolved])
+
+    def one_draft_per_generation(s: Session) -> None:
+        # lock the study row first (a write: PostgreSQL locks the row, SQLite takes its write
+        # lock), so two jobs committing at once see each other's draft and only one is written
+        s.execute(update(Study).where(Study.id == study_id).values(generation=Study.generation)
+                  .execution_options(synchronize_session=False))
+        reason = drafted_elsewhere(s, study_id, ctx)
+        if reason:
+            raise _AlreadyDrafted(reason)
 
     def draft_rows(s: Session, stored: StoredFile) -> tuple[int, int]:
         superseded = s.execute(
@@ -495,8 +557,13 @@ def _commit(ctx: JobContext, study_id: int, draft_ds: Any, indication: str, find
                                 "input_check": info.input_check.outcome if info.input_check else ""}))
         return d.id, n_superseded
 
-    done = commit_dataset(ctx.store, ctx.sessions, draft_ds, relpath, draft_rows,
-                          registered_by=ctx.config.node.ae_title, enqueue=Enqueue(ctx.config, "draft"))
+    try:
+        done = commit_dataset(ctx.store, ctx.sessions, draft_ds, relpath, draft_rows,
+                              registered_by=ctx.config.node.ae_title, prepare=one_draft_per_generation,
+                              enqueue=Enqueue(ctx.config, "draft"))
+    except _AlreadyDrafted as exc:  # nothing committed; the file is removed unless it was there before
+        ctx.log(str(exc))
+        return JobResult("skipped", str(exc))
     assert done.value is not None
     draft_id, n_superseded = done.value
     transfers = done.transfers

@@ -195,7 +195,7 @@ class PriorFetch:
             for modality, relpath in paths:
                 if modality in ("SR", "DOC"):
                     try:
-                        reports.append(pydicom.dcmread(self.ctx.store.abspath(relpath)))
+                        reports.append(self.ctx.store.read_dataset(relpath))
                     except Exception as exc:
                         self._lines.append(f"priors: cannot read report {relpath}: {type(exc).__name__}")
             kind, sop_uid, text = report_text(reports)

@@ -240,7 +240,7 @@ def _predecessor(service: ReviewService, draft_id: int, now: dt.datetime) -> tup
 def _addendum_sr(service: ReviewService, pred_uid: str, pred_path: str, text: str, reviewer: Reviewer) -> Dataset:
     """The addendum SR amending the predecessor read from the store (plugin.drafting.sr)."""
     try:
-        predecessor = pydicom.dcmread(service.store.abspath(pred_path))
+        predecessor = service.store.read_dataset(pred_path)
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
         raise ReviewError(f"cannot read the verified report {pred_uid} from the store: {exc}") from exc
     added_at = dt.datetime.now(dt.UTC).astimezone()

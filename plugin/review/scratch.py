@@ -152,7 +152,7 @@ def report_from_scratch(service: ReviewService, study_uid: str, user: str) -> in
     sources = []
     for _uid, _view, relpath in images:
         try:
-            sources.append(pydicom.dcmread(service.store.abspath(relpath), stop_before_pixels=True))
+            sources.append(service.store.read_dataset(relpath, stop_before_pixels=True))
         except (OSError, pydicom.errors.InvalidDicomError) as exc:
             raise ReviewError(f"cannot read image {_uid} of the study: {exc}") from exc
     pipe = service.config.pipeline
