@@ -9,7 +9,7 @@ Life of a job::
     running                               --done----->  done | skipped
     running, handler raised               --retry---->  pending, not_before = now + backoff_s * 2**(attempts-1)
     running, attempts == max_attempts     --fail----->  failed (last_error says why)
-    running, lease expired (worker died)  --claim---->  running again (counts as an attempt)
+    running, lease expired (worker died)  --claim---->  running again (counts as an attempt), once the study is quiet
 
 Claiming is one conditional ``UPDATE ... WHERE id = (SELECT ... LIMIT 1) AND <claimable>``
 that stamps a unique lease token, so two workers (threads, processes or hosts) never hold the
@@ -22,6 +22,14 @@ A study that gains instances after its job ran has a higher ``Study.generation``
 recorded, goes back to ``receiving`` (see :mod:`dicom_node.index`) and is promoted again once
 quiet; the handler (the ``draft`` entry point of group ``cxrnode.job_handlers``) is expected to
 supersede the older unsigned draft.
+
+The promoter is the one owner of the quiet rule: only it moves a study from ``receiving`` to
+``queued``. A job that is waiting for its study (pending, or running with an expired lease: its
+worker died) is not claimed while the study is ``receiving``; once the study is quiet the
+promoter moves it back to ``queued`` without queueing a second job, and the claim takes the
+study's latest generation. (Reclaiming a dead worker's job while its study still received let
+the job draft the newer generation while the study stayed ``receiving``, and the promoter then
+queued that generation a second time: two drafts of one version.)
 """
 
 from __future__ import annotations
@@ -38,12 +46,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
-from sqlalchemy import and_, exists, func, insert, or_, select, update
+from sqlalchemy import and_, case, exists, func, insert, or_, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 
-from dicom_node.config import Config
-from dicom_node.db import Job, JobState, Study, StudyState, db_utcnow, utcnow
+from dicom_node.config import Config, ConfigError, resolve_host_id
+from dicom_node.db import Draft, DraftState, Job, JobState, Study, StudyState, db_utcnow, utcnow
 from dicom_node.store import Store
 
 log = logging.getLogger(__name__)
@@ -126,8 +134,14 @@ def load_handler(name: str = "draft") -> JobHandler:
     return handler  # type: ignore[no-any-return]
 
 
-def default_worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+def default_worker_id(host_id: str = "") -> str:
+    """``<host id>:<pid>``: ``node.host_id`` (else the host name), so that workers in containers
+    sharing the host's network (and so its host name) still say which one holds a lease."""
+    try:
+        host = resolve_host_id(host_id)
+    except ConfigError:  # a host name that is no valid host id: still say which machine
+        host = host_id or socket.gethostname()
+    return f"{host}:{os.getpid()}"
 
 
 def backoff_delay(base_s: float, attempts: int, cap_s: float | None = None) -> float:
@@ -153,11 +167,12 @@ def promote_quiet_studies(sessions: sessionmaker, config: Config, now: dt.dateti
     active = exists().where(Job.study_id == Study.id, Job.state.in_([JobState.PENDING, JobState.RUNNING]))
     last_gen = select(func.max(Job.study_generation)).where(Job.study_id == Study.id).scalar_subquery()
     promoted: list[str] = []
-    pending = exists().where(Job.study_id == Study.id, Job.state == JobState.PENDING)
+    waiting = exists().where(Job.study_id == Study.id, _waiting_for_study(now))
     with sessions() as s:
-        # a study that got more images while its job was still pending: the job will take the
-        # latest generation when it is claimed, so the study only needs to be quiet again
-        s.execute(update(Study).where(Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff, pending)
+        # a study that got more images while its job was still pending, or while its job was
+        # running on a worker that died (lease expired): the job takes the latest generation
+        # when it is claimed, so the study only needs to be quiet again (no second job)
+        s.execute(update(Study).where(Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff, waiting)
                   .values(state=StudyState.QUEUED).execution_options(synchronize_session=False))
         s.commit()
         rows = s.execute(
@@ -209,12 +224,22 @@ class ClaimedJob:
     attempts: int
 
 
+def _waiting_for_study(now: dt.datetime):  # type: ignore[no-untyped-def]
+    """A job that runs (again) once its study is quiet: pending, or running with an expired lease."""
+    return or_(Job.state == JobState.PENDING,
+               and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now))
+
+
 def _claimable(now: dt.datetime):  # type: ignore[no-untyped-def]
-    # a pending job waits while its study is receiving again (it is re-queued once quiet)
+    # A job waits while its study is receiving again; the promoter (the one owner of the quiet
+    # rule) moves the study back to ``queued`` once it is quiet. That holds for a dead worker's
+    # job too: reclaimed while the study still received, it would draft the newer generation
+    # and the promoter would queue that generation again.
     study_quiet = exists().where(Study.id == Job.study_id, Study.state == StudyState.QUEUED)
+    study_not_receiving = exists().where(Study.id == Job.study_id, Study.state != StudyState.RECEIVING)
     return or_(
         and_(Job.state == JobState.PENDING, Job.not_before <= now, study_quiet),
-        and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now),
+        and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now, study_not_receiving),
     )
 
 
@@ -293,6 +318,21 @@ _STUDY_STATE = {
 }
 
 
+def _study_state(job: ClaimedJob, state: str):  # type: ignore[no-untyped-def]
+    """The study's state after its job ended ``state``. A job skipped because its generation
+    already has a draft (made by another job) leaves the study as that draft says, not
+    ``skipped`` (which the worklist shows as a study without a draft)."""
+    if state != JobState.SKIPPED:
+        return _STUDY_STATE[state]
+
+    def drafted(*states: str):  # type: ignore[no-untyped-def]
+        return exists(select(Draft.id).join(Job, Job.id == Draft.job_id).where(
+            Draft.study_id == Study.id, Job.study_generation == job.study_generation, Draft.state.in_(states)))
+
+    return case((drafted(DraftState.NEW, DraftState.IN_REVIEW, DraftState.REJECTED), StudyState.DRAFTED),
+                (drafted(DraftState.SIGNED), StudyState.SIGNED), else_=StudyState.SKIPPED)
+
+
 def _finish(sessions: sessionmaker, job: ClaimedJob, state: str, *, error: str | None = None,
             result: JobResult | None = None, duration_ms: float | None = None,
             not_before: dt.datetime | None = None, retry_in_s: float | None = None) -> bool:
@@ -320,7 +360,16 @@ def _finish(sessions: sessionmaker, job: ClaimedJob, state: str, *, error: str |
             return False
         if state in _STUDY_STATE:
             s.execute(update(Study).where(Study.id == job.study_id, Study.generation == job.study_generation,
-                                          Study.state == StudyState.QUEUED).values(state=_STUDY_STATE[state]))
+                                          Study.state == StudyState.QUEUED).values(state=_study_state(job, state)))
+            # The study gained instances while this job ran and the promoter, seeing the lease
+            # expired, marked it quiet again for this job; but the worker was alive and finished
+            # the older generation. No job is left to draft the newer one: hand the study back to
+            # the promoter (it queues the newer generation) instead of leaving it ``queued``.
+            others = exists().where(Job.study_id == Study.id, Job.id != job.job_id,
+                                    Job.state.in_([JobState.PENDING, JobState.RUNNING]))
+            s.execute(update(Study).where(Study.id == job.study_id, Study.generation != job.study_generation,
+                                          Study.state == StudyState.QUEUED, ~others)
+                      .values(state=StudyState.RECEIVING).execution_options(synchronize_session=False))
         s.commit()
     return True
 
@@ -330,7 +379,8 @@ def run_job(job: ClaimedJob, handler: JobHandler, config: Config, sessions: sess
     ctx = JobContext(config=config, sessions=sessions, store=store, job_id=job.job_id,
                      study_instance_uid=job.study_instance_uid, study_generation=job.study_generation,
                      log=lambda message: append_log(sessions, job.job_id, message))
-    # the worker's id (host:pid:thread): with workers on several hosts, the log says which one ran it
+    # the worker's id (node.host_id:pid:thread): with workers on several hosts (or containers sharing
+    # one host name), the log says which one ran it
     append_log(sessions, job.job_id, f"attempt {job.attempts} started (generation {job.study_generation}) "
                                      f"by worker {job.token.rsplit('/', 1)[0]}")
     stop = threading.Event()
@@ -444,7 +494,7 @@ class Worker(threading.Thread):
         self.wake = wake or threading.Event()
         self.handler = handler
         self._prepared = False
-        self.worker_id = worker_id or f"{default_worker_id()}:{index}"
+        self.worker_id = worker_id or f"{default_worker_id(config.node.host_id)}:{index}"
         self._next_load = 0.0
 
     def _resolve(self) -> JobHandler | None:

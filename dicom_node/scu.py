@@ -162,7 +162,7 @@ class OutboundSender(threading.Thread):
                  send: Sender | None = None) -> None:
         super().__init__(name="cxrnode-outbound", daemon=True)
         self.config, self.sessions, self.store, self.stop_event, self.send = config, sessions, store, stop, (send or send_file)
-        self.sender_id = f"{default_worker_id()}:outbound"
+        self.sender_id = f"{default_worker_id(config.node.host_id)}:outbound"
 
     def run(self) -> None:
         while not self.stop_event.is_set():

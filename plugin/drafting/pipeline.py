@@ -509,6 +509,13 @@ def _commit(ctx: JobContext, study_id: int, draft_ds: Any, indication: str, find
     uid = str(draft_ds.SOPInstanceUID)
     relpath = ctx.store.instance_relpath(str(draft_ds.StudyInstanceUID), str(draft_ds.SeriesInstanceUID), uid)
     with ctx.sessions() as s:
+        # again just before the file is written: a same-generation draft has the same UID and
+        # file, which a refused commit would have replaced (the check in the transaction stays
+        # the one that counts)
+        already = drafted_elsewhere(s, study_id, ctx)
+        if already:
+            ctx.log(already)
+            return JobResult("skipped", already)
         existing = s.scalars(select(Draft).where(Draft.sop_instance_uid == uid)).one_or_none()
         if existing is not None and existing.state in (DraftState.SIGNED, DraftState.REJECTED, DraftState.IN_REVIEW):
             # the same images were sent again: the existing draft (and its sign-off) stands
