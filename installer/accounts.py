@@ -57,7 +57,7 @@ def check_interpreter_for_services() -> None:
     if not runuser:
         return
     py = base_python()
-    proc = subprocess.run([runuser, "-u", "nobody", "--", py, "-I", "-c", "pass"], capture_output=True, text=True)
+    proc = subprocess.run([runuser, "-u", "nobody", "--", py, "-I", "-m", "platform"], capture_output=True, text=True)
     if proc.returncode != 0:
         raise InstallError(
             f"an unprivileged service user cannot run {py} ({(proc.stderr or '').strip() or 'permission denied'}); "

@@ -981,9 +981,3 @@ def _banned_ngram_tokens(hist: list[int], n: int) -> list[int]:
         if hist[i : i + n - 1] == prefix:
             banned.append(hist[i + n - 1])
     return banned
-
-
-def describe(gen: ReportGenerator) -> dict[str, Any]:
-    """Small summary for logs and ``doctor``."""
-    return {"name": gen.name, "version": gen.version, "providers": gen.providers,
-            "image_size": gen.image_size, "bundle": str(gen.bundle.path)}

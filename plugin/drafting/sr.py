@@ -1148,13 +1148,3 @@ def _read_addendum(section: Any) -> AddendumText:
         except ValueError:
             pass
     return AddendumText("\n".join(text), author, added)
-
-
-def report_text(report: ReportText) -> str:
-    """The report as plain text (for the demo, logs and renderings)."""
-    parts = []
-    if report.indication:
-        parts.append(f"INDICATION: {report.indication}")
-    parts.append(f"FINDINGS: {report.findings or '(none)'}")
-    parts.append(f"IMPRESSION: {report.impression or '(none)'}")
-    return "\n".join(parts)
