@@ -4,6 +4,11 @@
 ``load_bundle`` checks the manifest (format name and version, architecture, required graphs)
 and the sha256 of every listed file before anything is run, and raises :class:`BundleError`
 with the bundle path and the first problem found. No torch here (import-linter contract).
+
+Graphs over the 2 GB protobuf limit keep their weights in ONNX external data: one side file
+``<graph file>.data`` next to the graph (e.g. ``decoder.onnx.data``), named in the manifest as
+the graph's ``external_data`` and checksummed in ``files`` like the graph itself; ONNX Runtime
+reads it from the bundle folder when it opens the graph by path.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from typing import Any
 FORMAT_NAME = "cxrnode-model-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+#: the side file of a graph whose weights are stored as ONNX external data: ``<graph file>.data``
+EXTERNAL_DATA_SUFFIX = ".data"
 BUNDLES_DIR = Path(__file__).resolve().parent / "bundles"
 
 #: graphs each architecture must provide (roles), see README.md ("encoder-decoder graphs",
@@ -162,17 +169,36 @@ def load_bundle(name_or_path: str | Path = "default", verify: bool = True) -> Bu
     referenced = [g["file"] for g in graphs.values()] + [manifest["tokenizer"]["file"]]
     for rel in referenced:
         _require(rel in files, path, f"{rel} is used but has no sha256 in the manifest")
+    data_of: dict[str, str] = {}  # external data file -> the role of the graph it belongs to
+    for role, g in graphs.items():
+        data = g.get("external_data")
+        side = g["file"] + EXTERNAL_DATA_SUFFIX
+        _require(data in (None, side), path, f"graph {role!r}: external_data must be {side!r}, not {data!r}")
+        if data is None:
+            _require(not (path / side).exists(), path, f"{side} lies next to graph {role!r} but the manifest does "
+                     "not name it as the graph's external_data (re-run write_manifest)")
+            continue
+        _require(data in files, path, f"{data} (external data of graph {role!r}) has no sha256 in the manifest")
+        data_of[data] = role
     for rel, digest in files.items():
         fp = path / rel
-        _require(fp.is_file(), path, f"missing file {rel}")
+        what = f" (the external weights of graph {data_of[rel]!r})" if rel in data_of else ""
+        _require(fp.is_file(), path, f"missing file {rel}{what}")
         if verify:
             actual = sha256_file(fp)
-            _require(actual == digest, path, f"checksum mismatch for {rel} (file changed or corrupt)")
+            _require(actual == digest, path, f"checksum mismatch for {rel}{what} (file changed or corrupt)")
     return Bundle(path=path, manifest=manifest)
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Fill in ``files`` (sha256 of every file of the folder but the manifest) and write it."""
+    """Fill in ``files`` (sha256 of every file of the folder but the manifest) and each graph's
+    ``external_data`` (its ``<graph file>.data`` side file when there is one), and write it."""
+    for g in manifest.get("graphs", {}).values():
+        side = g["file"] + EXTERNAL_DATA_SUFFIX
+        if (path / side).is_file():
+            g["external_data"] = side
+        else:
+            g.pop("external_data", None)
     manifest = dict(manifest)
     manifest["files"] = {
         str(p.relative_to(path)): sha256_file(p)

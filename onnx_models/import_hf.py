@@ -295,11 +295,24 @@ class _BertDecoder(nn.Module):
 
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
-            axes: dict[str, dict[int, str]]) -> None:
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
-                          dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+            axes: dict[str, dict[int, str]], external: bool | None = None) -> None:
+    """Export ``module`` to ``path``. ``external``: its weights in ``<path name>.data`` (the
+    bundle's external data); ``None``: only when they exceed ``EXTERNAL_DATA_MIN_BYTES`` (1 GiB).
+    torch writes a graph over 2 GB as one file per tensor, so it exports into a scratch folder
+    and the graph is written again in the bundle's layout."""
+    from .import_hf_speed import resave
+
+    scratch = path.with_name(path.name + ".export")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, str(scratch / path.name), input_names=inputs, output_names=outputs,
+                              dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+        resave(scratch / path.name, path, external)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def load_model(path: Path) -> Any:
@@ -314,8 +327,9 @@ def load_model(path: Path) -> Any:
     return model.eval()
 
 
-def export_graphs(model: Any, out: Path, spec: dict[str, Any]) -> dict[str, Any]:
-    """Write encoder.onnx, bridge.onnx, decoder.onnx; return the manifest's ``graphs``."""
+def export_graphs(model: Any, out: Path, spec: dict[str, Any], external: bool | None = None) -> dict[str, Any]:
+    """Write encoder.onnx, bridge.onnx, decoder.onnx (``external``: see :func:`_export`); return
+    the manifest's ``graphs``."""
     dec_type = model.decoder.config.model_type
     if dec_type not in SUPPORTED_DECODERS:
         raise ImportHFError(f"decoder model_type {dec_type!r} is not supported (supported: {SUPPORTED_DECODERS}); "
@@ -327,7 +341,7 @@ def export_graphs(model: Any, out: Path, spec: dict[str, Any]) -> dict[str, Any]
     images = torch.randn(2, 1, 1, s, s)
     views = {0: "batch", 1: "views"}
     _export(enc, (images,), out / "encoder.onnx", ["images"], ["image_tokens"],
-            {"images": views, "image_tokens": views})
+            {"images": views, "image_tokens": views}, external=external)
     with torch.no_grad():
         tokens = enc(images)
     tokens2 = torch.cat([tokens, tokens.flip(0)], dim=1)
@@ -335,7 +349,7 @@ def export_graphs(model: Any, out: Path, spec: dict[str, Any]) -> dict[str, Any]
     _export(bridge, (tokens2, mask), out / "bridge.onnx", ["image_tokens", "view_mask"],
             ["cross_k", "cross_v", "memory_mask"],
             {"image_tokens": views, "view_mask": views, "cross_k": {1: "batch", 3: "memory"},
-             "cross_v": {1: "batch", 3: "memory"}, "memory_mask": {0: "batch", 1: "memory"}})
+             "cross_v": {1: "batch", 3: "memory"}, "memory_mask": {0: "batch", 1: "memory"}}, external=external)
     with torch.no_grad():
         ck, cv, mm = bridge(tokens2, mask)
     L, H, dh = int(model.decoder.config.num_hidden_layers), dec.heads, dec.head_dim
@@ -347,7 +361,7 @@ def export_graphs(model: Any, out: Path, spec: dict[str, Any]) -> dict[str, Any]
             {"input_ids": {0: "batch", 1: "seq"}, "memory_mask": {0: "batch", 1: "memory"},
              "cross_k": {1: "batch", 3: "memory"}, "cross_v": {1: "batch", 3: "memory"}, "past_k": kv,
              "past_v": kv, "logits": {0: "batch", 1: "seq"}, "present_k": {1: "batch", 3: "total"},
-             "present_v": {1: "batch", 3: "total"}})
+             "present_v": {1: "batch", 3: "total"}}, external=external)
     d = int(model.encoder.config.hidden_size) if hasattr(model.encoder.config, "hidden_size") else tokens.shape[-1]
     kvs = f"float32 [{L}, batch, {H}, seq, {dh}]"
     vocab = int(model.decoder.config.vocab_size)
@@ -608,9 +622,12 @@ def model_card(m: dict[str, Any]) -> str:
 def import_hf(checkpoint: str | Path, out: str | Path, name: str = "", version: str = "", views: str = "first-frontal",
               section: str = "findings", int8: bool = False, fp16: bool = False, prompt_template: str = "",
               calibration_images: str | Path | None = None, check: bool = True,
-              int8_keep_lm_head: bool = False) -> Path:
-    """Import a local ``VisionEncoderDecoderModel`` checkpoint folder into a bundle folder
-    ``out`` (replaced). See the module docstring."""
+              int8_keep_lm_head: bool = False, external_data: bool | None = None) -> Path:
+    """Import a local checkpoint folder into a bundle folder ``out`` (replaced). See the module
+    docstring. ``external_data``: the graphs' weights in ``<graph>.data`` side files (ONNX
+    external data); ``None`` (default) = always for the decoder-only families (LLaVA, Gemma 3:
+    the models that reach the 2 GB protobuf limit, one layout whatever their size), for a
+    ``VisionEncoderDecoderModel`` only for a graph whose weights exceed 1 GiB."""
     src = Path(checkpoint).resolve()
     cfg = read_checkpoint(src)
     fam = family(cfg)
@@ -620,7 +637,7 @@ def import_hf(checkpoint: str | Path, out: str | Path, name: str = "", version: 
         raise ImportHFError(f"section must be findings or impression, not {section!r}")
     if fam in ("llava", "gemma3"):
         return _import_llava(src, Path(out), name, version, section, int8, fp16, prompt_template, calibration_images,
-                             check, fam)
+                             check, fam, external=True if external_data is None else external_data)
     if prompt_template:
         raise ImportHFError("--prompt-template applies to image-text-to-text models; a VisionEncoderDecoderModel "
                             "takes no prompt")
@@ -634,7 +651,7 @@ def import_hf(checkpoint: str | Path, out: str | Path, name: str = "", version: 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        graphs = export_graphs(model, tmp, spec)
+        graphs = export_graphs(model, tmp, spec, external=external_data)
         tok = _tokenizer(src, tmp)
         for k, i in ids.items():
             if tok.id_to_token(i) is None:
@@ -696,7 +713,7 @@ def _finish(tmp: Path, manifest: dict[str, Any], calibration_images: str | Path 
 
 def _import_llava(src: Path, out: Path, name: str, version: str, section: str, int8: bool, fp16: bool,
                   prompt_template: str, calibration_images: str | Path | None, check: bool,
-                  fam: str = "llava") -> Path:
+                  fam: str = "llava", external: bool = True) -> Path:
     """The image-text-to-text families (``llava``, ``gemma3``) onto the decoder-only contract."""
     if fam == "gemma3":
         from .import_hf_gemma3 import DEFAULT_TEMPLATE, recheck_int8
@@ -715,7 +732,7 @@ def _import_llava(src: Path, out: Path, name: str, version: str, section: str, i
                                   "transformers": _version("transformers"), "torch": torch.__version__,
                                   "precision": "fp32", "generation_config": _json(src / "generation_config.json")}
         manifest = import_llava(src, tmp, src, name or src.name, version or "0.0.0",
-                                prompt_template or DEFAULT_TEMPLATE, section, source, check)
+                                prompt_template or DEFAULT_TEMPLATE, section, source, check, external=external)
         if int8 or fp16:
             from .import_hf_speed import DECODER_ONLY_ROLES, to_fp16, to_int8
 

@@ -178,7 +178,7 @@ def load_gemma3(path: Path) -> Any:
     return model.eval()
 
 
-def export_gemma3(model: Any, out: Path, spec: dict[str, Any], tok: Any) -> tuple[dict[str, Any], dict[str, int]]:
+def export_gemma3(model: Any, out: Path, spec: dict[str, Any], tok: Any, external: bool = True) -> tuple[dict[str, Any], dict[str, int]]:
     text_type = model.config.text_config.model_type
     if text_type not in SUPPORTED_TEXT:
         raise ImportHFError(f"Gemma 3 language model {text_type!r} is not supported (supported: {SUPPORTED_TEXT})")
@@ -189,11 +189,11 @@ def export_gemma3(model: Any, out: Path, spec: dict[str, Any], tok: Any) -> tupl
     views = {0: "batch", 1: "views"}
     images, vm = torch.randn(2, 2, 1, s, s), torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     _export(enc, (images, vm), out / "encoder.onnx", ["images", "view_mask"], ["image_embeds", "image_mask"],
-            {"images": views, "view_mask": views, "image_embeds": {0: "batch", 1: "n"}, "image_mask": {0: "batch", 1: "n"}})
+            {"images": views, "view_mask": views, "image_embeds": {0: "batch", 1: "n"}, "image_mask": {0: "batch", 1: "n"}}, external=external)
     with torch.no_grad():
         e, m = enc(images, vm)
     _export(_Embed(model.model.language_model.embed_tokens).eval(), (torch.tensor([[1, 2, 3]]),), out / "embed.onnx",
-            ["input_ids"], ["inputs_embeds"], {"input_ids": {0: "batch", 1: "seq"}, "inputs_embeds": {0: "batch", 1: "seq"}})
+            ["input_ids"], ["inputs_embeds"], {"input_ids": {0: "batch", 1: "seq"}, "inputs_embeds": {0: "batch", 1: "seq"}}, external=external)
     L, H, dh = len(dec.lm.layers), dec.kv_heads, dec.head_dim
     past = torch.randn(L, 2, H, 3, dh)
     kv = {1: "batch", 3: "past"}
@@ -203,7 +203,7 @@ def export_gemma3(model: Any, out: Path, spec: dict[str, Any], tok: Any) -> tupl
             ["inputs_embeds", "attention_mask", "past_k", "past_v"], ["logits", "present_k", "present_v"],
             {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"}, "past_k": kv,
              "past_v": kv, "logits": {0: "batch", 1: "seq"}, "present_k": {1: "batch", 3: "total"},
-             "present_v": {1: "batch", 3: "total"}})
+             "present_v": {1: "batch", 3: "total"}}, external=external)
     d, per_view = int(e.shape[-1]), int(e.shape[1]) // 2
     graphs = {
         "encoder": {"file": "encoder.onnx", "opset": OPSET,
@@ -298,8 +298,9 @@ def recheck_int8(src: Path, bundle: Path) -> dict[str, Any]:
 
 
 def import_gemma3(src: Path, tmp: Path, spec_src: Path, name: str, version: str, template: str, section: str,
-                  source: dict[str, Any], check: bool) -> dict[str, Any]:
-    """Write the decoder-only bundle for ``src`` into ``tmp`` and return its manifest."""
+                  source: dict[str, Any], check: bool, external: bool = True) -> dict[str, Any]:
+    """Write the decoder-only bundle for ``src`` into ``tmp`` and return its manifest
+    (``external``: the graphs' weights in ``<graph>.data`` side files, the bundle's external data)."""
     import shutil
 
     from tokenizers import Tokenizer
@@ -315,7 +316,7 @@ def import_gemma3(src: Path, tmp: Path, spec_src: Path, name: str, version: str,
     shutil.copy(src / "tokenizer.json", tmp / "tokenizer.json")
     tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))
     model = load_gemma3(src)
-    graphs, dims = export_gemma3(model, tmp, spec, tok)
+    graphs, dims = export_gemma3(model, tmp, spec, tok, external=external)
     shutil.copy(BUNDLES_DIR / "default" / "view_classifier.onnx", tmp / "view_classifier.onnx")
     graphs["view_classifier"] = {"file": "view_classifier.onnx", "opset": OPSET,
                                  "inputs": {"images": "float32 [batch, 1, 64, 64] normalised"},

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from onnx_models.bundle import FORMAT_NAME, BundleError, load_bundle, write_manifest
@@ -87,4 +88,60 @@ def test_decoder_only_needs_embed_and_unknown_architecture_is_refused(copy: Path
     m["architecture"] = "diffusion"
     write_manifest(copy, m)
     with pytest.raises(BundleError, match="architecture 'diffusion' unknown"):
+        load_bundle(copy)
+
+
+def _externalise(bundle: Path, role: str) -> str:
+    """Rewrite graph ``role`` with its weights in ``<graph>.data`` (ONNX external data) and the
+    manifest's checksums; returns the data file's name."""
+    pytest.importorskip("onnx")
+    import onnx
+
+    from onnx_models.import_hf_speed import save_graph
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    graph = bundle / m["graphs"][role]["file"]
+    assert save_graph(onnx.load(str(graph)), graph, external=True)
+    write_manifest(bundle, m)
+    return graph.name + ".data"
+
+
+def test_external_data_loads_drafts_the_same_text_and_is_verified(copy: Path) -> None:
+    """A graph whose weights live in ``decoder.onnx.data`` loads from the bundle folder, drafts
+    the text the self-contained graph drafts, and a changed, missing or unlisted data file is
+    refused naming the file and its graph."""
+    from onnx_models.runtime import ReportGenerator, StudyInput
+
+    rng = np.random.default_rng(3)
+    study = StudyInput(views=[(rng.random((128, 128), dtype=np.float32), "PA"),
+                              (rng.random((128, 128), dtype=np.float32), "LATERAL")], indication="Cough.")
+    before = ReportGenerator(copy, threads=1).generate([study], beam_size=1)[0]
+    size = (copy / "decoder.onnx").stat().st_size
+    data = _externalise(copy, "decoder")
+    assert data == "decoder.onnx.data" and (copy / "decoder.onnx").stat().st_size < size / 10
+    b = load_bundle(copy)
+    assert b.manifest["graphs"]["decoder"]["external_data"] == data and data in b.manifest["files"]
+    after = ReportGenerator(copy, threads=1).generate([study], beam_size=1)[0]
+    assert (after.findings, after.impression, after.tokens) == (before.findings, before.impression, before.tokens)
+    assert before.findings or before.impression
+    raw = (copy / data).read_bytes()
+    with open(copy / data, "r+b") as fh:
+        fh.seek(len(raw) // 2)
+        fh.write(bytes(b ^ 0xFF for b in raw[len(raw) // 2 : len(raw) // 2 + 4]))
+    with pytest.raises(BundleError, match=r"checksum mismatch for decoder\.onnx\.data \(the external weights of "
+                                          r"graph 'decoder'\)"):
+        load_bundle(copy)
+    (copy / data).unlink()
+    with pytest.raises(BundleError, match=r"missing file decoder\.onnx\.data \(the external weights of graph "):
+        load_bundle(copy, verify=False)
+    (copy / data).write_bytes(raw)
+    load_bundle(copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    del m["files"][data]
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"decoder\.onnx\.data \(external data of graph 'decoder'\) has no sha256"):
+        load_bundle(copy)
+    del m["graphs"]["decoder"]["external_data"]
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"decoder\.onnx\.data lies next to graph 'decoder' but the manifest"):
         load_bundle(copy)

@@ -117,6 +117,10 @@ def test_family_manifest_and_checks(imported: tuple[Path, Path]) -> None:
     c = m["import"]["checks"]
     assert c["max_abs_logit_diff"] < TOL and c["greedy_identical"] == c["greedy_compared"] == 2
     assert "Gemma3ForConditionalGeneration" in m["description"]
+    # the decoder-only families always keep their weights in ONNX external data (<graph>.data)
+    assert {r: g.get("external_data") for r, g in m["graphs"].items()} == {
+        "encoder": "encoder.onnx.data", "embed": "embed.onnx.data", "decoder": "decoder.onnx.data",
+        "view_classifier": None}
 
 
 def test_prompt_logits_and_greedy_match_transformers(imported: tuple[Path, Path]) -> None:

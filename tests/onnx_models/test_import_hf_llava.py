@@ -7,6 +7,7 @@ study drafted through the node pipeline."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ pytest.importorskip("transformers")
 from hf_tiny import tiny_llava  # noqa: E402
 
 from onnx_models import cli  # noqa: E402
-from onnx_models.bundle import load_bundle  # noqa: E402
+from onnx_models.bundle import BundleError, load_bundle  # noqa: E402
 from onnx_models.import_hf import ImportHFError, import_hf, probe_images  # noqa: E402
 from onnx_models.import_hf_llava import hf_prompt_ids  # noqa: E402
 from onnx_models.runtime import ReportGenerator, StudyInput, _PrefixState  # noqa: E402
@@ -150,8 +151,44 @@ def test_template_needs_image_and_int8_variant(tmp_path: Path, imported: tuple[P
     m = load_bundle(out).manifest
     assert m["import"]["precision"].startswith("int8") and "precision" not in m["graphs"]["embed"]
     assert m["import"]["checks_int8"]["greedy_compared"] == 2
+    assert {r: g.get("external_data") for r, g in m["graphs"].items() if r != "view_classifier"} == {
+        "encoder": "encoder.onnx.data", "embed": "embed.onnx.data", "decoder": "decoder.onnx.data"}
+    assert not list(out.glob("*.int8*")) and sorted(m["files"]) == sorted(
+        str(p.relative_to(out)) for p in out.iterdir() if p.name != "manifest.json")
     [r] = ReportGenerator(out, threads=1).generate(_studies()[:1], beam_size=1, max_tokens=6)
     assert r.tokens
+
+
+def test_external_data_drafts_as_without_and_is_verified(tmp_path: Path, imported: tuple[Path, Path]) -> None:
+    """The default import keeps the weights in ``<graph>.data`` (ONNX external data, loaded by
+    ONNX Runtime from the bundle folder); the same checkpoint imported self-contained drafts
+    the same text; a changed or missing data file is refused naming it."""
+    ck, out = imported
+    m = load_bundle(out).manifest
+    assert {r: g.get("external_data") for r, g in m["graphs"].items()} == {
+        "encoder": "encoder.onnx.data", "embed": "embed.onnx.data", "decoder": "decoder.onnx.data",
+        "view_classifier": None}
+    assert {"encoder.onnx.data", "embed.onnx.data", "decoder.onnx.data"} <= set(m["files"])
+    assert (out / "decoder.onnx").stat().st_size < (out / "decoder.onnx.data").stat().st_size
+    inline = import_hf(ck, tmp_path / "inline", prompt_template=TEMPLATE, check=False, external_data=False)
+    mi = load_bundle(inline).manifest
+    assert not any("external_data" in g for g in mi["graphs"].values()) and not list(inline.glob("*.data"))
+    studies = _studies()
+    a = ReportGenerator(out, threads=1).generate(studies, beam_size=1, max_tokens=12)
+    b = ReportGenerator(inline, threads=1).generate(studies, beam_size=1, max_tokens=12)
+    assert [r.tokens for r in a] == [r.tokens for r in b] and all(r.tokens for r in a)
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    with open(broken / "decoder.onnx.data", "r+b") as fh:
+        fh.seek(64)
+        fh.write(b"\x7f\x7f\x7f\x7f")
+    with pytest.raises(BundleError, match=r"checksum mismatch for decoder\.onnx\.data \(the external weights of "
+                                          r"graph 'decoder'\)"):
+        ReportGenerator(broken, threads=1)
+    (broken / "encoder.onnx.data").unlink()
+    with pytest.raises(BundleError, match=r"missing file encoder\.onnx\.data \(the external weights of graph "
+                                          r"'encoder'\)"):
+        load_bundle(broken, verify=False)
 
 
 def test_drafts_a_study_through_the_node_pipeline(tmp_path: Path, imported: tuple[Path, Path],
