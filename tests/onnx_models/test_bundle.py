@@ -145,3 +145,37 @@ def test_external_data_loads_drafts_the_same_text_and_is_verified(copy: Path) ->
     (copy / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match=r"decoder\.onnx\.data lies next to graph 'decoder' but the manifest"):
         load_bundle(copy)
+
+
+def test_graph_in_per_tensor_files_is_rewritten_to_one_data_file(tmp_path: Path) -> None:
+    """torch writes a graph over 2 GB as one file per tensor: ``resave`` reads that layout and
+    writes the bundle's (``<graph>.data``), which ONNX Runtime runs with the same result."""
+    pytest.importorskip("onnx")
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnx_models.import_hf_speed import resave, uses_external_data
+
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal((32, 32)).astype(np.float32) for _ in range(2))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    onnx.save_model(model, str(scratch / "g.onnx"), save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=0)
+    assert sorted(p.name for p in scratch.iterdir()) == ["g.onnx", "w1", "w2"]
+    out = tmp_path / "bundle"
+    out.mkdir()
+    resave(scratch / "g.onnx", out / "g.onnx", external=True)
+    assert sorted(p.name for p in out.iterdir()) == ["g.onnx", "g.onnx.data"] and uses_external_data(out / "g.onnx")
+    x = rng.standard_normal((1, 32)).astype(np.float32)
+    [y] = ort.InferenceSession(str(out / "g.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ w1 @ w2, rtol=1e-5, atol=1e-5)
+    resave(out / "g.onnx", out / "g.onnx", external=False)  # back to one file: the side file goes
+    assert sorted(p.name for p in out.iterdir()) == ["g.onnx"] and not uses_external_data(out / "g.onnx")
