@@ -1,12 +1,14 @@
 """The one commit service: an object's file and its index rows are committed together or not at all.
 
-Every object the node keeps goes through the same steps: the file is made durable in the store
-(:meth:`~dicom_node.store.Store.write_dataset`: temp file, fsync, rename, fsync of the folder),
-then **one** database transaction registers the instance
-(:func:`~dicom_node.index.register_instance`), writes the caller's own rows and audit events,
-and enqueues the object to the destinations that want it (:func:`~dicom_node.outbound.enqueue`);
-if anything in the transaction fails, nothing is committed and the file written for it is
-removed again (a file that was already there before is left alone: it is someone else's).
+Every object the node keeps goes through the same steps, in **one** database transaction: the
+caller's ``prepare`` step takes its locks and may refuse; the file is made durable in the store
+(:meth:`~dicom_node.store.Store.write_dataset`: temp file, fsync, rename, fsync of the folder);
+the instance is registered (:func:`~dicom_node.index.register_instance`), the caller's own rows
+and audit events are written, and the object is enqueued to the destinations that want it
+(:func:`~dicom_node.outbound.enqueue`). If anything fails, nothing is committed and the file
+written for it is removed again (a file that was already there before is left alone: it is
+someone else's). Because ``prepare`` runs before the file is written, two writers of one object
+are serialised by the caller's lock and the refused one never overwrites the other's file.
 
 :func:`commit_dataset` does all of it for an object the node writes (a draft SR, its rendering,
 a verified SR); :func:`commit_stored` is the transaction and the clean-up for a file already
@@ -144,11 +146,44 @@ def commit_dataset(
         :class:`~dicom_node.index.InstanceConflict`, a database error): nothing was committed
         and the file written by this call was removed.
     """
-    existed = store.exists(relpath)
-    size, sha256 = store.write_dataset(ds, relpath)
-    return commit_stored(store, sessions, ds, StoredFile(relpath, size, sha256), rows,
-                         registered_by=registered_by, generated=generated, prepare=prepare, enqueue=enqueue,
-                         remove_on_failure=not existed)
+    # prepare (the caller's locks and refusals) runs before the file is written, in the same
+    # transaction: two writers of one object (two jobs drafting one study generation) are
+    # serialised by the caller's lock, and the one refused never touches the other's file
+    existed = written = False
+    try:
+        with sessions() as session, session.begin():
+            if prepare is not None and prepare(session) is False:
+                return Committed(_existing(store, relpath), False, None, 0)
+            existed = store.exists(relpath)
+            size, sha256 = store.write_dataset(ds, relpath)
+            written = True
+            return _record(session, ds, StoredFile(relpath, size, sha256), rows, registered_by, generated, enqueue)
+    except BaseException:
+        if written and not existed:
+            store.remove(relpath)
+        raise
+
+
+def _existing(store: Store, relpath: str) -> StoredFile:
+    """The file already at ``relpath`` (size -1 and no hash when there is none)."""
+    sha = store.file_sha256(relpath)
+    return StoredFile(relpath, store.abspath(relpath).stat().st_size if sha else -1, sha or "")
+
+
+def _record(session: Session, ds: Dataset, stored: StoredFile, rows: Callable[[Session, StoredFile], T] | None,
+            registered_by: str, generated: bool, enqueue: Enqueue | None) -> Committed[T]:
+    """Register the instance, write the caller's rows and enqueue it, in ``session``'s transaction."""
+    index.register_instance(session, ds, stored.relpath, stored.size, stored.sha256, registered_by,
+                            generated=generated)
+    value = rows(session, stored) if rows is not None else None
+    transfers = 0
+    if enqueue is not None:
+        queued = outbound.enqueue(session, enqueue.config, str(ds.SOPInstanceUID), stored.relpath, enqueue.kind)
+        for t in queued:
+            if enqueue.hold:
+                t.next_attempt_at = t.next_attempt_at + enqueue.hold
+        transfers = len(queued)
+    return Committed(stored, True, value, transfers)
 
 
 def commit_stored(
@@ -196,17 +231,7 @@ def commit_stored(
     def transaction(session: Session) -> Committed[T]:
         if prepare is not None and prepare(session) is False:
             return Committed(stored, False, None, 0)
-        index.register_instance(session, ds, stored.relpath, stored.size, stored.sha256, registered_by,
-                                generated=generated)
-        value = rows(session, stored) if rows is not None else None
-        transfers = 0
-        if enqueue is not None:
-            queued = outbound.enqueue(session, enqueue.config, str(ds.SOPInstanceUID), stored.relpath, enqueue.kind)
-            for t in queued:
-                if enqueue.hold:
-                    t.next_attempt_at = t.next_attempt_at + enqueue.hold
-            transfers = len(queued)
-        return Committed(stored, True, value, transfers)
+        return _record(session, ds, stored, rows, registered_by, generated, enqueue)
 
     try:
         if attempts > 1:

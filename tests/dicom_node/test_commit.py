@@ -115,11 +115,12 @@ def test_a_failed_transaction_removes_the_file_and_leaves_no_rows(
     seen: dict[str, Any] = {}
 
     def prepare(s: Session) -> None:
-        seen["file during the transaction"] = store.abspath(relpath).is_file()
+        seen["file during prepare"] = store.abspath(relpath).is_file()
         if where == "prepare":
             raise Boom("refused")
 
     def rows(s: Session, stored: StoredFile) -> None:
+        seen["file during rows"] = store.abspath(relpath).is_file()
         audit(s, "tester", "drafted", str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
         s.flush()  # the rows reached the database before the failure
         raise Boom("failed after writing rows")
@@ -127,7 +128,9 @@ def test_a_failed_transaction_removes_the_file_and_leaves_no_rows(
     with pytest.raises(Boom):
         commit_dataset(store, sessions, ds, relpath, rows, registered_by="CXRNODE", prepare=prepare,
                        enqueue=Enqueue(config, "draft"))
-    assert seen == {"file during the transaction": True}
+    # prepare (the caller's locks and refusals) runs before the file is written; rows after it
+    assert seen == ({"file during prepare": False} if where == "prepare"
+                    else {"file during prepare": False, "file during rows": True})
     assert not store.abspath(relpath).exists()
     assert counts(sessions) == {"Study": 0, "Series": 0, "Instance": 0, "AuditEvent": 0, "Transfer": 0}
 
@@ -167,3 +170,28 @@ def test_commit_stored_retries_keeps_recorded_and_cleans_up(tmp_path: Path, sess
     assert store.abspath(relpath).is_file()
     with pytest.raises(ValueError, match="attempts"):
         commit_stored(store, sessions, ds, stored, registered_by="PACS", attempts=0)
+
+
+def test_a_refused_second_writer_never_touches_the_first_ones_file(
+        tmp_path: Path, sessions: sessionmaker[Session]) -> None:
+    """Two jobs drafting one study generation: the second is refused by its prepare step (the
+    pipeline's one-draft-per-generation check, under the study lock). It must not overwrite the
+    committed file, or the index's SHA-256 no longer matches the bytes on disk."""
+    store = Store(tmp_path / "store")
+    first = sr_dataset()
+    relpath = relpath_of(store, first)
+    done = commit_dataset(store, sessions, first, relpath, registered_by="CXRNODE")
+    second = sr_dataset()
+    second.SOPInstanceUID = first.SOPInstanceUID  # same deterministic UID, other content
+    second.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
+    second.ContentTime = "235959"
+
+    def already_drafted(s: Session) -> None:
+        raise Boom("generation already drafted")
+
+    with pytest.raises(Boom):
+        commit_dataset(store, sessions, second, relpath, registered_by="CXRNODE", prepare=already_drafted)
+    assert store.file_sha256(relpath) == done.stored.sha256
+    with sessions() as s:
+        (inst,) = s.scalars(select(Instance)).all()
+        assert inst.sha256 == store.file_sha256(relpath)
