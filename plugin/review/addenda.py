@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 from dicom_node import index
 from dicom_node.commit import Enqueue, StoredFile, commit_dataset
 from dicom_node.config import Reviewer
-from dicom_node.db import Draft, DraftState, Study, Transfer, TransferState, utcnow
+from dicom_node.db import Draft, DraftState, Study, Transfer, TransferState, db_utcnow
 from dicom_node.review_records import CriticalResult, ReportAddendum
 from plugin.drafting import sr
 from plugin.review.results import AddendumResult, CriticalNotice
@@ -226,7 +226,7 @@ def _predecessor(service: ReviewService, draft_id: int, now: dt.datetime) -> tup
             Transfer.sop_instance_uid == d.signed_sop_instance_uid)) or 0
         held = s.scalar(select(func.count(Transfer.id)).where(
             Transfer.sop_instance_uid == d.signed_sop_instance_uid, Transfer.state == TransferState.PENDING,
-            Transfer.attempts == 0, Transfer.next_attempt_at > utcnow())) or 0
+            Transfer.attempts == 0, Transfer.next_attempt_at > db_utcnow(s))) or 0
         within = d.signed_at is not None and bool(window) and now < d.signed_at + window
         if held == queued and (within or held > 0):
             raise ReviewError("the signature can still be undone: undo it to change the report, or send it "

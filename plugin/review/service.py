@@ -80,6 +80,7 @@ from dicom_node.db import (
     StudyState,
     Transfer,
     TransferState,
+    db_utcnow,
     utcnow,
 )
 from dicom_node.priority import rank as priority_rank
@@ -1078,7 +1079,7 @@ class ReviewService:
             d = s.get(Draft, draft_id)
             if d is None or d.state != DraftState.SIGNED or d.signed_by != user or not d.signed_sop_instance_uid:
                 raise ReviewError("only your own signed report can be sent")
-            now = utcnow()
+            now = db_utcnow(s)  # the sender compares next_attempt_at with the database's clock
             res = s.execute(
                 update(Transfer)
                 .where(Transfer.sop_instance_uid == d.signed_sop_instance_uid,
@@ -1114,7 +1115,7 @@ class ReviewService:
             res = s.execute(
                 delete(Transfer)
                 .where(Transfer.sop_instance_uid == sop, Transfer.state == TransferState.PENDING,
-                       Transfer.attempts == 0, Transfer.next_attempt_at > utcnow())
+                       Transfer.attempts == 0, Transfer.next_attempt_at > db_utcnow(s))
                 .execution_options(synchronize_session=False)
             )
             if _rowcount(res) != held:  # one is being (or was) sent: nothing is undone

@@ -399,3 +399,29 @@ def test_critical_addendum_and_scratch_on_postgresql(tmp_path: Path, postgres_ur
         assert scratch.retry_drafting(svc, _undrafted(node, "pg-skip", _skip), "bob").job_id > 0
     finally:
         node.engine.dispose()
+
+
+@pytest.mark.postgres
+def test_held_transfers_follow_the_database_clock_not_the_reviewers(tmp_path: Path, postgres_url: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The undo window's held transfers are compared with the database's clock, like the sender
+    does: a reviewer desktop whose clock runs a day fast still releases (Send now) and still
+    refuses an addendum while the signature can be undone."""
+    from plugin.review import service as service_mod
+
+    node = synthetic.build_node(tmp_path / "pg", synthetic.sample_studies(1, size=256, prefix="clk"),
+                                database_url=postgres_url)
+    try:
+        svc = ReviewService(node.config, node.sessions, node.store)
+        draft_id = svc.worklist()[0].draft_id
+        assert draft_id is not None
+        svc.claim(draft_id, "alice")
+        svc.sign(draft_id, "alice", "Heart normal.", "No acute abnormality.")
+        fast = dt.datetime.now(dt.UTC).replace(tzinfo=None) + dt.timedelta(days=1)
+        monkeypatch.setattr(service_mod, "utcnow", lambda: fast)
+        monkeypatch.setattr(addenda, "utcnow", lambda: fast, raising=False)
+        with pytest.raises(ReviewError, match="can still be undone"):
+            addenda.add_addendum(svc, draft_id, "alice", "Addendum text.")
+        assert svc.send_signed_now(draft_id, "alice") == 1
+    finally:
+        node.engine.dispose()
