@@ -132,9 +132,17 @@ def draft_of(node: Node, study_uid: str, n_images: int) -> Draft | None:
 
 
 def job_log(node: Node, study_uid: str) -> str:
+    """The study's job logs once a job has logged its priors line (a job's log reaches the
+    database after its draft: read it only when it is there)."""
     assert node.sessions is not None
-    with node.sessions() as s:
-        return "\n".join(j.log for j in s.scalars(select(Job).join(Study).where(Study.study_instance_uid == study_uid)))
+
+    def logged() -> str:
+        with node.sessions() as s:
+            text = "\n".join(j.log or "" for j in s.scalars(
+                select(Job).join(Study).where(Study.study_instance_uid == study_uid)))
+        return text if "priors: " in text else ""
+
+    return str(wait_for("the job's priors line", logged, timeout=60.0))
 
 
 def test_prior_fetched_compared_in_sr_shown_in_reviewer_then_pruned(system, tmp_path: Path, qtbot) -> None:  # type: ignore[no-untyped-def]
