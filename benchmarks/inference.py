@@ -15,17 +15,36 @@
 The torch part needs ``--checkpoint`` (the checkpoint the bundle was exported from; with a
 bundle that has a findings classifier also ``--findings``, its checkpoint) and the ``[train]``
 extra; without it only ORT is measured. Not a timed test.
+
+``--hf-random llava-0.5b`` measures an imported image-text-to-text model of realistic size
+instead: it builds a random ``LlavaForConditionalGeneration`` from the config in
+``HF_RANDOM`` (CLIP vision tower hidden 512 x 6 layers at 224 px / patch 16 = 196 image tokens
+per view, Llama language model hidden 1024 x 24 layers, 16 heads / 4 key-value heads, MLP 4096,
+vocabulary 32,000: ~0.45 B parameters, 1.8 GB in fp32), imports it with ``cxrnode import-hf``
+(fp32, and ``--int8``; the graphs' weights in ONNX external data, ``<graph>.data``), then runs
+each variant in its own process (clean peak RSS): per-study latency (2 views + indication,
+greedy, ``--max-tokens`` new tokens: the random LM head never prefers the end token), the
+first token's latency (encoder graph + prefill of the image and text tokens), decoding tokens/s
+after the prefill and end to end, and greedy agreement int8 vs fp32. The load average before and after each variant is recorded
+(the machine may be shared). Writes ``--out`` (JSON) as well as printing it.
+
+    python benchmarks/inference.py --hf-random llava-0.5b --studies 4 --max-tokens 32 --threads 2 \
+        --out benchmarks/results/inference_llava_0.5b.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,6 +73,186 @@ def _studies(data: str | None, n: int) -> tuple[list[StudyInput], str]:
                              (rng.random((256, 256), dtype=np.float32), "LATERAL")], indication="Cough.")
            for _ in range(n)]
     return out, f"{n} synthetic 2-view studies (random pixels)"
+
+
+#: random image-text-to-text models of realistic size (--hf-random): transformers config kwargs
+HF_RANDOM: dict[str, dict[str, Any]] = {
+    "llava-0.5b": {
+        "vision": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 6, "num_attention_heads": 8,
+                   "image_size": 224, "patch_size": 16, "projection_dim": 512},
+        "text": {"vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                 "num_attention_heads": 16, "num_key_value_heads": 4, "max_position_embeddings": 2048},
+    },
+}
+
+
+def build_random_llava(out: Path, config: dict[str, Any], seed: int = 0) -> int:
+    """Save a random LlavaForConditionalGeneration checkpoint of ``config`` to ``out`` with a
+    byte-level BPE tokenizer of the text model's vocabulary size (bytes, the specials and
+    made-up words); returns the parameter count. The LM head's row of the end token is zeroed:
+    every study decodes exactly ``max_tokens`` tokens, so the variants decode the same length."""
+    import torch
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    torch.manual_seed(seed)
+    specials = ["<pad>", "<s>", "</s>", "<image>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for ch in pre_tokenizers.ByteLevel.alphabet():
+        vocab.setdefault(ch, len(vocab))
+    n = int(config["text"]["vocab_size"])
+    i = 0
+    while len(vocab) < n:
+        vocab.setdefault(f"\u0120w{i}", len(vocab))
+        i += 1
+    tok = Tokenizer(models.BPE(vocab, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in specials])
+    vision = CLIPVisionConfig(**config["vision"])
+    text = LlamaConfig(**config["text"], bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    per_view = (int(config["vision"]["image_size"]) // int(config["vision"]["patch_size"])) ** 2
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=3, image_seq_length=per_view)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight[2] = 0.0
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save(str(out / "tokenizer.json"))
+    size = int(config["vision"]["image_size"])
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(out)
+    (out / "README.md").write_text("---\nlicense: mit\n---\n# random LLaVA-shaped model (benchmark)\n", encoding="utf-8")
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def measure_greedy(gen: ReportGenerator, studies: list[StudyInput], max_tokens: int, warmup: int) -> dict[str, Any]:
+    """Per study (batch 1): ``_encode`` (the encoder graph and the prompt's embedding) and greedy
+    decoding of ``max_tokens`` tokens (its first step is the prefill of the whole prompt), timed
+    apart; the first token (encode + prefill) timed in a separate run of one step, so the
+    decoding rate after the prefill is ``(tokens - 1) / (decode - first step)``. The ids are
+    kept for the agreement count."""
+    for s in studies[:warmup]:
+        gen._greedy(gen._encode([s])[1], max_tokens, 0)
+    encode_ms, decode_ms, first_ms, tokens, ids = [], [], [], [], []
+    for s in studies:
+        t0 = time.perf_counter()
+        _, state = gen._encode([s])
+        t1 = time.perf_counter()
+        prompt = int(getattr(state, "mask", np.zeros((1, 0))).shape[1])
+        [(seq, _)] = gen._greedy(state, max_tokens, 0)
+        t2 = time.perf_counter()
+        gen._greedy(gen._encode([s])[1], 1, 0)
+        first_ms.append((time.perf_counter() - t2) * 1000)
+        encode_ms.append((t1 - t0) * 1000)
+        decode_ms.append((t2 - t1) * 1000)
+        tokens.append(len(seq))
+        ids.append(seq)
+    total = [a + b for a, b in zip(encode_ms, decode_ms, strict=True)]
+    after = sum(d - (f - e) for d, f, e in zip(decode_ms, first_ms, encode_ms, strict=True))
+    return {"study_p50_ms": round(_pct(total, 50), 1), "study_max_ms": round(max(total), 1),
+            "encode_p50_ms": round(_pct(encode_ms, 50), 1), "first_token_p50_ms": round(_pct(first_ms, 50), 1),
+            "prompt_tokens": prompt,
+            "decode_tokens_per_s_after_prefill": round((sum(tokens) - len(tokens)) / (after / 1000), 2),
+            "end_to_end_tokens_per_s": round(sum(tokens) / (sum(total) / 1000), 2),
+            "mean_tokens": statistics.mean(tokens), "ids": ids}
+
+
+def _hwm_mb() -> float:
+    """This process's peak RSS (``VmHWM``): unlike ``ru_maxrss`` it is not inherited from the
+    parent across fork + exec (a child of the importing process would report its peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return _peak_rss_mb()
+
+
+def _child(args: argparse.Namespace) -> int:
+    """``--greedy-only``: one variant, in this process (its own peak RSS)."""
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    gen = ReportGenerator(args.bundle, threads=args.threads)
+    load_s = time.perf_counter() - t0
+    rss_loaded = _hwm_mb()
+    studies, source = _studies(args.data or None, args.studies)
+    res = measure_greedy(gen, studies, args.max_tokens, args.warmup)
+    res.update(bundle=str(gen.bundle.path), precision=gen.bundle.manifest["import"].get("precision", ""),
+               studies=source, threads=args.threads, providers=gen.providers, session_load_s=round(load_s, 1),
+               peak_rss_mb_after_load=round(rss_loaded, 1), peak_rss_mb=round(_hwm_mb(), 1),
+               load_average_before=[round(x, 2) for x in load_before],
+               load_average_after=[round(x, 2) for x in os.getloadavg()])
+    print(json.dumps(res))
+    return 0
+
+
+def _dir_mb(path: Path) -> float:
+    return round(sum(p.stat().st_size for p in path.iterdir() if p.is_file()) / 2**20, 1)
+
+
+def run_hf_random(args: argparse.Namespace, argv: list[str]) -> int:
+    """``--hf-random NAME``: build, import (fp32, int8), measure each variant in a child process."""
+    from onnx_models.import_hf import import_hf
+
+    config = HF_RANDOM[args.hf_random]
+    work = Path(args.workdir or Path(tempfile.gettempdir()) / f"cxrnode-bench-{args.hf_random}")
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"model": args.hf_random, "config": config,
+                              "command": "python benchmarks/inference.py " + " ".join(argv),
+                              "cpus": os.cpu_count(), "threads": args.threads, "max_tokens": args.max_tokens,
+                              "studies": args.studies, "warmup": args.warmup, "variants": {}}
+    ck = work / "ckpt"
+    facts = work / "build.json"  # build and import times of the checkpoint and bundles reused
+    if facts.is_file():
+        result.update(json.loads(facts.read_text(encoding="utf-8")))
+    t0 = time.perf_counter()
+    if not (ck / "config.json").is_file():
+        result["parameters"] = build_random_llava(ck, config)
+        result["build_s"] = round(time.perf_counter() - t0, 1)
+    result["checkpoint_mb"] = _dir_mb(ck)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in variants:
+        bundle = work / v
+        if not (bundle / "manifest.json").is_file():
+            t0 = time.perf_counter()
+            import_hf(ck, bundle, name=f"random-{args.hf_random}", version="0.0.0", int8=v == "int8",
+                      fp16=v == "fp16", check=not args.no_check)
+            result.setdefault("import_s", {})[v] = round(time.perf_counter() - t0, 1)
+            result.setdefault("import_peak_rss_mb", {})[v] = round(_hwm_mb(), 1)
+        m = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
+        result.setdefault("parameters", m["import"]["parameters"])
+        result["variants"][v] = {"bundle_mb": _dir_mb(bundle), "checks": m["import"].get("checks"),
+                                 "checks_int8": m["import"].get("checks_int8"),
+                                 "external_data": {r: g.get("external_data") for r, g in m["graphs"].items()
+                                                   if g.get("external_data")}}
+    facts.write_text(json.dumps({k: result[k] for k in ("parameters", "build_s", "import_s", "import_peak_rss_mb")
+                                 if k in result}), encoding="utf-8")
+    ids: dict[str, list[list[int]]] = {}
+    for v in variants:
+        cmd = [sys.executable, __file__, "--greedy-only", "--bundle", str(work / v), "--studies", str(args.studies),
+               "--max-tokens", str(args.max_tokens), "--threads", str(args.threads), "--warmup", str(args.warmup)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        res = json.loads(out.strip().splitlines()[-1])
+        ids[v] = res.pop("ids")
+        result["variants"][v].update(res)
+    if "fp32" in ids:
+        for v in (v for v in ids if v != "fp32"):
+            same = sum(a == b for a, b in zip(ids["fp32"], ids[v], strict=True))
+            result["variants"][v]["greedy_identical_to_fp32"] = f"{same}/{len(ids[v])}"
+            result["variants"][v]["speedup_vs_fp32_study_p50"] = round(
+                result["variants"]["fp32"]["study_p50_ms"] / result["variants"][v]["study_p50_ms"], 2)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    return 0
 
 
 def compare_io_binding(gen: ReportGenerator, studies: list[StudyInput]) -> dict:
@@ -91,7 +290,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--compare-io-binding", action="store_true",
                     help="also time the decoder with I/O binding on and off (same generator, interleaved)")
+    ap.add_argument("--hf-random", choices=sorted(HF_RANDOM), default="",
+                    help="build, import (fp32, int8) and measure a random Hugging Face model of this config")
+    ap.add_argument("--variants", default="fp32,int8", help="--hf-random: the import variants (fp32, int8, fp16)")
+    ap.add_argument("--workdir", default="", help="--hf-random: checkpoint and bundles (reused when present)")
+    ap.add_argument("--max-tokens", type=int, default=32, help="--hf-random: new tokens per study (greedy)")
+    ap.add_argument("--no-check", action="store_true", help="--hf-random: skip import-hf's parity check")
+    ap.add_argument("--out", default="", help="--hf-random: also write the JSON here")
+    ap.add_argument("--greedy-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.greedy_only:
+        return _child(args)
+    if args.hf_random:
+        return run_hf_random(args, sys.argv[1:] if argv is None else argv)
 
     gen = ReportGenerator(args.bundle, threads=args.threads)
     studies, source = _studies(args.data or None, args.studies)
