@@ -29,6 +29,10 @@ not trained that way sees an input it never saw: only for models trained on seve
 After export the bundle is checked against the torch model (logits on probe images, greedy
 token ids) and the figures go into the manifest (``import.checks``) and ``MODEL_CARD.md``;
 an fp32 export whose logits differ by more than 1e-4 is refused.
+
+Graphs over 2 GB: the weights go to ONNX external data, ``<graph file>.data`` beside the graph
+(checksummed in the manifest, README "Bundle format"): always for the decoder-only families,
+for this family only when a graph's weights exceed 1 GiB (``import_hf(external_data=...)``).
 """
 
 from __future__ import annotations
