@@ -1,14 +1,15 @@
 """The one commit service: an object's file and its index rows are committed together or not at all.
 
-Every object the node keeps goes through the same steps, in **one** database transaction: the
-caller's ``prepare`` step takes its locks and may refuse; the file is made durable in the store
-(:meth:`~dicom_node.store.Store.write_dataset`: temp file, fsync, rename, fsync of the folder);
-the instance is registered (:func:`~dicom_node.index.register_instance`), the caller's own rows
-and audit events are written, and the object is enqueued to the destinations that want it
-(:func:`~dicom_node.outbound.enqueue`). If anything fails, nothing is committed and the file
-written for it is removed again (a file that was already there before is left alone: it is
-someone else's). Because ``prepare`` runs before the file is written, two writers of one object
-are serialised by the caller's lock and the refused one never overwrites the other's file.
+Every object the node keeps goes through the same steps: the file is made durable in the store
+(:meth:`~dicom_node.store.Store.write_dataset`: temp file, fsync, placed without replacing
+anything, fsync of the folder), then **one** database transaction runs the caller's ``prepare``
+step (locks, refusals), registers the instance (:func:`~dicom_node.index.register_instance`),
+writes the caller's own rows and audit events, and enqueues the object to the destinations that
+want it (:func:`~dicom_node.outbound.enqueue`); if anything in the transaction fails, nothing is
+committed and the file written for it is removed again. A file already at the object's path (a
+committed object, or one left by an attempt that died before its transaction) is never replaced
+before ``prepare`` has run: of two writers of one object, the refused one never touches the
+other's file.
 
 :func:`commit_dataset` does all of it for an object the node writes (a draft SR, its rendering,
 a verified SR); :func:`commit_stored` is the transaction and the clean-up for a file already
@@ -146,22 +147,21 @@ def commit_dataset(
         :class:`~dicom_node.index.InstanceConflict`, a database error): nothing was committed
         and the file written by this call was removed.
     """
-    # prepare (the caller's locks and refusals) runs before the file is written, in the same
-    # transaction: two writers of one object (two jobs drafting one study generation) are
-    # serialised by the caller's lock, and the one refused never touches the other's file
-    existed = written = False
-    try:
-        with sessions() as session, session.begin():
-            if prepare is not None and prepare(session) is False:
-                return Committed(_existing(store, relpath), False, None, 0)
-            existed = store.exists(relpath)
-            size, sha256 = store.write_dataset(ds, relpath)
-            written = True
-            return _record(session, ds, StoredFile(relpath, size, sha256), rows, registered_by, generated, enqueue)
-    except BaseException:
-        if written and not existed:
-            store.remove(relpath)
-        raise
+    if not store.exists(relpath):
+        # a new object: placed without replacing (a hard link), so of two writers racing for one
+        # object (two jobs drafting one study generation) the second fails here and never touches
+        # the first one's file; then the transaction, and the file removed if it fails
+        size, sha256 = store.write_dataset(ds, relpath, replace=False)
+        return commit_stored(store, sessions, ds, StoredFile(relpath, size, sha256), rows,
+                             registered_by=registered_by, generated=generated, prepare=prepare, enqueue=enqueue)
+    # a file is already there (a committed object, or one left by an attempt that died before its
+    # transaction): prepare (the caller's locks and refusals) runs first, so a refused writer
+    # never touches it, and the file is replaced inside the transaction
+    with sessions() as session, session.begin():
+        if prepare is not None and prepare(session) is False:
+            return Committed(_existing(store, relpath), False, None, 0)
+        size, sha256 = store.write_dataset(ds, relpath)
+        return _record(session, ds, StoredFile(relpath, size, sha256), rows, registered_by, generated, enqueue)
 
 
 def _existing(store: Store, relpath: str) -> StoredFile:

@@ -213,8 +213,9 @@ class ObjectStore(Protocol):
     Objects are named by ``relpath`` (``instances/<study>/<series>/<sop>.dcm``, ``priors/...``).
     """
 
-    def write_dataset(self, ds: Dataset, relpath: str) -> tuple[int, str]:
-        """Write ``ds`` durably at ``relpath``; (size, sha256)."""
+    def write_dataset(self, ds: Dataset, relpath: str, replace: bool = True) -> tuple[int, str]:
+        """Write ``ds`` durably at ``relpath``; (size, sha256). ``replace=False``: FileExistsError
+        rather than touch an object already there (checked and placed in one atomic step)."""
         ...
 
     def read_dataset(self, relpath: str, stop_before_pixels: bool = False) -> Dataset:
@@ -370,7 +371,7 @@ class Store:
             os.unlink(src)
         return size_sha
 
-    def write_dataset(self, ds: Dataset, relpath: str) -> tuple[int, str]:
+    def write_dataset(self, ds: Dataset, relpath: str, replace: bool = True) -> tuple[int, str]:
         """Write ``ds`` (with its file meta) durably at ``relpath``; return ``(size, sha256)``.
 
         Parameters
@@ -378,7 +379,10 @@ class Store:
         ds:
             The data set with its File Meta Information (written as a Part 10 file).
         relpath:
-            Where, relative to the store (:meth:`instance_relpath`); an existing file is replaced.
+            Where, relative to the store (:meth:`instance_relpath`).
+        replace:
+            Replace an existing file (default); ``False``: raise :class:`FileExistsError` and
+            leave it untouched (the check and the placing are one atomic step, a hard link).
 
         Returns
         -------
@@ -389,6 +393,8 @@ class Store:
         ------
         OutOfSpace
             Free space is below ``min_free_space_mb`` (checked first).
+        FileExistsError
+            ``replace=False`` and a file is already at ``relpath``.
         OSError
             The file could not be written, ENOSPC included (:func:`is_enospc`); nothing is
             left behind.
@@ -398,7 +404,7 @@ class Store:
         dcmwrite(buf, ds, enforce_file_format=True)
         spool = self.new_spool()
         spool.write(buf.getbuffer())
-        return self.commit_spool(spool, relpath)
+        return self.commit_spool(spool, relpath, replace=replace)
 
     def _place(self, src: Path, relpath: str, replace: bool = True) -> None:
         dest = self.abspath(relpath)

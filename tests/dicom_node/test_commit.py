@@ -128,9 +128,9 @@ def test_a_failed_transaction_removes_the_file_and_leaves_no_rows(
     with pytest.raises(Boom):
         commit_dataset(store, sessions, ds, relpath, rows, registered_by="CXRNODE", prepare=prepare,
                        enqueue=Enqueue(config, "draft"))
-    # prepare (the caller's locks and refusals) runs before the file is written; rows after it
-    assert seen == ({"file during prepare": False} if where == "prepare"
-                    else {"file during prepare": False, "file during rows": True})
+    # a new object's file is placed first, then the transaction (prepare, rows) runs
+    assert seen == ({"file during prepare": True} if where == "prepare"
+                    else {"file during prepare": True, "file during rows": True})
     assert not store.abspath(relpath).exists()
     assert counts(sessions) == {"Study": 0, "Series": 0, "Instance": 0, "AuditEvent": 0, "Transfer": 0}
 
@@ -195,3 +195,24 @@ def test_a_refused_second_writer_never_touches_the_first_ones_file(
     with sessions() as s:
         (inst,) = s.scalars(select(Instance)).all()
         assert inst.sha256 == store.file_sha256(relpath)
+
+
+def test_a_writer_that_loses_the_race_for_a_new_object_fails_before_touching_it(
+        tmp_path: Path, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both writers saw no file; the first placed it: the second's placement (a hard link, never a
+    replace) fails, and neither the first one's file nor the index is changed."""
+    store = Store(tmp_path / "store")
+    first = sr_dataset()
+    relpath = relpath_of(store, first)
+    done = commit_dataset(store, sessions, first, relpath, registered_by="CXRNODE")
+    second = sr_dataset()
+    second.SOPInstanceUID = first.SOPInstanceUID
+    second.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
+    second.ContentTime = "235959"
+    monkeypatch.setattr(store, "exists", lambda relpath: False)  # it looked before the first placed it
+    with pytest.raises(FileExistsError):
+        commit_dataset(store, sessions, second, relpath, registered_by="CXRNODE")
+    assert store.file_sha256(relpath) == done.stored.sha256
+    with sessions() as s:
+        (inst,) = s.scalars(select(Instance)).all()
+        assert inst.sha256 == done.stored.sha256

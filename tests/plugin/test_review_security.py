@@ -283,8 +283,8 @@ def _image_arrives_while_signing(node: synthetic.NodeFixture, svc: ReviewService
     verified SR written, just before the signature commits: the committing transaction must see it."""
     real = svc.store.write_dataset
 
-    def write_then_receive(ds: pydicom.Dataset, relpath: str) -> tuple[int, str]:
-        out = real(ds, relpath)
+    def write_then_receive(ds: pydicom.Dataset, relpath: str, replace: bool = True) -> tuple[int, str]:
+        out = real(ds, relpath, replace=replace)
         if ds.get("VerificationFlag") == "VERIFIED":
             _send_more(node, draft_id)
         return out
