@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .import_hf import NEG, NODE_MEAN, NODE_STD, OPSET, ImportHFError, _export, image_spec
-from .import_hf_llava import _Embed, build_llava_manifest
+from .import_hf_llava import _Embed
 
 DEFAULT_TEMPLATE = ("<start_of_turn>user\n<image>Views: {views}. Indication: {indication}\n"
                     "Write the findings section of the chest X-ray report.<end_of_turn>\n<start_of_turn>model\n")
@@ -301,38 +301,19 @@ def import_gemma3(src: Path, tmp: Path, spec_src: Path, name: str, version: str,
                   source: dict[str, Any], check: bool, external: bool = True) -> dict[str, Any]:
     """Write the decoder-only bundle for ``src`` into ``tmp`` and return its manifest
     (``external``: the graphs' weights in ``<graph>.data`` side files, the bundle's external data)."""
-    import shutil
-
-    from tokenizers import Tokenizer
-
-    from .bundle import BUNDLES_DIR, write_manifest
-    from .import_hf_llava import probe_studies
+    from .import_hf_llava import finish_decoder_only_bundle, read_prompt_tokenizer
 
     spec = image_spec(spec_src)
-    if "<image>" not in template:
-        raise ImportHFError("--prompt-template must contain <image> (where the image blocks go)")
-    if not (src / "tokenizer.json").is_file():
-        raise ImportHFError(f"{src}: Gemma 3 import needs tokenizer.json")
-    shutil.copy(src / "tokenizer.json", tmp / "tokenizer.json")
-    tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))
+    tok = read_prompt_tokenizer(src, tmp, template, "Gemma 3")
     model = load_gemma3(src)
     graphs, dims = export_gemma3(model, tmp, spec, tok, external=external)
-    shutil.copy(BUNDLES_DIR / "default" / "view_classifier.onnx", tmp / "view_classifier.onnx")
-    graphs["view_classifier"] = {"file": "view_classifier.onnx", "opset": OPSET,
-                                 "inputs": {"images": "float32 [batch, 1, 64, 64] normalised"},
-                                 "outputs": {"probs": "float32 [batch, 2] (FRONTAL, LATERAL)"}}
-    source.update(encoder=model.config.vision_config.model_type, decoder=model.config.text_config.model_type,
-                  parameters=int(sum(p.numel() for p in model.parameters())))
-    manifest = build_llava_manifest(model, graphs, dims, spec, tok, name, version, template, section, source)
-    manifest["description"] = (f"Imported Hugging Face Gemma3ForConditionalGeneration ({model.config.vision_config.model_type}"
-                               f" + {model.config.text_config.model_type}); research use only, not a medical device")
-    manifest["tokenizer"]["eos"] = tok.id_to_token(end_token(model, src, tok))
-    manifest["input"]["max_views"] = MAX_VIEWS
-    manifest["input"]["view_policy"] = "all (one Gemma 3 image block per view: \\n\\n<start_of_image> ... <end_of_image>\\n\\n)"
-    write_manifest(tmp, manifest)
-    if check:
-        source["checks"] = check_gemma3(model, tmp, spec, probe_studies())
-        if source["checks"]["max_abs_logit_diff"] > 1e-4:
-            raise ImportHFError(f"{src}: the exported graphs differ from transformers by "
-                                f"{source['checks']['max_abs_logit_diff']:.2e} in the logits; not written")
-    return manifest
+
+    def gemma3_entries(manifest: dict[str, Any]) -> None:
+        manifest["description"] = (f"Imported Hugging Face Gemma3ForConditionalGeneration ({model.config.vision_config.model_type}"
+                                   f" + {model.config.text_config.model_type}); research use only, not a medical device")
+        manifest["tokenizer"]["eos"] = tok.id_to_token(end_token(model, src, tok))
+        manifest["input"]["max_views"] = MAX_VIEWS
+        manifest["input"]["view_policy"] = "all (one Gemma 3 image block per view: \\n\\n<start_of_image> ... <end_of_image>\\n\\n)"
+
+    return finish_decoder_only_bundle(src, tmp, model, graphs, dims, spec, tok, name, version, template, section,
+                                      source, check_gemma3 if check else None, gemma3_entries)

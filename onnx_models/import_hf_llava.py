@@ -18,7 +18,6 @@ The prompt (manifest ``prompt``): ``prefix_tokens`` (the tokenizer's BOS), then 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -269,23 +268,41 @@ def recheck_int8(src: Path, bundle: Path) -> dict[str, Any]:
     return check_llava(load_llava(src), bundle, image_spec(src), probe_studies())
 
 
-def import_llava(src: Path, tmp: Path, spec_src: Path, name: str, version: str, template: str, section: str,
-                 source: dict[str, Any], check: bool, external: bool = True) -> dict[str, Any]:
-    """Write the decoder-only bundle for ``src`` into ``tmp`` and return its manifest
-    (``external``: the graphs' weights in ``<graph>.data`` side files, the bundle's external data)."""
+def read_prompt_tokenizer(src: Path, tmp: Path, template: str, family: str) -> Any:
+    """Check the prompt template, copy the checkpoint's ``tokenizer.json`` into the bundle folder
+    ``tmp`` and load it (the image-text-to-text families: LLaVA, Gemma 3).
+
+    Raises
+    ------
+    ImportHFError
+        The template has no ``<image>``, or the checkpoint has no ``tokenizer.json``.
+    """
     from tokenizers import Tokenizer
 
-    from .bundle import BUNDLES_DIR
-
-    spec = image_spec(spec_src)
-    model = load_llava(src)
     if "<image>" not in template:
         raise ImportHFError("--prompt-template must contain <image> (where the image blocks go)")
-    graphs, dims = export_llava(model, tmp, spec, external=external)
     if not (src / "tokenizer.json").is_file():
-        raise ImportHFError(f"{src}: LLaVA import needs tokenizer.json")
+        raise ImportHFError(f"{src}: {family} import needs tokenizer.json")
     shutil.copy(src / "tokenizer.json", tmp / "tokenizer.json")
-    tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))
+    return Tokenizer.from_file(str(tmp / "tokenizer.json"))
+
+
+def finish_decoder_only_bundle(src: Path, tmp: Path, model: Any, graphs: dict[str, Any], dims: dict[str, Any],
+                               spec: dict[str, Any], tok: Any, name: str, version: str, template: str, section: str,
+                               source: dict[str, Any], checker: Any = None,
+                               extra: Any = None) -> dict[str, Any]:
+    """The rest of a decoder-only bundle once its graphs are exported: the shipped view
+    classifier, the manifest (``extra(manifest)`` adds a family's own entries) written into
+    ``tmp``, and, with ``checker(model, tmp, spec, studies)``, the parity check against
+    transformers (refused over 1e-4 in the logits).
+
+    Raises
+    ------
+    ImportHFError
+        The exported graphs differ from transformers by more than 1e-4.
+    """
+    from .bundle import BUNDLES_DIR
+
     shutil.copy(BUNDLES_DIR / "default" / "view_classifier.onnx", tmp / "view_classifier.onnx")
     graphs["view_classifier"] = {"file": "view_classifier.onnx", "opset": OPSET,
                                  "inputs": {"images": "float32 [batch, 1, 64, 64] normalised"},
@@ -293,11 +310,24 @@ def import_llava(src: Path, tmp: Path, spec_src: Path, name: str, version: str, 
     source.update(encoder=model.config.vision_config.model_type, decoder=model.config.text_config.model_type,
                   parameters=int(sum(p.numel() for p in model.parameters())))
     manifest = build_llava_manifest(model, graphs, dims, spec, tok, name, version, template, section, source)
+    if extra is not None:
+        extra(manifest)
     write_manifest(tmp, manifest)
-    if check:
-        source["checks"] = check_llava(model, tmp, spec, probe_studies())
+    if checker is not None:
+        source["checks"] = checker(model, tmp, spec, probe_studies())
         if source["checks"]["max_abs_logit_diff"] > 1e-4:
             raise ImportHFError(f"{src}: the exported graphs differ from transformers by "
                                 f"{source['checks']['max_abs_logit_diff']:.2e} in the logits; not written")
-    json.dumps(manifest)
     return manifest
+
+
+def import_llava(src: Path, tmp: Path, spec_src: Path, name: str, version: str, template: str, section: str,
+                 source: dict[str, Any], check: bool, external: bool = True) -> dict[str, Any]:
+    """Write the decoder-only bundle for ``src`` into ``tmp`` and return its manifest
+    (``external``: the graphs' weights in ``<graph>.data`` side files, the bundle's external data)."""
+    spec = image_spec(spec_src)
+    tok = read_prompt_tokenizer(src, tmp, template, "LLaVA")
+    model = load_llava(src)
+    graphs, dims = export_llava(model, tmp, spec, external=external)
+    return finish_decoder_only_bundle(src, tmp, model, graphs, dims, spec, tok, name, version, template, section,
+                                      source, check_llava if check else None)
