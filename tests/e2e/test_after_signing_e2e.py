@@ -13,6 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from support.polling import wait_for  # noqa: E402
 from support.sr_checks import check_sr_file  # noqa: E402
 from test_orthanc_roundtrip import (  # noqa: E402
     REVIEWER,
@@ -21,7 +22,6 @@ from test_orthanc_roundtrip import (  # noqa: E402
     sr_in_pacs,
     system,  # noqa: F401 - the fixture: Orthanc and a node sending it verified SRs
     transfer_of,
-    wait_for,
 )
 
 from dicom_node.node import Node  # noqa: E402

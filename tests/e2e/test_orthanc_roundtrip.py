@@ -12,8 +12,7 @@ from __future__ import annotations
 import io
 import json
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from support.nodeenv import bundle_for_tests  # noqa: E402
 from support.orthanc import AE_TITLE, OrthancServer, available  # noqa: E402
+from support.polling import wait_for  # noqa: E402
 from support.sr_checks import check_sr_file  # noqa: E402
 
 from dicom_node.config import load_config  # noqa: E402
@@ -39,15 +39,6 @@ NODE_AE = "CXRNODE"
 REVIEWER = ("jdoe", "Doe^Jane", "General Hospital Radiology")
 
 
-def wait_for(what: str, fn: Callable[[], Any], timeout: float = 180.0, interval: float = 0.2) -> Any:
-    """Poll ``fn`` until it returns something truthy (not a timed assertion: a generous limit)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

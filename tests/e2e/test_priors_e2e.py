@@ -17,15 +17,15 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 import io  # noqa: E402
 import json  # noqa: E402
 import socket  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 from pydicom import dcmread  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 from support.nodeenv import bundle_for_tests  # noqa: E402
 from support.orthanc import AE_TITLE, OrthancServer, available  # noqa: E402
+from support.polling import wait_for  # noqa: E402
 from support.priors import PRIOR_IMPRESSION, patient_history  # noqa: E402
 from support.sr_checks import check_sr_file  # noqa: E402
 
@@ -41,16 +41,6 @@ NODE_AE = "CXRNODE"
 REVIEWER = ("jdoe", "Doe^Jane", "General Hospital Radiology")
 
 
-def wait_for(what: str, fn: Callable[[], Any], timeout: float = 180.0, interval: float = 0.2) -> Any:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _dead_port() -> int:
