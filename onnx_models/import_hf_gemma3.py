@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .import_hf import NEG, NODE_MEAN, NODE_STD, OPSET, ImportHFError, _export, image_spec
-from .import_hf_llava import _Embed
+from .import_hf_llava import export_encoder_and_embed
 
 DEFAULT_TEMPLATE = ("<start_of_turn>user\n<image>Views: {views}. Indication: {indication}\n"
                     "Write the findings section of the chest X-ray report.<end_of_turn>\n<start_of_turn>model\n")
@@ -186,14 +186,7 @@ def export_gemma3(model: Any, out: Path, spec: dict[str, Any], tok: Any, externa
     before, after = block_token_ids(model, tok)
     enc = _Encoder(model, spec["image_mean"], spec["image_std"], before, after).eval()
     dec = _Gemma3Decoder(model).eval()
-    views = {0: "batch", 1: "views"}
-    images, vm = torch.randn(2, 2, 1, s, s), torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    _export(enc, (images, vm), out / "encoder.onnx", ["images", "view_mask"], ["image_embeds", "image_mask"],
-            {"images": views, "view_mask": views, "image_embeds": {0: "batch", 1: "n"}, "image_mask": {0: "batch", 1: "n"}}, external=external)
-    with torch.no_grad():
-        e, m = enc(images, vm)
-    _export(_Embed(model.model.language_model.embed_tokens).eval(), (torch.tensor([[1, 2, 3]]),), out / "embed.onnx",
-            ["input_ids"], ["inputs_embeds"], {"input_ids": {0: "batch", 1: "seq"}, "inputs_embeds": {0: "batch", 1: "seq"}}, external=external)
+    e, m = export_encoder_and_embed(enc, model, out, s, external)
     L, H, dh = len(dec.lm.layers), dec.kv_heads, dec.head_dim
     past = torch.randn(L, 2, H, 3, dh)
     kv = {1: "batch", 3: "past"}

@@ -132,6 +132,21 @@ def load_llava(path: Path) -> Any:
     return model.eval()
 
 
+def export_encoder_and_embed(enc: nn.Module, model: Any, out: Path, s: int, external: bool) -> tuple[Tensor, Tensor]:
+    """Export the image encoder (``images``, ``view_mask`` -> ``image_embeds``, ``image_mask``) and
+    the token embedding (``input_ids`` -> ``inputs_embeds``) of an image-text-to-text model into
+    ``out``; returns the encoder's outputs on the tracing input (they size the decoder's)."""
+    views = {0: "batch", 1: "views"}
+    images, vm = torch.randn(2, 2, 1, s, s), torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    _export(enc, (images, vm), out / "encoder.onnx", ["images", "view_mask"], ["image_embeds", "image_mask"],
+            {"images": views, "view_mask": views, "image_embeds": {0: "batch", 1: "n"}, "image_mask": {0: "batch", 1: "n"}}, external=external)
+    with torch.no_grad():
+        e, m = enc(images, vm)
+    _export(_Embed(model.model.language_model.embed_tokens).eval(), (torch.tensor([[1, 2, 3]]),), out / "embed.onnx",
+            ["input_ids"], ["inputs_embeds"], {"input_ids": {0: "batch", 1: "seq"}, "inputs_embeds": {0: "batch", 1: "seq"}}, external=external)
+    return e, m
+
+
 def export_llava(model: Any, out: Path, spec: dict[str, Any], external: bool = True) -> tuple[dict[str, Any], dict[str, int]]:
     text_type = model.config.text_config.model_type
     if text_type not in SUPPORTED_TEXT:
@@ -139,14 +154,7 @@ def export_llava(model: Any, out: Path, spec: dict[str, Any], external: bool = T
     s = spec["image_size"]
     enc = _Encoder(model, spec["image_mean"], spec["image_std"]).eval()
     dec = _LlamaDecoder(model).eval()
-    views = {0: "batch", 1: "views"}
-    images, vm = torch.randn(2, 2, 1, s, s), torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    _export(enc, (images, vm), out / "encoder.onnx", ["images", "view_mask"], ["image_embeds", "image_mask"],
-            {"images": views, "view_mask": views, "image_embeds": {0: "batch", 1: "n"}, "image_mask": {0: "batch", 1: "n"}}, external=external)
-    with torch.no_grad():
-        e, _ = enc(images, vm)
-    _export(_Embed(model.model.language_model.embed_tokens).eval(), (torch.tensor([[1, 2, 3]]),), out / "embed.onnx",
-            ["input_ids"], ["inputs_embeds"], {"input_ids": {0: "batch", 1: "seq"}, "inputs_embeds": {0: "batch", 1: "seq"}}, external=external)
+    e, _ = export_encoder_and_embed(enc, model, out, s, external)
     L, H, dh = len(dec.lm.layers), dec.kv_heads, dec.head_dim
     past = torch.randn(L, 2, H, 3, dh)
     kv = {1: "batch", 3: "past"}
