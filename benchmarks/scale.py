@@ -40,18 +40,17 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import psutil
-from sqlalchemy import create_engine, func, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import func, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support.postgres
+
+from support.postgres import database_on  # noqa: E402
 
 from dicom_node.config import Destination, load_config  # noqa: E402
 from dicom_node.db import Draft, Job, JobState, Study, StudyState, make_engine, session_factory  # noqa: E402
@@ -77,21 +76,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@contextmanager
-def private_database(server: str, prefix: str) -> Iterator[str]:
-    """A new, empty database on ``server``, dropped afterwards."""
-    name = f"cxrnode_{prefix}_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(server).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 class Proc:
@@ -163,7 +147,7 @@ def run_setting(args: argparse.Namespace, workers: int, workdir: Path, tag: str 
     wd = workdir / f"{label}-{tag}"
     wd.mkdir()
     port = free_port()
-    with private_database(args.postgres_url, "bench_scale") as url:
+    with database_on(args.postgres_url, "bench_scale") as url:
         sections = {
             "node": {"ae_title": "CXRNODE", "host": "127.0.0.1", "port": port, "storage_dir": str(wd / "shared"),
                      "database_url": url, "min_free_space_mb": 50, "log_level": "INFO", "fsync": True},

@@ -20,11 +20,9 @@ POSTGRES_ENV = "CXRNODE_TEST_POSTGRES_URL"
 
 
 @contextmanager
-def private_database(prefix: str) -> Iterator[str]:
-    """The URL of a new, empty database ``cxrnode_<prefix>_<random>``, dropped on exit."""
-    server = os.environ.get(POSTGRES_ENV, "")
-    if not server:
-        pytest.skip(f"{POSTGRES_ENV} is not set")
+def database_on(server: str, prefix: str) -> Iterator[str]:
+    """The URL of a new, empty database ``cxrnode_<prefix>_<random>`` on the PostgreSQL
+    ``server`` (a URL), dropped on exit (tests and benchmarks alike)."""
     name = f"cxrnode_{prefix}_{uuid.uuid4().hex[:12]}"
     admin = create_engine(server, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -35,3 +33,14 @@ def private_database(prefix: str) -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@contextmanager
+def private_database(prefix: str) -> Iterator[str]:
+    """:func:`database_on` the server of ``CXRNODE_TEST_POSTGRES_URL``; the test is skipped
+    when it is not set."""
+    server = os.environ.get(POSTGRES_ENV, "")
+    if not server:
+        pytest.skip(f"{POSTGRES_ENV} is not set")
+    with database_on(server, prefix) as url:
+        yield url
